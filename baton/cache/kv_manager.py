@@ -1,0 +1,77 @@
+"""Per-sequence KV block tables over the block pool, with prefix caching (plain Python).
+
+A full block's hash chains over its parent's hash and its token ids, so equal hashes mean equal
+prefixes. A prefix hit never covers the whole prompt: the last prompt token is always computed,
+because its logits give the first output token.
+"""
+
+import hashlib
+from array import array
+
+from baton.cache.block_pool import BlockPool, OutOfBlocks
+from baton.request import Sequence
+
+
+def chain_hash(parent: bytes | None, tokens: list[int]) -> bytes:
+    h = hashlib.blake2b(parent or b"", digest_size=16)
+    h.update(array("q", tokens).tobytes())
+    return h.digest()
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.pool = BlockPool(num_blocks)
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def _update_hashes(self, seq: Sequence, upto_tokens: int) -> None:
+        bs = self.block_size
+        for i in range(len(seq.block_hashes), upto_tokens // bs):
+            parent = seq.block_hashes[-1] if seq.block_hashes else None
+            seq.block_hashes.append(chain_hash(parent, seq.token_ids[i * bs : (i + 1) * bs]))
+
+    def match_prefix(self, seq: Sequence) -> None:
+        """Give a sequence with no blocks yet the cached blocks of its longest cached prefix."""
+        assert not seq.block_ids and seq.num_computed_tokens == 0
+        if not self.enable_prefix_caching:
+            return
+        self._update_hashes(seq, seq.num_tokens - 1)
+        for h in seq.block_hashes:
+            block = self.pool.lookup(h)
+            if block is None:
+                break
+            self.pool.share(block)
+            seq.block_ids.append(block)
+        seq.num_cached_blocks = len(seq.block_ids)
+        seq.num_computed_tokens = seq.num_cached_blocks * self.block_size
+
+    def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
+        need = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_ids)
+        return need <= self.pool.num_free
+
+    def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
+        """Make the block table cover `num_new_tokens` more tokens; raises OutOfBlocks."""
+        need = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_ids)
+        if need > 0:
+            seq.block_ids.extend(self.pool.allocate(need))
+
+    def cache_computed(self, seq: Sequence) -> None:
+        """Publish the sequence's newly computed full blocks for prefix hits."""
+        if not self.enable_prefix_caching:
+            return
+        full = seq.num_computed_tokens // self.block_size
+        self._update_hashes(seq, full * self.block_size)
+        for i in range(seq.num_cached_blocks, full):
+            self.pool.register(seq.block_ids[i], seq.block_hashes[i])
+        seq.num_cached_blocks = max(seq.num_cached_blocks, full)
+
+    def free(self, seq: Sequence) -> None:
+        self.pool.release(seq.block_ids[::-1])
+        seq.block_ids = []
+        seq.num_cached_blocks = 0
+
+
+__all__ = ["KVCacheManager", "OutOfBlocks", "chain_hash"]

@@ -1,0 +1,66 @@
+"""Everything a model-running process needs, built once from an EngineConfig: weights, the
+paged KV pool and its manager, the sampler and the runner."""
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from baton.cache.kv_cache import KVCache, block_nbytes
+from baton.cache.kv_manager import KVCacheManager
+from baton.config import EngineConfig
+from baton.model.llama import CausalLM
+from baton.model.loader import eos_token_ids, load_model, load_tokenizer, resolve_model_dir
+from baton.runner import ModelRunner
+from baton.sampler import Sampler
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Engine:
+    config: EngineConfig
+    model: CausalLM
+    tokenizer: Any  # a transformers tokenizer, or None for a weights-only model
+    eos_token_ids: frozenset[int]
+    max_model_len: int
+    kv: KVCache
+    kv_manager: KVCacheManager
+    runner: ModelRunner
+
+    @classmethod
+    def build(cls, config: EngineConfig) -> "Engine":
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        model_dir = resolve_model_dir(config.model)
+        dtype = DTYPES[config.dtype]
+        model = load_model(model_dir, dtype)
+        tokenizer = load_tokenizer(model_dir)
+        eos = eos_token_ids(model_dir, tokenizer)
+        args = model.args
+        max_model_len = min(config.max_model_len or args.max_position, args.max_position)
+        num_blocks = config.num_blocks or max(
+            1, int(config.kv_cache_gib * 2**30) // block_nbytes(args, config.block_size, dtype)
+        )
+        kv = KVCache(args, num_blocks, config.block_size, dtype)
+        log.info(
+            "model %s (%s), %d KV blocks of %d tokens (%.2f GiB)",
+            model_dir,
+            config.dtype,
+            num_blocks,
+            config.block_size,
+            num_blocks * kv.block_nbytes / 2**30,
+        )
+        return cls(
+            config=config,
+            model=model,
+            tokenizer=tokenizer,
+            eos_token_ids=eos,
+            max_model_len=max_model_len,
+            kv=kv,
+            kv_manager=KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching),
+            runner=ModelRunner(model, kv, Sampler(eos)),
+        )

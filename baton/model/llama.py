@@ -1,0 +1,160 @@
+"""Llama, Mistral and Qwen2 in one decoder, differing only by flags in ModelArgs.
+
+The forward runs over a flat batch of tokens from many sequences ([T, hidden]); attention reads
+and writes the paged KV cache through AttentionMetadata. q/k/v and gate/up are fused into one
+matmul each; `packed_modules` tells the loader how Hugging Face names map onto them.
+"""
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from baton.model.attention import AttentionMetadata, PagedAttention
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position: int
+    rope_inv_freq: tuple[float, ...]  # from transformers' rope init, whatever the rope type
+    rope_attention_scaling: float = 1.0
+    attn_bias: bool = False  # Qwen2: q/k/v projections carry biases
+    tie_word_embeddings: bool = False
+
+
+class FusedLinear(nn.Linear):
+    """Several projections of the same input as one matmul; `sizes` are their output widths."""
+
+    def __init__(self, in_features: int, sizes: list[int], bias: bool):
+        super().__init__(in_features, sum(sizes), bias=bias)
+        self.sizes = sizes
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # in fp32, as transformers does, so bf16 results match it
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Rotary(nn.Module):
+    """cos/sin tables over all positions, built by `init_tables` once weights are in place."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.cos = self.sin = torch.empty(0)
+
+    def init_tables(self, dtype: torch.dtype) -> None:
+        inv_freq = torch.tensor(self.args.rope_inv_freq, dtype=torch.float32)
+        freqs = torch.outer(torch.arange(self.args.max_position, dtype=torch.float32), inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        scale = self.args.rope_attention_scaling
+        self.cos = (emb.cos() * scale).to(dtype)
+        self.sin = (emb.sin() * scale).to(dtype)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, rotary: Rotary):
+        super().__init__()
+        self.q_size = args.num_heads * args.head_dim
+        self.kv_size = args.num_kv_heads * args.head_dim
+        self.head_dim = args.head_dim
+        self.qkv_proj = FusedLinear(
+            args.hidden_size, [self.q_size, self.kv_size, self.kv_size], bias=args.attn_bias
+        )
+        self.o_proj = nn.Linear(self.q_size, args.hidden_size, bias=False)
+        self.rotary = rotary
+        self.attn = PagedAttention(args.num_heads, args.num_kv_heads, args.head_dim)
+
+    def forward(self, x, positions, kv, meta: AttentionMetadata) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = self.rotary(q.unflatten(-1, (-1, self.head_dim)), positions)
+        k = self.rotary(k.unflatten(-1, (-1, self.head_dim)), positions)
+        o = self.attn(q, k, v.unflatten(-1, (-1, self.head_dim)), kv, meta)
+        return self.o_proj(o.flatten(1))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_up_proj = FusedLinear(args.hidden_size, [args.intermediate_size] * 2, False)
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, rotary: Rotary):
+        super().__init__()
+        self.self_attn = Attention(args, rotary)
+        self.mlp = MLP(args)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def forward(self, x, positions, kv, meta: AttentionMetadata) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), positions, kv, meta)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class CausalLM(nn.Module):
+    # Hugging Face projection name -> (fused module name, shard index)
+    packed_modules: ClassVar[dict[str, tuple[str, int]]] = {
+        "q_proj": ("qkv_proj", 0),
+        "k_proj": ("qkv_proj", 1),
+        "v_proj": ("qkv_proj", 2),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.rotary = Rotary(args)
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args, self.rotary) for _ in range(args.num_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.args.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T]
+        positions: torch.Tensor,  # [T]
+        kv_layers: list[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        for layer, kv in zip(self.layers, kv_layers, strict=True):
+            x = layer(x, positions, kv, meta)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()

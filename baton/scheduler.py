@@ -1,0 +1,153 @@
+"""Continuous batching with chunked prefill and recompute preemption (plain Python, no torch).
+
+Each step spends a token budget: running sequences first (a decode costs one token, an
+unfinished prompt its next chunk), then waiting ones in arrival order. When blocks run out the
+newest running sequence is preempted: its blocks are freed and it recomputes later (its full
+blocks usually come back as prefix-cache hits).
+"""
+
+from collections import deque
+from dataclasses import dataclass
+
+from baton.cache.kv_manager import KVCacheManager
+from baton.request import FinishReason, Logprob, SeqStatus, Sequence, check_stop
+
+
+@dataclass(slots=True)
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """Whether this step reaches the end of the sequence, so its logits give a token."""
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+
+@dataclass(slots=True)
+class SampledToken:
+    token_id: int
+    logprob: Logprob | None = None
+
+
+class Scheduler:
+    def __init__(
+        self,
+        kv: KVCacheManager,
+        *,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+        eos_token_ids: frozenset[int],
+        max_chunk_tokens: int | None = None,
+    ):
+        self.kv = kv
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        # A long prompt takes at most this many tokens a step, leaving room for short ones.
+        self.max_chunk_tokens = max_chunk_tokens or max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.eos_token_ids = eos_token_ids
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def check_fits(self, num_tokens: int, max_new_tokens: int) -> None:
+        """Raise a ValueError naming the numbers if a request can never be served here."""
+        if num_tokens >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {num_tokens} tokens; the context limit is {self.max_model_len} "
+                "(prompt + at least one new token)"
+            )
+        need = self.kv.blocks_needed(min(num_tokens + max_new_tokens, self.max_model_len))
+        if need > self.kv.pool.num_blocks:
+            raise ValueError(
+                f"request needs up to {need} KV blocks ({num_tokens} prompt + {max_new_tokens} "
+                f"new tokens); the pool holds {self.kv.pool.num_blocks}"
+            )
+
+    def add(self, seq: Sequence) -> None:
+        self.check_fits(seq.num_tokens, seq.params.max_tokens - seq.num_output_tokens)
+        self.waiting.append(seq)
+
+    def abort(self, req_id: str) -> Sequence | None:
+        for queue in (self.running, self.waiting):
+            for seq in queue:
+                if seq.req_id == req_id:
+                    queue.remove(seq)
+                    self.kv.free(seq)
+                    seq.finish(FinishReason.ABORT)
+                    return seq
+        return None
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.kv.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SeqStatus.WAITING
+        self.waiting.appendleft(seq)
+
+    def _chunk(self, seq: Sequence, budget: int) -> int:
+        return min(seq.num_tokens - seq.num_computed_tokens, budget, self.max_chunk_tokens)
+
+    def schedule(self) -> list[ScheduledSeq]:
+        budget = self.max_num_batched_tokens
+        out: list[ScheduledSeq] = []
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = self._chunk(seq, budget)
+            while not self.kv.can_allocate(seq, n):
+                victim = self.running.pop()
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            else:
+                self.kv.allocate(seq, n)
+                out.append(ScheduledSeq(seq, n))
+                budget -= n
+                i += 1
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if not seq.block_ids:
+                self.kv.match_prefix(seq)
+            n = self._chunk(seq, budget)
+            if not self.kv.can_allocate(seq, n):
+                self.kv.free(seq)  # give back the prefix hit until it fits
+                seq.num_computed_tokens = 0
+                break
+            self.kv.allocate(seq, n)
+            self.waiting.popleft()
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            out.append(ScheduledSeq(seq, n))
+            budget -= n
+        return out
+
+    def postprocess(
+        self, scheduled: list[ScheduledSeq], sampled: list[SampledToken | None]
+    ) -> list[Sequence]:
+        """Advance the sequences past this step; return those that finished."""
+        finished = []
+        for s, out in zip(scheduled, sampled, strict=True):
+            seq = s.seq
+            seq.num_computed_tokens += s.num_new_tokens
+            self.kv.cache_computed(seq)
+            if out is None:
+                continue
+            seq.token_ids.append(out.token_id)
+            if out.logprob is not None:
+                seq.logprobs.append(out.logprob)
+            reason = check_stop(seq, self.eos_token_ids, self.max_model_len)
+            if reason is not None:
+                self.finish(seq, reason)
+                finished.append(seq)
+        return finished
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """End a running sequence and free its blocks."""
+        self.running.remove(seq)
+        self.kv.free(seq)
+        seq.finish(reason)

@@ -52,6 +52,7 @@ class Sequence:
     sampler_state: Any = None  # the runner's per-request RNG; opaque here
 
     def __post_init__(self) -> None:
+        self.token_ids = list(self.token_ids)  # owned: it grows as tokens are sampled
         if self.num_prompt_tokens < 0:
             self.num_prompt_tokens = len(self.token_ids)
 

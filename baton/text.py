@@ -46,11 +46,16 @@ class StopStringMatcher:
         if hits:
             out, self.pending = self.pending[: min(hits)], ""
             return out, True
-        cut = len(self.pending) - self.hold
-        if cut <= 0:
-            return "", False
+        cut = len(self.pending) - self._partial_match()
         out, self.pending = self.pending[:cut], self.pending[cut:]
         return out, False
+
+    def _partial_match(self) -> int:
+        """Length of the longest tail of `pending` that begins some stop string."""
+        for n in range(min(self.hold, len(self.pending)), 0, -1):
+            if any(s.startswith(self.pending[-n:]) for s in self.stop):
+                return n
+        return 0
 
     def flush(self) -> str:
         """The held-back tail, once the stream ends without a stop string."""

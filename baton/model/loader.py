@@ -81,6 +81,7 @@ def convert_gguf(path: Path) -> Path:
     save_file({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors")
     # a GGUF-loaded model refuses save_pretrained; the dequantized weights are plain tensors
     config = hf.config
+    config.architectures = [type(hf).__name__]
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.save_pretrained(tmp)

@@ -6,11 +6,11 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from baton.model.llama import ModelArgs
 
-# architecture -> flags that differ from Llama
+# Hugging Face model_type -> flags that differ from Llama
 SUPPORTED: dict[str, dict[str, bool]] = {
-    "LlamaForCausalLM": {},
-    "MistralForCausalLM": {},
-    "Qwen2ForCausalLM": {"attn_bias": True},
+    "llama": {},
+    "mistral": {},
+    "qwen2": {"attn_bias": True},
 }
 
 
@@ -30,11 +30,10 @@ def _rope(config: PretrainedConfig, head_dim: int) -> tuple[list[float], float]:
 
 
 def model_args(config: PretrainedConfig) -> ModelArgs:
-    archs = getattr(config, "architectures", None) or []
-    arch = next((a for a in archs if a in SUPPORTED), None)
-    if arch is None:
+    arch = config.model_type
+    if arch not in SUPPORTED:
         raise UnsupportedModel(
-            f"unsupported architecture {archs or config.model_type!r}; "
+            f"unsupported architecture {arch!r} ({getattr(config, 'architectures', None)}); "
             f"Baton supports {', '.join(sorted(SUPPORTED))}"
         )
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

@@ -1,0 +1,48 @@
+"""Bad models and oversized requests fail early with the numbers involved."""
+
+import pytest
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import baton
+from baton.model.registry import UnsupportedModel
+from baton.sampling_params import SamplingParams
+
+
+def test_unknown_model_path():
+    with pytest.raises(FileNotFoundError, match="neither a GGUF file nor a directory"):
+        baton.LLM("/nonexistent/model", dtype="float32")
+
+
+def test_unsupported_architecture_lists_the_supported_ones(tmp_path):
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(
+        tmp_path
+    )
+    with pytest.raises(UnsupportedModel, match="'gpt2'.*supports llama, mistral, qwen2"):
+        baton.LLM(str(tmp_path), dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama):
+    return baton.LLM(str(tiny_llama), dtype="float32", block_size=4, num_blocks=8, max_model_len=40)
+
+
+def test_prompt_longer_than_the_context(llm):
+    with pytest.raises(ValueError, match="prompt has 45 tokens; the context limit is 40"):
+        llm.generate([[5] * 45])
+
+
+def test_more_kv_than_the_pool_holds(llm):
+    with pytest.raises(ValueError, match=r"needs up to 10 KV blocks \(20 prompt \+ 20 new"):
+        llm.generate([[5] * 20], SamplingParams(max_tokens=20))
+
+
+def test_text_prompt_without_a_tokenizer_and_empty_prompt(llm):
+    with pytest.raises(ValueError, match="no tokenizer"):
+        llm.generate(["hello"])
+    with pytest.raises(ValueError, match="prompt is empty"):
+        llm.generate([[]])
+
+
+def test_bad_engine_config_values():
+    with pytest.raises(ValueError, match="block_size must be >= 1, got 0"):
+        baton.LLM(None, block_size=0)

@@ -1,0 +1,91 @@
+"""The continuous-batching scheduler as plain state: no model, sampled tokens supplied here."""
+
+import pytest
+
+from baton.cache.kv_manager import KVCacheManager
+from baton.request import FinishReason, Sequence
+from baton.sampling_params import SamplingParams
+from baton.scheduler import SampledToken, Scheduler
+
+EOS = 2
+
+
+def make(num_blocks=16, budget=8, max_seqs=4, chunk=None) -> Scheduler:
+    return Scheduler(
+        KVCacheManager(num_blocks, block_size=4),
+        max_num_seqs=max_seqs,
+        max_num_batched_tokens=budget,
+        max_chunk_tokens=chunk,
+        max_model_len=64,
+        eos_token_ids=frozenset({EOS}),
+    )
+
+
+def step(s: Scheduler, token: int = 5):
+    batch = s.schedule()
+    plan = [(x.seq.req_id, x.num_new_tokens) for x in batch]
+    finished = s.postprocess(batch, [SampledToken(token) if x.samples else None for x in batch])
+    return plan, [f.req_id for f in finished]
+
+
+def test_chunked_prefill_then_decode_within_the_token_budget():
+    s = make(budget=8)
+    s.add(Sequence("long", list(range(10, 30)), SamplingParams(max_tokens=2)))
+    s.add(Sequence("short", [10, 11, 12], SamplingParams(max_tokens=2)))
+    assert step(s) == ([("long", 8)], [])
+    assert step(s) == ([("long", 8)], [])
+    assert step(s) == ([("long", 4), ("short", 3)], [])  # the prompt ends: both sample
+    assert step(s) == ([("long", 1), ("short", 1)], ["long", "short"])
+    assert not s.has_work and s.kv.pool.num_used == 0
+
+
+def test_chunk_cap_lets_short_prompts_in_beside_a_long_one():
+    s = make(budget=8, chunk=4)
+    s.add(Sequence("long", list(range(10, 30)), SamplingParams(max_tokens=1)))
+    s.add(Sequence("short", [10, 11], SamplingParams(max_tokens=1)))
+    assert step(s)[0] == [("long", 4), ("short", 2)]
+
+
+def test_stops_on_eos_unless_ignored_and_respects_min_tokens():
+    s = make()
+    s.add(Sequence("eos", [9, 9], SamplingParams(max_tokens=5)))
+    s.add(Sequence("ignore", [9, 9], SamplingParams(max_tokens=2, ignore_eos=True)))
+    s.add(Sequence("min", [9, 9], SamplingParams(max_tokens=5, min_tokens=2)))
+    assert step(s, EOS)[1] == ["eos"]
+    assert step(s, EOS)[1] == ["ignore", "min"]
+
+
+def test_preempts_the_newest_sequence_when_blocks_run_out_and_recomputes_it():
+    s = make(num_blocks=4, budget=16)
+    a = Sequence("a", [1] * 8, SamplingParams(max_tokens=6, ignore_eos=True))
+    b = Sequence("b", [3] * 8, SamplingParams(max_tokens=6, ignore_eos=True))
+    s.add(a)
+    s.add(b)
+    assert step(s)[0] == [("a", 8), ("b", 8)]  # 2 + 2 blocks: the pool is full
+    plan, _ = step(s)  # both now need a third block: b (newest) is preempted
+    assert plan == [("a", 1)]
+    assert b.num_computed_tokens == 0 and b.block_ids == [] and list(s.waiting) == [b]
+    while s.has_work:
+        step(s)
+    assert a.output_token_ids == [5] * 6 and b.output_token_ids == [5] * 6
+    assert s.kv.pool.num_used == 0
+
+
+def test_abort_frees_blocks_wherever_the_request_is():
+    s = make()
+    s.add(Sequence("run", [1, 2, 3, 4, 5], SamplingParams(max_tokens=9)))
+    s.add(Sequence("wait", [1] * 5, SamplingParams(max_tokens=9)))
+    step(s)
+    aborted = s.abort("run")
+    assert aborted.finish_reason is FinishReason.ABORT
+    assert s.abort("wait").finish_reason is FinishReason.ABORT
+    assert s.abort("nobody") is None
+    assert s.kv.pool.num_used == 0 and not s.has_work
+
+
+def test_requests_that_can_never_fit_are_refused_with_the_numbers():
+    s = make(num_blocks=4)
+    with pytest.raises(ValueError, match="prompt has 64 tokens; the context limit is 64"):
+        s.add(Sequence("x", [1] * 64, SamplingParams()))
+    with pytest.raises(ValueError, match="needs up to 6 KV blocks .* the pool holds 4"):
+        s.add(Sequence("x", [1] * 10, SamplingParams(max_tokens=14)))

@@ -1,12 +1,14 @@
 """Everything a model-running process needs, built once from an EngineConfig: weights, the
 paged KV pool and its manager, the sampler and the runner."""
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from baton import protocol as P
 from baton.cache.kv_cache import KVCache, block_nbytes
 from baton.cache.kv_manager import KVCacheManager
 from baton.config import EngineConfig
@@ -63,4 +65,17 @@ class Engine:
             kv=kv,
             kv_manager=KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching),
             runner=ModelRunner(model, kv, Sampler(eos)),
+        )
+
+    def layout(self) -> P.KVLayout:
+        """What a KV peer must match: block bytes mean the same thing at both ends."""
+        a = self.model.args
+        return P.KVLayout(
+            model=hashlib.blake2b(repr(a).encode(), digest_size=8).hexdigest(),
+            dtype=self.config.dtype,
+            block_size=self.config.block_size,
+            num_layers=a.num_layers,
+            num_kv_heads=a.num_kv_heads,
+            head_dim=a.head_dim,
+            block_nbytes=self.kv.block_nbytes,
         )

@@ -3,7 +3,13 @@
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+)
 
 COMMON = dict(
     vocab_size=512,
@@ -29,12 +35,25 @@ FAMILIES = {
 }
 
 
-def make_tiny_model(root: Path, family: str, seed: int = 0, **overrides) -> Path:
-    path = root / f"tiny-{family}-{seed}"
+def make_tiny_model(
+    root: Path, family: str, seed: int = 0, tokenizer_from: Path | None = None, **overrides
+) -> Path:
+    """A random model; with `tokenizer_from`, it gets that tokenizer (and its vocab size), so
+    it can serve text through the gateway."""
+    path = root / f"tiny-{family}-{seed}{'-tok' if tokenizer_from else ''}"
     if (path / "config.json").exists():
         return path
+    if tokenizer_from is not None:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_from)
+        overrides = {
+            "vocab_size": len(tokenizer),
+            "eos_token_id": tokenizer.eos_token_id,
+            **overrides,
+        }
     config = FAMILIES[family](**overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(path)
+    if tokenizer_from is not None:
+        tokenizer.save_pretrained(path)
     return path

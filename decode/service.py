@@ -1,0 +1,268 @@
+"""The decode service: one process, one loop.
+
+drain the KV and gateway sockets -> reserve own blocks for offered requests and pull their
+KV -> one continuous-batching step over everything running -> stream each new token (with
+its index) to the gateway.
+
+Sequences join as their KV lands and leave when done, every step. When blocks run out the
+scheduler preempts and the sequence is recomputed here (counted in baton_recomputes).
+"""
+
+import logging
+import time
+from dataclasses import dataclass
+
+import msgspec
+import zmq
+
+from baton import protocol as P
+from baton.engine import Engine
+from baton.request import Sequence
+from baton.scheduler import Scheduler
+from baton.service_io import (
+    BAD_MESSAGES,
+    KEEPALIVE_S,
+    KV_BLOCKS_TOTAL,
+    KV_BLOCKS_USED,
+    KV_BYTES_RECEIVED,
+    RECOMPUTES,
+    REQUEST_ERRORS,
+    GatewayLink,
+    serve_probe,
+)
+from kvtransfer.zmq import write_blocks
+
+log = logging.getLogger("baton.decode")
+
+
+@dataclass
+class Pending:
+    """An offered request whose KV has not landed yet."""
+
+    seq: Sequence
+    peer: bytes  # the prefill's socket identity
+    num_computed: int
+    pulled_at: float | None = None  # when KVPull went out (blocks reserved)
+
+
+@dataclass
+class Peer:
+    last_seen: float
+    refused: str | None = None
+
+
+class DecodeService:
+    def __init__(
+        self,
+        engine: Engine,
+        service_id: str,
+        gateway_addr: str,
+        kv_addr: str,
+        *,
+        transfer_timeout_s: float = 10.0,
+        peer_timeout_s: float = 5.0,
+        metrics_url: str = "",
+    ):
+        self.engine, self.id = engine, service_id
+        self.transfer_timeout_s, self.peer_timeout_s = transfer_timeout_s, peer_timeout_s
+        c = engine.config
+        self.sched = Scheduler(
+            engine.kv_manager,
+            max_num_seqs=c.max_num_seqs,
+            max_num_batched_tokens=c.max_num_batched_tokens,
+            max_chunk_tokens=c.max_chunk_tokens,
+            max_model_len=engine.max_model_len,
+            eos_token_ids=engine.eos_token_ids,
+        )
+        self.ctx = zmq.Context()
+        self.gateway = GatewayLink(self.ctx, gateway_addr, service_id)
+        self.kv_sock = self.ctx.socket(zmq.ROUTER)
+        self.kv_sock.setsockopt(zmq.LINGER, 0)
+        self.kv_sock.bind(kv_addr)
+        self.kv_addr = self.kv_sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.metrics_url = metrics_url
+        self.codec = P.Codec(P.PrefillToDecode)
+        self.layout = engine.layout()
+        self.pool = engine.kv.block_bytes()
+        self.pending: dict[str, Pending] = {}
+        self.peers: dict[bytes, Peer] = {}
+        self.next_keepalive = 0.0
+        self.last_tick = time.monotonic()
+        KV_BLOCKS_TOTAL.labels(self.id).set(engine.kv_manager.pool.num_blocks)
+
+    def run_forever(self) -> None:
+        while True:
+            self.step()
+
+    def step(self) -> None:
+        self.last_tick = time.monotonic()
+        if not self.sched.has_work:
+            zmq.select([self.gateway.sock, self.kv_sock], [], [], 0.05)
+        for msg in self.gateway.recv_all():
+            if isinstance(msg, P.Abort):
+                self.abort(msg.req_id)
+        self.drain_kv()
+        self.pull_what_fits()
+        if self.sched.has_work:
+            batch = self.sched.schedule()
+            recomputed = sum(1 for s in batch if s.num_new_tokens > 1)
+            if recomputed:
+                RECOMPUTES.labels(self.id).inc(recomputed)
+            sampled = self.engine.runner.run(batch)
+            finished = set(self.sched.postprocess(batch, sampled))
+            for s, token in zip(batch, sampled, strict=True):
+                if token is not None:
+                    self.emit(s.seq, token, s.seq in finished)
+        self.check_timeouts()
+        self.keepalive()
+        if self.gateway.heartbeat_due():
+            self.gateway.send(self.heartbeat())
+        KV_BLOCKS_USED.labels(self.id).set(self.engine.kv_manager.pool.num_used)
+
+    def emit(self, seq: Sequence, token, finished: bool) -> None:
+        lp = token.logprob
+        self.gateway.send(
+            P.TokenOutput(
+                seq.req_id,
+                seq.num_output_tokens - 1,
+                token.token_id,
+                seq.finish_reason.openai if finished else None,
+                lp.logprob if lp else None,
+                lp.top if lp else None,
+            )
+        )
+
+    # --- KV hand-off (pull) ------------------------------------------------------------------
+    def drain_kv(self) -> None:
+        while self.kv_sock.poll(0):
+            identity, *frames = self.kv_sock.recv_multipart(copy=False)
+            peer_id = identity.bytes
+            peer = self.peers.setdefault(peer_id, Peer(time.monotonic()))
+            peer.last_seen = time.monotonic()
+            try:
+                msg = self.codec.decode(frames[0].bytes)
+            except (msgspec.DecodeError, IndexError) as e:
+                BAD_MESSAGES.labels(self.id).inc()
+                log.warning("dropped a malformed KV message: %s", e)
+                continue
+            if isinstance(msg, P.Hello):
+                if msg.layout != self.layout:
+                    peer.refused = f"layout {msg.layout} != {self.layout}"
+                    log.error("REFUSED prefill %s: %s", msg.prefill_id, peer.refused)
+                self.send_peer(peer_id, P.HelloReply(peer.refused is None, peer.refused or ""))
+            elif isinstance(msg, P.KVOffer):
+                self.on_offer(peer_id, peer, msg)
+            elif isinstance(msg, P.KVBlocks):
+                self.on_blocks(peer_id, msg, [f.buffer for f in frames[1:]])
+            elif isinstance(msg, P.KVAbort):
+                pending = self.pending.pop(msg.req_id, None)
+                if pending:
+                    self.engine.kv_manager.free(pending.seq)
+                    self.fail(msg.req_id, f"prefill aborted the hand-off: {msg.reason}")
+
+    def on_offer(self, peer_id: bytes, peer: Peer, offer: P.KVOffer) -> None:
+        if peer.refused:
+            self.send_peer(peer_id, P.KVAbort(offer.req_id, "KV layout refused"))
+            return
+        seq = Sequence(
+            offer.req_id, offer.token_ids, offer.params, num_prompt_tokens=offer.num_prompt_tokens
+        )
+        try:
+            self.sched.check_fits(seq.num_tokens, offer.params.max_tokens - seq.num_output_tokens)
+        except ValueError as e:
+            self.send_peer(peer_id, P.KVRelease(offer.req_id))
+            self.fail(offer.req_id, str(e))
+            return
+        self.pending[offer.req_id] = Pending(seq, peer_id, offer.num_computed)
+
+    def pull_what_fits(self) -> None:
+        """Reserve our own blocks for offers, oldest first, and pull their bytes. Keep enough
+        free blocks for the running batch to grow by one block each."""
+        kv = self.engine.kv_manager
+        headroom = len(self.sched.running)
+        for req_id, p in self.pending.items():
+            if p.pulled_at is not None:
+                continue
+            if kv.blocks_needed(p.num_computed) + headroom > kv.pool.num_free:
+                break
+            kv.allocate(p.seq, p.num_computed)
+            p.pulled_at = time.monotonic()
+            self.send_peer(p.peer, P.KVPull(req_id))
+
+    def on_blocks(self, peer_id: bytes, msg: P.KVBlocks, frames: list) -> None:
+        p = self.pending.pop(msg.req_id, None)
+        self.send_peer(peer_id, P.KVRelease(msg.req_id))  # the prefill may free its copy now
+        if p is None:
+            return  # aborted while in flight: its blocks were already freed
+        try:
+            nbytes = write_blocks(self.pool, frames, p.seq.block_ids)
+        except ValueError as e:
+            self.engine.kv_manager.free(p.seq)
+            self.fail(msg.req_id, f"bad KV transfer: {e}")
+            return
+        KV_BYTES_RECEIVED.labels(self.id).inc(nbytes)
+        p.seq.num_computed_tokens = p.num_computed
+        self.engine.kv_manager.cache_computed(p.seq)
+        self.sched.add(p.seq)
+
+    def send_peer(self, peer_id: bytes, msg) -> None:
+        self.kv_sock.send_multipart([peer_id, self.codec.encode(msg)])
+
+    # --- endings -------------------------------------------------------------------------
+    def abort(self, req_id: str) -> None:
+        if self.sched.abort(req_id):
+            return
+        p = self.pending.pop(req_id, None)
+        if p is not None:
+            self.engine.kv_manager.free(p.seq)
+            self.send_peer(p.peer, P.KVRelease(req_id))
+
+    def fail(self, req_id: str, message: str) -> None:
+        REQUEST_ERRORS.labels(self.id).inc()
+        self.gateway.send(P.RequestError(req_id, message))
+
+    def check_timeouts(self) -> None:
+        """A pull unanswered, or a prefill gone silent while we wait on it: fail fast."""
+        now = time.monotonic()
+        for req_id, p in list(self.pending.items()):
+            peer = self.peers.get(p.peer)
+            silent = peer is None or now - peer.last_seen > self.peer_timeout_s
+            stuck = p.pulled_at is not None and now - p.pulled_at > self.transfer_timeout_s
+            if silent or stuck:
+                del self.pending[req_id]
+                self.engine.kv_manager.free(p.seq)
+                why = "stopped answering" if silent else "did not send the KV in time"
+                self.fail(req_id, f"prefill {p.peer.decode()} {why}")
+
+    def keepalive(self) -> None:
+        """Renews the prefills' leases on blocks they hold for us."""
+        now = time.monotonic()
+        if now < self.next_keepalive:
+            return
+        self.next_keepalive = now + KEEPALIVE_S
+        for peer_id, peer in list(self.peers.items()):
+            if now - peer.last_seen > 60:  # long gone; forget it
+                del self.peers[peer_id]
+            else:
+                self.send_peer(peer_id, P.KeepAlive())
+
+    def load(self) -> P.Load:
+        pool = self.engine.kv_manager.pool
+        queued = sum(p.num_computed for p in self.pending.values())
+        return P.Load(queued, len(self.sched.running), pool.num_free, pool.num_blocks)
+
+    def heartbeat(self) -> P.Heartbeat:
+        return P.Heartbeat(self.id, "decode", self.kv_addr, self.metrics_url, self.load())
+
+    def status(self) -> tuple[bool, dict]:
+        ok = time.monotonic() - self.last_tick < 30
+        return ok, {"service": self.id, "role": "decode", "load": msgspec.to_builtins(self.load())}
+
+
+def main(
+    engine: Engine, service_id: str, gateway_addr: str, kv_addr: str, http_port: int | None
+) -> None:
+    service = DecodeService(engine, service_id, gateway_addr, kv_addr)
+    if http_port:
+        serve_probe(http_port, service.status)
+    service.run_forever()

@@ -1,0 +1,141 @@
+"""The gateway's side of the service sockets: one ZeroMQ ROUTER that every service connects
+to. Submits requests, delivers each request's tokens in index order, fails requests whose
+service died, and aborts on behalf of callers who left."""
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from baton import protocol as P
+from baton.sampling_params import SamplingParams
+from gateway.router import Registry
+
+log = logging.getLogger("baton.gateway")
+
+
+class NoCapacity(RuntimeError):
+    pass
+
+
+class ServiceFailed(RuntimeError):
+    pass
+
+
+@dataclass
+class Stream:
+    req_id: str
+    prefill_id: str
+    decode_id: str
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    done: bool = False
+
+    async def tokens(self) -> AsyncIterator[P.TokenOutput]:
+        """Tokens in index order (token 0 comes from prefill, the rest from decode, on
+        different sockets), until one carries a finish reason."""
+        held: dict[int, P.TokenOutput] = {}
+        index = 0
+        while True:
+            msg = await self.queue.get()
+            if isinstance(msg, P.RequestError):
+                raise ServiceFailed(msg.message)
+            held[msg.index] = msg
+            while index in held:
+                out = held.pop(index)
+                index += 1
+                yield out
+                if out.finish_reason is not None:
+                    self.done = True
+                    return
+
+
+class Backend:
+    def __init__(self, zmq_addr: str, service_timeout_s: float = 3.0):
+        self.ctx = zmq.asyncio.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.sock.bind(zmq_addr)
+        self.addr = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.registry = Registry(service_timeout_s)
+        self.streams: dict[str, Stream] = {}
+        self.encode = msgspec.msgpack.Encoder().encode
+        self.decode = msgspec.msgpack.Decoder(P.ToGateway).decode
+        self.tasks: list[asyncio.Task] = []
+        self.on_heartbeat = lambda hb: None
+
+    def start(self) -> None:
+        self.tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._reap())]
+
+    async def close(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        self.sock.close()
+        self.ctx.term()
+
+    @property
+    def healthy(self) -> bool:
+        return bool(self.registry.pool("prefill") and self.registry.pool("decode"))
+
+    async def _read(self) -> None:
+        while True:
+            identity, raw = await self.sock.recv_multipart()
+            try:
+                msg = self.decode(raw)
+            except msgspec.DecodeError as e:
+                log.warning("dropped a malformed message from %r: %s", identity, e)
+                continue
+            if isinstance(msg, P.Heartbeat):
+                self.registry.heartbeat(msg)
+                self.on_heartbeat(msg)
+            elif (stream := self.streams.get(msg.req_id)) is not None:
+                stream.queue.put_nowait(msg)
+                if isinstance(msg, P.TokenOutput) and msg.index == 0:
+                    # prefill's part is done; from here a dead decode, not prefill, fails it
+                    if (prefill := self.registry.services.get(stream.prefill_id)) is not None:
+                        prefill.requests.discard(msg.req_id)
+
+    async def _reap(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            for service in self.registry.expire():
+                log.error("service %s (%s) stopped heartbeating", service.id, service.role)
+                for req_id in service.requests:
+                    if (stream := self.streams.get(req_id)) is not None:
+                        error = P.RequestError(req_id, f"{service.role} service {service.id} died")
+                        stream.queue.put_nowait(error)
+
+    async def _send(self, service_id: str, msg) -> None:
+        with contextlib.suppress(zmq.ZMQError):  # a service that is gone: the reaper fails it
+            await self.sock.send_multipart([service_id.encode(), self.encode(msg)])
+
+    async def submit(self, token_ids: list[int], params: SamplingParams) -> Stream:
+        picked = self.registry.pick(len(token_ids))
+        if picked is None:
+            raise NoCapacity("no prefill or no decode service is available")
+        prefill, decode = picked
+        req_id = uuid.uuid4().hex  # the transfer id both legs carry
+        stream = Stream(req_id, prefill.id, decode.id)
+        self.streams[req_id] = stream
+        prefill.requests.add(req_id)
+        decode.requests.add(req_id)
+        await self._send(
+            prefill.id, P.PrefillRequest(req_id, token_ids, params, decode.id, decode.kv_addr)
+        )
+        return stream
+
+    async def finish(self, stream: Stream) -> None:
+        """Forget a stream; if it has not ended, abort it on both services."""
+        self.streams.pop(stream.req_id, None)
+        for sid in (stream.prefill_id, stream.decode_id):
+            if (s := self.registry.services.get(sid)) is not None:
+                s.requests.discard(stream.req_id)
+        if not stream.done:
+            for sid in (stream.prefill_id, stream.decode_id):
+                await self._send(sid, P.Abort(stream.req_id))

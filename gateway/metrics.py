@@ -1,0 +1,32 @@
+"""Gateway metrics (prometheus-client), plus per-service KV gauges fed by heartbeats."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from baton import protocol as P
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64)
+
+REQUESTS = Counter("baton_requests", "HTTP generation requests by outcome", ["status"])
+TTFT = Histogram("baton_ttft_seconds", "time to first token", buckets=LATENCY_BUCKETS)
+TPOT = Histogram(
+    "baton_tpot_seconds", "time per output token after the first", buckets=LATENCY_BUCKETS
+)
+E2E = Histogram("baton_e2e_seconds", "request latency, end to end", buckets=LATENCY_BUCKETS)
+INFLIGHT = Gauge("baton_inflight_requests", "requests in flight at the gateway")
+SERVICE_QUEUE = Gauge(
+    "baton_service_queued_tokens", "prompt tokens queued per service", ["service", "role"]
+)
+SERVICE_BLOCKS_USED = Gauge(
+    "baton_service_kv_blocks_used", "KV blocks held per service", ["service", "role"]
+)
+SERVICE_BLOCKS_TOTAL = Gauge(
+    "baton_service_kv_blocks_total", "KV pool size per service", ["service", "role"]
+)
+SERVICES = Gauge("baton_services", "live services per role", ["role"])
+
+
+def observe_heartbeat(hb: P.Heartbeat) -> None:
+    labels = (hb.service_id, hb.role)
+    SERVICE_QUEUE.labels(*labels).set(hb.load.queued_tokens)
+    SERVICE_BLOCKS_USED.labels(*labels).set(hb.load.total_blocks - hb.load.free_blocks)
+    SERVICE_BLOCKS_TOTAL.labels(*labels).set(hb.load.total_blocks)

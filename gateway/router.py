@@ -1,0 +1,72 @@
+"""The pool registry and the routing policies (plain Python).
+
+Services register by heartbeat and are dropped when silent for `timeout_s`, so pools grow
+and shrink while running. Routing is decode first: the decode with the most free KV blocks
+per running sequence, then the prefill with the fewest outstanding prompt tokens.
+"""
+
+import time
+from dataclasses import dataclass, field
+
+from baton import protocol as P
+
+
+@dataclass
+class Service:
+    id: str
+    role: str
+    kv_addr: str
+    load: P.Load
+    last_seen: float
+    inflight_tokens: int = 0  # prompt tokens we sent it that it has not reported yet
+    requests: set[str] = field(default_factory=set)
+
+
+def decode_cost(s: Service) -> float:
+    """Lower is better: a decode with free blocks and a short batch takes the next request."""
+    free = s.load.free_blocks / max(s.load.total_blocks, 1)
+    return (len(s.requests) + s.load.running) / 64 - free
+
+
+def prefill_cost(s: Service) -> float:
+    return s.load.queued_tokens + s.inflight_tokens
+
+
+class Registry:
+    def __init__(self, timeout_s: float = 3.0):
+        self.timeout_s = timeout_s
+        self.services: dict[str, Service] = {}
+
+    def heartbeat(self, hb: P.Heartbeat) -> None:
+        s = self.services.get(hb.service_id)
+        if s is None:
+            self.services[hb.service_id] = Service(
+                hb.service_id, hb.role, hb.kv_addr, hb.load, time.monotonic()
+            )
+        else:
+            s.load, s.last_seen, s.kv_addr, s.inflight_tokens = (
+                hb.load,
+                time.monotonic(),
+                hb.kv_addr,
+                0,
+            )
+
+    def expire(self) -> list[Service]:
+        """Drop services silent for too long; return them (their requests must fail)."""
+        now = time.monotonic()
+        dead = [s for s in self.services.values() if now - s.last_seen > self.timeout_s]
+        for s in dead:
+            del self.services[s.id]
+        return dead
+
+    def pool(self, role: str) -> list[Service]:
+        return [s for s in self.services.values() if s.role == role]
+
+    def pick(self, num_tokens: int) -> tuple[Service, Service] | None:
+        decodes, prefills = self.pool("decode"), self.pool("prefill")
+        if not decodes or not prefills:
+            return None
+        decode = min(decodes, key=decode_cost)
+        prefill = min(prefills, key=prefill_cost)
+        prefill.inflight_tokens += num_tokens
+        return prefill, decode

@@ -314,7 +314,8 @@ class _Shape:
         try:
             async for p in pieces:
                 count += 1
-                yield sse({**self.head(self.chunk_name), "choices": [self.chunk_choice(p)]})
+                choice = self.with_ids(self.chunk_choice(p), [p.token])
+                yield sse({**self.head(self.chunk_name), "choices": [choice]})
         except ServiceFailed as e:
             yield sse(error_body(str(e), "server_error", 500))
             return
@@ -329,6 +330,11 @@ class _Shape:
             )
         yield "data: [DONE]\n\n"
 
+    def with_ids(self, choice: dict, toks: list[P.TokenOutput]) -> dict:
+        if self.req.return_token_ids:
+            choice["token_ids"] = [t.token_id for t in toks]
+        return choice
+
     async def body(self, pieces: AsyncIterator[Piece], prompt_tokens: int, n: int) -> dict:
         texts = [""] * n
         finish: list[str | None] = [None] * n
@@ -338,7 +344,10 @@ class _Shape:
             tokens[p.index].append(p.token)
             finish[p.index] = p.finish_reason or finish[p.index]
         completion = sum(map(len, tokens))
-        choices = [self.final_choice(i, texts[i], tokens[i], finish[i]) for i in range(n)]
+        choices = [
+            self.with_ids(self.final_choice(i, texts[i], tokens[i], finish[i]), tokens[i])
+            for i in range(n)
+        ]
         return {
             **self.head(self.object_name),
             "choices": choices,

@@ -26,6 +26,7 @@ class _Sampling(BaseModel):
     ignore_eos: bool = False
     min_tokens: int = Field(default=0, ge=0)
     user: str | None = None
+    return_token_ids: bool = False  # vLLM's extension: each choice carries its token ids
 
 
 class CompletionRequest(_Sampling):

@@ -23,3 +23,9 @@ def smollm2_dir() -> Path:
     from baton.model.loader import resolve_model_dir
 
     return resolve_model_dir(None)
+
+
+@pytest.fixture(scope="session")
+def tiny_text_model(tiny_root, smollm2_dir) -> Path:
+    """A tiny random Llama with SmolLM2's tokenizer: serves text through the gateway."""
+    return make_tiny_model(tiny_root, "llama", tokenizer_from=smollm2_dir)

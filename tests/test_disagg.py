@@ -1,0 +1,203 @@
+"""The disaggregated path end to end: `baton up` processes over real sockets, requests over
+real HTTP, tokens compared with transformers' greedy output (fp32)."""
+
+import asyncio
+import json
+import random
+import time
+
+import httpx
+import pytest
+import torch
+from stack import Stack
+from transformers import AutoModelForCausalLM
+
+# small chunk budget: long prompts are split; blocks of 16 tokens
+ENGINE = ("--max-num-batched-tokens", "32", "--num-blocks", "160")
+NEW = 24
+
+
+def workload(n: int = 16, seed: int = 3) -> list[list[int]]:
+    rng = random.Random(seed)
+    shared = [rng.randrange(3, 49152) for _ in range(40)]
+    prompts = []
+    for i in range(n):
+        length = rng.choice([1, 5, 17, 33, 64, 90])
+        own = [rng.randrange(3, 49152) for _ in range(length)]
+        prompts.append(shared + own if i % 4 == 0 else own)  # every 4th shares a prefix
+    return prompts
+
+
+def hf_greedy(model_dir, prompts, new) -> list[list[int]]:
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    out = []
+    for ids in prompts:
+        x = torch.tensor([ids])
+        y = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new, do_sample=False)
+        out.append(y[0, len(ids) :].tolist())
+    return out
+
+
+async def complete_all(url: str, prompts, **kw) -> list[dict]:
+    body = {"max_tokens": NEW, "temperature": 0, "ignore_eos": True, "return_token_ids": True, **kw}
+    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+        rs = await asyncio.gather(
+            *(client.post("/v1/completions", json={**body, "prompt": p}) for p in prompts)
+        )
+    return [r.json() for r in rs]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_text_model):
+    prompts = workload()
+    return prompts, hf_greedy(tiny_text_model, prompts, NEW)
+
+
+@pytest.mark.parametrize(("prefill", "decode"), [(1, 1), (2, 2)])
+def test_greedy_tokens_equal_transformers_and_kv_really_moves(
+    tmp_path, tiny_text_model, reference, prefill, decode
+):
+    prompts, expected = reference
+    stack = Stack(tmp_path / "logs", tiny_text_model, *ENGINE, prefill=prefill, decode=decode)
+    try:
+        results = asyncio.run(complete_all(stack.url, prompts))
+        got = [r["choices"][0]["token_ids"] for r in results]
+        assert got == expected
+        assert all(r["choices"][0]["finish_reason"] == "length" for r in results)
+        # KV bytes really crossed (a silent recompute on decode would move none)
+        sent = sum(stack.metric(n, "baton_kv_bytes_sent_total") for n in stack.services("prefill"))
+        received = sum(
+            stack.metric(n, "baton_kv_bytes_received_total") for n in stack.services("decode")
+        )
+        assert received > 0 and received == sent
+        recomputed = sum(
+            stack.metric(n, "baton_recomputes_total") for n in stack.services("decode")
+        )
+        assert recomputed == 0
+        assert set(stack.wait_blocks_free().values()) == {0}
+    finally:
+        stack.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, tiny_text_model):
+    s = Stack(tmp_path_factory.mktemp("abort") / "logs", tiny_text_model, *ENGINE)
+    yield s
+    s.stop()
+
+
+async def stream_and_leave(url: str, prompt: list[int], leave_after_s: float, max_tokens: int):
+    body = {"prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        try:
+            async with asyncio.timeout(leave_after_s):
+                async with client.stream("POST", "/v1/completions", json=body) as r:
+                    async for _ in r.aiter_lines():
+                        pass
+        except TimeoutError:
+            pass  # the client hangs up here, whatever stage the request is at
+
+
+def test_disconnects_at_every_stage_free_all_blocks(stack):
+    """Clients vanish while queued at prefill, mid-prefill, in hand-off, mid-decode."""
+    rng = random.Random(7)
+    prompts = [
+        [rng.randrange(3, 49152) for _ in range(rng.choice([8, 100, 300]))] for _ in range(24)
+    ]
+
+    async def main():
+        await asyncio.gather(
+            *(stream_and_leave(stack.url, p, rng.uniform(0.0, 1.5), 400) for p in prompts)
+        )
+
+    asyncio.run(main())
+    assert set(stack.wait_blocks_free().values()) == {0}
+    # and the stack still serves
+    (r,) = asyncio.run(complete_all(stack.url, [[5, 6, 7]]))
+    assert len(r["choices"][0]["token_ids"]) == NEW
+
+
+def test_bad_requests_get_openai_errors(stack):
+    with httpx.Client(base_url=stack.url) as c:
+        r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 0})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+        r = c.post("/v1/completions", json={"prompt": [5] * 5000})
+        assert r.status_code == 400 and "5000 tokens" in r.json()["error"]["message"]
+        r = c.post("/v1/completions", json={"prompt": "x", "top_k": 0, "top_p": 0})
+        assert r.status_code == 400
+        r = c.post("/v1/chat/completions", json={"messages": []})
+        assert r.status_code == 400
+
+
+def streams(url: str, prompts, max_tokens: int):
+    """Start streaming requests; return a task list giving (events, error, seconds after the
+    first token) for each."""
+
+    async def one(client, p):
+        body = {"prompt": p, "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
+        events, error = [], None
+        async with client.stream("POST", "/v1/completions", json=body) as r:
+            async for line in r.aiter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    msg = json.loads(line[6:])
+                    if "error" in msg:
+                        error = (msg["error"]["message"], time.monotonic())
+                    else:
+                        events.append(time.monotonic())
+        return events, error
+
+    async def main():
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            return await asyncio.gather(*(one(client, p) for p in prompts))
+
+    return main
+
+
+def test_decode_killed_mid_generation_fails_its_requests_fast(tmp_path, tiny_text_model):
+    stack = Stack(tmp_path / "logs", tiny_text_model, *ENGINE)
+    try:
+        run = streams(stack.url, [[5, 6, 7, i] for i in range(4)], max_tokens=100_000 // 100)
+
+        async def main():
+            task = asyncio.create_task(run())
+            await asyncio.sleep(1.5)  # all are decoding by now
+            killed_at = time.monotonic()
+            stack.kill("decode-0")
+            return await task, killed_at
+
+        results, killed_at = asyncio.run(main())
+        for events, error in results:
+            assert events and error is not None, "every stream must end with an error"
+            assert "decode service decode-0 died" in error[0]
+            assert error[1] - killed_at < 10
+        assert stack.wait_blocks_free() == {"prefill-0": 0}
+    finally:
+        stack.stop()
+
+
+def test_prefill_killed_while_holding_blocks_fails_waiting_requests_fast(tmp_path, tiny_text_model):
+    # a decode pool of 12 blocks takes one 150-token request at a time: the rest wait at the
+    # prefill, which holds their KV blocks for the decode
+    engine = ("--max-num-batched-tokens", "512", "--num-blocks", "12")
+    stack = Stack(tmp_path / "logs", tiny_text_model, *engine)
+    try:
+        rng = random.Random(1)
+        prompts = [[rng.randrange(3, 49152) for _ in range(150)] for _ in range(3)]
+        run = streams(stack.url, prompts, max_tokens=40)
+
+        async def main():
+            task = asyncio.create_task(run())
+            await asyncio.sleep(1.0)
+            killed_at = time.monotonic()
+            stack.kill("prefill-0")
+            return await task, killed_at
+
+        results, killed_at = asyncio.run(main())
+        failed = [e for _, e in results if e is not None]
+        assert failed, "requests waiting on the dead prefill's blocks must fail"
+        assert all(t - killed_at < 10 for _, t in failed)
+        assert stack.wait_blocks_free() == {"decode-0": 0}
+    finally:
+        stack.stop()

@@ -1,0 +1,118 @@
+"""Engine throughput on SmolLM2: baton.LLM beside transformers and the memory roofline.
+
+    python -m benchmarks.engine_bench [--dtypes bfloat16 float32] [--batches 1 8 32 64]
+
+Prefill: one 512-token prompt, tokens/s (best of 3). Decode: `batch` prompts of 128 tokens,
+64 new tokens each; tokens/s over the decode steps only (after every first token), beside
+transformers `generate` on the same prompts (its prefill subtracted). Roofline: weight bytes /
+measured copy bandwidth per decode step, times the batch.
+"""
+
+import argparse
+import time
+
+import torch
+from transformers import AutoModelForCausalLM
+
+import baton
+from baton.model.loader import resolve_model_dir
+from baton.request import Sequence
+
+NEW = 64
+
+
+def bandwidth_gbs() -> float:
+    src = torch.empty(256 * 2**20, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * src.numel() / best / 1e9  # read + write
+
+
+def prompts(n: int, length: int, vocab: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(100, vocab, (n, length), generator=g).tolist()
+
+
+def baton_decode(llm, batch: int, vocab: int) -> float:
+    params = baton.SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True)
+    for i, ids in enumerate(prompts(batch, 128, vocab)):
+        llm.scheduler.add(Sequence(f"b{i}", ids, params))
+    seqs = list(llm.scheduler.waiting)
+    while any(s.num_output_tokens == 0 for s in seqs):
+        llm.step({})
+    t = time.perf_counter()
+    while llm.scheduler.has_work:
+        llm.step({})
+    return batch * (NEW - 1) / (time.perf_counter() - t)
+
+
+def hf_decode(hf, batch: int, vocab: int) -> float:
+    x = torch.tensor(prompts(batch, 128, vocab))
+    mask = torch.ones_like(x)
+    with torch.inference_mode():
+        t = time.perf_counter()
+        hf(x, attention_mask=mask)
+        prefill = time.perf_counter() - t
+        t = time.perf_counter()
+        hf.generate(x, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
+        total = time.perf_counter() - t
+    return batch * (NEW - 1) / (total - prefill)
+
+
+def prefill_rate(fn) -> float:
+    return 512 / min(_timed(fn) for _ in range(3))
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32, 64])
+    args = ap.parse_args()
+    model_dir = resolve_model_dir(None)
+    gbs = bandwidth_gbs()
+    print(f"threads {torch.get_num_threads()}, copy bandwidth {gbs:.1f} GB/s\n")
+    print(
+        "| dtype | what | baton tok/s | transformers tok/s | ratio | roofline tok/s | of roofline |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for dtype in args.dtypes:
+        llm = baton.LLM(
+            str(model_dir),
+            dtype=dtype,
+            num_blocks=4096,
+            max_num_seqs=128,
+            max_num_batched_tokens=2048,
+        )
+        hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+        vocab = llm.engine.model.args.vocab_size
+        weight_bytes = sum(p.numel() * p.element_size() for p in llm.engine.model.parameters())
+        step_s = weight_bytes / (gbs * 1e9)
+        (p512,) = prompts(1, 512, vocab)
+        one = baton.SamplingParams(max_tokens=1, temperature=0)
+        b = prefill_rate(lambda: llm.generate([p512], one))  # noqa: B023
+        x = torch.tensor([p512])
+        with torch.inference_mode():
+            h = prefill_rate(lambda: hf(x))  # noqa: B023
+        print(f"| {dtype} | prefill 512 | {b:,.0f} | {h:,.0f} | {b / h:.2f} | | |")
+        for batch in args.batches:
+            b = baton_decode(llm, batch, vocab)
+            h = hf_decode(hf, batch, vocab)
+            roof = batch / step_s
+            print(
+                f"| {dtype} | decode batch {batch} | {b:,.0f} | {h:,.0f} | {b / h:.2f} | {roof:,.0f} | {b / roof:.0%} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()

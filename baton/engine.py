@@ -16,6 +16,7 @@ from baton.model.llama import CausalLM
 from baton.model.loader import eos_token_ids, load_model, load_tokenizer, resolve_model_dir
 from baton.runner import ModelRunner
 from baton.sampler import Sampler
+from baton.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,17 @@ class Engine:
             kv=kv,
             kv_manager=KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching),
             runner=ModelRunner(model, kv, Sampler(eos)),
+        )
+
+    def scheduler(self) -> Scheduler:
+        c = self.config
+        return Scheduler(
+            self.kv_manager,
+            max_num_seqs=c.max_num_seqs,
+            max_num_batched_tokens=c.max_num_batched_tokens,
+            max_chunk_tokens=c.max_chunk_tokens,
+            max_model_len=self.max_model_len,
+            eos_token_ids=self.eos_token_ids,
         )
 
     def layout(self) -> P.KVLayout:

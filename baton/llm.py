@@ -11,7 +11,6 @@ from baton.config import EngineConfig
 from baton.engine import Engine
 from baton.request import FinishReason, Logprob, Sequence
 from baton.sampling_params import SamplingParams
-from baton.scheduler import Scheduler
 from baton.text import IncrementalDetokenizer, StopStringMatcher
 
 
@@ -46,15 +45,7 @@ class LLM:
     def __init__(self, model: str | None = None, dtype: str = "bfloat16", **engine_kwargs):
         self.engine = Engine.build(EngineConfig(model=model, dtype=dtype, **engine_kwargs))
         self.tokenizer = self.engine.tokenizer
-        c = self.engine.config
-        self.scheduler = Scheduler(
-            self.engine.kv_manager,
-            max_num_seqs=c.max_num_seqs,
-            max_num_batched_tokens=c.max_num_batched_tokens,
-            max_chunk_tokens=c.max_chunk_tokens,
-            max_model_len=self.engine.max_model_len,
-            eos_token_ids=self.engine.eos_token_ids,
-        )
+        self.scheduler = self.engine.scheduler()
         self._ids = itertools.count()
 
     def _tokenize(self, prompt: str | list[int]) -> list[int]:

@@ -18,7 +18,6 @@ import zmq
 from baton import protocol as P
 from baton.engine import Engine
 from baton.request import Sequence
-from baton.scheduler import Scheduler
 from baton.service_io import (
     BAD_MESSAGES,
     KEEPALIVE_S,
@@ -65,15 +64,7 @@ class DecodeService:
     ):
         self.engine, self.id = engine, service_id
         self.transfer_timeout_s, self.peer_timeout_s = transfer_timeout_s, peer_timeout_s
-        c = engine.config
-        self.sched = Scheduler(
-            engine.kv_manager,
-            max_num_seqs=c.max_num_seqs,
-            max_num_batched_tokens=c.max_num_batched_tokens,
-            max_chunk_tokens=c.max_chunk_tokens,
-            max_model_len=engine.max_model_len,
-            eos_token_ids=engine.eos_token_ids,
-        )
+        self.sched = engine.scheduler()
         self.ctx = zmq.Context()
         self.gateway = GatewayLink(self.ctx, gateway_addr, service_id)
         self.kv_sock = self.ctx.socket(zmq.ROUTER)

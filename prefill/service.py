@@ -21,7 +21,6 @@ import zmq
 from baton import protocol as P
 from baton.engine import Engine
 from baton.request import Sequence
-from baton.scheduler import Scheduler
 from baton.service_io import (
     BAD_MESSAGES,
     KEEPALIVE_S,
@@ -62,15 +61,7 @@ class DecodePeer:
 class PrefillService:
     def __init__(self, engine: Engine, service_id: str, gateway_addr: str, lease_s: float = 10.0):
         self.engine, self.id, self.lease_s = engine, service_id, lease_s
-        c = engine.config
-        self.sched = Scheduler(
-            engine.kv_manager,
-            max_num_seqs=c.max_num_seqs,
-            max_num_batched_tokens=c.max_num_batched_tokens,
-            max_chunk_tokens=c.max_chunk_tokens,
-            max_model_len=engine.max_model_len,
-            eos_token_ids=engine.eos_token_ids,
-        )
+        self.sched = engine.scheduler()
         self.ctx = zmq.Context()
         self.gateway = GatewayLink(self.ctx, gateway_addr, service_id)
         self.codec = P.Codec(P.DecodeToPrefill)

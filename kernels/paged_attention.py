@@ -47,12 +47,13 @@ def paged_decode_attention(
     scale: float,
 ) -> torch.Tensor:
     """One query per sequence over its whole cached context. Returns [B, q_heads, head_dim]."""
-    b = block_tables.shape[0]
+    # Plain matmuls, not SDPA: with one query row, torch's CPU flash kernel is ~10x slower.
+    b, q_heads, head_dim = q.shape
     k = k_cache[block_tables].flatten(1, 2).transpose(1, 2)  # [B, kv_heads, S, head_dim]
     v = v_cache[block_tables].flatten(1, 2).transpose(1, 2)
-    s = k.shape[2]
-    mask = (torch.arange(s) < ctx_lens.unsqueeze(1)).view(b, 1, 1, s)
-    out = F.scaled_dot_product_attention(
-        q.unsqueeze(2), k, v, attn_mask=mask, scale=scale, enable_gqa=True
-    )
-    return out.squeeze(2)
+    kv_heads, s = k.shape[1], k.shape[2]
+    qg = q.view(b, kv_heads, q_heads // kv_heads, head_dim)  # query heads grouped by KV head
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # [B, kv_heads, group, S]
+    invalid = (torch.arange(s) >= ctx_lens.unsqueeze(1)).view(b, 1, 1, s)
+    probs = scores.masked_fill(invalid, float("-inf")).softmax(-1).to(v.dtype)
+    return torch.matmul(probs, v).view(b, q_heads, head_dim)

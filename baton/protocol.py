@@ -47,7 +47,6 @@ class Heartbeat(msgspec.Struct, tag=True, frozen=True):
     service_id: str
     role: str  # "prefill" | "decode"
     kv_addr: str  # decode: where prefills connect to hand off KV; prefill: ""
-    metrics_url: str
     load: Load
 
 

@@ -50,6 +50,7 @@ class Scheduler:
         self.eos_token_ids = eos_token_ids
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.num_preemptions = 0  # sequences sent back to recompute, ever
 
     @property
     def has_work(self) -> bool:
@@ -84,6 +85,7 @@ class Scheduler:
         return None
 
     def _preempt(self, seq: Sequence) -> None:
+        self.num_preemptions += 1
         self.kv.free(seq)
         seq.num_computed_tokens = 0
         seq.status = SeqStatus.WAITING

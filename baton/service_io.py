@@ -1,5 +1,5 @@
-"""What the prefill and decode services share around their loops: the gateway link
-(register + heartbeats + token messages), the health/metrics HTTP probe, and KV metrics."""
+"""What the prefill and decode services share: the loop itself (ServiceLoop), the gateway
+link (register + heartbeats + token messages), the health/metrics HTTP probe, KV metrics."""
 
 import json
 import logging
@@ -12,6 +12,9 @@ import zmq
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, generate_latest
 
 from baton import protocol as P
+from baton.engine import Engine
+from baton.request import Sequence
+from baton.scheduler import SampledToken
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +42,6 @@ class GatewayLink:
         self.sock.connect(gateway_addr)
         self.codec = P.Codec(P.ToService)
         self.service_id = service_id
-        self.next_heartbeat = 0.0
 
     def send(self, msg) -> None:
         self.sock.send(self.codec.encode(msg))
@@ -55,12 +57,98 @@ class GatewayLink:
                 log.warning("dropped a malformed message from the gateway: %s", e)
         return out
 
-    def heartbeat_due(self) -> bool:
+
+class Every:
+    """A period timer for work done from the loop: `due()` is true at most once a period."""
+
+    def __init__(self, period_s: float):
+        self.period_s = period_s
+        self.next = 0.0
+
+    def due(self) -> bool:
         now = time.monotonic()
-        if now < self.next_heartbeat:
+        if now < self.next:
             return False
-        self.next_heartbeat = now + HEARTBEAT_S
+        self.next = now + self.period_s
         return True
+
+
+class ServiceLoop:
+    """The loop both services run: drain the sockets -> one engine step -> hand each sampled
+    token to `on_token` -> housekeeping -> heartbeat. Subclasses say which sockets to wait
+    on, how to drain them, what a token means to them, and what their load is."""
+
+    role = ""
+    kv_addr = ""  # where prefills connect (decode only)
+
+    def __init__(self, engine: Engine, service_id: str, gateway_addr: str):
+        self.engine, self.id = engine, service_id
+        self.sched = engine.scheduler()
+        self.ctx = zmq.Context()
+        self.gateway = GatewayLink(self.ctx, gateway_addr, service_id)
+        self.heartbeats = Every(HEARTBEAT_S)
+        self.keepalives = Every(KEEPALIVE_S)
+        self.last_tick = time.monotonic()
+        KV_BLOCKS_TOTAL.labels(self.id).set(engine.kv_manager.pool.num_blocks)
+
+    def run_forever(self) -> None:
+        while True:
+            self.step()
+
+    def step(self) -> None:
+        self.last_tick = time.monotonic()
+        if not self.sched.has_work:
+            zmq.select(self.sockets(), [], [], 0.05)
+        self.drain()
+        if self.sched.has_work:
+            batch = self.sched.schedule()
+            sampled = self.engine.runner.run(batch)
+            finished = set(self.sched.postprocess(batch, sampled))
+            for s, token in zip(batch, sampled, strict=True):
+                if token is not None:
+                    self.on_token(s.seq, token, s.seq in finished)
+        self.housekeeping()
+        if self.heartbeats.due():
+            self.gateway.send(P.Heartbeat(self.id, self.role, self.kv_addr, self.load()))
+        KV_BLOCKS_USED.labels(self.id).set(self.engine.kv_manager.pool.num_used)
+
+    def send_token(self, seq: Sequence, token: SampledToken, finished: bool) -> None:
+        """Token `index` of the request, with its finish reason once it is the last."""
+        lp = token.logprob
+        self.gateway.send(
+            P.TokenOutput(
+                seq.req_id,
+                seq.num_output_tokens - 1,
+                token.token_id,
+                seq.finish_reason.openai if finished else None,
+                lp.logprob if lp else None,
+                lp.top if lp else None,
+            )
+        )
+
+    def fail(self, req_id: str, message: str) -> None:
+        REQUEST_ERRORS.labels(self.id).inc()
+        self.gateway.send(P.RequestError(req_id, message))
+
+    def status(self) -> tuple[bool, dict]:
+        ok = time.monotonic() - self.last_tick < 30
+        return ok, {"service": self.id, "role": self.role, "load": msgspec.to_builtins(self.load())}
+
+    # --- what each service fills in -----------------------------------------------------
+    def sockets(self) -> list[zmq.Socket]:
+        raise NotImplementedError
+
+    def drain(self) -> None:
+        raise NotImplementedError
+
+    def on_token(self, seq: Sequence, token: SampledToken, finished: bool) -> None:
+        raise NotImplementedError
+
+    def housekeeping(self) -> None:
+        raise NotImplementedError
+
+    def load(self) -> P.Load:
+        raise NotImplementedError
 
 
 def serve_probe(port: int, status) -> ThreadingHTTPServer:

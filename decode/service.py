@@ -18,15 +18,12 @@ import zmq
 from baton import protocol as P
 from baton.engine import Engine
 from baton.request import Sequence
+from baton.scheduler import SampledToken
 from baton.service_io import (
     BAD_MESSAGES,
-    KEEPALIVE_S,
-    KV_BLOCKS_TOTAL,
-    KV_BLOCKS_USED,
     KV_BYTES_RECEIVED,
     RECOMPUTES,
-    REQUEST_ERRORS,
-    GatewayLink,
+    ServiceLoop,
     serve_probe,
 )
 from kvtransfer.zmq import write_blocks
@@ -50,7 +47,9 @@ class Peer:
     refused: str | None = None
 
 
-class DecodeService:
+class DecodeService(ServiceLoop):
+    role = "decode"
+
     def __init__(
         self,
         engine: Engine,
@@ -60,68 +59,39 @@ class DecodeService:
         *,
         transfer_timeout_s: float = 10.0,
         peer_timeout_s: float = 5.0,
-        metrics_url: str = "",
     ):
-        self.engine, self.id = engine, service_id
+        super().__init__(engine, service_id, gateway_addr)
         self.transfer_timeout_s, self.peer_timeout_s = transfer_timeout_s, peer_timeout_s
-        self.sched = engine.scheduler()
-        self.ctx = zmq.Context()
-        self.gateway = GatewayLink(self.ctx, gateway_addr, service_id)
         self.kv_sock = self.ctx.socket(zmq.ROUTER)
         self.kv_sock.setsockopt(zmq.LINGER, 0)
         self.kv_sock.bind(kv_addr)
         self.kv_addr = self.kv_sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.metrics_url = metrics_url
         self.codec = P.Codec(P.PrefillToDecode)
         self.layout = engine.layout()
         self.pool = engine.kv.block_bytes()
         self.pending: dict[str, Pending] = {}
         self.peers: dict[bytes, Peer] = {}
-        self.next_keepalive = 0.0
-        self.last_tick = time.monotonic()
-        KV_BLOCKS_TOTAL.labels(self.id).set(engine.kv_manager.pool.num_blocks)
+        self.preemptions_seen = 0
 
-    def run_forever(self) -> None:
-        while True:
-            self.step()
+    def sockets(self) -> list[zmq.Socket]:
+        return [self.gateway.sock, self.kv_sock]
 
-    def step(self) -> None:
-        self.last_tick = time.monotonic()
-        if not self.sched.has_work:
-            zmq.select([self.gateway.sock, self.kv_sock], [], [], 0.05)
+    def drain(self) -> None:
         for msg in self.gateway.recv_all():
             if isinstance(msg, P.Abort):
                 self.abort(msg.req_id)
         self.drain_kv()
         self.pull_what_fits()
-        if self.sched.has_work:
-            batch = self.sched.schedule()
-            recomputed = sum(1 for s in batch if s.num_new_tokens > 1)
-            if recomputed:
-                RECOMPUTES.labels(self.id).inc(recomputed)
-            sampled = self.engine.runner.run(batch)
-            finished = set(self.sched.postprocess(batch, sampled))
-            for s, token in zip(batch, sampled, strict=True):
-                if token is not None:
-                    self.emit(s.seq, token, s.seq in finished)
-        self.check_timeouts()
-        self.keepalive()
-        if self.gateway.heartbeat_due():
-            self.gateway.send(self.heartbeat())
-        KV_BLOCKS_USED.labels(self.id).set(self.engine.kv_manager.pool.num_used)
 
-    def emit(self, seq: Sequence, token, finished: bool) -> None:
-        lp = token.logprob
-        self.gateway.send(
-            P.TokenOutput(
-                seq.req_id,
-                seq.num_output_tokens - 1,
-                token.token_id,
-                seq.finish_reason.openai if finished else None,
-                lp.logprob if lp else None,
-                lp.top if lp else None,
-            )
-        )
+    def on_token(self, seq: Sequence, token: SampledToken, finished: bool) -> None:
+        self.send_token(seq, token, finished)
+
+    def housekeeping(self) -> None:
+        RECOMPUTES.labels(self.id).inc(self.sched.num_preemptions - self.preemptions_seen)
+        self.preemptions_seen = self.sched.num_preemptions
+        self.check_timeouts()
+        if self.keepalives.due():
+            self.keepalive()
 
     # --- KV hand-off (pull) ------------------------------------------------------------------
     def drain_kv(self) -> None:
@@ -208,10 +178,6 @@ class DecodeService:
             self.engine.kv_manager.free(p.seq)
             self.send_peer(p.peer, P.KVRelease(req_id))
 
-    def fail(self, req_id: str, message: str) -> None:
-        REQUEST_ERRORS.labels(self.id).inc()
-        self.gateway.send(P.RequestError(req_id, message))
-
     def check_timeouts(self) -> None:
         """A pull unanswered, or a prefill gone silent while we wait on it: fail fast."""
         now = time.monotonic()
@@ -228,9 +194,6 @@ class DecodeService:
     def keepalive(self) -> None:
         """Renews the prefills' leases on blocks they hold for us."""
         now = time.monotonic()
-        if now < self.next_keepalive:
-            return
-        self.next_keepalive = now + KEEPALIVE_S
         for peer_id, peer in list(self.peers.items()):
             if now - peer.last_seen > 60:  # long gone; forget it
                 del self.peers[peer_id]
@@ -241,13 +204,6 @@ class DecodeService:
         pool = self.engine.kv_manager.pool
         queued = sum(p.num_computed for p in self.pending.values())
         return P.Load(queued, len(self.sched.running), pool.num_free, pool.num_blocks)
-
-    def heartbeat(self) -> P.Heartbeat:
-        return P.Heartbeat(self.id, "decode", self.kv_addr, self.metrics_url, self.load())
-
-    def status(self) -> tuple[bool, dict]:
-        ok = time.monotonic() - self.last_tick < 30
-        return ok, {"service": self.id, "role": "decode", "load": msgspec.to_builtins(self.load())}
 
 
 def main(

@@ -21,16 +21,13 @@ import zmq
 from baton import protocol as P
 from baton.engine import Engine
 from baton.request import Sequence
+from baton.scheduler import SampledToken
 from baton.service_io import (
     BAD_MESSAGES,
-    KEEPALIVE_S,
-    KV_BLOCKS_TOTAL,
-    KV_BLOCKS_USED,
     KV_BYTES_SENT,
     KV_TRANSFERS,
     LEASES_EXPIRED,
-    REQUEST_ERRORS,
-    GatewayLink,
+    ServiceLoop,
     serve_probe,
 )
 from kvtransfer.zmq import block_frames
@@ -58,53 +55,39 @@ class DecodePeer:
         self.sock.send(hello)
 
 
-class PrefillService:
+class PrefillService(ServiceLoop):
+    role = "prefill"
+
     def __init__(self, engine: Engine, service_id: str, gateway_addr: str, lease_s: float = 10.0):
-        self.engine, self.id, self.lease_s = engine, service_id, lease_s
-        self.sched = engine.scheduler()
-        self.ctx = zmq.Context()
-        self.gateway = GatewayLink(self.ctx, gateway_addr, service_id)
+        super().__init__(engine, service_id, gateway_addr)
+        self.lease_s = lease_s
         self.codec = P.Codec(P.DecodeToPrefill)
         self.peers: dict[str, DecodePeer] = {}
         self.leases: dict[str, Lease] = {}
         self.routes: dict[str, str] = {}  # req_id -> decode kv addr, until handed off
         self.pool = engine.kv.block_bytes()
-        self.last_tick = time.monotonic()
-        self.next_keepalive = 0.0
-        KV_BLOCKS_TOTAL.labels(self.id).set(engine.kv_manager.pool.num_blocks)
 
-    # --- the loop ---------------------------------------------------------------------
-    def run_forever(self) -> None:
-        while True:
-            self.step()
+    def sockets(self) -> list[zmq.Socket]:
+        return [self.gateway.sock, *(p.sock for p in self.peers.values())]
 
-    def step(self) -> None:
-        self.last_tick = time.monotonic()
-        idle = not self.sched.has_work
-        if idle:
-            zmq.select([self.gateway.sock, *(p.sock for p in self.peers.values())], [], [], 0.05)
+    def drain(self) -> None:
         for msg in self.gateway.recv_all():
             self.on_gateway(msg)
         for peer in list(self.peers.values()):
             self.drain_peer(peer)
-        if self.sched.has_work:
-            batch = self.sched.schedule()
-            sampled = self.engine.runner.run(batch)
-            finished = set(self.sched.postprocess(batch, sampled))
-            for s, token in zip(batch, sampled, strict=True):
-                if token is not None:
-                    self.first_token(s.seq, token, s.seq in finished)
+
+    def housekeeping(self) -> None:
         self.expire_leases()
-        self.keepalive()
-        if self.gateway.heartbeat_due():
-            self.gateway.send(self.heartbeat())
-        KV_BLOCKS_USED.labels(self.id).set(self.engine.kv_manager.pool.num_used)
+        if self.keepalives.due():  # tells decodes we are alive while they wait to pull
+            for peer in self.peers.values():
+                peer.sock.send(self.codec.encode(P.KeepAlive()))
 
     # --- gateway messages ----------------------------------------------------------------
     def on_gateway(self, msg) -> None:
         if isinstance(msg, P.PrefillRequest):
-            n = msg.num_prompt_tokens if msg.num_prompt_tokens >= 0 else len(msg.token_ids)
-            seq = Sequence(msg.req_id, msg.token_ids, msg.params, num_prompt_tokens=n)
+            seq = Sequence(
+                msg.req_id, msg.token_ids, msg.params, num_prompt_tokens=msg.num_prompt_tokens
+            )
             try:
                 self.sched.add(seq)
             except ValueError as e:
@@ -116,20 +99,9 @@ class PrefillService:
             if self.sched.abort(msg.req_id) is None:
                 self.release(msg.req_id)
 
-    def first_token(self, seq: Sequence, token, finished: bool) -> None:
+    def on_token(self, seq: Sequence, token: SampledToken, finished: bool) -> None:
         """Token 0 goes to the gateway now: TTFT never waits for the KV transfer."""
-        lp = token.logprob
-        reason = seq.finish_reason.openai if finished else None
-        self.gateway.send(
-            P.TokenOutput(
-                seq.req_id,
-                seq.num_output_tokens - 1,
-                token.token_id,
-                reason,
-                lp.logprob if lp else None,
-                lp.top if lp else None,
-            )
-        )
+        self.send_token(seq, token, finished)
         addr = self.routes.pop(seq.req_id, None)
         if finished or addr is None:
             return
@@ -178,15 +150,6 @@ class PrefillService:
                 if self.release(msg.req_id):
                     self.fail(msg.req_id, f"decode {peer.addr} aborted the hand-off: {msg.reason}")
 
-    def keepalive(self) -> None:
-        """Tells decodes we are alive while they wait to pull from us."""
-        now = time.monotonic()
-        if now < self.next_keepalive:
-            return
-        self.next_keepalive = now + KEEPALIVE_S
-        for peer in self.peers.values():
-            peer.sock.send(self.codec.encode(P.KeepAlive()))
-
     def send_blocks(self, peer: DecodePeer, req_id: str) -> None:
         lease = self.leases.get(req_id)
         if lease is None:  # aborted meanwhile: tell the decode, which holds reserved blocks
@@ -197,13 +160,13 @@ class PrefillService:
         # copy=False: frames point into the pool; the lease keeps those blocks until release
         peer.sock.send_multipart([header, *frames], copy=False)
         KV_BYTES_SENT.labels(self.id).inc(len(lease.seq.block_ids) * self.pool.shape[1])
+        KV_TRANSFERS.labels(self.id).inc()
 
     def release(self, req_id: str) -> bool:
         lease = self.leases.pop(req_id, None)
         if lease is None:
             return False
         self.engine.kv_manager.free(lease.seq)
-        KV_TRANSFERS.labels(self.id).inc()
         return True
 
     def expire_leases(self) -> None:
@@ -215,24 +178,12 @@ class PrefillService:
                 self.release(req_id)
                 self.fail(req_id, f"decode {lease.peer} stopped answering")
 
-    # --- reporting ---------------------------------------------------------------------
-    def fail(self, req_id: str, message: str) -> None:
-        REQUEST_ERRORS.labels(self.id).inc()
-        self.gateway.send(P.RequestError(req_id, message))
-
     def load(self) -> P.Load:
         pool = self.engine.kv_manager.pool
         queued = sum(
             s.num_tokens - s.num_computed_tokens for s in (*self.sched.waiting, *self.sched.running)
         )
         return P.Load(queued, len(self.sched.running), pool.num_free, pool.num_blocks)
-
-    def heartbeat(self) -> P.Heartbeat:
-        return P.Heartbeat(self.id, "prefill", "", "", self.load())
-
-    def status(self) -> tuple[bool, dict]:
-        ok = time.monotonic() - self.last_tick < 30
-        return ok, {"service": self.id, "role": "prefill", "load": msgspec.to_builtins(self.load())}
 
 
 def main(engine: Engine, service_id: str, gateway_addr: str, http_port: int | None) -> None:

@@ -65,6 +65,7 @@ def test_preempts_the_newest_sequence_when_blocks_run_out_and_recomputes_it():
     plan, _ = step(s)  # both now need a third block: b (newest) is preempted
     assert plan == [("a", 1)]
     assert b.num_computed_tokens == 0 and b.block_ids == [] and list(s.waiting) == [b]
+    assert s.num_preemptions == 1
     while s.has_work:
         step(s)
     assert a.output_token_ids == [5] * 6 and b.output_token_ids == [5] * 6

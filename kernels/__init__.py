@@ -1,7 +1,62 @@
-"""Ops over the paged KV cache. Each module holds the torch reference (the CPU path and the
-oracle for tests); Triton versions sit beside them when they exist."""
+"""Ops over the paged KV cache and the model's norms and rotary, bound once to one backend.
+
+Each op has a torch reference (`kernels/<op>.py`: the CPU path and the oracle for tests) and a
+Triton twin beside it (`kernels/<op>_triton.py`). Callers use the names below, e.g.
+`kernels.write_kv(...)`, looked up on this module at call time, so `use()` rebinds every caller
+at once and model code never checks a device.
+
+BATON_KERNELS picks the backend at import: `auto` (the default: Triton for a CUDA engine,
+torch for a CPU one; the engine runs on CPU today), `triton` or `torch`. Triton on a CPU needs TRITON_INTERPRET=1 set before `import
+triton` (its numpy interpreter: for tests, far too slow to serve).
+"""
+
+import os
+from collections.abc import Callable
+
+import torch
 
 from kernels.kv_write import write_kv
-from kernels.paged_attention import extend_attention, paged_decode_attention
+from kernels.norm import add_rms_norm
+from kernels.paged_attention import extend_attention_varlen, paged_decode_attention
+from kernels.rotary import apply_rotary
 
-__all__ = ["extend_attention", "paged_decode_attention", "write_kv"]
+_TORCH_OPS: dict[str, Callable] = {
+    "write_kv": write_kv,
+    "add_rms_norm": add_rms_norm,
+    "apply_rotary": apply_rotary,
+    "extend_attention_varlen": extend_attention_varlen,
+    "paged_decode_attention": paged_decode_attention,
+}
+BACKEND = "torch"  # the names imported above; use() rebinds both
+
+
+def _triton_ops() -> dict[str, Callable]:
+    import triton  # only here: the torch backend must not need it installed
+
+    if not (torch.cuda.is_available() or triton.knobs.runtime.interpret):
+        raise RuntimeError("Triton kernels need a CUDA device, or TRITON_INTERPRET=1 on a CPU")
+    from kernels import kv_write_triton, norm_triton, paged_attention_triton, rotary_triton
+
+    return {
+        "write_kv": kv_write_triton.write_kv,
+        "add_rms_norm": norm_triton.add_rms_norm,
+        "apply_rotary": rotary_triton.apply_rotary,
+        "extend_attention_varlen": paged_attention_triton.extend_attention_varlen,
+        "paged_decode_attention": paged_attention_triton.paged_decode_attention,
+    }
+
+
+def use(backend: str, device: str = "cpu") -> None:
+    """Bind every op to `backend`: "triton", "torch", or "auto" (Triton on a CUDA device)."""
+    global BACKEND
+    if backend == "auto":
+        backend = "triton" if device.startswith("cuda") else "torch"
+    if backend not in ("triton", "torch"):
+        raise ValueError(f"BATON_KERNELS must be auto, triton or torch, not {backend!r}")
+    globals().update(_triton_ops() if backend == "triton" else _TORCH_OPS)
+    BACKEND = backend
+
+
+use(os.environ.get("BATON_KERNELS", "auto"))  # the engine's tensors live on the CPU
+
+__all__ = ["BACKEND", "use", *_TORCH_OPS]

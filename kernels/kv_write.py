@@ -1,4 +1,5 @@
-"""Scatter new keys and values into their slots of the paged cache."""
+"""Scatter new keys and values into their slots of the paged cache, torch reference (Triton:
+kv_write_triton.py)."""
 
 import torch
 

@@ -1,4 +1,4 @@
-"""Attention over the paged KV cache, torch reference.
+"""Attention over the paged KV cache, torch reference (Triton: paged_attention_triton.py).
 
 Cache views are [num_blocks, block_size, kv_heads, head_dim]; a block table lists a sequence's
 blocks in order, so token t of the sequence lives at (table[t // block_size], t % block_size).
@@ -30,12 +30,31 @@ def extend_attention(
     if n == ctx_len:
         mask, causal = None, True
     else:  # query i sits at position ctx_len - n + i and sees keys 0..that position
-        pos = torch.arange(ctx_len - n, ctx_len).unsqueeze(1)
-        mask, causal = torch.arange(ctx_len).unsqueeze(0) <= pos, False
+        pos = torch.arange(ctx_len - n, ctx_len, device=q.device).unsqueeze(1)
+        mask, causal = torch.arange(ctx_len, device=q.device).unsqueeze(0) <= pos, False
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1), k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True
     )
     return out.transpose(0, 1)
+
+
+def extend_attention_varlen(
+    q: torch.Tensor,  # [T, q_heads, head_dim]: new tokens of S sequences, packed
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [S, max_blocks], padded with any valid block id
+    cu_seqlens: torch.Tensor,  # [S + 1] sequence i's rows are cu_seqlens[i]:cu_seqlens[i + 1]
+    ctx_lens: torch.Tensor,  # [S] tokens in the cache per sequence, new ones included
+    max_num_new: int,  # sizes the Triton grid; the reference needs no bound
+    scale: float,
+) -> torch.Tensor:
+    """extend_attention over a packed batch of sequences. Returns [T, q_heads, head_dim]."""
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    for i, ctx_len in enumerate(ctx_lens.tolist()):
+        rows = slice(bounds[i], bounds[i + 1])
+        out[rows] = extend_attention(q[rows], k_cache, v_cache, block_tables[i], ctx_len, scale)
+    return out
 
 
 def paged_decode_attention(
@@ -54,6 +73,6 @@ def paged_decode_attention(
     kv_heads, s = k.shape[1], k.shape[2]
     qg = q.view(b, kv_heads, q_heads // kv_heads, head_dim)  # query heads grouped by KV head
     scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # [B, kv_heads, group, S]
-    invalid = (torch.arange(s) >= ctx_lens.unsqueeze(1)).view(b, 1, 1, s)
+    invalid = (torch.arange(s, device=q.device) >= ctx_lens.unsqueeze(1)).view(b, 1, 1, s)
     probs = scores.masked_fill(invalid, float("-inf")).softmax(-1).to(v.dtype)
     return torch.matmul(probs, v).view(b, q_heads, head_dim)

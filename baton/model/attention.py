@@ -5,12 +5,12 @@ chunk) segment, then one token per decoding sequence. The runner builds this onc
 every layer reuses it.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from kernels import extend_attention, paged_decode_attention, write_kv
+import kernels
 
 
 @dataclass(slots=True)
@@ -29,6 +29,24 @@ class AttentionMetadata:
     decode_start: int  # rows [decode_start:] are single-token decodes
     decode_block_tables: torch.Tensor | None  # [B, max_blocks]
     decode_ctx_lens: torch.Tensor | None  # [B]
+    # the prefill segments packed for one varlen kernel call per layer, built once per step
+    prefill_block_tables: torch.Tensor = field(init=False)  # [S, max_blocks]
+    prefill_cu_seqlens: torch.Tensor = field(init=False)  # [S + 1]
+    prefill_ctx_lens: torch.Tensor = field(init=False)  # [S]
+    prefill_max_num_new: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        device = self.slot_blocks.device
+        width = max((len(p.block_table) for p in self.prefills), default=0)
+        # padded with block 0: any valid id will do, the kernels read only ctx_len tokens
+        tables = torch.zeros(len(self.prefills), width, dtype=torch.long, device=device)
+        for row, p in zip(tables, self.prefills, strict=True):
+            row[: len(p.block_table)] = p.block_table
+        self.prefill_block_tables = tables
+        starts = [p.start for p in self.prefills] + [self.decode_start]
+        self.prefill_cu_seqlens = torch.tensor(starts, device=device)
+        self.prefill_ctx_lens = torch.tensor([p.ctx_len for p in self.prefills], device=device)
+        self.prefill_max_num_new = max((p.num_new for p in self.prefills), default=0)
 
 
 class PagedAttention(nn.Module):
@@ -46,15 +64,21 @@ class PagedAttention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         k_cache, v_cache = kv
-        write_kv(k_cache, v_cache, k, v, meta.slot_blocks, meta.slot_offsets)
+        kernels.write_kv(k_cache, v_cache, k, v, meta.slot_blocks, meta.slot_offsets)
         out = torch.empty_like(q)
-        for p in meta.prefills:
-            rows = slice(p.start, p.start + p.num_new)
-            out[rows] = extend_attention(
-                q[rows], k_cache, v_cache, p.block_table, p.ctx_len, self.scale
+        if meta.prefills:
+            out[: meta.decode_start] = kernels.extend_attention_varlen(
+                q[: meta.decode_start],
+                k_cache,
+                v_cache,
+                meta.prefill_block_tables,
+                meta.prefill_cu_seqlens,
+                meta.prefill_ctx_lens,
+                meta.prefill_max_num_new,
+                self.scale,
             )
         if meta.decode_block_tables is not None:
-            out[meta.decode_start :] = paged_decode_attention(
+            out[meta.decode_start :] = kernels.paged_decode_attention(
                 q[meta.decode_start :],
                 k_cache,
                 v_cache,

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import kernels
 from baton.model.attention import AttentionMetadata, PagedAttention
 
 
@@ -41,16 +42,15 @@ class FusedLinear(nn.Linear):
 
 
 class RMSNorm(nn.Module):
+    """RMSNorm of x + residual; returns it and the sum, which is the next residual."""
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # in fp32, as transformers does, so bf16 results match it
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return kernels.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class Rotary(nn.Module):
@@ -69,10 +69,10 @@ class Rotary(nn.Module):
         self.cos = (emb.cos() * scale).to(dtype)
         self.sin = (emb.sin() * scale).to(dtype)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
-        x1, x2 = x.chunk(2, dim=-1)
-        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return kernels.apply_rotary(q, k, positions, self.cos, self.sin)
 
 
 class Attention(nn.Module):
@@ -90,9 +90,9 @@ class Attention(nn.Module):
 
     def forward(self, x, positions, kv, meta: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = self.rotary(q.unflatten(-1, (-1, self.head_dim)), positions)
-        k = self.rotary(k.unflatten(-1, (-1, self.head_dim)), positions)
-        o = self.attn(q, k, v.unflatten(-1, (-1, self.head_dim)), kv, meta)
+        unflat = (-1, self.head_dim)
+        q, k = self.rotary(q.unflatten(-1, unflat), k.unflatten(-1, unflat), positions)
+        o = self.attn(q, k, v.unflatten(-1, unflat), kv, meta)
         return self.o_proj(o.flatten(1))
 
 
@@ -115,9 +115,12 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def forward(self, x, positions, kv, meta: AttentionMetadata) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), positions, kv, meta)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, x, residual, positions, kv, meta: AttentionMetadata):
+        # the residual stream is carried apart from x so that each norm fuses the add before it
+        x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, positions, kv, meta)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
 
 
 class CausalLM(nn.Module):
@@ -152,9 +155,10 @@ class CausalLM(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
+        residual = torch.zeros_like(x)  # the first norm's add is then exact and a no-op
         for layer, kv in zip(self.layers, kv_layers, strict=True):
-            x = layer(x, positions, kv, meta)
-        return self.norm(x)
+            x, residual = layer(x, residual, positions, kv, meta)
+        return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

@@ -1,0 +1,194 @@
+"""Each Triton kernel, run by Triton's CPU interpreter, against its torch reference; then the
+engine's greedy tokens against transformers with every op on the Triton path.
+
+The kernels run in one spawned process (the `interpreted` fixture) that sets TRITON_INTERPRET
+before anything imports triton. There every output is allocated NaN-filled (torch's
+deterministic mode fills torch.empty), so an element a kernel fails to write fails the test.
+The interpreter runs the programs of a grid one after another in numpy, so sizes stay small
+(at most 6 sequences, 107 tokens, 16 query heads). bf16 attention is not run here: the
+interpreter's tl.dot is wrong for bf16 inputs; benchmarks/kernels_bench.py checks it on a GPU.
+"""
+
+import multiprocessing
+import random
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import torch
+from test_engine_exact import hf_greedy, prompts
+
+import baton
+import kernels
+from baton.sampling_params import SamplingParams
+from kernels import (
+    kv_write,
+    kv_write_triton,
+    norm,
+    norm_triton,
+    paged_attention,
+    paged_attention_triton,
+    rotary,
+    rotary_triton,
+)
+
+
+def _start_interpreter() -> None:
+    torch.use_deterministic_algorithms(True)  # torch.empty now fills floats with NaN
+    # numpy warns about lanes that are masked off and never stored (0/0 past a sequence's end)
+    warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"triton\.")
+
+
+def _call(fn: Callable, args: tuple, kwargs: dict) -> tuple[Any, tuple]:
+    """Runs in the interpreter process; returns the arguments too, for in-place kernels."""
+    return fn(*args, **kwargs), args
+
+
+@pytest.fixture(scope="module")
+def interpreted() -> Iterator[Callable]:
+    """Calls a function in a process where Triton runs on its CPU interpreter. Triton picks
+    interpreter or compiler as @triton.jit decorates (triton.language's own helpers on its first
+    import), and this process may have imported it already: torch does, with transformers."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("TRITON_INTERPRET", "1")  # a spawned process starts with this environment
+        pool = multiprocessing.get_context("spawn").Pool(1, initializer=_start_interpreter)
+    with pool:
+        yield lambda fn, *args, **kwargs: pool.apply(_call, (fn, args, kwargs))
+
+
+@pytest.fixture(autouse=True)
+def fresh_inputs() -> None:
+    seed = random.randrange(2**32)
+    print(f"torch seed {seed}")  # pytest shows it when the test fails
+    torch.manual_seed(seed)
+
+
+def assert_close(got: torch.Tensor, want: torch.Tensor, ulps: int) -> None:
+    """Equal within `ulps` units of the dtype's precision, relative and absolute; NaN (an
+    element never written) only where the reference has NaN too."""
+    tol = ulps * torch.finfo(want.dtype).eps
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol, equal_nan=True)
+
+
+# attention sums over head_dim and the context in another order than torch's matmuls: the
+# largest gap seen is ~17 ulps (fp32, head_dim 128, 100 keys)
+ATTENTION_ULPS = 64
+
+
+def paged_cache(num_blocks: int, block_size: int, kv_heads: int, head_dim: int, dtype):
+    """Layer 1's K and V views of a block-major pool with 2 layers, as baton/cache/kv_cache.py
+    lays it out: neither view is contiguous."""
+    data = torch.randn(num_blocks, 2, 2, block_size, kv_heads, head_dim).to(dtype)
+    return data[:, 1, 0], data[:, 1, 1]
+
+
+def block_tables(ctx_lens: list[int], block_size: int, num_blocks: int) -> torch.Tensor:
+    """Each sequence's blocks, scattered over the pool. Rows are as wide as the longest
+    sequence's; the entries past a shorter one's end are other sequences' blocks."""
+    width = max(-(-n // block_size) for n in ctx_lens)
+    ids = torch.randperm(num_blocks)[: len(ctx_lens) * width]
+    return ids.view(len(ctx_lens), width)
+
+
+def at_and_across_blocks(block_size: int) -> list[int]:
+    return [1, block_size - 1, block_size, block_size + 1, 3 * block_size, 5 * block_size + 2]
+
+
+# (GQA ratio, head_dim, block_size): every ratio with both head dims; block sizes 16, a
+# non-power of two, and 4 (what the engine tests use)
+ATTENTION_CASES = [(1, 64, 16), (1, 128, 12), (3, 64, 4), (3, 128, 16), (8, 64, 12), (8, 128, 16)]
+KV_HEADS = 2
+NUM_BLOCKS = 128  # enough for the longest lengths below in blocks of 4
+
+
+@pytest.mark.parametrize("partition_size", [16, None], ids=["split-k", "one-partition"])
+@pytest.mark.parametrize(("group", "head_dim", "block_size"), ATTENTION_CASES)
+def test_paged_decode_attention(interpreted, group, head_dim, block_size, partition_size):
+    ctx_lens = at_and_across_blocks(block_size)
+    k_cache, v_cache = paged_cache(NUM_BLOCKS, block_size, KV_HEADS, head_dim, torch.float32)
+    tables = block_tables(ctx_lens, block_size, NUM_BLOCKS)
+    q = torch.randn(len(ctx_lens), KV_HEADS * group, head_dim)
+    args = (q, k_cache, v_cache, tables, torch.tensor(ctx_lens), head_dim**-0.5)
+    got, _ = interpreted(
+        paged_attention_triton.paged_decode_attention, *args, partition_size=partition_size
+    )
+    assert_close(got, paged_attention.paged_decode_attention(*args), ATTENTION_ULPS)
+
+
+@pytest.mark.parametrize(("group", "head_dim", "block_size"), ATTENTION_CASES)
+def test_extend_attention_varlen(interpreted, group, head_dim, block_size):
+    # (cached, new) per sequence: a whole prompt; new tokens from a block boundary; a cached
+    # prefix ending mid-block; 70 new tokens span two 64-row query tiles
+    cached_new = [(0, 17), (block_size, block_size), (block_size - 1, 3), (2 * block_size + 5, 70)]
+    ctx_lens = [c + n for c, n in cached_new]
+    k_cache, v_cache = paged_cache(NUM_BLOCKS, block_size, KV_HEADS, head_dim, torch.float32)
+    tables = block_tables(ctx_lens, block_size, NUM_BLOCKS)
+    cu_seqlens = torch.tensor([0, *torch.tensor([n for _, n in cached_new]).cumsum(0).tolist()])
+    q = torch.randn(int(cu_seqlens[-1]), KV_HEADS * group, head_dim)
+    args = (q, k_cache, v_cache, tables, cu_seqlens, torch.tensor(ctx_lens), 70, head_dim**-0.5)
+    got, _ = interpreted(paged_attention_triton.extend_attention_varlen, *args)
+    assert_close(got, paged_attention.extend_attention_varlen(*args), ATTENTION_ULPS)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("kv_heads", "head_dim"), [(1, 128), (3, 64)])
+def test_write_kv_writes_only_its_slots(interpreted, kv_heads, head_dim, dtype):
+    k_cache, v_cache = paged_cache(8, 16, kv_heads, head_dim, dtype)
+    k_cache.fill_(float("nan"))  # fills both: they share one pool
+    slots = torch.randperm(8 * 16)[:21]  # distinct, scattered over blocks
+    k, v = (torch.randn(21, 2 * kv_heads, head_dim).to(dtype)[:, ::2] for _ in "kv")  # strided
+    args = (k_cache, v_cache, k, v, slots // 16, slots % 16)
+    _, (got_k, got_v, *_) = interpreted(kv_write_triton.write_kv, *args)
+    kv_write.write_kv(*args)
+    assert_close(got_k, k_cache, ulps=0)  # a copy: exact, and NaN wherever nothing was written
+    assert_close(got_v, v_cache, ulps=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hidden", [64, 96])
+def test_add_rms_norm(interpreted, hidden, dtype):
+    x, residual = torch.randn(7, hidden).to(dtype), torch.randn(7, hidden).to(dtype)
+    weight = torch.randn(hidden).to(dtype)
+    got, _ = interpreted(norm_triton.add_rms_norm, x, residual, weight, 1e-6)
+    for g, w in zip(got, norm.add_rms_norm(x, residual, weight, 1e-6), strict=True):
+        assert_close(g, w, ulps=2)  # the sum of squares in another order, then one rounding
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_apply_rotary(interpreted, head_dim, dtype):
+    q_heads, kv_heads, max_position = 6, 2, 100
+    inv_freq = 1e4 ** -(torch.arange(0, head_dim, 2) / head_dim)
+    angles = torch.outer(torch.arange(max_position).float(), inv_freq).repeat(1, 2)
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    # q and k as the model has them: strided views into one fused qkv projection
+    qkv = torch.randn(9, (q_heads + 2 * kv_heads) * head_dim).to(dtype)
+    q, k, _ = qkv.split([q_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q, k = q.unflatten(-1, (q_heads, head_dim)), k.unflatten(-1, (kv_heads, head_dim))
+    positions = torch.randint(0, max_position, (9,))
+    got, _ = interpreted(rotary_triton.apply_rotary, q, k, positions, cos, sin)
+    for g, w in zip(got, rotary.apply_rotary(q, k, positions, cos, sin), strict=True):
+        assert_close(g, w, ulps=2)  # the reference rounds each product, the kernel once
+
+
+def greedy_on_the_triton_path(
+    model_dir: str, token_lists: list[list[int]], max_tokens: int
+) -> list[list[int]]:
+    kernels.use("triton")
+    ops = [kernels.write_kv, kernels.add_rms_norm, kernels.apply_rotary]
+    ops += [kernels.extend_attention_varlen, kernels.paged_decode_attention]
+    assert all(op.__module__.endswith("_triton") for op in ops)
+    # chunked prefill over blocks of 4, then mixed prefill and decode batches
+    llm = baton.LLM(
+        model_dir, dtype="float32", block_size=4, num_blocks=32, max_num_batched_tokens=8
+    )
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    outs = llm.generate(token_lists, params)
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def test_greedy_matches_transformers_on_the_triton_path(interpreted, tiny_llama):
+    token_lists = prompts(512, [5, 11, 17])  # 3 prompts, 6 tokens: the interpreter is slow
+    got, _ = interpreted(greedy_on_the_triton_path, str(tiny_llama), token_lists, 6)
+    assert got == hf_greedy(tiny_llama, token_lists, 6)

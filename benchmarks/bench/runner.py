@@ -1,0 +1,122 @@
+"""`baton bench` and `baton bench compare`: flags -> workload, loads (and arms) -> runs ->
+a Markdown table on stdout, results.json, and plots, all under --out-dir."""
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import msgspec
+from transformers import AutoTokenizer
+
+from baton.cli import parse_cpus
+from baton.model.loader import resolve_model_dir
+from benchmarks.bench.arms import Arm, Limits, load_arms, resolve, running
+from benchmarks.bench.load import Bench, Load, Run
+from benchmarks.bench.metrics import SLO
+from benchmarks.bench.report import markdown, plot, write_json
+from benchmarks.bench.workloads import Dist, WorkloadSpec, vocabulary
+
+
+def workload_spec(args: argparse.Namespace) -> WorkloadSpec:
+    try:
+        return WorkloadSpec(
+            name=args.workload,
+            num_requests=args.num_requests,
+            input_len=Dist.parse(args.input_len),
+            output_len=Dist.parse(args.output_len),
+            prefix_len=args.prefix_len,
+            long_len=Dist.parse(args.long_len),
+            long_output_len=Dist.parse(args.long_output_len),
+            long_fraction=args.long_fraction,
+            turns=args.turns,
+            tool_len=Dist.parse(args.tool_len),
+            think_s=Dist.parse(args.think_s),
+        )
+    except ValueError as e:
+        raise SystemExit(str(e)) from e
+
+
+def loads(args: argparse.Namespace) -> list[Load]:
+    if args.concurrency:
+        return [Load(concurrency=c) for c in args.concurrency]
+    return [Load(rate=r, burstiness=args.burstiness) for r in args.rate]
+
+
+def compare(
+    args: argparse.Namespace, bench: Bench, out_dir: Path
+) -> tuple[list[Run], dict[str, str], list[Arm]]:
+    """Each arm in turn: start, wait for ready, sweep the loads, stop."""
+    limits = Limits(
+        model=args.model or str(resolve_model_dir(None)),
+        dtype=args.dtype,
+        cpus=sorted(parse_cpus(args.cpus) or []),
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        kv_cache_gib=args.kv_cache_gib,
+        max_model_len=args.max_model_len,
+    )
+    logs = out_dir / "logs"
+    arms = resolve(args.arms, limits, args.port, logs, Path(args.vllm_script))
+    if args.arms_file:
+        arms += load_arms(Path(args.arms_file))
+    runs: list[Run] = []
+    unavailable: dict[str, str] = {}
+    for arm in arms:
+        if arm.unavailable:
+            unavailable[arm.name] = arm.unavailable
+            print(f"{arm.name}: skipped: {arm.unavailable}", file=sys.stderr)
+            continue
+        print(f"{arm.name}: starting, then {arm.url}{arm.ready_path} ...", file=sys.stderr)
+        try:
+            with running(arm, logs / f"{arm.name}.log"):
+                runs += bench.sweep(arm.url, arm.name)
+        except (RuntimeError, httpx.HTTPError) as e:
+            unavailable[arm.name] = f"failed: {e}"
+            print(f"{arm.name}: failed: {e}", file=sys.stderr)
+    return runs, unavailable, arms
+
+
+def main(args: argparse.Namespace) -> None:
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request under the bar
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    out_dir = Path(args.out_dir or f"logs/bench/{time.strftime('%Y%m%d-%H%M%S')}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer_dir = args.tokenizer or args.model or resolve_model_dir(None)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    spec = workload_spec(args)
+    slo = SLO(args.slo_ttft_ms, args.slo_tpot_ms, args.slo_attainment)
+    bench = Bench(
+        spec, loads(args), slo, args.seed, tokenizer, vocabulary(tokenizer),
+        args.max_duration_s, args.warmup, args.api_key,
+    )  # fmt: skip
+    arms: list[Arm] = []
+    if args.mode == "compare":
+        runs, unavailable, arms = compare(args, bench, out_dir)
+    else:
+        url = args.url.rstrip("/")
+        runs, unavailable = bench.sweep(url, args.label or url.split("://")[-1]), {}
+    measured = list(dict.fromkeys(r.system for r in runs))
+    baseline = args.baseline
+    if baseline is None and args.mode == "compare" and measured:
+        baseline = "vllm-cpu" if "vllm-cpu" in measured else measured[0]
+    table = markdown(runs, slo, unavailable, baseline)
+    print(f"\n{spec.describe()}, seed {args.seed}\n\n{table}")
+    (out_dir / "results.md").write_text(table + "\n")
+    meta = {
+        "command": sys.argv,
+        "workload": {k: str(v) if isinstance(v, Dist) else v for k, v in vars(spec).items()},
+        "slo": vars(slo),
+        "seed": args.seed,
+        "tokenizer": str(tokenizer_dir),
+        "arms": msgspec.to_builtins(arms),
+        "unavailable": unavailable,
+        "cpus": sorted(os.sched_getaffinity(0)),
+        "started": started,
+    }
+    write_json(out_dir / "results.json", runs, meta)
+    files = [out_dir / "results.json", *(plot(runs, slo, out_dir) if runs else [])]
+    print("\n" + "\n".join(f"wrote {p}" for p in files))

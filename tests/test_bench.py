@@ -1,0 +1,218 @@
+"""`baton bench`: the metric math on hand-made timings, seeded workloads with exact lengths,
+and real runs against tiny-model stacks (the CLI, agent sessions, rejected requests)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from stack import Stack, free_port
+from transformers import AutoTokenizer
+
+from benchmarks.bench.arms import Limits, cpu_spec, resolve
+from benchmarks.bench.load import Bench, Load, arrival_times
+from benchmarks.bench.metrics import SLO, RequestRecord, stats_ms, summarize
+from benchmarks.bench.workloads import Dist, WorkloadSpec, build, vocabulary
+
+
+def record(status="ok", ttft_s=0.1, e2e_s=0.5, output_tokens=5, **kw) -> RequestRecord:
+    return RequestRecord(0, 0, 10, output_tokens, status=status, ttft_s=ttft_s, e2e_s=e2e_s,
+                         output_tokens=output_tokens, **kw)  # fmt: skip
+
+
+def test_tpot_is_decode_time_per_token_after_the_first():
+    # 5 tokens: the first at 100 ms, the last at 500 ms -> 4 gaps of 100 ms
+    assert record().tpot_s == pytest.approx(0.1)
+    assert record(output_tokens=1, e2e_s=0.1).tpot_s is None  # no decode step at all
+    assert record(status="http 429", ttft_s=None, e2e_s=None).tpot_s is None
+
+
+def test_percentiles_interpolate_linearly_in_ms():
+    s = stats_ms([i / 1000 for i in range(1, 101)])  # 1..100 ms
+    assert s == pytest.approx({"mean": 50.5, "p50": 50.5, "p90": 90.1, "p99": 99.01})
+    assert stats_ms([]) == {"mean": None, "p50": None, "p90": None, "p99": None}
+
+
+def test_goodput_keeps_every_miss_in_the_denominator():
+    slo = SLO(ttft_ms=250, tpot_ms=62.5, attainment=0.9)
+    records = [
+        # exactly on both limits (binary fractions, so no rounding): they meet the SLO
+        *(record(ttft_s=0.25, e2e_s=0.5, itl_s=[0.0625] * 4) for _ in range(6)),
+        record(ttft_s=0.5, e2e_s=0.75),  # TTFT 500 ms
+        record(ttft_s=0.25, e2e_s=0.75),  # TPOT 125 ms
+        record(output_tokens=1, ttft_s=0.25, e2e_s=0.25),  # one token: no TPOT to miss
+        record(status="http 429", ttft_s=None, e2e_s=None, output_tokens=0),
+        record(status="aborted", ttft_s=0.25, e2e_s=0.3, output_tokens=3),
+        record(status="error", ttft_s=None, e2e_s=None, output_tokens=0),
+    ]
+    s = summarize(records, duration_s=2.0, slo=slo)
+    assert s["num_requests"] == 12 and s["num_ok"] == 9
+    assert s["statuses"] == {"ok": 9, "http 429": 1, "aborted": 1, "error": 1}
+    assert s["goodput"] == 7 / 2.0
+    assert s["slo_attainment"] == 7 / 12 and not s["meets_attainment"]
+    assert s["request_throughput"] == 9 / 2.0
+    assert s["output_throughput"] == (8 * 5 + 1) / 2.0  # the aborted one's 3 tokens do not count
+    assert s["itl_ms"]["p50"] == 62.5
+    assert s["tpot_ms"]["mean"] == (7 * 62.5 + 125) / 8  # ok answers of 2+ tokens only
+    assert summarize(records, 2.0, SLO(250, 62.5, attainment=0.5))["meets_attainment"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_text_model):
+    return AutoTokenizer.from_pretrained(tiny_text_model)
+
+
+@pytest.fixture(scope="module")
+def vocab(tokenizer) -> np.ndarray:
+    return vocabulary(tokenizer)
+
+
+@pytest.mark.parametrize("name", ["random", "shared-prefix", "mixed", "agent"])
+def test_workloads_are_reproducible_from_their_seed(vocab, name):
+    spec = WorkloadSpec(name=name, num_requests=12, input_len=Dist.parse("uniform:5:50"),
+                        prefix_len=30, long_len=Dist.parse("200"), tool_len=Dist.parse("7"))  # fmt: skip
+    assert build(spec, vocab, seed=1) == build(spec, vocab, seed=1)
+    assert build(spec, vocab, seed=1) != build(spec, vocab, seed=2)
+
+
+def test_workload_lengths_are_exact(vocab, tokenizer):
+    fixed = WorkloadSpec(num_requests=20, input_len=Dist.parse("33"), output_len=Dist.parse("5"))
+    turns = [s.turns[0] for s in build(fixed, vocab, seed=0)]
+    assert [(len(t.new_ids), t.max_tokens) for t in turns] == [(33, 5)] * 20
+    special = set(tokenizer.all_special_ids)
+    assert not special & {i for t in turns for i in t.new_ids}
+
+    spec = WorkloadSpec(name="shared-prefix", num_requests=8, prefix_len=40,
+                        input_len=Dist.parse("uniform:10:20"))  # fmt: skip
+    prompts = [s.turns[0].new_ids for s in build(spec, vocab, seed=0)]
+    assert all(p[:40] == prompts[0][:40] and 50 <= len(p) <= 60 for p in prompts)
+
+    spec = WorkloadSpec(name="mixed", num_requests=20, long_fraction=0.1, input_len=Dist.parse("16"),
+                        long_len=Dist.parse("uniform:2048:4096"), long_output_len=Dist.parse("9"))  # fmt: skip
+    shapes = [(len(s.turns[0].new_ids), s.turns[0].max_tokens) for s in build(spec, vocab, 0)]
+    long = [(n, out) for n, out in shapes if n > 16]
+    assert len(long) == 2 and all(2048 <= n <= 4096 and out == 9 for n, out in long)
+
+    spec = WorkloadSpec(name="agent", num_requests=9, turns=3, input_len=Dist.parse("100"),
+                        tool_len=Dist.parse("12"), think_s=Dist.parse("exp:2"))  # fmt: skip
+    sessions = build(spec, vocab, seed=0)
+    assert len(sessions) == 3
+    for s in sessions:
+        assert [len(t.new_ids) for t in s.turns] == [100, 12, 12]
+        assert s.turns[0].think_s == 0 and all(t.think_s >= 0 for t in s.turns[1:])
+
+
+def test_bad_distribution_names_the_forms():
+    with pytest.raises(ValueError, match="uniform:LO:HI"):
+        Dist.parse("uniform:5")
+
+
+def test_arrivals_are_poisson_or_gamma_bursts_at_the_rate():
+    assert arrival_times(Load(), 4, np.random.default_rng(0)).tolist() == [0, 0, 0, 0]
+    for burstiness in (1.0, 0.25):
+        gaps = np.diff(
+            arrival_times(Load(rate=4, burstiness=burstiness), 40_000, np.random.default_rng(0))
+        )
+        assert gaps.mean() == pytest.approx(0.25, rel=0.03)
+        # a gamma with shape k has a squared coefficient of variation of 1 / k
+        assert gaps.var() / gaps.mean() ** 2 == pytest.approx(1 / burstiness, rel=0.1)
+
+
+def test_builtin_arms_share_model_dtype_limits_and_cores(tmp_path):
+    limits = Limits("/m", "bfloat16", [0, 1, 2, 3], 64, 512, 2, max_model_len=None)
+    script = tmp_path / "vllm-cpu.sh"
+    script.touch()
+    disagg, agg, vllm = resolve(["baton-disagg", "baton-agg", "vllm-cpu"], limits, 9000,
+                                tmp_path, script)  # fmt: skip
+    argv = disagg.start[4:]  # after `python -m baton.cli up`: flag, value, flag, value, ...
+    flags = dict(zip(argv[::2], argv[1::2], strict=True))
+    assert flags["--prefill-cpus"] == "0-1" and flags["--decode-cpus"] == "2-3"
+    assert (flags["--model"], flags["--dtype"], flags["--max-num-seqs"]) == ("/m", "bfloat16", "64")
+    assert disagg.url == "http://127.0.0.1:9000" and vllm.url == "http://127.0.0.1:9002"
+    assert vllm.env["OMP_BIND"] == "0-3" and vllm.env["MODEL_DIR"] == "/m"
+    assert vllm.env["EXTRA_ARGS"] == "--max-num-seqs 64 --max-num-batched-tokens 512"
+    assert vllm.stop[-2:] == ["stop", "9002"] and agg.unavailable
+    missing = resolve(["vllm-cpu"], limits, 9000, tmp_path, tmp_path / "none.sh")
+    assert "not found" in missing[0].unavailable
+    assert cpu_spec([5, 0, 1, 2]) == "0-2,5"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, tiny_text_model):
+    s = Stack(tmp_path_factory.mktemp("bench") / "logs", tiny_text_model)
+    yield s
+    s.stop()
+
+
+def run_measure(stack, tokenizer, vocab, spec, load, max_duration_s=None):
+    bench = Bench(spec, [load], SLO(), 0, tokenizer, vocab, max_duration_s, warmup=0)
+    (run,) = bench.sweep(stack.url, "tiny")
+    return run
+
+
+def test_agent_turns_send_the_last_answer_and_a_tool_result(stack, tokenizer, vocab):
+    spec = WorkloadSpec(name="agent", num_requests=6, turns=3, input_len=Dist.parse("20"),
+                        output_len=Dist.parse("4"), tool_len=Dist.parse("uniform:3:9"),
+                        think_s=Dist.parse("exp:0.05"))  # fmt: skip
+    run = run_measure(stack, tokenizer, vocab, spec, Load(concurrency=2))
+    sessions = build(spec, vocab, seed=0)
+    assert [r.status for r in run.records] == ["ok"] * 6
+    for r in run.records:
+        turns = sessions[r.session].turns[: r.turn + 1]
+        # each earlier turn: its new ids + its 4-token answer
+        assert r.prompt_tokens == sum(len(t.new_ids) for t in turns) + 4 * r.turn
+        assert r.output_tokens == 4 and len(r.itl_s) == 3
+
+
+def test_rejected_and_aborted_requests_are_misses_not_dropped(stack, tokenizer, vocab):
+    # the tiny model's context is 1024: the long prompts get a 400 from the gateway
+    spec = WorkloadSpec(name="mixed", num_requests=6, long_fraction=0.5, input_len=Dist.parse("8"),
+                        output_len=Dist.parse("4"), long_len=Dist.parse("1500"))  # fmt: skip
+    run = run_measure(stack, tokenizer, vocab, spec, Load())
+    assert run.summary["statuses"] == {"ok": 3, "http 400": 3}
+    assert run.summary["slo_attainment"] == 0.5
+
+    # 400-token answers cannot finish in 0.3 s: every request is in flight at the bound
+    spec = WorkloadSpec(num_requests=4, input_len=Dist.parse("8"), output_len=Dist.parse("400"))
+    run = run_measure(stack, tokenizer, vocab, spec, Load(), max_duration_s=0.3)
+    assert run.summary["statuses"] == {"aborted": 4} and run.summary["goodput"] == 0
+    assert run.duration_s == pytest.approx(0.3, abs=0.1)
+
+
+def test_bench_compare_measures_each_arm_and_writes_requests_and_plots(
+    tmp_path, stack, tiny_text_model
+):
+    """`baton bench compare` starts Baton disaggregated itself, measures the running fixture
+    stack by URL too, and reports the arms it cannot run."""
+    out = tmp_path / "out"
+    cpus = ",".join(map(str, sorted(os.sched_getaffinity(0))))
+    cmd = [
+        sys.executable, "-m", "baton.cli", "bench", "compare",
+        "--arms", "baton-disagg", f"fixture={stack.url}", "baton-agg", "vllm-cpu",
+        "--vllm-script", str(tmp_path / "missing.sh"), "--baseline", "fixture",
+        "--model", str(tiny_text_model), "--dtype", "float32", "--cpus", cpus,
+        "--kv-cache-gib", "1", "--port", str(free_port()),
+        "--num-requests", "8", "--input-len", "uniform:8:40", "--output-len", "6",
+        "--rate", "20", "inf", "--warmup", "1", "--out-dir", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((out / "results.json").read_text())
+    runs = {(r["system"], r["load"]["label"]): r for r in result["runs"]}
+    assert set(runs) == {(s, load) for s in ("baton-disagg", "fixture")
+                         for load in ("20 req/s", "all at once")}  # fmt: skip
+    for run in runs.values():
+        assert [(q["session"], q["status"], q["output_tokens"]) for q in run["requests"]] == [
+            (i, "ok", 6) for i in range(8)
+        ]
+        assert all(8 <= q["prompt_tokens"] <= 40 for q in run["requests"])
+    # the same seed per load: both systems got the same prompts
+    lengths = {s: [q["prompt_tokens"] for q in runs[s, "20 req/s"]["requests"]] for s in ("baton-disagg", "fixture")}  # fmt: skip
+    assert lengths["baton-disagg"] == lengths["fixture"]
+    assert set(result["unavailable"]) == {"baton-agg", "vllm-cpu"}
+    assert "| baton-disagg | 20 req/s | 8 / 8 |" in done.stdout and "x) |" in done.stdout
+    assert all((out / p).stat().st_size > 10_000 for p in ("latency_vs_load.png", "cdf.png"))
+    started = json.loads((out / "logs" / "baton-disagg" / "stack.json").read_text())
+    assert not [s["pid"] for s in started.values() if os.path.exists(f"/proc/{s['pid']}")]

@@ -14,55 +14,55 @@ import socket
 import subprocess
 import sys
 import time
-import tomllib
 import urllib.request
 from pathlib import Path
 
 import msgspec
 
-from baton.config import EngineConfig
+from baton.config import BatonConfig, ConfigError, load_config, to_toml
 
-ENGINE_FLAGS = {  # flag -> EngineConfig field; each overrides the --config file
-    "--model": "model",
-    "--dtype": "dtype",
-    "--block-size": "block_size",
-    "--num-blocks": "num_blocks",
-    "--kv-cache-gib": "kv_cache_gib",
-    "--max-num-seqs": "max_num_seqs",
-    "--max-num-batched-tokens": "max_num_batched_tokens",
-    "--max-chunk-tokens": "max_chunk_tokens",
-    "--max-model-len": "max_model_len",
-    "--threads": "threads",
+# flag -> dotted config key; a flag given on the command line overrides the --config file
+ENGINE_FLAGS = {
+    "--model": ("engine.model", str),
+    "--dtype": ("engine.dtype", str),
+    "--block-size": ("engine.block_size", int),
+    "--num-blocks": ("engine.num_blocks", int),
+    "--kv-cache-gib": ("engine.kv_cache_gib", float),
+    "--max-num-seqs": ("engine.max_num_seqs", int),
+    "--max-num-batched-tokens": ("engine.max_num_batched_tokens", int),
+    "--max-chunk-tokens": ("engine.max_chunk_tokens", int),
+    "--max-model-len": ("engine.max_model_len", int),
+    "--threads": ("engine.threads", int),
 }
-FIELD_TYPES = {"model": str, "dtype": str, "kv_cache_gib": float}
+GATEWAY_FLAGS = {
+    "--host": ("gateway.host", str),
+    "--port": ("gateway.port", int),
+    "--api-key": ("gateway.api_key", str),
+}
+UP_FLAGS = {
+    **ENGINE_FLAGS,
+    **GATEWAY_FLAGS,
+    "--prefill": ("prefill.count", int),
+    "--decode": ("decode.count", int),
+    "--prefill-cpus": ("prefill.cpus", str),
+    "--decode-cpus": ("decode.cpus", str),
+    "--transport": ("transport", str),
+}
 
 
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="TOML file; its [engine] table fills EngineConfig")
-    for flag, name in ENGINE_FLAGS.items():
-        p.add_argument(flag, dest=name, type=FIELD_TYPES.get(name, int), default=None)
+def add_config_args(p: argparse.ArgumentParser, flags: dict[str, tuple[str, type]]) -> None:
+    p.add_argument("--config", help="TOML config file (`baton config show` prints every key)")
+    for flag, (key, kind) in flags.items():
+        p.add_argument(flag, dest=key, type=kind, default=None, help=f"overrides {key}")
+    p.set_defaults(config_flags=flags)
 
 
-def engine_config(args: argparse.Namespace) -> EngineConfig:
-    table = {}
-    if args.config:
-        table = tomllib.loads(Path(args.config).read_text()).get("engine", {})
-    table.update(
-        {n: getattr(args, n) for n in ENGINE_FLAGS.values() if getattr(args, n) is not None}
-    )
+def config_from(args: argparse.Namespace) -> BatonConfig:
+    overrides = {key: getattr(args, key) for key, _ in args.config_flags.values()}
     try:
-        return msgspec.convert(table, EngineConfig)
-    except (msgspec.ValidationError, ValueError) as e:
-        raise SystemExit(f"bad engine config: {e}") from e
-
-
-def engine_argv(config: EngineConfig) -> list[str]:
-    out = []
-    for flag, name in ENGINE_FLAGS.items():
-        value = getattr(config, name)
-        if value is not None:
-            out += [flag, str(value)]
-    return out
+        return load_config(args.config, overrides)
+    except ConfigError as e:
+        raise SystemExit(f"bad config: {e}") from e
 
 
 def setup_logging() -> None:
@@ -70,39 +70,55 @@ def setup_logging() -> None:
 
 
 def cmd_prefill(args) -> None:
-    from baton.engine import Engine
     from prefill.service import main
 
-    main(Engine.build(engine_config(args)), args.id, args.gateway, args.http_port)
+    config = config_from(args)
+    probe = (args.http_host, args.http_port) if args.http_port else None
+    main(config.engine_for("prefill"), config.transport, args.id, args.gateway, probe)
 
 
 def cmd_decode(args) -> None:
-    from baton.engine import Engine
     from decode.service import main
 
-    main(Engine.build(engine_config(args)), args.id, args.gateway, args.kv_addr, args.http_port)
+    config = config_from(args)
+    probe = (args.http_host, args.http_port) if args.http_port else None
+    tpot_s = config.slo.tpot_ms / 1000
+    main(
+        config.engine_for("decode"),
+        config.transport,
+        args.id,
+        args.gateway,
+        args.kv_addr,
+        probe,
+        tpot_s,
+    )
 
 
 def cmd_gateway(args) -> None:
     import uvicorn
 
+    from baton.model.loader import resolve_model_dir
     from gateway.app import create_app
 
-    model_dir = Path(args.model) if args.model else default_model_dir()
-    app = create_app(
-        model_dir,
-        args.zmq_addr,
-        model_name=args.model_name or model_dir.name,
-        api_key=args.api_key,
-        max_model_len=args.max_model_len,
-    )
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    config = config_from(args)
+    model_dir = resolve_model_dir(config.engine.model)
+    gw = config.gateway
+    if gw.zmq_addr is None:
+        gw = msgspec.structs.replace(gw, zmq_addr="tcp://127.0.0.1:5555")
+    app = create_app(model_dir, msgspec.structs.replace(config, gateway=gw))
+    uvicorn.run(app, host=gw.host, port=gw.port, log_level="warning")
 
 
-def default_model_dir() -> Path:
+def cmd_prepare(args) -> None:
+    """Convert the configured model once (a GGUF becomes safetensors in the cache), so the
+    services that start next all load the same files (compose runs this first)."""
     from baton.model.loader import resolve_model_dir
 
-    return resolve_model_dir(None)
+    print(resolve_model_dir(config_from(args).engine.model))
+
+
+def cmd_config_show(args) -> None:
+    print(to_toml(config_from(args)), end="")
 
 
 def free_port() -> int:
@@ -168,51 +184,40 @@ class Stack:
 
 
 def cmd_up(args) -> None:
-    config = engine_config(args)
-    model_dir = Path(config.model) if config.model and Path(config.model).is_dir() else None
-    if model_dir is None:
-        from baton.model.loader import resolve_model_dir
+    config = config_from(args)
+    from baton.model.loader import resolve_model_dir
 
-        print("preparing the model (the first run converts the GGUF once) ...", flush=True)
-        model_dir = resolve_model_dir(config.model)
-    config = msgspec.structs.replace(config, model=str(model_dir))
-    zmq_addr = f"tcp://127.0.0.1:{free_port()}"
-    stack = Stack(Path(args.log_dir))
-    gw = [
-        "gateway",
-        "--model",
-        str(model_dir),
-        "--host",
-        args.host,
-        "--port",
-        str(args.port),
-        "--zmq-addr",
-        zmq_addr,
-    ]
-    if args.api_key:
-        gw += ["--api-key", args.api_key]
-    if config.max_model_len:
-        gw += ["--max-model-len", str(config.max_model_len)]
-    stack.spawn("gateway", gw, None, role="gateway", url=f"http://{args.host}:{args.port}")
-    for role, count, cpus_spec in (
-        ("prefill", args.prefill, args.prefill_cpus),
-        ("decode", args.decode, args.decode_cpus),
-    ):
-        cpus = parse_cpus(cpus_spec if cpus_spec is not None else default_cpus(role))
-        threads = config.threads or (len(cpus) if cpus else None)
-        for i in range(count):
+    print("preparing the model (the first run converts a GGUF once) ...", flush=True)
+    model_dir = resolve_model_dir(config.engine.model)
+    gw = config.gateway
+    zmq_addr = gw.zmq_addr or f"tcp://127.0.0.1:{free_port()}"
+    config = msgspec.structs.replace(
+        config,
+        engine=msgspec.structs.replace(config.engine, model=str(model_dir)),
+        gateway=msgspec.structs.replace(gw, zmq_addr=zmq_addr),
+    )
+    log_dir = Path(args.log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    # every child reads the one effective config, so no setting is passed twice
+    config_file = log_dir / "config.toml"
+    config_file.write_text(to_toml(config))
+    stack = Stack(log_dir)
+    url = f"http://{gw.host}:{gw.port}"
+    stack.spawn("gateway", ["gateway", "--config", str(config_file)], None, role="gateway", url=url)
+    for role in ("prefill", "decode"):
+        pool = getattr(config, role)
+        cpus = parse_cpus(pool.cpus if pool.cpus is not None else default_cpus(role))
+        threads = config.engine.threads or (len(cpus) if cpus else None)
+        for i in range(pool.count):
             port = free_port()
-            argv = [role, "--id", f"{role}-{i}", "--gateway", zmq_addr, "--http-port", str(port)]
+            argv = [role, "--config", str(config_file), "--id", f"{role}-{i}"]
+            argv += ["--gateway", zmq_addr, "--http-port", str(port)]
+            if threads:
+                argv += ["--threads", str(threads)]
             if role == "decode":
-                kv = (
-                    f"ipc:///tmp/baton-{os.getpid()}-{role}-{i}.kv"
-                    if args.transport == "zmq-ipc"
-                    else "tcp://127.0.0.1:*"
-                )
-                argv += ["--kv-addr", kv]
-            cfg = msgspec.structs.replace(config, threads=threads)
-            url = f"http://127.0.0.1:{port}"
-            stack.spawn(f"{role}-{i}", argv + engine_argv(cfg), cpus, role=role, url=url)
+                argv += ["--kv-addr", kv_bind_addr(config.transport, f"{role}-{i}")]
+            probe = f"http://127.0.0.1:{port}"
+            stack.spawn(f"{role}-{i}", argv, cpus, role=role, url=probe)
 
     def shutdown(*_):
         print("stopping ...", flush=True)
@@ -221,35 +226,43 @@ def cmd_up(args) -> None:
 
     signal.signal(signal.SIGTERM, shutdown)
     signal.signal(signal.SIGINT, shutdown)
-    url = f"http://{args.host}:{args.port}"
     deadline = time.monotonic() + args.start_timeout
-    while not healthy(url):
+    while not healthy(url, {"prefill": config.prefill.count, "decode": config.decode.count}):
         if dead := stack.dead():
             stack.stop()
-            sys.exit(f"{', '.join(dead)} exited during start-up; see {args.log_dir}/")
+            sys.exit(f"{', '.join(dead)} exited during start-up; see {log_dir}/")
         if time.monotonic() > deadline:
             stack.stop()
-            sys.exit(f"the stack was not healthy after {args.start_timeout}s; see {args.log_dir}/")
+            sys.exit(f"the stack was not healthy after {args.start_timeout}s; see {log_dir}/")
         time.sleep(0.3)
     print(
-        f"Baton is up: {args.prefill} prefill + {args.decode} decode, model {model_dir.name}",
+        f"Baton is up: {config.prefill.count} prefill + {config.decode.count} decode, "
+        f"model {model_dir.name}",
         flush=True,
     )
-    print(f"  OpenAI API: {url}/v1   (logs in {args.log_dir}/)", flush=True)
+    print(f"  OpenAI API: {url}/v1   (logs and config.toml in {log_dir}/)", flush=True)
     while True:
         time.sleep(1)
         if dead := stack.dead():
-            print(f"warning: {', '.join(dead)} exited; see {args.log_dir}/", flush=True)
+            print(f"warning: {', '.join(dead)} exited; see {log_dir}/", flush=True)
             for name in dead:
                 stack.procs.pop(name)
 
 
-def healthy(url: str) -> bool:
+def kv_bind_addr(transport: str, name: str) -> str:
+    if transport == "zmq-ipc":
+        return f"ipc:///tmp/baton-{os.getpid()}-{name}.kv"
+    return "tcp://127.0.0.1:*"
+
+
+def healthy(url: str, pools: dict[str, int]) -> bool:
+    """The gateway is healthy and every service of `pools` has registered."""
     try:
         with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-            return r.status == 200
+            status = json.loads(r.read())
     except OSError:
         return False
+    return all(status.get(role) == n for role, n in pools.items())
 
 
 def parser() -> argparse.ArgumentParser:
@@ -257,38 +270,49 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", help="start gateway + prefill + decode services on this machine")
-    add_engine_args(up)
-    up.add_argument("--prefill", type=int, default=1, help="prefill services")
-    up.add_argument("--decode", type=int, default=1, help="decode services")
-    up.add_argument("--host", default="127.0.0.1")
-    up.add_argument("--port", type=int, default=8000)
-    up.add_argument("--transport", choices=["zmq-tcp", "zmq-ipc"], default="zmq-tcp")
-    up.add_argument("--prefill-cpus", help="e.g. 0 or 0-3 (default: first half of the cores)")
-    up.add_argument("--decode-cpus", help="e.g. 1 (default: second half of the cores)")
-    up.add_argument("--api-key", default=None)
+    add_config_args(up, UP_FLAGS)
     up.add_argument("--log-dir", default="logs")
     up.add_argument("--start-timeout", type=float, default=300)
     up.set_defaults(func=cmd_up)
 
     gw = sub.add_parser("gateway", help="the OpenAI-compatible HTTP gateway")
-    gw.add_argument("--model", help="model directory (for the tokenizer)")
-    gw.add_argument("--model-name", default=None, help="the name /v1/models reports")
-    gw.add_argument("--host", default="127.0.0.1")
-    gw.add_argument("--port", type=int, default=8000)
-    gw.add_argument("--zmq-addr", default="tcp://127.0.0.1:5555", help="where services connect")
-    gw.add_argument("--api-key", default=None)
-    gw.add_argument("--max-model-len", type=int, default=None)
+    add_config_args(
+        gw,
+        {
+            "--model": ENGINE_FLAGS["--model"],
+            "--max-model-len": ENGINE_FLAGS["--max-model-len"],
+            **GATEWAY_FLAGS,
+            "--model-name": ("gateway.model_name", str),
+            "--zmq-addr": ("gateway.zmq_addr", str),
+        },
+    )
     gw.set_defaults(func=cmd_gateway)
 
     for role, func in (("prefill", cmd_prefill), ("decode", cmd_decode)):
         s = sub.add_parser(role, help=f"a {role} service")
-        add_engine_args(s)
+        add_config_args(s, ENGINE_FLAGS)
         s.add_argument("--id", default=f"{role}-{socket.gethostname()}-{os.getpid()}")
         s.add_argument("--gateway", required=True, help="the gateway's ZeroMQ address")
         s.add_argument("--http-port", type=int, default=None, help="health + metrics port")
+        s.add_argument("--http-host", default="127.0.0.1", help="where that port listens")
         if role == "decode":
             s.add_argument("--kv-addr", default="tcp://127.0.0.1:*", help="KV socket to bind")
         s.set_defaults(func=func)
+
+    prepare = sub.add_parser("prepare", help="convert the model once into the cache; print its dir")
+    add_config_args(prepare, {"--model": ENGINE_FLAGS["--model"]})
+    prepare.set_defaults(func=cmd_prepare)
+
+    config = sub.add_parser("config", help="configuration tools")
+    show = config.add_subparsers(dest="action", required=True).add_parser(
+        "show", help="print the effective config (file + flags + defaults) as TOML"
+    )
+    add_config_args(show, UP_FLAGS)
+    show.set_defaults(func=cmd_config_show)
+
+    from benchmarks.bench.cli import add_parser as add_bench_parser  # argparse only
+
+    add_bench_parser(sub)
     return p
 
 

@@ -1,29 +1,174 @@
-"""Engine configuration: a msgspec Struct, so it loads from TOML with typed errors."""
+"""Baton's configuration: one TOML file, read by `baton up` and by every service.
 
-from typing import Literal
+Every table is a msgspec Struct, so a typo'd key or a bad value is an error that names the key
+and the expected type (`Expected int >= 1, got 0 - at $.engine.block_size`). Each field carries
+its documentation in `Meta(description=...)`; `baton config show` prints them with the
+effective values.
+
+    [engine]    the model and the paged KV cache, shared by every service
+    [prefill]   the prefill pool: count, CPUs, its per-step token budget and chunk size
+    [decode]    the decode pool: count, CPUs, its batch cap
+    [gateway]   HTTP and service addresses, queue limit, admission, local-prefill threshold
+    [slo]       the targets the knobs serve: TTFT, TPOT, attainment
+"""
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args, get_type_hints
 
 import msgspec
+from msgspec import Meta
+
+Positive = Annotated[int, Meta(ge=1)]
 
 
-class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    model: str | None = None  # HF directory or GGUF file; None: SmolLM2-135M-Instruct
-    dtype: Literal["float32", "bfloat16"] = "bfloat16"
-    block_size: int = 16  # tokens per KV block
-    num_blocks: int | None = None  # KV pool size in blocks; overrides kv_cache_gib
-    kv_cache_gib: float = 1.0
-    max_num_seqs: int = 64  # running sequences per step
-    max_num_batched_tokens: int = 512  # token budget per step
-    max_chunk_tokens: int | None = None  # per-sequence chunk cap (None: the budget)
-    max_model_len: int | None = None  # None: the model's own limit
-    enable_prefix_caching: bool = True
-    threads: int | None = None  # torch intra-op threads (None: torch's default)
+def doc(text: str) -> Meta:
+    return Meta(description=text)
 
-    def __post_init__(self) -> None:
-        positive = ["block_size", "max_num_seqs", "max_num_batched_tokens"]
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_blocks is not None and self.num_blocks < 1:
-            raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
-        if self.kv_cache_gib <= 0:
-            raise ValueError(f"kv_cache_gib must be > 0, got {self.kv_cache_gib}")
+
+class Section(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class EngineConfig(Section):
+    model: Annotated[str | None, doc("HF directory or GGUF file; unset: SmolLM2-135M-Instruct")] = (
+        None
+    )
+    dtype: Annotated[Literal["float32", "bfloat16"], doc("weights and KV cache")] = "bfloat16"
+    block_size: Annotated[Positive, doc("tokens per KV block")] = 16
+    num_blocks: Annotated[Positive | None, doc("KV pool in blocks; overrides kv_cache_gib")] = None
+    kv_cache_gib: Annotated[float, Meta(gt=0), doc("KV pool size per service")] = 1.0
+    max_num_seqs: Annotated[Positive, doc("running sequences per step")] = 64
+    max_num_batched_tokens: Annotated[Positive, doc("token budget per step")] = 512
+    max_chunk_tokens: Annotated[
+        Positive | None, doc("per-sequence prefill chunk; unset: the budget")
+    ] = None
+    max_model_len: Annotated[Positive | None, doc("context limit; unset: the model's")] = None
+    enable_prefix_caching: Annotated[bool, doc("reuse KV blocks of shared prefixes")] = True
+    threads: Annotated[Positive | None, doc("torch threads; unset: one per pinned CPU")] = None
+
+
+# The per-pool knobs the SLO drives; each overrides the [engine] value for that pool only.
+POOL_ENGINE_KNOBS = ("max_num_seqs", "max_num_batched_tokens", "max_chunk_tokens")
+
+
+class PoolConfig(Section):
+    count: Annotated[int, Meta(ge=0), doc("services `baton up` starts")] = 1
+    cpus: Annotated[
+        str | None, doc("CPU list to pin to, e.g. '0' or '2-3'; unset: half the machine each")
+    ] = None
+    max_num_seqs: Annotated[Positive | None, doc("batch cap (decode: bounds TPOT)")] = None
+    max_num_batched_tokens: Annotated[
+        Positive | None, doc("token budget per step (prefill: bounds TTFT)")
+    ] = None
+    max_chunk_tokens: Annotated[Positive | None, doc("per-sequence prefill chunk")] = None
+
+
+class GatewayConfig(Section):
+    host: Annotated[str, doc("HTTP bind address")] = "127.0.0.1"
+    port: Annotated[int, Meta(ge=0, le=65535), doc("HTTP port")] = 8000
+    zmq_addr: Annotated[
+        str | None, doc("where services connect; unset with `baton up`: a free loopback port")
+    ] = None
+    model_name: Annotated[str | None, doc("the name /v1/models reports; unset: the dir's")] = None
+    api_key: Annotated[str | None, doc("required as a Bearer token on every route but /health")] = (
+        None
+    )
+    max_queued_requests: Annotated[Positive, doc("requests in flight before 429")] = 256
+    admission: Annotated[
+        Literal["slo", "queue-limit"],
+        doc("slo: 429 when the predicted TTFT misses [slo]; queue-limit: only the count"),
+    ] = "slo"
+    admission_margin: Annotated[
+        float,
+        Meta(gt=0, le=1),
+        doc("slo admission takes a request if its predicted TTFT <= margin x ttft_ms"),
+    ] = 0.85
+    local_prefill_tokens: Annotated[
+        int, Meta(ge=0), doc("prompts up to this many new tokens prefill on the decode (0: never)")
+    ] = 0
+
+
+class SLOConfig(Section):
+    ttft_ms: Annotated[float, Meta(gt=0), doc("time-to-first-token target")] = 2000.0
+    tpot_ms: Annotated[float, Meta(gt=0), doc("time-per-output-token target")] = 100.0
+    attainment: Annotated[float, Meta(gt=0, le=1), doc("share of requests that must meet both")] = (
+        0.9
+    )
+
+
+# auto: shm when prefill and decode share a host, else NIXL, else zmq-tcp (kvtransfer.handshake)
+Transport = Literal["auto", "zmq-tcp", "zmq-ipc", "shm", "nixl"]
+
+
+class BatonConfig(Section):
+    transport: Annotated[Transport, doc("how KV blocks move from prefill to decode")] = "auto"
+    engine: EngineConfig = msgspec.field(default_factory=EngineConfig)
+    prefill: PoolConfig = msgspec.field(default_factory=PoolConfig)
+    decode: PoolConfig = msgspec.field(default_factory=PoolConfig)
+    gateway: GatewayConfig = msgspec.field(default_factory=GatewayConfig)
+    slo: SLOConfig = msgspec.field(default_factory=SLOConfig)
+
+    def engine_for(self, role: str) -> EngineConfig:
+        """The [engine] table with the pool's own knobs applied."""
+        pool: PoolConfig = getattr(self, role)
+        knobs = {k: v for k in POOL_ENGINE_KNOBS if (v := getattr(pool, k)) is not None}
+        return msgspec.structs.replace(self.engine, **knobs)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def load_config(
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None
+) -> BatonConfig:
+    """The TOML file (if any) with dotted-key overrides ('engine.dtype': 'float32') on top;
+    an override of None leaves the file's value."""
+    table: dict[str, Any] = {}
+    where = f"{path}: " if path else ""
+    if path:
+        try:
+            table = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"{where}{e}") from e
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        *parents, leaf = key.split(".")
+        node = table
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    try:
+        return msgspec.convert(table, BatonConfig)
+    except msgspec.ValidationError as e:
+        raise ConfigError(f"{where}{e}") from e
+
+
+def to_toml(config: BatonConfig) -> str:
+    """The effective config as TOML, each key with its description; unset keys commented."""
+    lines = _fields(config)
+    for f in msgspec.structs.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, Section):
+            lines += ["", f"[{f.name}]", *_fields(value)]
+    return "\n".join(lines) + "\n"
+
+
+def _fields(section: Section) -> list[str]:
+    import tomli_w
+
+    hints = get_type_hints(type(section), include_extras=True)
+    out = []
+    for f in msgspec.structs.fields(section):
+        value = getattr(section, f.name)
+        if isinstance(value, Section):
+            continue
+        meta = [m for m in get_args(hints[f.name])[1:] if isinstance(m, Meta)]
+        text = next((m.description for m in meta if m.description), "")
+        if value is None:
+            out.append(f"# {f.name} = (unset)  # {text}")
+        else:
+            out.append(f"{tomli_w.dumps({f.name: value}).strip()}  # {text}")
+    return out

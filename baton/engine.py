@@ -3,6 +3,7 @@ paged KV pool and its manager, the sampler and the runner."""
 
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +36,11 @@ class Engine:
     runner: ModelRunner
 
     @classmethod
-    def build(cls, config: EngineConfig) -> "Engine":
+    def build(
+        cls, config: EngineConfig, kv_storage: Callable[[int], torch.Tensor] | None = None
+    ) -> "Engine":
+        """kv_storage(nbytes): zeroed uint8 memory for the KV pool (e.g. a shared-memory
+        segment that KV peers read); unset: private memory."""
         if config.threads:
             torch.set_num_threads(config.threads)
         model_dir = resolve_model_dir(config.model)
@@ -48,7 +53,8 @@ class Engine:
         num_blocks = config.num_blocks or max(
             1, int(config.kv_cache_gib * 2**30) // block_nbytes(args, config.block_size, dtype)
         )
-        kv = KVCache(args, num_blocks, config.block_size, dtype)
+        nbytes = num_blocks * block_nbytes(args, config.block_size, dtype)
+        kv = KVCache(args, num_blocks, config.block_size, dtype, kv_storage and kv_storage(nbytes))
         log.info(
             "model %s (%s), %d KV blocks of %d tokens (%.2f GiB)",
             model_dir,
@@ -77,6 +83,7 @@ class Engine:
             max_chunk_tokens=c.max_chunk_tokens,
             max_model_len=self.max_model_len,
             eos_token_ids=self.eos_token_ids,
+            vocab_size=self.model.args.vocab_size,
         )
 
     def layout(self) -> P.KVLayout:

@@ -7,6 +7,8 @@ It is the correctness reference and the aggregated baseline for benchmarks.
 import itertools
 from dataclasses import dataclass, field
 
+import msgspec
+
 from baton.config import EngineConfig
 from baton.engine import Engine
 from baton.request import FinishReason, Logprob, Sequence
@@ -43,7 +45,12 @@ class _Text:
 
 class LLM:
     def __init__(self, model: str | None = None, dtype: str = "bfloat16", **engine_kwargs):
-        self.engine = Engine.build(EngineConfig(model=model, dtype=dtype, **engine_kwargs))
+        config = {"model": model, "dtype": dtype, **engine_kwargs}
+        try:  # convert, not the constructor: it checks every value against its type
+            engine_config = msgspec.convert(config, EngineConfig)
+        except msgspec.ValidationError as e:
+            raise ValueError(f"bad engine config: {e}") from e
+        self.engine = Engine.build(engine_config)
         self.tokenizer = self.engine.tokenizer
         self.scheduler = self.engine.scheduler()
         self._ids = itertools.count()

@@ -4,7 +4,8 @@ Sockets (ZeroMQ):
 - gateway ROUTER <- DEALER of every service: `ToGateway` up, `ToService` down.
 - decode KV ROUTER <- DEALER of every prefill: `PrefillToDecode` and `DecodeToPrefill`;
   KVBlocks is followed by one extra frame per contiguous run of blocks (the bytes never go
-  through msgpack).
+  through msgpack). Over shm and NIXL no bytes cross this socket: the decode reads the
+  prefill's blocks itself, using the regions the prefill offered once in Hello.
 
 One transfer id, minted by the gateway, names a request on both legs and in every KV message
 (`req_id`). Block ids on the wire are always the sender's own logical ids.
@@ -41,6 +42,11 @@ class Load(msgspec.Struct, frozen=True):
     running: int  # sequences in the decode batch (prefill: in progress)
     free_blocks: int
     total_blocks: int
+    # the service's fitted step time, seconds ~= fixed + per_unit * units (baton.slo): units
+    # are prompt tokens on a prefill, sequences on a decode; 0 before it is measured
+    step_fixed_s: float = 0.0
+    step_per_unit_s: float = 0.0
+    step_budget: int = 0  # units one step can take (prefill: its token budget)
 
 
 class Heartbeat(msgspec.Struct, tag=True, frozen=True):
@@ -86,14 +92,37 @@ class KVLayout(msgspec.Struct, frozen=True):
     block_nbytes: int
 
 
+class ShmRegion(msgspec.Struct, frozen=True):
+    """A KV pool in a shared-memory file: a decode on the same host maps it once."""
+
+    path: str
+    nbytes: int
+
+
+class NixlRegion(msgspec.Struct, frozen=True):
+    """A KV pool registered with a NIXL agent: what a peer needs to READ it one-sided."""
+
+    agent_metadata: bytes
+    addr: int
+    nbytes: int
+
+
 class Hello(msgspec.Struct, tag=True, frozen=True):
+    """The prefill's side of the handshake: layout, pool size, and the regions it offers for
+    one-sided reads (the decode picks the transport; kvtransfer.handshake)."""
+
     prefill_id: str
     layout: KVLayout
+    num_blocks: int  # each region spans num_blocks * layout.block_nbytes bytes
+    transport: str  # the prefill's configured transport (baton.config.Transport)
+    shm: ShmRegion | None = None
+    nixl: NixlRegion | None = None
 
 
 class HelloReply(msgspec.Struct, tag=True, frozen=True):
     ok: bool
     reason: str = ""
+    transport: str = ""  # the one chosen for this pair: zmq-tcp | zmq-ipc | shm | nixl
 
 
 class KVOffer(msgspec.Struct, tag=True, frozen=True):
@@ -108,7 +137,8 @@ class KVOffer(msgspec.Struct, tag=True, frozen=True):
 
 
 class KVPull(msgspec.Struct, tag=True, frozen=True):
-    """Decode reserved its own blocks and asks for the bytes."""
+    """Decode reserved its own blocks and asks for the bytes (ZeroMQ transports only; over
+    shm and NIXL the decode reads the blocks itself)."""
 
     req_id: str
 
@@ -124,6 +154,7 @@ class KVRelease(msgspec.Struct, tag=True, frozen=True):
     """Decode is done with the prefill's blocks (copied, or the request ended)."""
 
     req_id: str
+    num_bytes: int = 0  # what landed in the decode's blocks; 0 when nothing was copied
 
 
 class KVAbort(msgspec.Struct, tag=True, frozen=True):
@@ -131,12 +162,19 @@ class KVAbort(msgspec.Struct, tag=True, frozen=True):
     reason: str
 
 
+class Rehello(msgspec.Struct, tag=True, frozen=True):
+    """The decode does not know the sender (it restarted, or forgot a prefill silent for too
+    long): say Hello again, then offer `req_id` again."""
+
+    req_id: str
+
+
 class KeepAlive(msgspec.Struct, tag=True, frozen=True):
     """Renews every lease the receiver holds for the sender."""
 
 
 PrefillToDecode = Hello | KVOffer | KVBlocks | KVAbort | KeepAlive
-DecodeToPrefill = HelloReply | KVPull | KVRelease | KVAbort | KeepAlive
+DecodeToPrefill = HelloReply | KVPull | KVRelease | KVAbort | Rehello | KeepAlive
 
 
 class Codec:

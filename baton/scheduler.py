@@ -40,6 +40,7 @@ class Scheduler:
         max_model_len: int,
         eos_token_ids: frozenset[int],
         max_chunk_tokens: int | None = None,
+        vocab_size: int | None = None,
     ):
         self.kv = kv
         self.max_num_seqs = max_num_seqs
@@ -48,6 +49,7 @@ class Scheduler:
         self.max_chunk_tokens = max_chunk_tokens or max_num_batched_tokens
         self.max_model_len = max_model_len
         self.eos_token_ids = eos_token_ids
+        self.vocab_size = vocab_size  # None: token ids are not checked
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0  # sequences sent back to recompute, ever
@@ -70,8 +72,18 @@ class Scheduler:
                 f"new tokens); the pool holds {self.kv.pool.num_blocks}"
             )
 
-    def add(self, seq: Sequence) -> None:
+    def check_request(self, seq: Sequence) -> None:
+        """Raise a ValueError if `seq` can never run here; a token id outside the vocabulary
+        would crash the forward (it indexes the embedding)."""
+        if not seq.token_ids:
+            raise ValueError("prompt is empty")
+        ids = seq.token_ids
+        if self.vocab_size is not None and (min(ids) < 0 or max(ids) >= self.vocab_size):
+            raise ValueError(f"token ids must be in [0, {self.vocab_size})")
         self.check_fits(seq.num_tokens, seq.params.max_tokens - seq.num_output_tokens)
+
+    def add(self, seq: Sequence) -> None:
+        self.check_request(seq)
         self.waiting.append(seq)
 
     def abort(self, req_id: str) -> Sequence | None:

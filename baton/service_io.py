@@ -3,6 +3,7 @@ link (register + heartbeats + token messages), the health/metrics HTTP probe, KV
 
 import json
 import logging
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -14,7 +15,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, generate_late
 from baton import protocol as P
 from baton.engine import Engine
 from baton.request import Sequence
-from baton.scheduler import SampledToken
+from baton.scheduler import SampledToken, ScheduledSeq
+from baton.slo import StepTimes
 
 log = logging.getLogger(__name__)
 
@@ -23,13 +25,29 @@ KEEPALIVE_S = 1.0  # between KV peers; renews leases
 
 KV_BLOCKS_USED = Gauge("baton_kv_blocks_used", "KV blocks held", ["service"])
 KV_BLOCKS_TOTAL = Gauge("baton_kv_blocks_total", "KV blocks in the pool", ["service"])
-KV_BYTES_SENT = Counter("baton_kv_bytes_sent", "KV bytes sent to decode services", ["service"])
+KV_BYTES_SENT = Counter(
+    "baton_kv_bytes_sent", "KV bytes that landed at decode services (sent or read)", ["service"]
+)
 KV_BYTES_RECEIVED = Counter("baton_kv_bytes_received", "KV bytes received", ["service"])
 KV_TRANSFERS = Counter("baton_kv_transfers", "KV hand-offs completed", ["service"])
 RECOMPUTES = Counter("baton_recomputes", "sequences preempted and recomputed", ["service"])
 LEASES_EXPIRED = Counter("baton_kv_leases_expired", "KV leases freed by expiry", ["service"])
 REQUEST_ERRORS = Counter("baton_request_errors", "requests failed by this service", ["service"])
+LOCAL_PREFILLS = Counter("baton_local_prefills", "prompts prefilled on a decode", ["service"])
+BATCH_CAP = Gauge("baton_decode_batch_cap", "decode batch cap from the TPOT target", ["service"])
 BAD_MESSAGES = Counter("baton_bad_messages", "malformed messages dropped", ["service"])
+# bytes count on both ends of a hand-off; runs (descriptors, frames, copies) where they land
+KV_TRANSPORT_BYTES = Counter(
+    "baton_kv_transport_bytes", "KV bytes handed off, by transport", ["service", "transport"]
+)
+KV_TRANSPORT_RUNS = Counter(
+    "baton_kv_transport_runs",
+    "contiguous block runs moved (one descriptor, frame or copy each), by transport",
+    ["service", "transport"],
+)
+KV_PEERS = Gauge(
+    "baton_kv_peers", "KV peers, by the transport chosen at the handshake", ["service", "transport"]
+)
 
 
 class GatewayLink:
@@ -58,6 +76,28 @@ class GatewayLink:
         return out
 
 
+class KVPeers:
+    """The configured KV transport and the one chosen with each peer, for /health and
+    /metrics (the HTTP thread reads `status`; dict copies are atomic under the GIL)."""
+
+    def __init__(self, service_id: str, configured: str):
+        self.service_id, self.configured = service_id, configured
+        self.chosen: dict[str, str] = {}  # peer -> zmq-tcp | zmq-ipc | shm | nixl | refused
+
+    def set(self, peer: str, transport: str | None) -> None:
+        """Record a handshake's outcome; None forgets the peer."""
+        touched = {self.chosen.get(peer), transport} - {None}
+        if transport is None:
+            self.chosen.pop(peer, None)
+        else:
+            self.chosen[peer] = transport
+        for t in touched:
+            KV_PEERS.labels(self.service_id, t).set(sum(v == t for v in self.chosen.values()))
+
+    def status(self) -> dict:
+        return {"transport": self.configured, "peers": dict(self.chosen)}
+
+
 class Every:
     """A period timer for work done from the loop: `due()` is true at most once a period."""
 
@@ -80,6 +120,7 @@ class ServiceLoop:
 
     role = ""
     kv_addr = ""  # where prefills connect (decode only)
+    kv_peers: KVPeers
 
     def __init__(self, engine: Engine, service_id: str, gateway_addr: str):
         self.engine, self.id = engine, service_id
@@ -89,7 +130,10 @@ class ServiceLoop:
         self.heartbeats = Every(HEARTBEAT_S)
         self.keepalives = Every(KEEPALIVE_S)
         self.last_tick = time.monotonic()
+        self.step_times = StepTimes()
         KV_BLOCKS_TOTAL.labels(self.id).set(engine.kv_manager.pool.num_blocks)
+        for counter in (REQUEST_ERRORS, RECOMPUTES, BAD_MESSAGES):  # exported from zero
+            counter.labels(self.id)
 
     def run_forever(self) -> None:
         while True:
@@ -99,18 +143,42 @@ class ServiceLoop:
         self.last_tick = time.monotonic()
         if not self.sched.has_work:
             zmq.select(self.sockets(), [], [], 0.05)
+        t0 = time.perf_counter()
         self.drain()
-        if self.sched.has_work:
-            batch = self.sched.schedule()
+        units = 0
+        batch = self.sched.schedule() if self.sched.has_work else []
+        if batch:
             sampled = self.engine.runner.run(batch)
             finished = set(self.sched.postprocess(batch, sampled))
             for s, token in zip(batch, sampled, strict=True):
                 if token is not None:
                     self.on_token(s.seq, token, s.seq in finished)
+            units = self.step_units(batch)
+        elif self.sched.has_work:  # nothing fits until a peer frees blocks: wait, don't spin
+            zmq.select(self.sockets(), [], [], 0.05)
         self.housekeeping()
         if self.heartbeats.due():
-            self.gateway.send(P.Heartbeat(self.id, self.role, self.kv_addr, self.load()))
+            self.gateway.send(P.Heartbeat(self.id, self.role, self.kv_addr, self.measured_load()))
         KV_BLOCKS_USED.labels(self.id).set(self.engine.kv_manager.pool.num_used)
+        # the whole iteration, not just the forward: what a queued token really waits
+        self.step_times.observe(units, time.perf_counter() - t0)
+
+    def step_units(self, batch: list[ScheduledSeq]) -> int:
+        """What a step's time scales with: prompt tokens on a prefill; on a decode the batch
+        size, counted only for pure decode steps (a recompute would skew the line)."""
+        tokens = sum(s.num_new_tokens for s in batch)
+        if self.role == "prefill":
+            return tokens
+        return len(batch) if tokens == len(batch) else 0
+
+    def measured_load(self) -> P.Load:
+        fixed, per_unit = self.step_times.fit() or (0.0, 0.0)
+        budget = (
+            self.sched.max_num_batched_tokens if self.role == "prefill" else self.sched.max_num_seqs
+        )
+        return msgspec.structs.replace(
+            self.load(), step_fixed_s=fixed, step_per_unit_s=per_unit, step_budget=budget
+        )
 
     def send_token(self, seq: Sequence, token: SampledToken, finished: bool) -> None:
         """Token `index` of the request, with its finish reason once it is the last."""
@@ -132,7 +200,12 @@ class ServiceLoop:
 
     def status(self) -> tuple[bool, dict]:
         ok = time.monotonic() - self.last_tick < 30
-        return ok, {"service": self.id, "role": self.role, "load": msgspec.to_builtins(self.load())}
+        return ok, {
+            "service": self.id,
+            "role": self.role,
+            "load": msgspec.to_builtins(self.measured_load()),
+            "kv": self.kv_peers.status(),
+        }
 
     # --- what each service fills in -----------------------------------------------------
     def sockets(self) -> list[zmq.Socket]:
@@ -151,8 +224,18 @@ class ServiceLoop:
         raise NotImplementedError
 
 
-def serve_probe(port: int, status) -> ThreadingHTTPServer:
-    """GET /health (200 with the load while the loop ticks, else 503) and GET /metrics."""
+def advertised(endpoint: str) -> str:
+    """A bound endpoint as peers can reach it: a wildcard host (tcp://0.0.0.0:6000, as in a
+    container) becomes this host's own address."""
+    host = endpoint.removeprefix("tcp://").rpartition(":")[0]
+    if host in ("0.0.0.0", "*"):
+        return endpoint.replace(host, socket.gethostbyname(socket.gethostname()), 1)
+    return endpoint
+
+
+def serve_probe(port: int, status, host: str = "127.0.0.1") -> ThreadingHTTPServer:
+    """GET /health (200 with the load while the loop ticks, else 503) and GET /metrics, on
+    loopback unless a host is given (a container's probe port is scraped from outside)."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):
@@ -176,6 +259,6 @@ def serve_probe(port: int, status) -> ThreadingHTTPServer:
         def log_message(self, *args):
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    server = ThreadingHTTPServer((host, port), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server

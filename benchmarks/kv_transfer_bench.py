@@ -1,69 +1,185 @@
-"""KV hand-off cost over ZeroMQ (tcp, ipc) between two processes, SmolLM2 bf16 block sizes.
+"""KV hand-off cost per transport between two processes, SmolLM2 bf16 block sizes, beside a
+plain in-process memcpy of the same blocks.
 
-    python -m benchmarks.kv_transfer_bench
+    python -m benchmarks.kv_transfer_bench [--reps 10]
 
-Per request: the decode side sends KVPull, the prefill side answers with the block frames
-(kvtransfer.zmq.block_frames, zero-copy), the decode side copies them into its own scattered
-blocks (write_blocks). Median of 20 requests; blocks scattered (no run coalescing) and
-contiguous (one frame).
+A source process (the prefill) holds a pool offered in a Hello, exactly as the prefill
+service builds it; this process (the decode) gets a Reader from kvtransfer.handshake.choose
+and times each request from `start` until it lands in its own blocks:
+- zmq-tcp / zmq-ipc: KVPull -> zero-copy frames, one per run -> copy into our blocks
+- shm: the source's pool in /dev/shm, mapped once; one `copy_` per run
+- nixl: one READ per request over UCX (cross-memory attach on one host)
+- memcpy: the same per-run `copy_` inside one process, the ceiling
+
+Each process is pinned to its own core with one torch thread, as `baton up` runs them.
+Blocks: scattered (every other block at the source, descending at the destination: one run
+per block) and contiguous (one run). Median of --reps requests after one warm-up.
 """
 
+import argparse
 import multiprocessing as mp
+import os
 import statistics
 import time
+from functools import partial
+from multiprocessing.connection import Connection
 
+import msgspec
 import torch
 import zmq
 
-from kvtransfer.zmq import block_frames, write_blocks
+from baton import protocol as P
+from kvtransfer import nixl, shm
+from kvtransfer.base import Landed, joint_runs
+from kvtransfer.handshake import choose
+from kvtransfer.zmq import ZmqReader, block_frames
 
 BLOCK_TOKENS = 16
 BLOCK_NBYTES = 30 * 2 * BLOCK_TOKENS * 3 * 64 * 2  # SmolLM2 bf16: all layers, K and V
-POOL_BLOCKS = 1024
-REPS = 20
+PROMPTS = (512, 4096, 16384)
+POOL_BLOCKS = 2 * max(PROMPTS) // BLOCK_TOKENS  # room for the scattered case
+LAYOUT = P.KVLayout("bench", "bfloat16", BLOCK_TOKENS, 30, 3, 64, BLOCK_NBYTES)
+TRANSPORTS = ("zmq-tcp", "zmq-ipc", "shm", "nixl")
 
 
-def sender(addr: str, cases: list[list[int]]) -> None:
-    pool = torch.ones(POOL_BLOCKS, BLOCK_NBYTES, dtype=torch.uint8)
-    sock = zmq.Context().socket(zmq.PAIR)
+def cases() -> list[tuple[int, str, list[int], list[int]]]:
+    """(prompt tokens, layout, source ids, destination ids)."""
+    out = []
+    for tokens in PROMPTS:
+        n = tokens // BLOCK_TOKENS
+        out.append((tokens, "scattered", list(range(0, 2 * n, 2)), list(range(2 * n - 1, 0, -2))))
+        out.append((tokens, "contiguous", list(range(n)), list(range(n, 2 * n))))
+    return out
+
+
+def source(transport: str, conn: Connection, addr: str) -> None:
+    """The prefill side: offer the pool; over ZeroMQ, answer KVPull "<case>-<rep>" with the
+    frames of that case's blocks."""
+    os.sched_setaffinity(0, {0})
+    torch.set_num_threads(1)
+    regions = {}
+    if transport == "shm":
+        segment = shm.Segment(required=True)
+        pool = segment.create(POOL_BLOCKS * BLOCK_NBYTES).view(POOL_BLOCKS, -1)
+        regions["shm"] = segment.region
+    else:
+        pool = torch.empty(POOL_BLOCKS, BLOCK_NBYTES, dtype=torch.uint8)
+    pool.fill_(1)  # every page touched, as a pool the prefill has written
+    if transport == "nixl":
+        agent = nixl.Agent(f"bench-source-{os.getpid()}", pool)
+        regions["nixl"] = agent.region
+    hello = P.Hello("bench", LAYOUT, POOL_BLOCKS, transport, **regions)
+    conn.send_bytes(msgspec.msgpack.encode(hello))
+    if not transport.startswith("zmq"):
+        conn.recv_bytes()  # until the reader is done
+        return
+    sock = zmq.Context().socket(zmq.DEALER)
     sock.connect(addr)
-    for ids in cases:
-        for _ in range(REPS):
-            sock.recv()
-            _, frames = block_frames(pool, ids)
-            sock.send_multipart([b"h", *frames], copy=False)
+    sock.send(b"ready")
+    codec = P.Codec(P.KVPull)
+    all_cases = cases()
+    while True:
+        req_id = codec.decode(sock.recv()).req_id
+        if req_id == "stop":
+            return
+        src_ids = all_cases[int(req_id.split("-")[0])][2]
+        runs, frames = block_frames(pool, src_ids)
+        sock.send_multipart([msgspec.msgpack.encode(P.KVBlocks(req_id, runs)), *frames], copy=False)
+
+
+def time_reads(reader, recv, reps: int) -> list[tuple[float, Landed]]:
+    """Per case: median seconds from start until landed, and the landing."""
+    out = []
+    for i, (_, _, src_ids, dst_ids) in enumerate(cases()):
+        times = []
+        for rep in range(reps + 1):
+            t = time.perf_counter()
+            reader.start(f"{i}-{rep}", src_ids, dst_ids)
+            while not (landed := reader.poll()):
+                recv()
+            times.append(time.perf_counter() - t)
+        out.append((statistics.median(times[1:]), landed[0]))
+    return out
+
+
+def bench_transport(transport: str, dst: torch.Tensor, reps: int) -> list[tuple[float, Landed]]:
+    ctx = mp.get_context("spawn")
+    ours, theirs = ctx.Pipe()
+    zctx = zmq.Context()
+    router = zctx.socket(zmq.ROUTER)
+    router.bind("ipc:///tmp/baton-kvbench" if transport == "zmq-ipc" else "tcp://127.0.0.1:*")
+    addr = router.getsockopt_string(zmq.LAST_ENDPOINT)
+    proc = ctx.Process(target=source, args=(transport, theirs, addr))
+    proc.start()
+    hello = msgspec.msgpack.decode(ours.recv_bytes(), type=P.Hello)
+    agent = nixl.Agent(f"bench-reader-{os.getpid()}", dst) if transport == "nixl" else None
+    recv = lambda: None  # noqa: E731  one-sided reads land by themselves
+    if transport.startswith("zmq"):
+        identity, _ = router.recv_multipart()
+        encode = msgspec.msgpack.encode
+        send = lambda msg: router.send_multipart([identity, encode(msg)])  # noqa: E731
+        zmq_reader = partial(ZmqReader, transport, send, dst)
+        codec = P.Codec(P.KVBlocks)
+
+        def recv() -> None:
+            _, header, *frames = router.recv_multipart(copy=False)
+            reader.receive(codec.decode(header.bytes), [f.buffer for f in frames])
+
+    else:
+        zmq_reader = None
+    reader, _ = choose(hello, transport, dst, agent, zmq_reader)
+    results = time_reads(reader, recv, reps)
+    if transport.startswith("zmq"):
+        send(P.KVPull("stop"))
+    else:
+        ours.send_bytes(b"done")
+        reader.close()
+    proc.join()
+    zctx.destroy(linger=0)
+    return results
+
+
+def bench_memcpy(dst: torch.Tensor, reps: int) -> list[tuple[float, Landed]]:
+    src = torch.ones(POOL_BLOCKS, BLOCK_NBYTES, dtype=torch.uint8)
+    out = []
+    for _, _, src_ids, dst_ids in cases():
+        runs = joint_runs(src_ids, dst_ids)
+        times = []
+        for _ in range(reps + 1):
+            t = time.perf_counter()
+            for s, d, n in joint_runs(src_ids, dst_ids):
+                dst[d : d + n].copy_(src[s : s + n])
+            times.append(time.perf_counter() - t)
+        landed = Landed("memcpy", len(src_ids) * BLOCK_NBYTES, len(runs))
+        out.append((statistics.median(times[1:]), landed))
+    return out
 
 
 def main() -> None:
-    print("| transport | prompt tokens | blocks | MiB | layout | ms / request | GB/s |")
-    print("|---|---|---|---|---|---|---|")
-    pool = torch.zeros(POOL_BLOCKS, BLOCK_NBYTES, dtype=torch.uint8)
-    for transport in ("tcp", "ipc"):
-        for tokens in (512, 4096):
-            n = tokens // BLOCK_TOKENS
-            cases = {"scattered": list(range(0, 2 * n, 2)), "contiguous": list(range(n))}
-            addr = "tcp://127.0.0.1:5790" if transport == "tcp" else "ipc:///tmp/baton-kvbench"
-            sock = zmq.Context().socket(zmq.PAIR)
-            sock.bind(addr)
-            proc = mp.get_context("spawn").Process(target=sender, args=(addr, list(cases.values())))
-            proc.start()
-            for layout in cases:
-                dst = list(range(2 * n - 1, -1, -2))  # the receiver's own scattered blocks
-                times = []
-                for _ in range(REPS):
-                    t = time.perf_counter()
-                    sock.send(b"pull")
-                    frames = sock.recv_multipart(copy=False)[1:]
-                    write_blocks(pool, [f.buffer for f in frames], dst)
-                    times.append(time.perf_counter() - t)
-                ms = statistics.median(times) * 1e3
-                mib = n * BLOCK_NBYTES / 2**20
-                print(
-                    f"| zmq-{transport} | {tokens} | {n} | {mib:.1f} | {layout} | {ms:.2f} | {n * BLOCK_NBYTES / ms / 1e6:.2f} |",
-                    flush=True,
-                )
-            proc.join()
-            sock.close()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=10)
+    args = ap.parse_args()
+    os.sched_setaffinity(0, {len(os.sched_getaffinity(0)) - 1})
+    torch.set_num_threads(1)
+    dst = torch.ones(POOL_BLOCKS, BLOCK_NBYTES, dtype=torch.uint8)
+    results = {"memcpy": bench_memcpy(dst, args.reps)}
+    for transport in TRANSPORTS:
+        results[transport] = bench_transport(transport, dst, args.reps)
+    print(
+        "| prompt tokens | blocks | MiB | layout | transport | runs | ms / request | GB/s | vs memcpy |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for i, (tokens, layout, src_ids, _) in enumerate(cases()):
+        base_s = results["memcpy"][i][0]
+        for transport in ("memcpy", *TRANSPORTS):
+            seconds, landed = results[transport][i]
+            assert landed.error is None, landed
+            mib = landed.num_bytes / 2**20
+            gbs = landed.num_bytes / seconds / 1e9
+            print(
+                f"| {tokens} | {len(src_ids)} | {mib:.1f} | {layout} | {transport} | "
+                f"{landed.num_runs} | {seconds * 1e3:.2f} | {gbs:.2f} | {base_s / seconds:.0%} |"
+            )
 
 
 if __name__ == "__main__":

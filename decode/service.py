@@ -1,32 +1,49 @@
 """The decode service: one process, one loop.
 
-drain the KV and gateway sockets -> reserve own blocks for offered requests and pull their
+drain the KV and gateway sockets -> reserve own blocks for offered requests and read their
 KV -> one continuous-batching step over everything running -> stream each new token (with
 its index) to the gateway.
 
 Sequences join as their KV lands and leave when done, every step. When blocks run out the
 scheduler preempts and the sequence is recomputed here (counted in baton_recomputes).
+
+Each prefill peer gets a Reader at its Hello (kvtransfer.handshake picks the transport): it
+pulls the bytes over ZeroMQ, or copies them itself from the prefill's pool (shm, NIXL). Reads
+in flight are polled each loop, never waited on; KVRelease follows when one lands.
 """
 
 import logging
+import os
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import msgspec
 import zmq
 
 from baton import protocol as P
+from baton.config import EngineConfig
 from baton.engine import Engine
 from baton.request import Sequence
 from baton.scheduler import SampledToken
 from baton.service_io import (
     BAD_MESSAGES,
+    BATCH_CAP,
     KV_BYTES_RECEIVED,
+    KV_TRANSPORT_BYTES,
+    KV_TRANSPORT_RUNS,
+    LOCAL_PREFILLS,
     RECOMPUTES,
+    KVPeers,
     ServiceLoop,
+    advertised,
     serve_probe,
 )
-from kvtransfer.zmq import write_blocks
+from baton.slo import max_batch_for_tpot
+from kvtransfer import shm
+from kvtransfer.base import Landed, Reader, TransferError
+from kvtransfer.handshake import Refused, choose, start_nixl
+from kvtransfer.zmq import ZmqReader
 
 log = logging.getLogger("baton.decode")
 
@@ -38,13 +55,19 @@ class Pending:
     seq: Sequence
     peer: bytes  # the prefill's socket identity
     num_computed: int
-    pulled_at: float | None = None  # when KVPull went out (blocks reserved)
+    src_block_ids: list[int]  # the prefill's blocks holding it
+    pulled_at: float | None = None  # when its read started (our blocks reserved)
 
 
 @dataclass
 class Peer:
+    """A prefill that said Hello, and how we read from it (None: we refused it)."""
+
+    prefill_id: str
+    num_blocks: int
     last_seen: float
-    refused: str | None = None
+    reader: Reader | None
+    refused: str = ""
 
 
 class DecodeService(ServiceLoop):
@@ -56,22 +79,30 @@ class DecodeService(ServiceLoop):
         service_id: str,
         gateway_addr: str,
         kv_addr: str,
+        transport: str = "zmq-tcp",
         *,
         transfer_timeout_s: float = 10.0,
         peer_timeout_s: float = 5.0,
+        tpot_s: float | None = None,
     ):
         super().__init__(engine, service_id, gateway_addr)
         self.transfer_timeout_s, self.peer_timeout_s = transfer_timeout_s, peer_timeout_s
+        self.tpot_s, self.max_batch = tpot_s, self.sched.max_num_seqs
         self.kv_sock = self.ctx.socket(zmq.ROUTER)
         self.kv_sock.setsockopt(zmq.LINGER, 0)
         self.kv_sock.bind(kv_addr)
-        self.kv_addr = self.kv_sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.kv_addr = advertised(self.kv_sock.getsockopt_string(zmq.LAST_ENDPOINT))
+        self.zmq_transport = "zmq-ipc" if self.kv_addr.startswith("ipc://") else "zmq-tcp"
         self.codec = P.Codec(P.PrefillToDecode)
         self.layout = engine.layout()
         self.pool = engine.kv.block_bytes()
+        self.transport = transport
+        self.kv_peers = KVPeers(service_id, transport)
+        self.nixl = start_nixl(transport, f"{service_id}-{os.getpid()}", self.pool)
         self.pending: dict[str, Pending] = {}
         self.peers: dict[bytes, Peer] = {}
         self.preemptions_seen = 0
+        shm.sweep()  # segments of prefills that died while nobody watched
 
     def sockets(self) -> list[zmq.Socket]:
         return [self.gateway.sock, self.kv_sock]
@@ -80,8 +111,13 @@ class DecodeService(ServiceLoop):
         for msg in self.gateway.recv_all():
             if isinstance(msg, P.Abort):
                 self.abort(msg.req_id)
+            elif isinstance(msg, P.PrefillRequest):  # prefilled here: no KV hand-off
+                self.prefill_locally(msg)
         self.drain_kv()
         self.pull_what_fits()
+        for peer in list(self.peers.values()):
+            for landed in peer.reader.poll() if peer.reader else ():
+                self.on_landed(peer, landed)
 
     def on_token(self, seq: Sequence, token: SampledToken, finished: bool) -> None:
         self.send_token(seq, token, finished)
@@ -92,14 +128,29 @@ class DecodeService(ServiceLoop):
         self.check_timeouts()
         if self.keepalives.due():
             self.keepalive()
+            if self.tpot_s:  # the batch that keeps a step within the TPOT target
+                fit = self.step_times.fit()
+                self.sched.max_num_seqs = max_batch_for_tpot(fit, self.tpot_s, self.max_batch)
+                BATCH_CAP.labels(self.id).set(self.sched.max_num_seqs)
 
-    # --- KV hand-off (pull) ------------------------------------------------------------------
+    def prefill_locally(self, msg: P.PrefillRequest) -> None:
+        """A short prompt (or no prefill pool at all): cheaper here than a transfer. The
+        scheduler mixes its chunks into the decode steps; token 0 goes out like any other."""
+        seq = Sequence(
+            msg.req_id, msg.token_ids, msg.params, num_prompt_tokens=msg.num_prompt_tokens
+        )
+        try:
+            self.sched.add(seq)
+        except ValueError as e:
+            self.fail(msg.req_id, str(e))
+            return
+        LOCAL_PREFILLS.labels(self.id).inc()
+
+    # --- KV hand-off ---------------------------------------------------------------------
     def drain_kv(self) -> None:
         while self.kv_sock.poll(0):
             identity, *frames = self.kv_sock.recv_multipart(copy=False)
             peer_id = identity.bytes
-            peer = self.peers.setdefault(peer_id, Peer(time.monotonic()))
-            peer.last_seen = time.monotonic()
             try:
                 msg = self.codec.decode(frames[0].bytes)
             except (msgspec.DecodeError, IndexError) as e:
@@ -107,61 +158,102 @@ class DecodeService(ServiceLoop):
                 log.warning("dropped a malformed KV message: %s", e)
                 continue
             if isinstance(msg, P.Hello):
-                if msg.layout != self.layout:
-                    peer.refused = f"layout {msg.layout} != {self.layout}"
-                    log.error("REFUSED prefill %s: %s", msg.prefill_id, peer.refused)
-                self.send_peer(peer_id, P.HelloReply(peer.refused is None, peer.refused or ""))
-            elif isinstance(msg, P.KVOffer):
+                self.on_hello(peer_id, msg)
+                continue
+            peer = self.peers.get(peer_id)
+            if peer is None:  # we restarted, or forgot it: it must say Hello again
+                if isinstance(msg, P.KVOffer):
+                    self.send_peer(peer_id, P.Rehello(msg.req_id))
+                continue
+            peer.last_seen = time.monotonic()
+            if isinstance(msg, P.KVOffer):
                 self.on_offer(peer_id, peer, msg)
-            elif isinstance(msg, P.KVBlocks):
-                self.on_blocks(peer_id, msg, [f.buffer for f in frames[1:]])
+            elif isinstance(msg, P.KVBlocks) and isinstance(peer.reader, ZmqReader):
+                peer.reader.receive(msg, [f.buffer for f in frames[1:]])
             elif isinstance(msg, P.KVAbort):
-                pending = self.pending.pop(msg.req_id, None)
-                if pending:
-                    self.engine.kv_manager.free(pending.seq)
-                    self.fail(msg.req_id, f"prefill aborted the hand-off: {msg.reason}")
+                p = self.pending.get(msg.req_id)
+                if p is not None and p.peer == peer_id:
+                    self.end(msg.req_id, f"prefill aborted the hand-off: {msg.reason}")
+
+    def on_hello(self, peer_id: bytes, hello: P.Hello) -> None:
+        """Choose how to read from this prefill, once; a second Hello is a restarted one."""
+        if peer_id in self.peers:
+            self.forget(peer_id, "restarted")
+        reader, refused, skipped = None, "", []
+        try:
+            if hello.layout != self.layout:
+                raise Refused(f"KV layout {hello.layout} != ours {self.layout}")
+            send = partial(self.send_peer, peer_id)
+            zmq_reader = partial(ZmqReader, self.zmq_transport, send, self.pool)
+            reader, skipped = choose(hello, self.transport, self.pool, self.nixl, zmq_reader)
+        except Refused as e:
+            refused = str(e)
+            log.error("REFUSED prefill %s: %s", hello.prefill_id, refused)
+        else:
+            why = f" (skipped {'; '.join(skipped)})" if skipped else ""
+            log.info("prefill %s: KV over %s%s", hello.prefill_id, reader.transport, why)
+        self.peers[peer_id] = Peer(
+            hello.prefill_id, hello.num_blocks, time.monotonic(), reader, refused
+        )
+        chosen = reader.transport if reader else ""
+        self.kv_peers.set(hello.prefill_id, chosen or "refused")
+        self.send_peer(peer_id, P.HelloReply(reader is not None, refused, chosen))
 
     def on_offer(self, peer_id: bytes, peer: Peer, offer: P.KVOffer) -> None:
-        if peer.refused:
-            self.send_peer(peer_id, P.KVAbort(offer.req_id, "KV layout refused"))
+        if peer.reader is None:
+            self.send_peer(peer_id, P.KVAbort(offer.req_id, f"handshake refused: {peer.refused}"))
+            return
+        if offer.req_id in self.pending:  # a repeat would orphan the blocks reserved for the first
+            BAD_MESSAGES.labels(self.id).inc()
+            log.warning("dropped a repeated offer of %s", offer.req_id)
             return
         seq = Sequence(
             offer.req_id, offer.token_ids, offer.params, num_prompt_tokens=offer.num_prompt_tokens
         )
+        ids = offer.block_ids
         try:
-            self.sched.check_fits(seq.num_tokens, offer.params.max_tokens - seq.num_output_tokens)
+            if not 0 <= offer.num_computed < seq.num_tokens:  # the last token is ours to run
+                raise ValueError(f"bad KV offer: {offer.num_computed} of {seq.num_tokens} computed")
+            if len(ids) != self.engine.kv_manager.blocks_needed(offer.num_computed) or (
+                ids and not 0 <= min(ids) <= max(ids) < peer.num_blocks
+            ):
+                raise ValueError(f"bad KV offer: blocks {ids} for {offer.num_computed} tokens")
+            self.sched.check_request(seq)
         except ValueError as e:
             self.send_peer(peer_id, P.KVRelease(offer.req_id))
             self.fail(offer.req_id, str(e))
             return
-        self.pending[offer.req_id] = Pending(seq, peer_id, offer.num_computed)
+        self.pending[offer.req_id] = Pending(seq, peer_id, offer.num_computed, ids)
 
     def pull_what_fits(self) -> None:
-        """Reserve our own blocks for offers, oldest first, and pull their bytes. Keep enough
-        free blocks for the running batch to grow by one block each."""
+        """Reserve our own blocks for offers, oldest first, and start reading their bytes.
+        Keep enough free blocks for the running batch to grow by one block each."""
         kv = self.engine.kv_manager
         headroom = len(self.sched.running)
-        for req_id, p in self.pending.items():
+        for req_id, p in list(self.pending.items()):
             if p.pulled_at is not None:
                 continue
             if kv.blocks_needed(p.num_computed) + headroom > kv.pool.num_free:
                 break
             kv.allocate(p.seq, p.num_computed)
             p.pulled_at = time.monotonic()
-            self.send_peer(p.peer, P.KVPull(req_id))
+            peer = self.peers[p.peer]
+            try:
+                peer.reader.start(req_id, p.src_block_ids, p.seq.block_ids)
+            except TransferError as e:
+                self.end(req_id, f"cannot read prefill {peer.prefill_id}: {e}")
 
-    def on_blocks(self, peer_id: bytes, msg: P.KVBlocks, frames: list) -> None:
-        p = self.pending.pop(msg.req_id, None)
-        self.send_peer(peer_id, P.KVRelease(msg.req_id))  # the prefill may free its copy now
-        if p is None:
-            return  # aborted while in flight: its blocks were already freed
-        try:
-            nbytes = write_blocks(self.pool, frames, p.seq.block_ids)
-        except ValueError as e:
-            self.engine.kv_manager.free(p.seq)
-            self.fail(msg.req_id, f"bad KV transfer: {e}")
+    def on_landed(self, peer: Peer, landed: Landed) -> None:
+        if landed.req_id not in self.pending:
+            return  # ended while in flight; its blocks were freed once that was safe
+        if landed.error:
+            self.end(landed.req_id, f"KV transfer from {peer.prefill_id} failed: {landed.error}")
             return
-        KV_BYTES_RECEIVED.labels(self.id).inc(nbytes)
+        p = self.pending.pop(landed.req_id)
+        self.send_peer(p.peer, P.KVRelease(landed.req_id, landed.num_bytes))
+        KV_BYTES_RECEIVED.labels(self.id).inc(landed.num_bytes)
+        KV_TRANSPORT_BYTES.labels(self.id, peer.reader.transport).inc(landed.num_bytes)
+        KV_TRANSPORT_RUNS.labels(self.id, peer.reader.transport).inc(landed.num_runs)
         p.seq.num_computed_tokens = p.num_computed
         self.engine.kv_manager.cache_computed(p.seq)
         self.sched.add(p.seq)
@@ -170,33 +262,54 @@ class DecodeService(ServiceLoop):
         self.kv_sock.send_multipart([peer_id, self.codec.encode(msg)])
 
     # --- endings -------------------------------------------------------------------------
+    def end(self, req_id: str, why: str | None) -> None:
+        """Drop a hand-off that will not join the batch: stop its read, free our blocks once
+        nothing can write them, let the prefill free its own, and fail the request with `why`
+        (None: the gateway ended it)."""
+        p = self.pending.pop(req_id)
+        peer = self.peers[p.peer]
+        if p.pulled_at is None or peer.reader is None or peer.reader.cancel(req_id):
+            self.engine.kv_manager.free(p.seq)
+        else:  # a transfer we cannot stop may still write them: never reuse them
+            log.error("a read into %s's blocks is stuck; they stay reserved", req_id)
+        self.send_peer(p.peer, P.KVRelease(req_id))
+        if why is not None:
+            self.fail(req_id, why)
+
     def abort(self, req_id: str) -> None:
         if self.sched.abort(req_id):
             return
-        p = self.pending.pop(req_id, None)
-        if p is not None:
-            self.engine.kv_manager.free(p.seq)
-            self.send_peer(p.peer, P.KVRelease(req_id))
+        if req_id in self.pending:
+            self.end(req_id, None)
+
+    def forget(self, peer_id: bytes, why: str) -> None:
+        """A prefill left (silent, or restarted): fail what waits on it, stop reading it."""
+        peer = self.peers[peer_id]
+        for req_id in [r for r, p in self.pending.items() if p.peer == peer_id]:
+            self.end(req_id, f"prefill {peer.prefill_id} {why}")
+        del self.peers[peer_id]
+        if peer.reader is not None:
+            peer.reader.close()
+        self.kv_peers.set(peer.prefill_id, None)
+        shm.sweep()  # a dead prefill's segment: nobody else may be left to unlink it
 
     def check_timeouts(self) -> None:
-        """A pull unanswered, or a prefill gone silent while we wait on it: fail fast."""
+        """A read unanswered, or a prefill gone silent while we wait on it: fail fast."""
         now = time.monotonic()
         for req_id, p in list(self.pending.items()):
-            peer = self.peers.get(p.peer)
-            silent = peer is None or now - peer.last_seen > self.peer_timeout_s
+            peer = self.peers[p.peer]
+            silent = now - peer.last_seen > self.peer_timeout_s
             stuck = p.pulled_at is not None and now - p.pulled_at > self.transfer_timeout_s
             if silent or stuck:
-                del self.pending[req_id]
-                self.engine.kv_manager.free(p.seq)
                 why = "stopped answering" if silent else "did not send the KV in time"
-                self.fail(req_id, f"prefill {p.peer.decode()} {why}")
+                self.end(req_id, f"prefill {peer.prefill_id} {why}")
 
     def keepalive(self) -> None:
-        """Renews the prefills' leases on blocks they hold for us."""
+        """Renews the prefills' leases on blocks they hold for us; forgets silent ones."""
         now = time.monotonic()
         for peer_id, peer in list(self.peers.items()):
-            if now - peer.last_seen > 60:  # long gone; forget it
-                del self.peers[peer_id]
+            if now - peer.last_seen > self.peer_timeout_s:
+                self.forget(peer_id, "stopped answering")
             else:
                 self.send_peer(peer_id, P.KeepAlive())
 
@@ -207,9 +320,17 @@ class DecodeService(ServiceLoop):
 
 
 def main(
-    engine: Engine, service_id: str, gateway_addr: str, kv_addr: str, http_port: int | None
+    config: EngineConfig,
+    transport: str,
+    service_id: str,
+    gateway_addr: str,
+    kv_addr: str,
+    probe: tuple[str, int] | None,
+    tpot_s: float | None = None,
 ) -> None:
-    service = DecodeService(engine, service_id, gateway_addr, kv_addr)
-    if http_port:
-        serve_probe(http_port, service.status)
+    service = DecodeService(
+        Engine.build(config), service_id, gateway_addr, kv_addr, transport, tpot_s=tpot_s
+    )
+    if probe:
+        serve_probe(probe[1], service.status, probe[0])
     service.run_forever()

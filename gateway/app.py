@@ -13,18 +13,36 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException
 from transformers import AutoTokenizer
 
 from baton import protocol as P
+from baton.config import BatonConfig
 from baton.sampling_params import SamplingParams
 from baton.text import IncrementalDetokenizer, StopStringMatcher
 from gateway import metrics as M
+from gateway.admission import Admission, Overloaded
 from gateway.backend import Backend, NoCapacity, ServiceFailed
-from gateway.openai_types import ChatRequest, CompletionRequest, Usage, error_body, now
+from gateway.openai_types import (
+    ChatRequest,
+    CompletionRequest,
+    ErrorResponse,
+    Usage,
+    error_body,
+    now,
+)
 
 log = logging.getLogger("baton.gateway")
+
+# far above what any context admits (a 128k-token prompt is ~1 MB of JSON); 413 beyond
+MAX_BODY_BYTES = 8 << 20
+# what the generation routes answer, for the OpenAPI schema (/docs): JSON, SSE when streaming
+GENERATION_RESPONSES: dict[int | str, dict] = {
+    200: {"content": {"text/event-stream": {}}},
+    **{code: {"model": ErrorResponse} for code in (400, 401, 413, 429, 500, 503)},
+}
 
 
 class BadRequest(ValueError):
@@ -50,9 +68,14 @@ class Gateway:
         self.model_name = model_name
         config = json.loads((model_dir / "config.json").read_text())
         self.max_model_len = max_model_len or config.get("max_position_embeddings", 1 << 30)
+        self.vocab_size = config.get("vocab_size") or len(self.tokenizer)
 
     def sampling(self, req, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         stop = [req.stop] if isinstance(req.stop, str) else req.stop or []
+        if max_tokens is not None and max_tokens > self.max_model_len:
+            raise BadRequest(
+                f"max_tokens is {max_tokens}; this model's context is {self.max_model_len}"
+            )
         try:
             return SamplingParams(
                 max_tokens=max_tokens or 16,
@@ -73,15 +96,17 @@ class Gateway:
     def check_length(self, ids: list[int]) -> None:
         if not ids:
             raise BadRequest("the prompt is empty")
+        if min(ids) < 0 or max(ids) >= self.vocab_size:
+            raise BadRequest(f"prompt token ids must be in [0, {self.vocab_size})")
         if len(ids) >= self.max_model_len:
             raise BadRequest(
                 f"the prompt has {len(ids)} tokens; this model's context is {self.max_model_len}"
             )
 
     async def choice(
-        self, index: int, ids: list[int], params: SamplingParams
+        self, index: int, ids: list[int], params: SamplingParams, prefill_id: str | None
     ) -> AsyncIterator[Piece]:
-        stream = await self.backend.submit(ids, params)
+        stream = await self.backend.submit(ids, params, prefill_id)
         detok = IncrementalDetokenizer(self.tokenizer, ids)
         stops = StopStringMatcher(params.stop)
         try:
@@ -138,27 +163,26 @@ def _logprobs_entry(tokenizer, t: P.TokenOutput) -> dict:
     }
 
 
-def create_app(
-    model_dir: Path,
-    zmq_addr: str,
-    *,
-    model_name: str = "baton",
-    api_key: str | None = None,
-    max_model_len: int | None = None,
-) -> FastAPI:
+def create_app(model_dir: Path, config: BatonConfig) -> FastAPI:
+    """The gateway for `model_dir`'s tokenizer; services connect to config.gateway.zmq_addr."""
     state: dict = {}
+    api_key = config.gateway.api_key
+    model_name = config.gateway.model_name or model_dir.name
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        backend = Backend(zmq_addr)
+        gw = config.gateway
+        aggregated = config.prefill.count == 0
+        admission = Admission(gw, config.slo)
+        backend = Backend(gw.zmq_addr, admission, gw.local_prefill_tokens, aggregated)
         backend.on_heartbeat = M.observe_heartbeat
         backend.start()
-        state["gw"] = Gateway(model_dir, backend, model_name, max_model_len)
+        state["gw"] = Gateway(model_dir, backend, model_name, config.engine.max_model_len)
         log.info("gateway listening for services on %s", backend.addr)
         yield
         await backend.close()
 
-    app = FastAPI(title="Baton", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="Baton", version="0.1.0", lifespan=lifespan, max_body_size=MAX_BODY_BYTES)
 
     @app.middleware("http")
     async def auth(request: Request, call_next):
@@ -167,6 +191,17 @@ def create_app(
                 body = error_body("invalid or missing API key", "authentication_error", 401)
                 return JSONResponse(body, status_code=401)
         return await call_next(request)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        """404, 405 and 413 in the OpenAI error shape too."""
+        message = (
+            f"the request body is over {MAX_BODY_BYTES} bytes"
+            if exc.status_code == 413
+            else str(exc.detail)
+        )
+        body = error_body(message, "invalid_request_error", exc.status_code)
+        return JSONResponse(body, exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
@@ -181,6 +216,12 @@ def create_app(
         M.REQUESTS.labels("400").inc()
         return JSONResponse(error_body(str(exc), "invalid_request_error", 400), 400)
 
+    @app.exception_handler(Overloaded)
+    async def overloaded(request: Request, exc: Overloaded):
+        M.REQUESTS.labels("429").inc()
+        body = error_body(str(exc), "rate_limit_exceeded", 429)
+        return JSONResponse(body, 429, headers={"Retry-After": str(exc.retry_after_s)})
+
     @app.exception_handler(NoCapacity)
     async def busy(request: Request, exc: NoCapacity):
         M.REQUESTS.labels("503").inc()
@@ -192,7 +233,7 @@ def create_app(
         pools = {r: len(backend.registry.pool(r)) for r in ("prefill", "decode")}
         return JSONResponse({"healthy": backend.healthy, **pools}, 200 if backend.healthy else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
         for role in ("prefill", "decode"):
             M.SERVICES.labels(role).set(len(state["gw"].backend.registry.pool(role)))
@@ -211,20 +252,27 @@ def create_app(
         """Drive the choices and shape the output as a JSON body or an SSE stream."""
         for ids in prompts:
             gw.check_length(ids)
+        admitted = gw.backend.admit(prompts)  # a 429 comes now, before any response starts
+        prefills = admitted.prefills
         start = time.perf_counter()
-        gens = [gw.choice(i, ids, params) for i, ids in enumerate(prompts)]
+        gens = [
+            gw.choice(i, ids, params, p)
+            for i, (ids, p) in enumerate(zip(prompts, prefills, strict=True))
+        ]
         prompt_tokens = sum(map(len, prompts))
 
         async def pieces() -> AsyncIterator[Piece]:
             first = last = None
             count = 0
             M.INFLIGHT.inc()
+            M.PROMPT_TOKENS.inc(prompt_tokens)
             status = "200"
             try:
                 async for p in merged(gens):
                     t = time.perf_counter()
                     if first is None:
                         first = t
+                        gw.backend.admission.observe(admitted, t - start)
                         M.TTFT.observe(t - start)
                     last, count = t, count + 1
                     yield p
@@ -236,6 +284,7 @@ def create_app(
                 raise
             finally:
                 M.INFLIGHT.dec()
+                M.GENERATION_TOKENS.inc(count)
                 M.REQUESTS.labels(status).inc()
                 if first is not None:
                     M.E2E.observe(time.perf_counter() - start)
@@ -251,7 +300,7 @@ def create_app(
         except ServiceFailed as e:
             return JSONResponse(error_body(str(e), "server_error", 500), 500)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=GENERATION_RESPONSES)
     async def completions(req: CompletionRequest):
         gw: Gateway = state["gw"]
         p = req.prompt
@@ -268,7 +317,7 @@ def create_app(
         params = gw.sampling(req, req.max_tokens, req.logprobs)
         return await run(gw, prompts, params, req.stream, CompletionShape(gw, req))
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=GENERATION_RESPONSES)
     async def chat(req: ChatRequest):
         gw: Gateway = state["gw"]
         messages = [m.model_dump(exclude_none=True) for m in req.messages]
@@ -318,6 +367,9 @@ class _Shape:
                 yield sse({**self.head(self.chunk_name), "choices": [choice]})
         except ServiceFailed as e:
             yield sse(error_body(str(e), "server_error", 500))
+            return
+        except NoCapacity as e:  # a pool emptied after the response started
+            yield sse(error_body(str(e), "service_unavailable", 503))
             return
         opts = self.req.stream_options
         if opts is not None and opts.include_usage:

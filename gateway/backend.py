@@ -15,9 +15,14 @@ import zmq.asyncio
 
 from baton import protocol as P
 from baton.sampling_params import SamplingParams
+from gateway import metrics as M
+from gateway.admission import Admission, Admitted
 from gateway.router import Registry
 
 log = logging.getLogger("baton.gateway")
+
+
+LOCAL = "local"  # a prompt prefilled on its decode service
 
 
 class NoCapacity(RuntimeError):
@@ -56,7 +61,14 @@ class Stream:
 
 
 class Backend:
-    def __init__(self, zmq_addr: str, service_timeout_s: float = 3.0):
+    def __init__(
+        self,
+        zmq_addr: str,
+        admission: Admission,
+        local_prefill_tokens: int = 0,
+        aggregated: bool = False,
+        service_timeout_s: float = 3.0,
+    ):
         self.ctx = zmq.asyncio.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -64,6 +76,9 @@ class Backend:
         self.sock.bind(zmq_addr)
         self.addr = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.registry = Registry(service_timeout_s)
+        self.admission = admission
+        self.local_prefill_tokens = local_prefill_tokens
+        self.aggregated = aggregated  # no prefill pool is configured: decodes serve alone
         self.streams: dict[str, Stream] = {}
         self.encode = msgspec.msgpack.Encoder().encode
         self.decode = msgspec.msgpack.Decoder(P.ToGateway).decode
@@ -81,14 +96,24 @@ class Backend:
 
     @property
     def healthy(self) -> bool:
-        return bool(self.registry.pool("prefill") and self.registry.pool("decode"))
+        decode, prefill = self.registry.pool("decode"), self.registry.pool("prefill")
+        return bool(decode and (prefill or self.aggregated))
+
+    def prefills_locally(self, num_tokens: int) -> bool:
+        """Conditional disaggregation: a short prompt costs less to prefill on its decode
+        than to hand off; with no prefill pool (aggregated, or all prefills gone) every
+        prompt does, rather than fail."""
+        return num_tokens <= self.local_prefill_tokens or not self.registry.pool("prefill")
 
     async def _read(self) -> None:
         while True:
-            identity, raw = await self.sock.recv_multipart()
+            identity, *frames = await self.sock.recv_multipart()
             try:
-                msg = self.decode(raw)
+                if len(frames) != 1:  # every message is one frame; anything else is garbage
+                    raise msgspec.DecodeError(f"{len(frames)} frames")
+                msg = self.decode(frames[0])
             except msgspec.DecodeError as e:
+                M.BAD_MESSAGES.inc()
                 log.warning("dropped a malformed message from %r: %s", identity, e)
                 continue
             if isinstance(msg, P.Heartbeat):
@@ -96,7 +121,11 @@ class Backend:
                 self.on_heartbeat(msg)
             elif (stream := self.streams.get(msg.req_id)) is not None:
                 stream.queue.put_nowait(msg)
-                if isinstance(msg, P.TokenOutput) and msg.index == 0:
+                if (
+                    isinstance(msg, P.TokenOutput)
+                    and msg.index == 0
+                    and stream.prefill_id != stream.decode_id
+                ):
                     # prefill's part is done; from here a dead decode, not prefill, fails it
                     if (prefill := self.registry.services.get(stream.prefill_id)) is not None:
                         prefill.requests.discard(msg.req_id)
@@ -115,11 +144,30 @@ class Backend:
         with contextlib.suppress(zmq.ZMQError):  # a service that is gone: the reaper fails it
             await self.sock.send_multipart([service_id.encode(), self.encode(msg)])
 
-    async def submit(self, token_ids: list[int], params: SamplingParams) -> Stream:
-        picked = self.registry.pick(len(token_ids))
-        if picked is None:
+    def admit(self, prompts: list[list[int]]) -> Admitted:
+        """Per prompt, the prefill it is reserved on (its tokens counted there at once, so
+        the next admission sees them), LOCAL for one prefilled on its decode; raises
+        Overloaded (a 429) when they should not be taken now."""
+        local = [self.prefills_locally(len(ids)) for ids in prompts]
+        remote = [ids for ids, here in zip(prompts, local, strict=True) if not here]
+        admitted = self.admission.check(self.registry, len(self.streams), len(prompts), remote)
+        reserved = iter(admitted.prefills)
+        admitted.prefills = [LOCAL if here else next(reserved) for here in local]
+        return admitted
+
+    async def submit(
+        self, token_ids: list[int], params: SamplingParams, prefill_id: str | None = None
+    ) -> Stream:
+        decode = self.registry.pick_decode()
+        if prefill_id == LOCAL or self.prefills_locally(len(token_ids)):
+            prefill = decode
+        else:
+            prefill = self.registry.services.get(prefill_id or "")
+            prefill = prefill or self.registry.pick_prefill(len(token_ids))
+        if prefill is None or decode is None:
             raise NoCapacity("no prefill or no decode service is available")
-        prefill, decode = picked
+        if prefill is decode:
+            M.LOCAL_PREFILLS.inc()
         req_id = uuid.uuid4().hex  # the transfer id both legs carry
         stream = Stream(req_id, prefill.id, decode.id)
         self.streams[req_id] = stream
@@ -137,5 +185,5 @@ class Backend:
             if (s := self.registry.services.get(sid)) is not None:
                 s.requests.discard(stream.req_id)
         if not stream.done:
-            for sid in (stream.prefill_id, stream.decode_id):
+            for sid in {stream.prefill_id, stream.decode_id}:
                 await self._send(sid, P.Abort(stream.req_id))

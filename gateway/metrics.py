@@ -22,7 +22,20 @@ SERVICE_BLOCKS_USED = Gauge(
 SERVICE_BLOCKS_TOTAL = Gauge(
     "baton_service_kv_blocks_total", "KV pool size per service", ["service", "role"]
 )
+PROMPT_TOKENS = Counter("baton_prompt_tokens", "prompt tokens of admitted requests")
+GENERATION_TOKENS = Counter("baton_generation_tokens", "tokens streamed to clients")
+LOCAL_PREFILLS = Counter("baton_local_prefills_routed", "prompts sent to prefill on their decode")
+REJECTED = Counter("baton_admission_rejected", "requests refused with 429", ["reason"])
+for _reason in ("queue_full", "ttft_slo"):  # exported from the start, at zero
+    REJECTED.labels(_reason)
+TTFT_CALIBRATION = Gauge(
+    "baton_ttft_calibration", "real TTFT / predicted, scaling admission's predictions"
+)
+PREDICTED_TTFT = Histogram(
+    "baton_predicted_ttft_seconds", "TTFT predicted at admission", buckets=LATENCY_BUCKETS
+)
 SERVICES = Gauge("baton_services", "live services per role", ["role"])
+BAD_MESSAGES = Counter("baton_gateway_bad_messages", "malformed service messages dropped")
 
 
 def observe_heartbeat(hb: P.Heartbeat) -> None:

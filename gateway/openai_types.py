@@ -1,9 +1,12 @@
 """OpenAI request and response shapes (pydantic, as FastAPI wants)."""
 
 import time
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictInt
+
+# ints cross the service sockets as msgpack int64: a bigger one is a 400 here, not a 500 there
+Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 
 
 class StreamOptions(BaseModel):
@@ -15,11 +18,11 @@ class _Sampling(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0)
     top_p: float = Field(default=1.0, gt=0, le=1)
-    top_k: int | None = Field(default=None)
+    top_k: Int64 | None = None
     min_p: float = Field(default=0.0, ge=0, le=1)
-    seed: int | None = None
+    seed: Int64 | None = None
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[Int64] | None = None
     n: int = Field(default=1, ge=1, le=1)  # n > 1 is not supported yet
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -30,7 +33,8 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    # strict: a bool or a float is no token id
+    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
 
@@ -45,6 +49,17 @@ class ChatRequest(_Sampling):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
 
 
 class Usage(BaseModel):

@@ -62,11 +62,13 @@ class Registry:
     def pool(self, role: str) -> list[Service]:
         return [s for s in self.services.values() if s.role == role]
 
-    def pick(self, num_tokens: int) -> tuple[Service, Service] | None:
-        decodes, prefills = self.pool("decode"), self.pool("prefill")
-        if not decodes or not prefills:
-            return None
-        decode = min(decodes, key=decode_cost)
-        prefill = min(prefills, key=prefill_cost)
-        prefill.inflight_tokens += num_tokens
-        return prefill, decode
+    def pick_decode(self) -> Service | None:
+        return min(self.pool("decode"), key=decode_cost, default=None)
+
+    def pick_prefill(self, num_tokens: int) -> Service | None:
+        """The least-loaded prefill, with the prompt counted against it until its next
+        heartbeat reports it."""
+        prefill = min(self.pool("prefill"), key=prefill_cost, default=None)
+        if prefill is not None:
+            prefill.inflight_tokens += num_tokens
+        return prefill

@@ -9,9 +9,16 @@ lease; the decode reserves its own blocks only when it can take the request, the
 Decode memory is never held while a prompt waits in prefill's queue, and a block is freed only
 on the decode's release, an abort, or lease expiry (no KeepAlive from that decode for
 `lease_s`), so no in-flight transfer can see a reused block.
+
+The bytes move over the transport the decode chose at the handshake (kvtransfer.handshake):
+sent as frames on KVPull (ZeroMQ), or read by the decode itself from this pool (shm: the pool
+lives in /dev/shm; NIXL: the pool is registered with this process's agent).
 """
 
 import logging
+import os
+import signal
+import sys
 import time
 from dataclasses import dataclass
 
@@ -19,6 +26,7 @@ import msgspec
 import zmq
 
 from baton import protocol as P
+from baton.config import EngineConfig
 from baton.engine import Engine
 from baton.request import Sequence
 from baton.scheduler import SampledToken
@@ -26,10 +34,14 @@ from baton.service_io import (
     BAD_MESSAGES,
     KV_BYTES_SENT,
     KV_TRANSFERS,
+    KV_TRANSPORT_BYTES,
     LEASES_EXPIRED,
+    KVPeers,
     ServiceLoop,
     serve_probe,
 )
+from kvtransfer import shm
+from kvtransfer.handshake import kind, start_nixl
 from kvtransfer.zmq import block_frames
 
 log = logging.getLogger("baton.prefill")
@@ -52,13 +64,24 @@ class DecodePeer:
         self.addr = addr
         self.last_seen = time.monotonic()
         self.refused: str | None = None
+        self.transport = ""  # the decode's choice, from its HelloReply
+        self.hello = hello
         self.sock.send(hello)
 
 
 class PrefillService(ServiceLoop):
     role = "prefill"
 
-    def __init__(self, engine: Engine, service_id: str, gateway_addr: str, lease_s: float = 10.0):
+    def __init__(
+        self,
+        engine: Engine,
+        service_id: str,
+        gateway_addr: str,
+        transport: str = "zmq-tcp",
+        shm_region: P.ShmRegion | None = None,
+        lease_s: float = 10.0,
+    ):
+        """shm_region: where the pool lives when it is in shared memory (kvtransfer.shm)."""
         super().__init__(engine, service_id, gateway_addr)
         self.lease_s = lease_s
         self.codec = P.Codec(P.DecodeToPrefill)
@@ -66,6 +89,17 @@ class PrefillService(ServiceLoop):
         self.leases: dict[str, Lease] = {}
         self.routes: dict[str, str] = {}  # req_id -> decode kv addr, until handed off
         self.pool = engine.kv.block_bytes()
+        self.kv_peers = KVPeers(service_id, transport)
+        agent = start_nixl(transport, f"{service_id}-{os.getpid()}", self.pool)
+        self.hello = P.Hello(
+            service_id,
+            engine.layout(),
+            self.pool.shape[0],
+            transport,
+            shm_region,
+            agent.region if agent else None,
+        )
+        self.nixl = agent  # decodes read through it: it lives as long as the service
 
     def sockets(self) -> list[zmq.Socket]:
         return [self.gateway.sock, *(p.sock for p in self.peers.values())]
@@ -106,12 +140,20 @@ class PrefillService(ServiceLoop):
         if finished or addr is None:
             return
         self.sched.running.remove(seq)  # the blocks now belong to the lease
-        peer = self.peer(addr)
+        try:
+            peer = self.peer(addr)
+        except zmq.ZMQError as e:  # an address no socket can connect to: fail this one only
+            self.engine.kv_manager.free(seq)
+            self.fail(seq.req_id, f"cannot connect to decode {addr!r}: {e}")
+            return
         if peer.refused:
             self.engine.kv_manager.free(seq)
             self.fail(seq.req_id, f"decode {addr} refused the KV layout: {peer.refused}")
             return
         self.leases[seq.req_id] = Lease(seq, addr)
+        self.offer(peer, seq)
+
+    def offer(self, peer: DecodePeer, seq: Sequence) -> None:
         offer = P.KVOffer(
             seq.req_id,
             seq.token_ids,
@@ -125,7 +167,7 @@ class PrefillService(ServiceLoop):
     # --- decode peers --------------------------------------------------------------------
     def peer(self, addr: str) -> DecodePeer:
         if addr not in self.peers:
-            hello = self.codec.encode(P.Hello(self.id, self.engine.layout()))
+            hello = self.codec.encode(self.hello)
             self.peers[addr] = DecodePeer(self.ctx, addr, self.id, hello)
         return self.peers[addr]
 
@@ -139,16 +181,31 @@ class PrefillService(ServiceLoop):
                 BAD_MESSAGES.labels(self.id).inc()
                 log.warning("dropped a malformed message from %s: %s", peer.addr, e)
                 continue
-            if isinstance(msg, P.HelloReply) and not msg.ok:
-                peer.refused = msg.reason
-                log.error("decode %s REFUSED our KV layout: %s", peer.addr, msg.reason)
+            if isinstance(msg, P.HelloReply):
+                self.on_hello_reply(peer, msg)
+            elif isinstance(msg, P.Rehello):  # the decode restarted: handshake, offer again
+                peer.sock.send(peer.hello)
+                if (lease := self.leases.get(msg.req_id)) is not None:
+                    self.offer(peer, lease.seq)
             elif isinstance(msg, P.KVPull):
                 self.send_blocks(peer, msg.req_id)
             elif isinstance(msg, P.KVRelease):
-                self.release(msg.req_id)
+                if self.release(msg.req_id) and msg.num_bytes:
+                    KV_BYTES_SENT.labels(self.id).inc(msg.num_bytes)
+                    KV_TRANSPORT_BYTES.labels(self.id, peer.transport).inc(msg.num_bytes)
+                    KV_TRANSFERS.labels(self.id).inc()
             elif isinstance(msg, P.KVAbort):
                 if self.release(msg.req_id):
                     self.fail(msg.req_id, f"decode {peer.addr} aborted the hand-off: {msg.reason}")
+
+    def on_hello_reply(self, peer: DecodePeer, msg: P.HelloReply) -> None:
+        if msg.ok:
+            peer.refused, peer.transport = None, msg.transport
+            log.info("decode %s takes our KV over %s", peer.addr, msg.transport)
+        else:
+            peer.refused = msg.reason
+            log.error("decode %s REFUSED the KV handshake: %s", peer.addr, msg.reason)
+        self.kv_peers.set(peer.addr, peer.transport if msg.ok else "refused")
 
     def send_blocks(self, peer: DecodePeer, req_id: str) -> None:
         lease = self.leases.get(req_id)
@@ -159,8 +216,6 @@ class PrefillService(ServiceLoop):
         header = self.codec.encode(P.KVBlocks(req_id, runs))
         # copy=False: frames point into the pool; the lease keeps those blocks until release
         peer.sock.send_multipart([header, *frames], copy=False)
-        KV_BYTES_SENT.labels(self.id).inc(len(lease.seq.block_ids) * self.pool.shape[1])
-        KV_TRANSFERS.labels(self.id).inc()
 
     def release(self, req_id: str) -> bool:
         lease = self.leases.pop(req_id, None)
@@ -186,8 +241,21 @@ class PrefillService(ServiceLoop):
         return P.Load(queued, len(self.sched.running), pool.num_free, pool.num_blocks)
 
 
-def main(engine: Engine, service_id: str, gateway_addr: str, http_port: int | None) -> None:
-    service = PrefillService(engine, service_id, gateway_addr)
-    if http_port:
-        serve_probe(http_port, service.status)
+def main(
+    config: EngineConfig,
+    transport: str,
+    service_id: str,
+    gateway_addr: str,
+    probe: tuple[str, int] | None,
+) -> None:
+    # SIGTERM exits through Python, so atexit unlinks the shared segment
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    segment = (
+        shm.Segment(required=transport == "shm") if kind(transport) in ("auto", "shm") else None
+    )
+    engine = Engine.build(config, kv_storage=segment.create if segment else None)
+    region = segment.region if segment else None
+    service = PrefillService(engine, service_id, gateway_addr, transport, region)
+    if probe:
+        serve_probe(probe[1], service.status, probe[0])
     service.run_forever()

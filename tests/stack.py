@@ -37,10 +37,11 @@ class Stack:
             "--port", str(self.port), "--log-dir", str(log_dir),
             "--prefill", str(prefill), "--decode", str(decode), *args,
         ]  # fmt: skip
-        self.out = (log_dir.parent / f"{log_dir.name}-up.log").open("w")
+        up_log = log_dir.parent / f"{log_dir.name}-up.log"
+        self.out = up_log.open("w")
         self.proc = subprocess.Popen(cmd, stdout=self.out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 180
-        while get_ok(f"{self.url}/health") is False:
+        while "Baton is up" not in up_log.read_text():  # every service has registered
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"stack did not start: {self.logs()}")
@@ -54,9 +55,12 @@ class Stack:
         _, body = get(f"{self.services()[name]['url']}/health")
         return json.loads(body)
 
-    def metric(self, name: str, metric: str) -> float:
+    def metric(self, name: str, metric: str, **labels: str) -> float:
+        """The sample of `metric` whose labels include `labels` (0 if none)."""
         _, body = get(f"{self.services()[name]['url']}/metrics")
-        m = re.search(rf"^{metric}\{{[^}}]*\}} (\S+)$", body.decode(), re.M)
+        want = "".join(rf'(?=[^}}]*\b{k}="{re.escape(v)}")' for k, v in labels.items())
+        labelled = rf"\{{{want}[^}}]*\}}" if labels else r"(?:\{[^}]*\})?"
+        m = re.search(rf"^{metric}{labelled} (\S+)$", body.decode(), re.M)
         return float(m.group(1)) if m else 0.0
 
     def blocks_used(self) -> dict[str, int]:
@@ -92,10 +96,3 @@ class Stack:
         for s in self.services().values() if (self.log_dir / "stack.json").exists() else []:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(s["pid"], signal.SIGKILL)
-
-
-def get_ok(url: str) -> bool:
-    try:
-        return get(url, timeout=2)[0] == 200
-    except OSError:
-        return False

@@ -44,5 +44,5 @@ def test_text_prompt_without_a_tokenizer_and_empty_prompt(llm):
 
 
 def test_bad_engine_config_values():
-    with pytest.raises(ValueError, match="block_size must be >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"Expected `int` >= 1 - at `\$.block_size`"):
         baton.LLM(None, block_size=0)

@@ -12,6 +12,8 @@ import torch
 from stack import Stack
 from transformers import AutoModelForCausalLM
 
+from kvtransfer import shm
+
 # small chunk budget: long prompts are split; blocks of 16 tokens
 ENGINE = ("--max-num-batched-tokens", "32", "--num-blocks", "160")
 NEW = 24
@@ -55,30 +57,52 @@ def reference(tiny_text_model):
     return prompts, hf_greedy(tiny_text_model, prompts, NEW)
 
 
-@pytest.mark.parametrize(("prefill", "decode"), [(1, 1), (2, 2)])
+def segments_of(stack: Stack) -> list[str]:
+    """The /dev/shm segments this stack's processes created (other stacks may run beside)."""
+    pids = {s["pid"] for s in stack.services().values()}
+    return [p for p in shm.segments() if int(p.split(shm.PREFIX)[1].split("-")[0]) in pids]
+
+
+@pytest.mark.parametrize(
+    ("prefill", "decode", "transport", "chosen"),
+    [
+        (1, 1, "zmq-tcp", "zmq-tcp"),
+        (1, 1, "auto", "shm"),  # one host: auto picks shared memory
+        (1, 1, "nixl", "nixl"),
+        (2, 2, "zmq-ipc", "zmq-ipc"),
+    ],
+)
 def test_greedy_tokens_equal_transformers_and_kv_really_moves(
-    tmp_path, tiny_text_model, reference, prefill, decode
+    tmp_path, tiny_text_model, reference, prefill, decode, transport, chosen
 ):
     prompts, expected = reference
-    stack = Stack(tmp_path / "logs", tiny_text_model, *ENGINE, prefill=prefill, decode=decode)
+    args = (*ENGINE, "--transport", transport)
+    stack = Stack(tmp_path / "logs", tiny_text_model, *args, prefill=prefill, decode=decode)
     try:
         results = asyncio.run(complete_all(stack.url, prompts))
         got = [r["choices"][0]["token_ids"] for r in results]
         assert got == expected
         assert all(r["choices"][0]["finish_reason"] == "length" for r in results)
-        # KV bytes really crossed (a silent recompute on decode would move none)
+        # KV bytes really crossed (a silent recompute on decode would move none), all of them
+        # over the chosen transport, in runs of blocks
         sent = sum(stack.metric(n, "baton_kv_bytes_sent_total") for n in stack.services("prefill"))
-        received = sum(
-            stack.metric(n, "baton_kv_bytes_received_total") for n in stack.services("decode")
-        )
+        decodes = stack.services("decode")
+        received = sum(stack.metric(n, "baton_kv_bytes_received_total") for n in decodes)
         assert received > 0 and received == sent
-        recomputed = sum(
-            stack.metric(n, "baton_recomputes_total") for n in stack.services("decode")
+        over = sum(
+            stack.metric(n, "baton_kv_transport_bytes_total", transport=chosen) for n in decodes
         )
+        assert over == received
+        assert sum(stack.metric(n, "baton_kv_transport_runs_total") for n in decodes) > 0
+        for name in stack.services("prefill") | decodes:  # each service reports the choice
+            kv = stack.health(name)["kv"]
+            assert kv["transport"] == transport and set(kv["peers"].values()) == {chosen}
+        recomputed = sum(stack.metric(n, "baton_recomputes_total") for n in decodes)
         assert recomputed == 0
         assert set(stack.wait_blocks_free().values()) == {0}
     finally:
         stack.stop()
+    assert segments_of(stack) == []
 
 
 @pytest.fixture(scope="module")
@@ -131,13 +155,15 @@ def test_bad_requests_get_openai_errors(stack):
         assert r.status_code == 400
 
 
-def streams(url: str, prompts, max_tokens: int):
+def streams(url: str, prompts, max_tokens: int, events_of: list[list[float]] | None = None):
     """Start streaming requests; return a task list giving (events, error, seconds after the
-    first token) for each."""
+    first token) for each. events_of, if given, receives each stream's event list as it grows."""
 
     async def one(client, p):
         body = {"prompt": p, "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
         events, error = [], None
+        if events_of is not None:
+            events_of.append(events)
         async with client.stream("POST", "/v1/completions", json=body) as r:
             async for line in r.aiter_lines():
                 if line.startswith("data: ") and line != "data: [DONE]":
@@ -177,27 +203,81 @@ def test_decode_killed_mid_generation_fails_its_requests_fast(tmp_path, tiny_tex
         stack.stop()
 
 
-def test_prefill_killed_while_holding_blocks_fails_waiting_requests_fast(tmp_path, tiny_text_model):
-    # a decode pool of 12 blocks takes one 150-token request at a time: the rest wait at the
-    # prefill, which holds their KV blocks for the decode
-    engine = ("--max-num-batched-tokens", "512", "--num-blocks", "12")
+@pytest.mark.parametrize("transport", ["zmq-tcp", "shm", "nixl"])
+def test_prefill_killed_while_holding_blocks_fails_waiting_requests_fast(
+    tmp_path, tiny_text_model, transport
+):
+    # a decode pool of 12 blocks takes one 100-token request (+90 new) at a time: the rest
+    # wait at the prefill, which holds their KV blocks for the decode; the long decode of the
+    # first leaves time to see the second's first token before the kill
+    engine = ("--max-num-batched-tokens", "512", "--num-blocks", "12", "--transport", transport)
     stack = Stack(tmp_path / "logs", tiny_text_model, *engine)
     try:
         rng = random.Random(1)
-        prompts = [[rng.randrange(3, 49152) for _ in range(150)] for _ in range(3)]
-        run = streams(stack.url, prompts, max_tokens=40)
+        prompts = [[rng.randrange(3, 49152) for _ in range(100)] for _ in range(3)]
+        events_of: list[list[float]] = []
+        run = streams(stack.url, prompts, max_tokens=90, events_of=events_of)
 
         async def main():
             task = asyncio.create_task(run())
-            await asyncio.sleep(1.0)
+            # two prompts have their first token: one decodes, one waits on the prefill's
+            # blocks; the third waits in the prefill's queue (its pool holds one prompt)
+            async with asyncio.timeout(60):
+                while sum(map(bool, events_of)) < 2:
+                    await asyncio.sleep(0.02)
             killed_at = time.monotonic()
             stack.kill("prefill-0")
             return await task, killed_at
 
         results, killed_at = asyncio.run(main())
         failed = [e for _, e in results if e is not None]
-        assert failed, "requests waiting on the dead prefill's blocks must fail"
+        # the queued one fails with the prefill; the one waiting on the prefill's blocks fails
+        # too, except over shm: the blocks stay readable in the decode's mapping
+        assert len(failed) == (1 if transport == "shm" else 2)
         assert all(t - killed_at < 10 for _, t in failed)
+        if transport == "nixl":  # the read itself failed, before the prefill's silence showed
+            assert any("NIXL agent disconnected" in m for m, _ in failed)
         assert stack.wait_blocks_free() == {"decode-0": 0}
+        # the decode unlinks the dead prefill's segment once it forgets the silent peer
+        deadline = time.monotonic() + 15
+        while segments_of(stack) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert segments_of(stack) == []
+    finally:
+        stack.stop()
+
+
+def test_short_prompts_prefill_on_their_decode_long_ones_hand_off(
+    tmp_path, tiny_text_model, reference
+):
+    """Conditional disaggregation: a prompt within `local_prefill_tokens` is cheaper to
+    prefill where it will decode than to move; the output is the same either way."""
+    prompts, expected = reference
+    config = tmp_path / "baton.toml"
+    config.write_text("[gateway]\nlocal_prefill_tokens = 20\n")
+    stack = Stack(tmp_path / "logs", tiny_text_model, *ENGINE, "--config", str(config))
+    try:
+        results = asyncio.run(complete_all(stack.url, prompts))
+        assert [r["choices"][0]["token_ids"] for r in results] == expected
+        short = sum(len(p) <= 20 for p in prompts)
+        assert 0 < short < len(prompts)
+        assert stack.metric("decode-0", "baton_local_prefills_total") == short
+        assert stack.metric("gateway", "baton_local_prefills_routed_total") == short
+        assert stack.metric("prefill-0", "baton_kv_transfers_total") == len(prompts) - short
+        assert set(stack.wait_blocks_free().values()) == {0}
+    finally:
+        stack.stop()
+
+
+def test_with_no_prefill_pool_the_decode_serves_alone(tmp_path, tiny_text_model, reference):
+    """Aggregated mode (`--prefill 0`): every prompt prefills on the decode, token-exact."""
+    prompts, expected = reference
+    stack = Stack(tmp_path / "logs", tiny_text_model, *ENGINE, prefill=0, decode=1)
+    try:
+        results = asyncio.run(complete_all(stack.url, prompts))
+        assert [r["choices"][0]["token_ids"] for r in results] == expected
+        assert stack.metric("decode-0", "baton_local_prefills_total") == len(prompts)
+        assert stack.metric("decode-0", "baton_kv_bytes_received_total") == 0
+        assert set(stack.wait_blocks_free().values()) == {0}
     finally:
         stack.stop()

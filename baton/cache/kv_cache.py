@@ -18,10 +18,21 @@ def block_nbytes(args: ModelArgs, block_size: int, dtype: torch.dtype) -> int:
 
 
 class KVCache:
-    def __init__(self, args: ModelArgs, num_blocks: int, block_size: int, dtype: torch.dtype):
+    def __init__(
+        self,
+        args: ModelArgs,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        storage: torch.Tensor | None = None,
+    ):
+        """storage: zeroed uint8 memory of num_blocks * block_nbytes to live in; None: new."""
         self.num_blocks, self.block_size, self.dtype = num_blocks, block_size, dtype
         shape = (num_blocks, args.num_layers, 2, block_size, args.num_kv_heads, args.head_dim)
-        self.data = torch.zeros(shape, dtype=dtype)
+        if storage is None:
+            self.data = torch.zeros(shape, dtype=dtype)
+        else:
+            self.data = storage.view(dtype).view(shape)
         self.layers = [(self.data[:, i, 0], self.data[:, i, 1]) for i in range(args.num_layers)]
         self.block_nbytes = block_nbytes(args, block_size, dtype)
 

@@ -1,0 +1,106 @@
+"""What the SLO targets turn into, as plain Python: measured step-time models, a TTFT
+prediction for admission, and a decode batch cap for TPOT.
+
+Services measure every engine step and report the fitted figures in their heartbeats; the
+gateway and the decode scheduler act on them. Nothing here knows about sockets or torch.
+"""
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+
+class StepTimes:
+    """Step seconds as a line in a step's size, fitted over the last `window` steps:
+
+        seconds ~= fixed + per_unit * units
+
+    where units are prompt tokens (prefill: the slope is 1 / throughput) or sequences in the
+    batch (decode: the slope is what one more sequence adds to every token's latency)."""
+
+    def __init__(self, window: int = 256):
+        self.samples: deque[tuple[float, float]] = deque(maxlen=window)
+
+    def observe(self, units: float, seconds: float) -> None:
+        if units > 0:
+            self.samples.append((units, seconds))
+
+    def fit(self) -> tuple[float, float] | None:
+        """(fixed, per_unit), or None before two distinct sizes were seen."""
+        n = len(self.samples)
+        if n < 2:
+            return None
+        mx = sum(u for u, _ in self.samples) / n
+        my = sum(s for _, s in self.samples) / n
+        var = sum((u - mx) ** 2 for u, _ in self.samples)
+        if var == 0:  # one size only: all of it is per-unit cost, none fixed
+            return 0.0, my / mx
+        slope = sum((u - mx) * (s - my) for u, s in self.samples) / var
+        slope = max(slope, 0.0)
+        return max(my - slope * mx, 0.0), slope
+
+
+def max_batch_for_tpot(fit: tuple[float, float] | None, tpot_s: float, limit: int) -> int:
+    """The largest decode batch whose predicted step time stays within the TPOT target."""
+    if fit is None:
+        return limit
+    fixed, per_seq = fit
+    if per_seq <= 0:
+        return limit
+    return max(1, min(limit, math.floor((tpot_s - fixed) / per_seq)))
+
+
+class Calibration:
+    """How far real TTFTs run from predictions (HTTP, queueing order, a busy machine), as
+    a running ratio that scales the next predictions. Short predictions are skipped: fixed
+    overheads dominate them and would inflate the ratio."""
+
+    def __init__(self, weight: float = 0.3, bounds: tuple[float, float] = (0.5, 4.0)):
+        self.ratio, self.weight, self.bounds = 1.0, weight, bounds
+
+    def observe(self, predicted_s: float | None, actual_s: float, min_s: float = 0.05) -> None:
+        if predicted_s is None or predicted_s < min_s:
+            return
+        ratio = (1 - self.weight) * self.ratio + self.weight * actual_s / predicted_s
+        self.ratio = min(max(ratio, self.bounds[0]), self.bounds[1])
+
+
+@dataclass(frozen=True)
+class Admission:
+    """The gateway's decision on one request."""
+
+    admitted: bool
+    predicted_ttft_s: float | None = None
+    retry_after_s: int = 0
+    reason: str = ""
+
+
+def prefill_seconds(tokens: int, fit: tuple[float, float], budget: int) -> float:
+    """Time to prefill `tokens` in steps of at most `budget` tokens each."""
+    fixed, per_token = fit
+    return math.ceil(tokens / budget) * fixed + tokens * per_token
+
+
+def admit(
+    queued_tokens: int,
+    prompt_tokens: int,
+    fit: tuple[float, float] | None,
+    budget: int,
+    ttft_s: float,
+    scale: float = 1.0,
+) -> Admission:
+    """Predict TTFT from the prefill's fitted step times: the queue ahead of this prompt
+    plus the prompt itself, times the calibration `scale`. Refuse when it misses the target;
+    with no fit yet, admit."""
+    if fit is None or fit[1] <= 0:
+        return Admission(True)
+    predicted = scale * prefill_seconds(queued_tokens + prompt_tokens, fit, budget)
+    if predicted <= ttft_s or queued_tokens == 0:  # an idle prefill takes even a long prompt
+        return Admission(True, predicted)
+    drain = scale * prefill_seconds(queued_tokens, fit, budget)  # when the queue has cleared
+    return Admission(
+        False,
+        predicted,
+        max(1, math.ceil(drain)),
+        f"predicted time to first token {predicted:.1f}s exceeds the {ttft_s:.1f}s target",
+    )

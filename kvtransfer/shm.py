@@ -1,0 +1,151 @@
+"""KV blocks over shared memory, for a prefill and a decode on one host.
+
+The prefill's whole KV pool lives in a file in /dev/shm (`Segment`); a decode maps it once,
+at the handshake (`ShmReader`), and copies leased blocks out of it by index: one `copy_` per
+run of blocks that are consecutive on both sides (indexing a uint8 view with an id list is
+~10x slower; shared/machine.md).
+
+No segment outlives its owner for long. It is named baton-kv-<pid>-<random>, and the owner
+holds an flock on it while it lives; the kernel drops the lock when the process dies, even
+by kill -9. So "nobody holds the lock and the pid is gone" means "owner dead": `sweep()`
+unlinks those files. Every service sweeps at start and a decode sweeps when a peer goes
+silent; the owner unlinks its own file at exit. A decode's mapping stays valid after the
+unlink, until it forgets the peer.
+"""
+
+import atexit
+import contextlib
+import fcntl
+import logging
+import mmap
+import os
+import secrets
+
+import torch
+
+from baton import protocol as P
+from kvtransfer.base import Landed, joint_runs
+
+log = logging.getLogger(__name__)
+
+SHM_DIR = "/dev/shm"
+PREFIX = "baton-kv-"
+
+
+def _map(fd: int, nbytes: int) -> torch.Tensor:
+    """The file as a flat uint8 tensor; the tensor keeps the mapping alive."""
+    return torch.frombuffer(mmap.mmap(fd, nbytes), dtype=torch.uint8)
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def segments() -> list[str]:
+    return sorted(f"{SHM_DIR}/{n}" for n in os.listdir(SHM_DIR) if n.startswith(PREFIX))
+
+
+def sweep() -> list[str]:
+    """Unlink the segments of dead owners; returns their paths."""
+    removed = []
+    for path in segments():
+        try:
+            pid = int(os.path.basename(path)[len(PREFIX) :].split("-")[0])
+            fd = os.open(path, os.O_RDONLY)
+        except (ValueError, FileNotFoundError):
+            continue
+        try:
+            # the pid check covers the moment between an owner's create and its flock
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if not _pid_alive(pid):
+                _unlink(path)
+                removed.append(path)
+        except BlockingIOError:
+            pass  # the owner holds it
+        finally:
+            os.close(fd)
+    return removed
+
+
+class Segment:
+    """A KV pool in /dev/shm. Pass `create` to Engine.build as the pool's storage; `region`
+    is what the prefill offers in Hello (None if the pool could not be shared)."""
+
+    def __init__(self, required: bool) -> None:
+        """required: exit when /dev/shm cannot hold the pool; else fall back to private
+        memory (no shm transport for this service), with a log line saying why."""
+        self.required = required
+        self.region: P.ShmRegion | None = None
+
+    def create(self, nbytes: int) -> torch.Tensor:
+        """A zeroed (fresh tmpfs pages), locked, shared pool of `nbytes`."""
+        sweep()
+        path = f"{SHM_DIR}/{PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # fd stays open for the process's life: it holds the lock
+        atexit.register(_unlink, path)
+        try:
+            # reserve every page now: a /dev/shm too small (docker's default is 64 MiB)
+            # fails here, instead of killing the service with SIGBUS when the pool fills up
+            os.posix_fallocate(fd, 0, nbytes)
+        except OSError as e:
+            _unlink(path)
+            os.close(fd)
+            st = os.statvfs(SHM_DIR)
+            why = (
+                f"{SHM_DIR} cannot hold the {nbytes / 2**30:.2f} GiB KV pool "
+                f"({st.f_bavail * st.f_frsize / 2**30:.2f} GiB free; docker: --shm-size): {e}"
+            )
+            if self.required:
+                raise SystemExit(f"--transport shm: {why}") from e
+            log.warning("KV pool in private memory, so no shm transport: %s", why)
+            return torch.zeros(nbytes, dtype=torch.uint8)
+        self.region = P.ShmRegion(path, nbytes)
+        return _map(fd, nbytes)
+
+
+class ShmReader:
+    """A peer's shared pool, mapped once; reads are synchronous copies."""
+
+    transport = "shm"
+
+    def __init__(self, region: P.ShmRegion, pool: torch.Tensor):
+        """pool: our [num_blocks, block_nbytes] uint8 pool. Raises OSError if the file is not
+        here (another host) and ValueError if its size is not what the peer announced."""
+        fd = os.open(region.path, os.O_RDWR)
+        try:
+            size = os.fstat(fd).st_size
+            if size != region.nbytes or size % pool.shape[1]:
+                raise ValueError(f"{region.path} has {size} bytes, announced {region.nbytes}")
+            self.src = _map(fd, size).view(-1, pool.shape[1])
+        finally:
+            os.close(fd)  # the mapping does not need it
+        self.dst = pool
+        self.landed: list[Landed] = []
+
+    def start(self, req_id: str, src_ids: list[int], dst_ids: list[int]) -> None:
+        runs = joint_runs(src_ids, dst_ids)
+        for s, d, n in runs:
+            self.dst[d : d + n].copy_(self.src[s : s + n])
+        self.landed.append(Landed(req_id, len(src_ids) * self.dst.shape[1], len(runs)))
+
+    def poll(self) -> list[Landed]:
+        landed, self.landed = self.landed, []
+        return landed
+
+    def cancel(self, req_id: str) -> bool:
+        return True  # copies finish inside start()
+
+    def close(self) -> None:
+        del self.src  # unmaps once no view of it is left

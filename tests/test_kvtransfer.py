@@ -1,0 +1,200 @@
+"""KV transports at block level: a source pool of random bytes, scattered block ids, and
+each transport's Reader copying them into a destination pool. For shm and NIXL the source
+lives in another process (spawned, as a prefill would be) and is killed with SIGKILL."""
+
+import multiprocessing as mp
+import os
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from multiprocessing.connection import Connection
+
+import msgspec
+import pytest
+import torch
+import zmq
+
+from baton import protocol as P
+from kvtransfer import nixl, shm
+from kvtransfer.base import Landed, TransferError, joint_runs
+from kvtransfer.handshake import Refused, choose
+from kvtransfer.zmq import ZmqReader, block_frames
+
+NUM_BLOCKS, BLOCK_NBYTES = 64, 4608
+LAYOUT = P.KVLayout("test", "bfloat16", 16, 3, 1, 6, BLOCK_NBYTES)
+# runs and singles, out of order, both ends of the pool
+SRC = [5, 6, 7, 40, 2, 3, 63, 0]
+DST = [10, 11, 12, 13, 30, 31, 1, 50]
+NUM_RUNS = 5  # (5->10 x3) (40->13) (2->30 x2) (63->1) (0->50)
+
+
+def random_pool(seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (NUM_BLOCKS, BLOCK_NBYTES), dtype=torch.uint8, generator=g)
+
+
+def test_joint_runs_need_both_sides_consecutive():
+    assert joint_runs(SRC, DST) == [(5, 10, 3), (40, 13, 1), (2, 30, 2), (63, 1, 1), (0, 50, 1)]
+    assert joint_runs([], []) == []
+
+
+def source(transport: str, conn: Connection, seed: int) -> None:
+    """A prefill stand-in: its pool in shared memory or registered with NIXL, offered in a
+    Hello; it lives until told to go (or is killed)."""
+    pool = random_pool(seed)
+    region = {}
+    if transport == "shm":
+        segment = shm.Segment(required=True)
+        pool = segment.create(pool.numel()).view(NUM_BLOCKS, -1).copy_(pool)
+        region["shm"] = segment.region
+    else:
+        agent = nixl.Agent(f"source-{os.getpid()}", pool)
+        region["nixl"] = agent.region
+    conn.send_bytes(msgspec.msgpack.encode(P.Hello("src", LAYOUT, NUM_BLOCKS, transport, **region)))
+    conn.recv_bytes()
+
+
+@contextmanager
+def spawned_source(transport: str, seed: int) -> Iterator[tuple[mp.Process, P.Hello]]:
+    ctx = mp.get_context("spawn")
+    ours, theirs = ctx.Pipe()
+    proc = ctx.Process(target=source, args=(transport, theirs, seed), daemon=True)
+    proc.start()
+    try:
+        assert ours.poll(60), "the source did not start"
+        yield proc, msgspec.msgpack.decode(ours.recv_bytes(), type=P.Hello)
+    finally:
+        if proc.is_alive():
+            ours.send_bytes(b"go")
+            proc.join(10)
+        proc.kill()
+
+
+def read(reader, req_id: str = "r") -> Landed:
+    reader.start(req_id, SRC, DST)
+    deadline = time.monotonic() + 10
+    while not (landed := reader.poll()):
+        assert time.monotonic() < deadline, "the read never landed"
+    (one,) = landed
+    return one
+
+
+def assert_copied(dst: torch.Tensor, seed: int) -> None:
+    assert torch.equal(dst[DST], random_pool(seed)[SRC])
+    untouched = sorted(set(range(NUM_BLOCKS)) - set(DST))
+    assert not dst[untouched].any()
+
+
+@pytest.fixture
+def dst() -> torch.Tensor:
+    return torch.zeros(NUM_BLOCKS, BLOCK_NBYTES, dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("transport", ["shm", "nixl"])
+def test_one_sided_read_copies_scattered_blocks_from_another_process(transport, dst):
+    with spawned_source(transport, seed=1) as (_, hello):
+        agent = nixl.Agent(f"dst-{os.getpid()}", dst) if transport == "nixl" else None
+        reader, skipped = choose(hello, transport, dst, agent, zmq_reader=None)
+        assert (reader.transport, skipped) == (transport, [])
+        assert read(reader) == Landed("r", len(SRC) * BLOCK_NBYTES, NUM_RUNS)
+        assert_copied(dst, seed=1)
+        reader.close()
+        path = hello.shm.path if hello.shm else None
+    if path:  # the owner unlinked its segment at exit
+        assert path not in shm.segments()
+
+
+def test_zmq_reader_copies_the_runs_it_pulled_and_drops_cancelled_ones(dst):
+    src = random_pool(2)
+    ctx = zmq.Context()
+    a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    a.bind("inproc://kv")
+    b.connect("inproc://kv")
+    pulls: list[P.KVPull] = []
+    reader = ZmqReader("zmq-ipc", pulls.append, dst)
+
+    def deliver(req_id: str) -> None:
+        runs, frames = block_frames(src, SRC)  # what the prefill sends on KVPull
+        b.send_multipart([b"header", *frames], copy=False)
+        got = a.recv_multipart(copy=False)[1:]
+        reader.receive(P.KVBlocks(req_id, runs), [f.buffer for f in got])
+
+    reader.start("r", SRC, DST)
+    assert pulls == [P.KVPull("r")]
+    deliver("r")
+    # frames are runs of the sender's ids only: 5-7, 40, 2-3, 63, 0
+    assert reader.poll() == [Landed("r", len(SRC) * BLOCK_NBYTES, 5)]
+    assert_copied(dst, seed=2)
+    # cancelled: its blocks may be another request's by the time the frames arrive
+    dst.zero_()
+    reader.start("late", SRC, DST)
+    assert reader.cancel("late")
+    deliver("late")
+    assert reader.poll() == [] and not dst.any()
+    ctx.destroy(linger=0)
+
+
+def test_shm_blocks_stay_readable_after_the_owner_is_killed_and_sweep_unlinks_them(dst):
+    with spawned_source("shm", seed=3) as (proc, hello):
+        reader = shm.ShmReader(hello.shm, dst)
+        assert hello.shm.path not in shm.sweep()  # alive: it holds the lock
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join()
+        assert hello.shm.path in shm.sweep()
+        assert hello.shm.path not in shm.segments()
+        # our mapping outlives the unlink: the leased blocks can still be copied
+        assert read(reader).error is None
+        assert_copied(dst, seed=3)
+        reader.close()
+
+
+def test_nixl_read_from_a_killed_peer_fails_then_a_restarted_peer_attaches_afresh(dst):
+    agent = nixl.Agent(f"dst-{os.getpid()}", dst)
+    with spawned_source("nixl", seed=4) as (proc, hello):
+        reader = nixl.NixlReader(agent, hello.nixl)
+        assert read(reader).error is None
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join()
+        landed = read(reader, "after-kill")
+        assert landed.req_id == "after-kill" and "disconnected" in landed.error
+        with pytest.raises(TransferError, match="disconnected"):
+            reader.start("next", SRC, DST)  # detached: no read is even tried
+    dst.zero_()
+    with spawned_source("nixl", seed=5) as (_, hello):  # the peer restarted: a new agent
+        reader = nixl.NixlReader(agent, hello.nixl)
+        assert read(reader).error is None
+        assert_copied(dst, seed=5)
+        reader.close()
+
+
+def hello_with(**regions) -> P.Hello:
+    return P.Hello("src", LAYOUT, NUM_BLOCKS, regions.pop("transport", "auto"), **regions)
+
+
+def test_handshake_picks_shm_on_one_host_and_says_why_it_falls_back(dst):
+    segment = shm.Segment(required=True)
+    segment.create(NUM_BLOCKS * BLOCK_NBYTES)
+    try:
+        reader, skipped = choose(hello_with(shm=segment.region), "auto", dst, None, None)
+        assert (reader.transport, skipped) == ("shm", [])
+        # another host: no such file; no NIXL here -> ZeroMQ, with both reasons
+        elsewhere = P.ShmRegion("/dev/shm/baton-kv-1-elsewhere", segment.region.nbytes)
+        zmq_reader = ZmqReader("zmq-tcp", print, dst)
+        reader, skipped = choose(hello_with(shm=elsewhere), "auto", dst, None, lambda: zmq_reader)
+        assert reader is zmq_reader
+        assert skipped == [
+            "shm: the prefill's segment is not here (another host)",
+            "nixl: the prefill offers no nixl region",
+        ]
+        # named transports never fall back
+        with pytest.raises(Refused, match="shm: the prefill's segment is not here"):
+            choose(hello_with(shm=elsewhere), "shm", dst, None, lambda: zmq_reader)
+        with pytest.raises(Refused, match="transports differ: prefill nixl, decode shm"):
+            choose(hello_with(transport="nixl"), "shm", dst, None, lambda: zmq_reader)
+        # a region that is not the announced pool's size
+        small = P.ShmRegion(segment.region.path, BLOCK_NBYTES)
+        with pytest.raises(Refused, match=f"region has {BLOCK_NBYTES} B"):
+            choose(hello_with(shm=small, transport="shm"), "auto", dst, None, None)
+    finally:
+        os.unlink(segment.region.path)

@@ -1,0 +1,122 @@
+"""SLO-driven behaviour: step-time fits, TTFT prediction, the TPOT batch cap, and admission
+that refuses a burst beyond capacity with 429 while the admitted requests meet the target."""
+
+import json
+import random
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from stack import Stack
+
+from baton.slo import Calibration, StepTimes, admit, max_batch_for_tpot
+
+
+def test_step_times_recover_a_line():
+    times = StepTimes()
+    assert times.fit() is None
+    for units in (1, 4, 8, 16, 32, 4, 8):
+        times.observe(units, 0.010 + 0.002 * units)
+    fixed, per_unit = times.fit()
+    assert fixed == pytest.approx(0.010) and per_unit == pytest.approx(0.002)
+
+
+def test_one_size_only_is_all_per_unit_cost():
+    times = StepTimes()
+    for _ in range(3):
+        times.observe(8, 0.08)
+    assert times.fit() == (0.0, pytest.approx(0.01))
+
+
+def test_tpot_cap_is_the_largest_batch_within_target():
+    assert max_batch_for_tpot((0.010, 0.002), tpot_s=0.050, limit=64) == 20
+    assert max_batch_for_tpot((0.010, 0.002), tpot_s=0.005, limit=64) == 1  # never zero
+    assert max_batch_for_tpot((0.010, 0.0001), tpot_s=0.050, limit=64) == 64
+    assert max_batch_for_tpot(None, tpot_s=0.050, limit=64) == 64  # not measured yet
+
+
+def test_admission_predicts_ttft_from_the_queue_ahead():
+    fit = (0.01, 0.001)  # 10 ms a step + 1 ms per prompt token, 512 tokens a step
+    ok = admit(queued_tokens=500, prompt_tokens=400, fit=fit, budget=512, ttft_s=1.0)
+    assert ok.admitted and ok.predicted_ttft_s == pytest.approx(0.9 + 2 * 0.01)
+    no = admit(queued_tokens=3000, prompt_tokens=400, fit=fit, budget=512, ttft_s=1.0)
+    assert not no.admitted and no.predicted_ttft_s == pytest.approx(3.4 + 7 * 0.01)
+    assert no.retry_after_s == 4 and "3.5s exceeds the 1.0s" in no.reason  # 3.06 s to drain
+    assert admit(0, 5000, fit, 512, ttft_s=1.0).admitted  # an idle prefill takes a long prompt
+    assert admit(10**6, 10, None, 512, ttft_s=1.0).admitted  # no measurement: no basis to refuse
+
+
+def test_calibration_scales_predictions_by_how_far_reality_ran():
+    cal = Calibration(weight=0.5)
+    cal.observe(0.2, 0.3)  # 1.5x slower than predicted
+    assert cal.ratio == pytest.approx(1.25)
+    cal.observe(0.01, 5.0)  # too short to judge: fixed overheads dominate
+    cal.observe(None, 5.0)  # admitted without a prediction
+    assert cal.ratio == pytest.approx(1.25)
+    for _ in range(20):
+        cal.observe(0.1, 10.0)
+    assert cal.ratio == 4.0  # bounded: one stall does not shut admission for long
+    fit = (0.0, 0.001)
+    assert admit(100, 400, fit, 512, ttft_s=0.6).admitted
+    assert not admit(100, 400, fit, 512, ttft_s=0.6, scale=cal.ratio).admitted
+
+
+def post(url: str, body: dict) -> tuple[int, float, dict]:
+    req = urllib.request.Request(
+        url, json.dumps(body).encode(), {"content-type": "application/json"}
+    )
+    t0 = time.perf_counter()
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            r.read()
+            return r.status, time.perf_counter() - t0, dict(r.headers)
+    except urllib.error.HTTPError as e:
+        e.read()
+        return e.code, time.perf_counter() - t0, dict(e.headers)
+
+
+@pytest.fixture(scope="module")
+def slo_stack(tmp_path_factory, tiny_text_model):
+    root = tmp_path_factory.mktemp("slo")
+    config = root / "baton.toml"
+    # a small prefill budget makes a long prompt take many steps: capacity is easy to exceed
+    config.write_text(
+        "[slo]\nttft_ms = 400\n[prefill]\nmax_num_batched_tokens = 32\n"
+        # the client's clock adds HTTP on a shared 2-core machine: aim lower than the default
+        '[gateway]\nadmission = "slo"\nadmission_margin = 0.7\n'
+    )
+    stack = Stack(root / "logs", tiny_text_model, "--config", str(config))
+    yield stack
+    stack.stop()
+
+
+def test_a_burst_beyond_capacity_gets_429_and_the_admitted_meet_ttft(slo_stack):
+    url = f"{slo_stack.url}/v1/completions"
+    rng = random.Random()
+
+    def request(n: int) -> tuple[int, float, dict]:
+        ids = [rng.randrange(3, 40000) for _ in range(n)]
+        return post(url, {"prompt": ids, "max_tokens": 1, "temperature": 0})
+
+    with ThreadPoolExecutor(24) as pool:
+        # bursts within capacity: the prefill measures its step times under load, then the
+        # gateway calibrates its predictions against the TTFTs it sees
+        for _ in range(2):
+            assert {r[0] for r in pool.map(request, [700, 300, 500, 100])} == {200}
+            time.sleep(1.2)  # a heartbeat carries the fit to the gateway
+        results = list(pool.map(request, [700] * 24))
+    admitted = [t for code, t, _ in results if code == 200]
+    refused = [(t, h) for code, t, h in results if code == 429]
+    print(f"admitted {len(admitted)}, refused {len(refused)}; admitted latencies", admitted)
+    assert {code for code, _, _ in results} <= {200, 429}
+    assert admitted and refused
+    assert all(int(h["retry-after"]) >= 1 for _, h in refused)
+    assert max(t for t, _ in refused) < 0.4  # refused at once, not after a wait
+    met = sum(t <= 0.4 for t in admitted) / len(admitted)
+    assert met >= 0.9, f"only {met:.0%} of admitted requests met the 400 ms TTFT target"
+    assert slo_stack.metric("gateway", "baton_admission_rejected_total", reason="ttft_slo") == len(
+        refused
+    )
+    time.sleep(max(int(h["retry-after"]) for _, h in refused))  # as a client would
+    assert request(64)[0] == 200  # the load is gone: admitted again

@@ -133,7 +133,10 @@ def test_builtin_arms_share_model_dtype_limits_and_cores(tmp_path):
     assert disagg.url == "http://127.0.0.1:9000" and vllm.url == "http://127.0.0.1:9002"
     assert vllm.env["OMP_BIND"] == "0-3" and vllm.env["MODEL_DIR"] == "/m"
     assert vllm.env["EXTRA_ARGS"] == "--max-num-seqs 64 --max-num-batched-tokens 512"
-    assert vllm.stop[-2:] == ["stop", "9002"] and agg.unavailable
+    assert vllm.stop[-2:] == ["stop", "9002"]
+    argv = agg.start[4:]
+    flags = dict(zip(argv[::2], argv[1::2], strict=True))  # one decode on every core
+    assert (flags["--prefill"], flags["--decode"], flags["--decode-cpus"]) == ("0", "1", "0-3")
     missing = resolve(["vllm-cpu"], limits, 9000, tmp_path, tmp_path / "none.sh")
     assert "not found" in missing[0].unavailable
     assert cpu_spec([5, 0, 1, 2]) == "0-2,5"
@@ -184,13 +187,13 @@ def test_rejected_and_aborted_requests_are_misses_not_dropped(stack, tokenizer, 
 def test_bench_compare_measures_each_arm_and_writes_requests_and_plots(
     tmp_path, stack, tiny_text_model
 ):
-    """`baton bench compare` starts Baton disaggregated itself, measures the running fixture
-    stack by URL too, and reports the arms it cannot run."""
+    """`baton bench compare` starts Baton aggregated itself, measures the running fixture
+    stack (disaggregated) by URL too, and reports the arms it cannot run."""
     out = tmp_path / "out"
     cpus = ",".join(map(str, sorted(os.sched_getaffinity(0))))
     cmd = [
         sys.executable, "-m", "baton.cli", "bench", "compare",
-        "--arms", "baton-disagg", f"fixture={stack.url}", "baton-agg", "vllm-cpu",
+        "--arms", "baton-agg", f"fixture={stack.url}", "vllm-cpu",
         "--vllm-script", str(tmp_path / "missing.sh"), "--baseline", "fixture",
         "--model", str(tiny_text_model), "--dtype", "float32", "--cpus", cpus,
         "--kv-cache-gib", "1", "--port", str(free_port()),
@@ -201,7 +204,7 @@ def test_bench_compare_measures_each_arm_and_writes_requests_and_plots(
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((out / "results.json").read_text())
     runs = {(r["system"], r["load"]["label"]): r for r in result["runs"]}
-    assert set(runs) == {(s, load) for s in ("baton-disagg", "fixture")
+    assert set(runs) == {(s, load) for s in ("baton-agg", "fixture")
                          for load in ("20 req/s", "all at once")}  # fmt: skip
     for run in runs.values():
         assert [(q["session"], q["status"], q["output_tokens"]) for q in run["requests"]] == [
@@ -209,10 +212,10 @@ def test_bench_compare_measures_each_arm_and_writes_requests_and_plots(
         ]
         assert all(8 <= q["prompt_tokens"] <= 40 for q in run["requests"])
     # the same seed per load: both systems got the same prompts
-    lengths = {s: [q["prompt_tokens"] for q in runs[s, "20 req/s"]["requests"]] for s in ("baton-disagg", "fixture")}  # fmt: skip
-    assert lengths["baton-disagg"] == lengths["fixture"]
-    assert set(result["unavailable"]) == {"baton-agg", "vllm-cpu"}
-    assert "| baton-disagg | 20 req/s | 8 / 8 |" in done.stdout and "x) |" in done.stdout
+    lengths = {s: [q["prompt_tokens"] for q in runs[s, "20 req/s"]["requests"]] for s in ("baton-agg", "fixture")}  # fmt: skip
+    assert lengths["baton-agg"] == lengths["fixture"]
+    assert set(result["unavailable"]) == {"vllm-cpu"}
+    assert "| baton-agg | 20 req/s | 8 / 8 |" in done.stdout and "x) |" in done.stdout
     assert all((out / p).stat().st_size > 10_000 for p in ("latency_vs_load.png", "cdf.png"))
-    started = json.loads((out / "logs" / "baton-disagg" / "stack.json").read_text())
+    started = json.loads((out / "logs" / "baton-agg" / "stack.json").read_text())
     assert not [s["pid"] for s in started.values() if os.path.exists(f"/proc/{s['pid']}")]

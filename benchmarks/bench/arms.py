@@ -56,22 +56,26 @@ def cpu_spec(cpus: list[int]) -> str:
     return ",".join(f"{lo}-{hi}" if hi > lo else str(lo) for lo, hi in runs)
 
 
-def baton_disagg(limits: Limits, port: int, log_dir: Path) -> Arm:
-    """1 prefill + 1 decode, each pinned to half the cores (`baton up`'s default split)."""
+def baton_up(name: str, limits: Limits, port: int, log_dir: Path) -> Arm:
+    """baton-disagg: 1 prefill + 1 decode, each pinned to half the cores (`baton up`'s
+    default split). baton-agg: one decode on all the cores that prefills locally (no
+    prefill pool), the engine of `baton.LLM` behind the same gateway."""
     half = max(1, len(limits.cpus) // 2)
+    if name == "baton-disagg":
+        pools = ["--prefill", "1", "--decode", "1", "--prefill-cpus", cpu_spec(limits.cpus[:half])]
+        pools += ["--decode-cpus", cpu_spec(limits.cpus[half:] or limits.cpus)]
+    else:
+        pools = ["--prefill", "0", "--decode", "1", "--decode-cpus", cpu_spec(limits.cpus)]
     argv = [
         sys.executable, "-m", "baton.cli", "up", "--model", limits.model,
-        "--dtype", limits.dtype, "--port", str(port), "--log-dir", str(log_dir),
-        "--prefill", "1", "--decode", "1",
-        "--prefill-cpus", cpu_spec(limits.cpus[:half]),
-        "--decode-cpus", cpu_spec(limits.cpus[half:] or limits.cpus),
+        "--dtype", limits.dtype, "--port", str(port), "--log-dir", str(log_dir), *pools,
         "--max-num-seqs", str(limits.max_num_seqs),
         "--max-num-batched-tokens", str(limits.max_num_batched_tokens),
         "--kv-cache-gib", str(limits.kv_cache_gib),
     ]  # fmt: skip
     if limits.max_model_len:
         argv += ["--max-model-len", str(limits.max_model_len)]
-    return Arm(name="baton-disagg", url=f"http://127.0.0.1:{port}", start=argv)
+    return Arm(name=name, url=f"http://127.0.0.1:{port}", start=argv)
 
 
 def vllm_cpu(limits: Limits, port: int, script: Path) -> Arm:
@@ -101,10 +105,6 @@ def vllm_cpu(limits: Limits, port: int, script: Path) -> Arm:
     )
 
 
-BATON_AGG_MISSING = (
-    "Baton has no aggregated serving mode behind the gateway yet (a decode service needs "
-    "a prefill service; baton.LLM is offline only)"
-)
 BUILTIN = ("baton-disagg", "baton-agg", "vllm-cpu")
 
 
@@ -118,10 +118,8 @@ def resolve(
         if "=" in name:
             label, url = name.split("=", 1)
             arms.append(Arm(name=label, url=url.rstrip("/")))
-        elif name == "baton-disagg":
-            arms.append(baton_disagg(limits, port, log_dir / name))
-        elif name == "baton-agg":
-            arms.append(Arm(name=name, url="", unavailable=BATON_AGG_MISSING))
+        elif name in ("baton-disagg", "baton-agg"):
+            arms.append(baton_up(name, limits, port, log_dir / name))
         elif name == "vllm-cpu":
             arms.append(vllm_cpu(limits, port, vllm_script))
         else:

@@ -310,9 +310,11 @@ def parser() -> argparse.ArgumentParser:
     add_config_args(show, UP_FLAGS)
     show.set_defaults(func=cmd_config_show)
 
+    from baton.plan.cli import add_parser as add_plan_parser  # argparse only
     from benchmarks.bench.cli import add_parser as add_bench_parser  # argparse only
 
     add_bench_parser(sub)
+    add_plan_parser(sub)
     return p
 
 

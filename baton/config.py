@@ -84,6 +84,9 @@ class GatewayConfig(Section):
         Meta(gt=0, le=1),
         doc("slo admission takes a request if its predicted TTFT <= margin x ttft_ms"),
     ] = 0.85
+    max_migrations: Annotated[
+        int, Meta(ge=0), doc("times a stream resumes elsewhere after its service dies (0: off)")
+    ] = 2
     local_prefill_tokens: Annotated[
         int, Meta(ge=0), doc("prompts up to this many new tokens prefill on the decode (0: never)")
     ] = 0

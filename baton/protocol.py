@@ -72,6 +72,7 @@ class RequestError(msgspec.Struct, tag=True, frozen=True):
 
     req_id: str
     message: str
+    retryable: bool = False  # a peer died or the KV was lost: another service may resume it
 
 
 ToGateway = Heartbeat | TokenOutput | RequestError

@@ -194,9 +194,9 @@ class ServiceLoop:
             )
         )
 
-    def fail(self, req_id: str, message: str) -> None:
+    def fail(self, req_id: str, message: str, retryable: bool = False) -> None:
         REQUEST_ERRORS.labels(self.id).inc()
-        self.gateway.send(P.RequestError(req_id, message))
+        self.gateway.send(P.RequestError(req_id, message, retryable))
 
     def status(self) -> tuple[bool, dict]:
         ok = time.monotonic() - self.last_tick < 30

@@ -273,8 +273,8 @@ class DecodeService(ServiceLoop):
         else:  # a transfer we cannot stop may still write them: never reuse them
             log.error("a read into %s's blocks is stuck; they stay reserved", req_id)
         self.send_peer(p.peer, P.KVRelease(req_id))
-        if why is not None:
-            self.fail(req_id, why)
+        if why is not None:  # the hand-off failed, not the request: the gateway may resume it
+            self.fail(req_id, why, retryable=True)
 
     def abort(self, req_id: str) -> None:
         if self.sched.abort(req_id):

@@ -2,6 +2,7 @@
 health and metrics. Tokenizes and detokenizes here; never imports torch or the model."""
 
 import asyncio
+import itertools
 import json
 import logging
 import time
@@ -24,7 +25,8 @@ from baton.sampling_params import SamplingParams
 from baton.text import IncrementalDetokenizer, StopStringMatcher
 from gateway import metrics as M
 from gateway.admission import Admission, Overloaded
-from gateway.backend import Backend, NoCapacity, ServiceFailed
+from gateway.backend import Backend, NoCapacity, ServiceFailed, Stream
+from gateway.limits import BodyLimit
 from gateway.openai_types import (
     ChatRequest,
     CompletionRequest,
@@ -36,8 +38,6 @@ from gateway.openai_types import (
 
 log = logging.getLogger("baton.gateway")
 
-# far above what any context admits (a 128k-token prompt is ~1 MB of JSON); 413 beyond
-MAX_BODY_BYTES = 8 << 20
 # what the generation routes answer, for the OpenAPI schema (/docs): JSON, SSE when streaming
 GENERATION_RESPONSES: dict[int | str, dict] = {
     200: {"content": {"text/event-stream": {}}},
@@ -61,11 +61,17 @@ class Piece:
 
 class Gateway:
     def __init__(
-        self, model_dir: Path, backend: Backend, model_name: str, max_model_len: int | None
+        self,
+        model_dir: Path,
+        backend: Backend,
+        model_name: str,
+        max_model_len: int | None,
+        max_migrations: int,
     ):
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.backend = backend
         self.model_name = model_name
+        self.max_migrations = max_migrations
         config = json.loads((model_dir / "config.json").read_text())
         self.max_model_len = max_model_len or config.get("max_position_embeddings", 1 << 30)
         self.vocab_size = config.get("vocab_size") or len(self.tokenizer)
@@ -109,17 +115,40 @@ class Gateway:
         stream = await self.backend.submit(ids, params, prefill_id)
         detok = IncrementalDetokenizer(self.tokenizer, ids)
         stops = StopStringMatcher(params.stop)
+        streamed: list[int] = []
         try:
-            async for token in stream.tokens():
-                text, stopped = stops.feed(detok.add(token.token_id))
-                finish = "stop" if stopped else token.finish_reason
-                if finish and not stopped:
-                    text += stops.flush()
-                yield Piece(index, text, token, finish)
-                if finish:
-                    return
+            for migrations in itertools.count():
+                try:
+                    async for token in stream.tokens():
+                        streamed.append(token.token_id)
+                        text, stopped = stops.feed(detok.add(token.token_id))
+                        finish = "stop" if stopped else token.finish_reason
+                        if finish and not stopped:
+                            text += stops.flush()
+                        yield Piece(index, text, token, finish)
+                        if finish:
+                            return
+                except ServiceFailed as e:
+                    if not e.retryable or migrations >= self.max_migrations:
+                        raise
+                    stream = await self.resume(stream, ids, streamed, params, e)
         finally:
             await self.backend.finish(stream)  # aborts it on the services unless it ended
+
+    async def resume(
+        self, old: Stream, ids: list[int], streamed: list[int], params: SamplingParams, why
+    ) -> Stream:
+        """Failover: the prompt plus the tokens the client already has go to live services,
+        which prefill them and continue from the next token; the client sees one stream."""
+        await self.backend.finish(old)  # frees whatever the surviving service still holds
+        try:
+            avoid = {old.prefill_id, old.decode_id}  # one of them failed it
+            stream = await self.backend.submit(ids + streamed, params, None, len(ids), avoid)
+        except NoCapacity as e:
+            raise ServiceFailed(f"{why}; no capacity left to resume it: {e}") from e
+        M.MIGRATIONS.inc()
+        log.warning("resumed a request after %d tokens: %s", len(streamed), why)
+        return stream
 
 
 async def merged(gens: list[AsyncIterator[Piece]]) -> AsyncIterator[Piece]:
@@ -177,12 +206,15 @@ def create_app(model_dir: Path, config: BatonConfig) -> FastAPI:
         backend = Backend(gw.zmq_addr, admission, gw.local_prefill_tokens, aggregated)
         backend.on_heartbeat = M.observe_heartbeat
         backend.start()
-        state["gw"] = Gateway(model_dir, backend, model_name, config.engine.max_model_len)
+        state["gw"] = Gateway(
+            model_dir, backend, model_name, config.engine.max_model_len, gw.max_migrations
+        )
         log.info("gateway listening for services on %s", backend.addr)
         yield
         await backend.close()
 
-    app = FastAPI(title="Baton", version="0.1.0", lifespan=lifespan, max_body_size=MAX_BODY_BYTES)
+    app = FastAPI(title="Baton", version="0.1.0", lifespan=lifespan)
+    app.add_middleware(BodyLimit)
 
     @app.middleware("http")
     async def auth(request: Request, call_next):
@@ -195,12 +227,7 @@ def create_app(model_dir: Path, config: BatonConfig) -> FastAPI:
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
         """404, 405 and 413 in the OpenAI error shape too."""
-        message = (
-            f"the request body is over {MAX_BODY_BYTES} bytes"
-            if exc.status_code == 413
-            else str(exc.detail)
-        )
-        body = error_body(message, "invalid_request_error", exc.status_code)
+        body = error_body(str(exc.detail), "invalid_request_error", exc.status_code)
         return JSONResponse(body, exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)

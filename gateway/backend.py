@@ -30,7 +30,9 @@ class NoCapacity(RuntimeError):
 
 
 class ServiceFailed(RuntimeError):
-    pass
+    def __init__(self, message: str, retryable: bool = False):
+        super().__init__(message)
+        self.retryable = retryable
 
 
 @dataclass
@@ -38,18 +40,19 @@ class Stream:
     req_id: str
     prefill_id: str
     decode_id: str
+    first_index: int = 0  # a resumed stream continues from the tokens already streamed
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     done: bool = False
 
     async def tokens(self) -> AsyncIterator[P.TokenOutput]:
-        """Tokens in index order (token 0 comes from prefill, the rest from decode, on
+        """Tokens in index order (the first comes from prefill, the rest from decode, on
         different sockets), until one carries a finish reason."""
         held: dict[int, P.TokenOutput] = {}
-        index = 0
+        index = self.first_index
         while True:
             msg = await self.queue.get()
             if isinstance(msg, P.RequestError):
-                raise ServiceFailed(msg.message)
+                raise ServiceFailed(msg.message, msg.retryable)
             held[msg.index] = msg
             while index in held:
                 out = held.pop(index)
@@ -137,7 +140,8 @@ class Backend:
                 log.error("service %s (%s) stopped heartbeating", service.id, service.role)
                 for req_id in service.requests:
                     if (stream := self.streams.get(req_id)) is not None:
-                        error = P.RequestError(req_id, f"{service.role} service {service.id} died")
+                        why = f"{service.role} service {service.id} died"
+                        error = P.RequestError(req_id, why, retryable=True)
                         stream.queue.put_nowait(error)
 
     async def _send(self, service_id: str, msg) -> None:
@@ -156,25 +160,37 @@ class Backend:
         return admitted
 
     async def submit(
-        self, token_ids: list[int], params: SamplingParams, prefill_id: str | None = None
+        self,
+        token_ids: list[int],
+        params: SamplingParams,
+        prefill_id: str | None = None,
+        num_prompt_tokens: int = -1,
+        avoid: set[str] = frozenset(),
     ) -> Stream:
-        decode = self.registry.pick_decode()
+        """Send a request on its way; with `num_prompt_tokens` < len(token_ids) it resumes
+        one whose tokens after the prompt were already streamed, away from the services in
+        `avoid` where others are live (a prefill left with none: on the decode)."""
+        decode = self.registry.pick_decode(avoid)
         if prefill_id == LOCAL or self.prefills_locally(len(token_ids)):
             prefill = decode
         else:
             prefill = self.registry.services.get(prefill_id or "")
-            prefill = prefill or self.registry.pick_prefill(len(token_ids))
+            prefill = prefill or self.registry.pick_prefill(len(token_ids), avoid) or decode
         if prefill is None or decode is None:
             raise NoCapacity("no prefill or no decode service is available")
         if prefill is decode:
             M.LOCAL_PREFILLS.inc()
         req_id = uuid.uuid4().hex  # the transfer id both legs carry
-        stream = Stream(req_id, prefill.id, decode.id)
+        resumed = len(token_ids) - num_prompt_tokens if num_prompt_tokens >= 0 else 0
+        stream = Stream(req_id, prefill.id, decode.id, first_index=resumed)
         self.streams[req_id] = stream
         prefill.requests.add(req_id)
         decode.requests.add(req_id)
         await self._send(
-            prefill.id, P.PrefillRequest(req_id, token_ids, params, decode.id, decode.kv_addr)
+            prefill.id,
+            P.PrefillRequest(
+                req_id, token_ids, params, decode.id, decode.kv_addr, num_prompt_tokens
+            ),
         )
         return stream
 

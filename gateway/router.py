@@ -62,13 +62,16 @@ class Registry:
     def pool(self, role: str) -> list[Service]:
         return [s for s in self.services.values() if s.role == role]
 
-    def pick_decode(self) -> Service | None:
-        return min(self.pool("decode"), key=decode_cost, default=None)
+    def pick_decode(self, avoid: set[str] = frozenset()) -> Service | None:
+        """The best decode not in `avoid` (suspects of a failure), else the best one."""
+        pool = self.pool("decode")
+        return min([s for s in pool if s.id not in avoid] or pool, key=decode_cost, default=None)
 
-    def pick_prefill(self, num_tokens: int) -> Service | None:
-        """The least-loaded prefill, with the prompt counted against it until its next
-        heartbeat reports it."""
-        prefill = min(self.pool("prefill"), key=prefill_cost, default=None)
+    def pick_prefill(self, num_tokens: int, avoid: set[str] = frozenset()) -> Service | None:
+        """The least-loaded prefill not in `avoid`, with the prompt counted against it until
+        its next heartbeat reports it."""
+        pool = [s for s in self.pool("prefill") if s.id not in avoid]
+        prefill = min(pool, key=prefill_cost, default=None)
         if prefill is not None:
             prefill.inflight_tokens += num_tokens
         return prefill

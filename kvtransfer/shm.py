@@ -123,6 +123,10 @@ class ShmReader:
     def __init__(self, region: P.ShmRegion, pool: torch.Tensor):
         """pool: our [num_blocks, block_nbytes] uint8 pool. Raises OSError if the file is not
         here (another host) and ValueError if its size is not what the peer announced."""
+        if os.path.dirname(region.path) != SHM_DIR or not os.path.basename(region.path).startswith(
+            PREFIX
+        ):  # a peer names the file: only ever a baton KV segment
+            raise ValueError(f"{region.path!r} is not a baton KV segment in {SHM_DIR}")
         fd = os.open(region.path, os.O_RDWR)
         try:
             size = os.fstat(fd).st_size

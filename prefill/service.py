@@ -144,7 +144,7 @@ class PrefillService(ServiceLoop):
             peer = self.peer(addr)
         except zmq.ZMQError as e:  # an address no socket can connect to: fail this one only
             self.engine.kv_manager.free(seq)
-            self.fail(seq.req_id, f"cannot connect to decode {addr!r}: {e}")
+            self.fail(seq.req_id, f"cannot connect to decode {addr!r}: {e}", retryable=True)
             return
         if peer.refused:
             self.engine.kv_manager.free(seq)
@@ -196,7 +196,8 @@ class PrefillService(ServiceLoop):
                     KV_TRANSFERS.labels(self.id).inc()
             elif isinstance(msg, P.KVAbort):
                 if self.release(msg.req_id):
-                    self.fail(msg.req_id, f"decode {peer.addr} aborted the hand-off: {msg.reason}")
+                    why = f"decode {peer.addr} aborted the hand-off: {msg.reason}"
+                    self.fail(msg.req_id, why, retryable=True)
 
     def on_hello_reply(self, peer: DecodePeer, msg: P.HelloReply) -> None:
         if msg.ok:
@@ -231,7 +232,7 @@ class PrefillService(ServiceLoop):
                 log.warning("lease on %s expired: decode %s silent", req_id, lease.peer)
                 LEASES_EXPIRED.labels(self.id).inc()
                 self.release(req_id)
-                self.fail(req_id, f"decode {lease.peer} stopped answering")
+                self.fail(req_id, f"decode {lease.peer} stopped answering", retryable=True)
 
     def load(self) -> P.Load:
         pool = self.engine.kv_manager.pool

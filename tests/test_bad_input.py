@@ -36,6 +36,13 @@ def test_more_kv_than_the_pool_holds(llm):
         llm.generate([[5] * 20], SamplingParams(max_tokens=20))
 
 
+def test_token_ids_outside_the_vocabulary(llm):
+    # they would index past the embedding table: refused before any forward
+    for ids in ([5, 512], [-1, 5]):
+        with pytest.raises(ValueError, match=r"token ids must be in \[0, 512\)"):
+            llm.generate([ids])
+
+
 def test_text_prompt_without_a_tokenizer_and_empty_prompt(llm):
     with pytest.raises(ValueError, match="no tokenizer"):
         llm.generate(["hello"])

@@ -1,0 +1,116 @@
+"""Security basics at the HTTP edge: the API key on every route but /health, and every size a
+client controls capped with a clear OpenAI-style 4xx. The real gateway app runs in process
+with no services behind it: each check here answers before a request would reach one. Plus:
+no pickle anywhere near a socket. (Loopback binding is checked on a live stack in
+test_fuzz.py.)"""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from fastapi.routing import APIRoute
+from fastapi.testclient import TestClient
+
+from baton.config import load_config
+from gateway.app import create_app
+from gateway.limits import MAX_BODY_BYTES
+
+KEY = "sk-test"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+CONTEXT = 64
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.fixture(scope="module")
+def client(tiny_text_model):
+    overrides = {"gateway.api_key": KEY, "gateway.zmq_addr": "tcp://127.0.0.1:*",
+                 "engine.max_model_len": CONTEXT}  # fmt: skip
+    with TestClient(create_app(tiny_text_model, load_config(None, overrides))) as c:
+        yield c
+
+
+def error(r, status: int, match: str) -> None:
+    """An OpenAI-style error with this status, whose message matches."""
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["code"] == status and re.search(match, err["message"]), err
+
+
+def test_api_key_guards_every_route_but_health(client):
+    paths = {r.path for r in client.app.routes if "{" not in r.path}
+    assert {"/docs", "/openapi.json", "/metrics", "/v1/models", "/v1/completions"} <= paths
+    for path in paths - {"/health"}:
+        post = any(isinstance(r, APIRoute) and "POST" in r.methods and r.path == path
+                   for r in client.app.routes)  # fmt: skip
+        call = client.post if post else client.get
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+            error(call(path, headers=headers), 401, "API key")
+        assert call(path, headers=AUTH).status_code != 401, path
+    assert client.get("/health").status_code == 503  # open; no services behind it
+
+
+def test_body_over_the_cap_is_413(client):
+    body = json.dumps({"prompt": "x" * MAX_BODY_BYTES}).encode()
+    r = client.post("/v1/completions", content=body, headers=AUTH)
+    error(r, 413, f"over {MAX_BODY_BYTES} bytes")
+    # no Content-Length to trust: the body is counted as it streams in
+    chunks = (body[i : i + (1 << 20)] for i in range(0, len(body), 1 << 20))
+    r = client.post("/v1/completions", content=chunks, headers=AUTH)
+    error(r, 413, f"over {MAX_BODY_BYTES} bytes")
+
+
+@pytest.mark.parametrize(
+    ("body", "match"),
+    [
+        ({"prompt": [5] * CONTEXT}, f"prompt has {CONTEXT} tokens; this model's context is {CONTEXT}"),
+        ({"prompt": "hi", "max_tokens": CONTEXT + 1}, f"max_tokens is {CONTEXT + 1}; .* is {CONTEXT}"),
+        ({"prompt": "hi", "max_tokens": 10**30}, "max_tokens is"),
+        ({"prompt": "hi", "n": 2}, r"^n: Input should be less than or equal to 1"),
+        ({"prompt": [-1, 5]}, r"prompt token ids must be in \[0, \d+\)"),
+        ({"prompt": [[5], [10**12]]}, r"prompt token ids must be in \[0, \d+\)"),
+        ({"prompt": [True]}, "^prompt"),
+        ({"prompt": "hi", "seed": 2**64}, "^seed: Input should be less than or equal"),
+        ({"prompt": "hi", "stop_token_ids": [-(2**70)]}, "^stop_token_ids.0: Input should be"),
+        ({"prompt": ""}, "the prompt is empty"),
+    ],
+)  # fmt: skip
+def test_sizes_a_client_controls_are_capped_with_400(client, body, match):
+    error(client.post("/v1/completions", json=body, headers=AUTH), 400, match)
+
+
+def test_chat_max_completion_tokens_is_capped_too(client):
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 10**6}
+    r = client.post("/v1/chat/completions", json=body, headers=AUTH)
+    error(r, 400, f"max_tokens is 1000000; this model's context is {CONTEXT}")
+
+
+def test_stream_with_no_service_left_ends_in_an_error_event(client):
+    """Streams start before a service is picked: a pool that emptied must end the stream with
+    an error event, not abort the connection mid-response."""
+    body = {"prompt": "hi", "max_tokens": 4, "stream": True}
+    r = client.post("/v1/completions", json=body, headers=AUTH)
+    assert r.status_code == 200
+    events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ")]
+    assert events == [
+        {"error": {"message": "no prefill or no decode service is available",
+                   "type": "service_unavailable", "param": None, "code": 503}}
+    ]  # fmt: skip
+
+
+def test_unknown_routes_answer_in_the_openai_error_shape(client):
+    error(client.get("/v1/nothing", headers=AUTH), 404, "Not Found")
+    error(client.get("/v1/completions", headers=AUTH), 405, "Method Not Allowed")
+
+
+def test_nothing_near_a_socket_imports_pickle():
+    """Every socket carries msgspec Structs; unpickling a peer's bytes would run its code."""
+    pattern = re.compile(r"^\s*(import|from)\s+(c?pickle|dill|cloudpickle|marshal)\b", re.M)
+    packages = ("baton", "gateway", "prefill", "decode", "kvtransfer")
+    offenders = [
+        str(f.relative_to(ROOT))
+        for p in packages
+        for f in (ROOT / p).rglob("*.py")
+        if pattern.search(f.read_text())
+    ]
+    assert not offenders

@@ -164,8 +164,9 @@ class Stack:
         self.procs[name] = subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=pin
         )
-        self.manifest[name] = {"pid": self.procs[name].pid, "cpus": sorted(cpus or []), **info}
-        # stack.json: who runs where, for operators and tests
+        pid = self.procs[name].pid
+        self.manifest[name] = {"pid": pid, "cpus": sorted(cpus or []), "argv": cmd, **info}
+        # stack.json: who runs where and how (to restart one by hand), for operators and tests
         (self.log_dir / "stack.json").write_text(json.dumps(self.manifest, indent=1))
 
     def dead(self) -> list[str]:

@@ -54,6 +54,7 @@ class Heartbeat(msgspec.Struct, tag=True, frozen=True):
     role: str  # "prefill" | "decode"
     kv_addr: str  # decode: where prefills connect to hand off KV; prefill: ""
     load: Load
+    incarnation: str = ""  # new each process start: a restart under the same id is a death
 
 
 class TokenOutput(msgspec.Struct, tag=True, frozen=True, gc=False):

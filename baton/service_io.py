@@ -3,6 +3,7 @@ link (register + heartbeats + token messages), the health/metrics HTTP probe, KV
 
 import json
 import logging
+import os
 import socket
 import threading
 import time
@@ -131,6 +132,7 @@ class ServiceLoop:
         self.keepalives = Every(KEEPALIVE_S)
         self.last_tick = time.monotonic()
         self.step_times = StepTimes()
+        self.incarnation = f"{os.getpid()}-{time.time_ns()}"
         KV_BLOCKS_TOTAL.labels(self.id).set(engine.kv_manager.pool.num_blocks)
         for counter in (REQUEST_ERRORS, RECOMPUTES, BAD_MESSAGES):  # exported from zero
             counter.labels(self.id)
@@ -158,7 +160,8 @@ class ServiceLoop:
             zmq.select(self.sockets(), [], [], 0.05)
         self.housekeeping()
         if self.heartbeats.due():
-            self.gateway.send(P.Heartbeat(self.id, self.role, self.kv_addr, self.measured_load()))
+            load = self.measured_load()
+            self.gateway.send(P.Heartbeat(self.id, self.role, self.kv_addr, load, self.incarnation))
         KV_BLOCKS_USED.labels(self.id).set(self.engine.kv_manager.pool.num_used)
         # the whole iteration, not just the forward: what a queued token really waits
         self.step_times.observe(units, time.perf_counter() - t0)

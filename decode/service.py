@@ -129,7 +129,8 @@ class DecodeService(ServiceLoop):
         if self.keepalives.due():
             self.keepalive()
             if self.tpot_s:  # the batch that keeps a step within the TPOT target
-                fit = self.step_times.fit()
+                # no guess from one batch size: a cap at that size would never see a larger one
+                fit = self.step_times.fit(extrapolate=False)
                 self.sched.max_num_seqs = max_batch_for_tpot(fit, self.tpot_s, self.max_batch)
                 BATCH_CAP.labels(self.id).set(self.sched.max_num_seqs)
 

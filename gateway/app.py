@@ -45,6 +45,9 @@ GENERATION_RESPONSES: dict[int | str, dict] = {
 }
 
 
+RESUME_WAIT_S = 10.0  # how long a stream to resume waits for a live decode
+
+
 class BadRequest(ValueError):
     pass
 
@@ -141,11 +144,16 @@ class Gateway:
         """Failover: the prompt plus the tokens the client already has go to live services,
         which prefill them and continue from the next token; the client sees one stream."""
         await self.backend.finish(old)  # frees whatever the surviving service still holds
-        try:
-            avoid = {old.prefill_id, old.decode_id}  # one of them failed it
-            stream = await self.backend.submit(ids + streamed, params, None, len(ids), avoid)
-        except NoCapacity as e:
-            raise ServiceFailed(f"{why}; no capacity left to resume it: {e}") from e
+        avoid = {old.prefill_id, old.decode_id}  # one of them failed it
+        deadline = time.monotonic() + RESUME_WAIT_S
+        while True:
+            try:
+                stream = await self.backend.submit(ids + streamed, params, None, len(ids), avoid)
+                break
+            except NoCapacity as e:  # e.g. the only decode is restarting: wait a little
+                if time.monotonic() > deadline:
+                    raise ServiceFailed(f"{why}; no capacity left to resume it: {e}") from e
+                await asyncio.sleep(0.2)
         M.MIGRATIONS.inc()
         log.warning("resumed a request after %d tokens: %s", len(streamed), why)
         return stream

@@ -17,7 +17,7 @@ from baton import protocol as P
 from baton.sampling_params import SamplingParams
 from gateway import metrics as M
 from gateway.admission import Admission, Admitted
-from gateway.router import Registry
+from gateway.router import Registry, Service
 
 log = logging.getLogger("baton.gateway")
 
@@ -120,7 +120,9 @@ class Backend:
                 log.warning("dropped a malformed message from %r: %s", identity, e)
                 continue
             if isinstance(msg, P.Heartbeat):
-                self.registry.heartbeat(msg)
+                if (previous := self.registry.heartbeat(msg)) is not None:
+                    log.error("service %s restarted", previous.id)
+                    self.fail_requests(previous)
                 self.on_heartbeat(msg)
             elif (stream := self.streams.get(msg.req_id)) is not None:
                 stream.queue.put_nowait(msg)
@@ -138,11 +140,14 @@ class Backend:
             await asyncio.sleep(0.5)
             for service in self.registry.expire():
                 log.error("service %s (%s) stopped heartbeating", service.id, service.role)
-                for req_id in service.requests:
-                    if (stream := self.streams.get(req_id)) is not None:
-                        why = f"{service.role} service {service.id} died"
-                        error = P.RequestError(req_id, why, retryable=True)
-                        stream.queue.put_nowait(error)
+                self.fail_requests(service)
+
+    def fail_requests(self, service: Service) -> None:
+        """A dead service's streams end with a retryable error (failover resumes them)."""
+        for req_id in service.requests:
+            if (stream := self.streams.get(req_id)) is not None:
+                why = f"{service.role} service {service.id} died"
+                stream.queue.put_nowait(P.RequestError(req_id, why, retryable=True))
 
     async def _send(self, service_id: str, msg) -> None:
         with contextlib.suppress(zmq.ZMQError):  # a service that is gone: the reaper fails it

@@ -18,6 +18,7 @@ class Service:
     kv_addr: str
     load: P.Load
     last_seen: float
+    incarnation: str = ""
     inflight_tokens: int = 0  # prompt tokens we sent it that it has not reported yet
     requests: set[str] = field(default_factory=set)
 
@@ -37,19 +38,18 @@ class Registry:
         self.timeout_s = timeout_s
         self.services: dict[str, Service] = {}
 
-    def heartbeat(self, hb: P.Heartbeat) -> None:
+    def heartbeat(self, hb: P.Heartbeat) -> Service | None:
+        """Registers or refreshes a service; returns the previous incarnation of one that
+        restarted under the same id (its requests died with it)."""
         s = self.services.get(hb.service_id)
-        if s is None:
+        if s is None or s.incarnation != hb.incarnation:
             self.services[hb.service_id] = Service(
-                hb.service_id, hb.role, hb.kv_addr, hb.load, time.monotonic()
+                hb.service_id, hb.role, hb.kv_addr, hb.load, time.monotonic(), hb.incarnation
             )
-        else:
-            s.load, s.last_seen, s.kv_addr, s.inflight_tokens = (
-                hb.load,
-                time.monotonic(),
-                hb.kv_addr,
-                0,
-            )
+            return s
+        s.load, s.last_seen, s.kv_addr = hb.load, time.monotonic(), hb.kv_addr
+        s.inflight_tokens = 0  # the heartbeat's queue now counts what we sent before it
+        return None
 
     def expire(self) -> list[Service]:
         """Drop services silent for too long; return them (their requests must fail)."""

@@ -22,11 +22,14 @@ def test_step_times_recover_a_line():
     assert fixed == pytest.approx(0.010) and per_unit == pytest.approx(0.002)
 
 
-def test_one_size_only_is_all_per_unit_cost():
+def test_one_size_only_is_all_per_unit_cost_or_no_fit():
     times = StepTimes()
     for _ in range(3):
-        times.observe(8, 0.08)
-    assert times.fit() == (0.0, pytest.approx(0.01))
+        times.observe(1, 0.05)
+    assert times.fit() == (0.0, pytest.approx(0.05))
+    # the decode cap asks for no extrapolation: batch 1 alone must not lock the cap at 1
+    assert times.fit(extrapolate=False) is None
+    assert max_batch_for_tpot(times.fit(extrapolate=False), tpot_s=0.1, limit=64) == 64
 
 
 def test_tpot_cap_is_the_largest_batch_within_target():

@@ -123,7 +123,10 @@ def get_profile(args: argparse.Namespace, engine: "EngineConfig", threads: int) 
     else:
         from baton.plan.measure import measure
 
-        profile = measure(engine, threads, log=lambda m: print(m, file=sys.stderr))
+        try:
+            profile = measure(engine, threads, log=lambda m: print(m, file=sys.stderr))
+        except ValueError as e:  # a model too short for the profile's lengths
+            raise SystemExit(str(e)) from e
     if args.profile_out:
         profile.save(args.profile_out)
     print(profile.describe() + "\n")

@@ -47,7 +47,9 @@ def measure(
     decode_contexts: tuple[int, ...] = DECODE_CONTEXTS,
     log: Callable[[str], None] = print,
 ) -> Profile:
-    # fresh prompts must not hit the prefix cache; one step must hold the longest prompt
+    # fresh prompts must not hit the prefix cache; one step must hold the longest prompt;
+    # the pool, the largest decode batch at the longest context
+    longest = max(*prefill_tokens, max(decode_contexts) + DECODE_STEPS + 2)
     config = msgspec.structs.replace(
         config,
         threads=threads,
@@ -55,9 +57,14 @@ def measure(
         max_num_batched_tokens=max(prefill_tokens),
         max_chunk_tokens=None,
         max_num_seqs=max(decode_batches),
+        num_blocks=max(decode_batches) * -(-longest // config.block_size),
     )
     with pinned(threads):
         engine = Engine.build(config)
+        if longest >= engine.max_model_len:
+            raise ValueError(
+                f"profiling needs {longest} tokens of context; the model has {engine.max_model_len}"
+            )
         rng = random.Random(0)
         vocab = engine.model.args.vocab_size
 

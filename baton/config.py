@@ -84,6 +84,9 @@ class GatewayConfig(Section):
         Meta(gt=0, le=1),
         doc("slo admission takes a request if its predicted TTFT <= margin x ttft_ms"),
     ] = 0.85
+    request_timeout_s: Annotated[
+        float, Meta(gt=0), doc("a request still running after this ends with an error")
+    ] = 600.0
     max_migrations: Annotated[
         int, Meta(ge=0), doc("times a stream resumes elsewhere after its service dies (0: off)")
     ] = 2

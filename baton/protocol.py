@@ -55,6 +55,7 @@ class Heartbeat(msgspec.Struct, tag=True, frozen=True):
     kv_addr: str  # decode: where prefills connect to hand off KV; prefill: ""
     load: Load
     incarnation: str = ""  # new each process start: a restart under the same id is a death
+    draining: bool = False  # leaving: finishes what it has, takes nothing new
 
 
 class TokenOutput(msgspec.Struct, tag=True, frozen=True, gc=False):

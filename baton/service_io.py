@@ -1,9 +1,11 @@
 """What the prefill and decode services share: the loop itself (ServiceLoop), the gateway
 link (register + heartbeats + token messages), the health/metrics HTTP probe, KV metrics."""
 
+import atexit
 import json
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -22,6 +24,7 @@ from baton.slo import StepTimes
 log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 0.5  # service -> gateway
+STALL_S = 30.0  # a loop that has not ticked for this long is stuck: heartbeats stop
 KEEPALIVE_S = 1.0  # between KV peers; renews leases
 
 KV_BLOCKS_USED = Gauge("baton_kv_blocks_used", "KV blocks held", ["service"])
@@ -114,6 +117,29 @@ class Every:
         return True
 
 
+class Heartbeats(threading.Thread):
+    """Heartbeats from their own thread and socket: one engine step can take seconds on a
+    CPU (a long prompt chunk), which must not read as a death. They carry the loop's latest
+    snapshot, and stop when the loop has not ticked for STALL_S, so a stuck service is
+    dropped like a dead one."""
+
+    def __init__(self, ctx: zmq.Context, gateway_addr: str, loop: "ServiceLoop"):
+        super().__init__(daemon=True, name="heartbeats")
+        self.sock = ctx.socket(zmq.DEALER)  # zmq sockets are per thread
+        self.sock.setsockopt(zmq.IDENTITY, f"{loop.id}/heartbeats".encode())
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(gateway_addr)
+        self.loop, self.encode = loop, msgspec.msgpack.Encoder().encode
+        self.wake = threading.Event()
+
+    def run(self) -> None:
+        while True:
+            if time.monotonic() - self.loop.last_tick < STALL_S:
+                self.sock.send(self.encode(self.loop.heartbeat))
+            self.wake.wait(HEARTBEAT_S)
+            self.wake.clear()
+
+
 class ServiceLoop:
     """The loop both services run: drain the sockets -> one engine step -> hand each sampled
     token to `on_token` -> housekeeping -> heartbeat. Subclasses say which sockets to wait
@@ -128,18 +154,35 @@ class ServiceLoop:
         self.sched = engine.scheduler()
         self.ctx = zmq.Context()
         self.gateway = GatewayLink(self.ctx, gateway_addr, service_id)
-        self.heartbeats = Every(HEARTBEAT_S)
+        self.gateway_addr = gateway_addr
+        self.snapshots = Every(HEARTBEAT_S)
         self.keepalives = Every(KEEPALIVE_S)
         self.last_tick = time.monotonic()
         self.step_times = StepTimes()
+        self.draining = False
         self.incarnation = f"{os.getpid()}-{time.time_ns()}"
         KV_BLOCKS_TOTAL.labels(self.id).set(engine.kv_manager.pool.num_blocks)
         for counter in (REQUEST_ERRORS, RECOMPUTES, BAD_MESSAGES):  # exported from zero
             counter.labels(self.id)
 
-    def run_forever(self) -> None:
-        while True:
+    def run_forever(self, drain_s: float = 30.0) -> None:
+        """Until SIGTERM, then drain: heartbeats say so at once (the gateway routes new work
+        elsewhere), what is in flight finishes (up to `drain_s`), and the loop returns."""
+        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "draining", True))
+        self.snapshot()
+        self.heartbeater = Heartbeats(self.ctx, self.gateway_addr, self)
+        self.heartbeater.start()
+        while not self.draining:
             self.step()
+        log.info("draining: finishing what is in flight, taking nothing new")
+        self.snapshot()
+        self.heartbeater.wake.set()  # announce it now
+        deadline = time.monotonic() + drain_s
+        while (self.sched.has_work or self.holds_work()) and time.monotonic() < deadline:
+            self.step()
+        self.step()  # the messages of what just finished
+        log.info("drained; exiting")
+        exit_now()
 
     def step(self) -> None:
         self.last_tick = time.monotonic()
@@ -159,12 +202,18 @@ class ServiceLoop:
         elif self.sched.has_work:  # nothing fits until a peer frees blocks: wait, don't spin
             zmq.select(self.sockets(), [], [], 0.05)
         self.housekeeping()
-        if self.heartbeats.due():
-            load = self.measured_load()
-            self.gateway.send(P.Heartbeat(self.id, self.role, self.kv_addr, load, self.incarnation))
+        if self.snapshots.due():
+            self.snapshot()
         KV_BLOCKS_USED.labels(self.id).set(self.engine.kv_manager.pool.num_used)
         # the whole iteration, not just the forward: what a queued token really waits
         self.step_times.observe(units, time.perf_counter() - t0)
+
+    def snapshot(self) -> None:
+        """What the heartbeat thread sends next (taken here: the loop owns this state)."""
+        load = self.measured_load()
+        self.heartbeat = P.Heartbeat(
+            self.id, self.role, self.kv_addr, load, self.incarnation, self.draining
+        )
 
     def step_units(self, batch: list[ScheduledSeq]) -> int:
         """What a step's time scales with: prompt tokens on a prefill; on a decode the batch
@@ -226,6 +275,10 @@ class ServiceLoop:
     def load(self) -> P.Load:
         raise NotImplementedError
 
+    def holds_work(self) -> bool:
+        """Work outside the scheduler that a drain must wait for (leases, pending pulls)."""
+        raise NotImplementedError
+
 
 def advertised(endpoint: str) -> str:
     """A bound endpoint as peers can reach it: a wildcard host (tcp://0.0.0.0:6000, as in a
@@ -265,3 +318,11 @@ def serve_probe(port: int, status, host: str = "127.0.0.1") -> ThreadingHTTPServ
     server = ThreadingHTTPServer((host, port), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
+
+
+def exit_now() -> None:
+    """Leave without waiting on library threads (UCX/NIXL teardown can block at interpreter
+    exit); our own exit handlers (the shared KV segment's unlink) still run."""
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    os._exit(0)

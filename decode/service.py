@@ -81,8 +81,10 @@ class DecodeService(ServiceLoop):
         kv_addr: str,
         transport: str = "zmq-tcp",
         *,
-        transfer_timeout_s: float = 10.0,
-        peer_timeout_s: float = 5.0,
+        # long: one engine step can take seconds on a CPU, and a dead peer is caught sooner
+        # by the gateway (heartbeats), which aborts its requests here
+        transfer_timeout_s: float = 30.0,
+        peer_timeout_s: float = 30.0,
         tpot_s: float | None = None,
     ):
         super().__init__(engine, service_id, gateway_addr)
@@ -313,6 +315,9 @@ class DecodeService(ServiceLoop):
                 self.forget(peer_id, "stopped answering")
             else:
                 self.send_peer(peer_id, P.KeepAlive())
+
+    def holds_work(self) -> bool:
+        return bool(self.pending)
 
     def load(self) -> P.Load:
         pool = self.engine.kv_manager.pool

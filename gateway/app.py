@@ -52,6 +52,10 @@ class BadRequest(ValueError):
     pass
 
 
+class ModelNotFound(LookupError):
+    pass
+
+
 @dataclass
 class Piece:
     """One step of one choice: new text, the token behind it, and the finish reason if any."""
@@ -70,11 +74,13 @@ class Gateway:
         model_name: str,
         max_model_len: int | None,
         max_migrations: int,
+        request_timeout_s: float,
     ):
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.backend = backend
         self.model_name = model_name
         self.max_migrations = max_migrations
+        self.request_timeout_s = request_timeout_s
         config = json.loads((model_dir / "config.json").read_text())
         self.max_model_len = max_model_len or config.get("max_position_embeddings", 1 << 30)
         self.vocab_size = config.get("vocab_size") or len(self.tokenizer)
@@ -102,7 +108,13 @@ class Gateway:
         except ValueError as e:
             raise BadRequest(str(e)) from e
 
-    def check_length(self, ids: list[int]) -> None:
+    def check_model(self, model: str | None) -> None:
+        if model and model != self.model_name:
+            raise ModelNotFound(
+                f"the model {model!r} does not exist; this server has {self.model_name!r}"
+            )
+
+    def check_length(self, ids: list[int], max_tokens: int) -> None:
         if not ids:
             raise BadRequest("the prompt is empty")
         if min(ids) < 0 or max(ids) >= self.vocab_size:
@@ -110,6 +122,11 @@ class Gateway:
         if len(ids) >= self.max_model_len:
             raise BadRequest(
                 f"the prompt has {len(ids)} tokens; this model's context is {self.max_model_len}"
+            )
+        if len(ids) + max_tokens > self.max_model_len:
+            raise BadRequest(
+                f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds this "
+                f"model's context of {self.max_model_len} tokens"
             )
 
     async def choice(
@@ -119,10 +136,11 @@ class Gateway:
         detok = IncrementalDetokenizer(self.tokenizer, ids)
         stops = StopStringMatcher(params.stop)
         streamed: list[int] = []
+        deadline = time.monotonic() + self.request_timeout_s
         try:
             for migrations in itertools.count():
                 try:
-                    async for token in stream.tokens():
+                    async for token in stream.tokens(deadline):
                         streamed.append(token.token_id)
                         text, stopped = stops.feed(detok.add(token.token_id))
                         finish = "stop" if stopped else token.finish_reason
@@ -215,7 +233,12 @@ def create_app(model_dir: Path, config: BatonConfig) -> FastAPI:
         backend.on_heartbeat = M.observe_heartbeat
         backend.start()
         state["gw"] = Gateway(
-            model_dir, backend, model_name, config.engine.max_model_len, gw.max_migrations
+            model_dir,
+            backend,
+            model_name,
+            config.engine.max_model_len,
+            gw.max_migrations,
+            gw.request_timeout_s,
         )
         log.info("gateway listening for services on %s", backend.addr)
         yield
@@ -245,6 +268,11 @@ def create_app(model_dir: Path, config: BatonConfig) -> FastAPI:
         message = f"{param}: {first.get('msg', 'invalid request')}" if param else "invalid request"
         M.REQUESTS.labels("400").inc()
         return JSONResponse(error_body(message, "invalid_request_error", 400, param), 400)
+
+    @app.exception_handler(ModelNotFound)
+    async def not_found(request: Request, exc: ModelNotFound):
+        M.REQUESTS.labels("404").inc()
+        return JSONResponse(error_body(str(exc), "invalid_request_error", 404, "model"), 404)
 
     @app.exception_handler(BadRequest)
     async def bad(request: Request, exc: BadRequest):
@@ -286,7 +314,7 @@ def create_app(model_dir: Path, config: BatonConfig) -> FastAPI:
     ):
         """Drive the choices and shape the output as a JSON body or an SSE stream."""
         for ids in prompts:
-            gw.check_length(ids)
+            gw.check_length(ids, params.max_tokens)
         admitted = gw.backend.admit(prompts)  # a 429 comes now, before any response starts
         prefills = admitted.prefills
         start = time.perf_counter()
@@ -338,6 +366,7 @@ def create_app(model_dir: Path, config: BatonConfig) -> FastAPI:
     @app.post("/v1/completions", responses=GENERATION_RESPONSES)
     async def completions(req: CompletionRequest):
         gw: Gateway = state["gw"]
+        gw.check_model(req.model)
         p = req.prompt
         if isinstance(p, str):
             prompts = [gw.tokenizer.encode(p)]
@@ -355,6 +384,7 @@ def create_app(model_dir: Path, config: BatonConfig) -> FastAPI:
     @app.post("/v1/chat/completions", responses=GENERATION_RESPONSES)
     async def chat(req: ChatRequest):
         gw: Gateway = state["gw"]
+        gw.check_model(req.model)
         messages = [m.model_dump(exclude_none=True) for m in req.messages]
         try:
             ids = gw.tokenizer.apply_chat_template(

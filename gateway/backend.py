@@ -5,6 +5,7 @@ service died, and aborts on behalf of callers who left."""
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -44,13 +45,17 @@ class Stream:
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     done: bool = False
 
-    async def tokens(self) -> AsyncIterator[P.TokenOutput]:
+    async def tokens(self, deadline: float) -> AsyncIterator[P.TokenOutput]:
         """Tokens in index order (the first comes from prefill, the rest from decode, on
-        different sockets), until one carries a finish reason."""
+        different sockets), until one carries a finish reason or the `deadline` (monotonic)
+        passes."""
         held: dict[int, P.TokenOutput] = {}
         index = self.first_index
         while True:
-            msg = await self.queue.get()
+            try:
+                msg = await asyncio.wait_for(self.queue.get(), deadline - time.monotonic())
+            except TimeoutError:
+                raise ServiceFailed("the request ran past its deadline") from None
             if isinstance(msg, P.RequestError):
                 raise ServiceFailed(msg.message, msg.retryable)
             held[msg.index] = msg

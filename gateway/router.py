@@ -19,6 +19,7 @@ class Service:
     load: P.Load
     last_seen: float
     incarnation: str = ""
+    draining: bool = False
     inflight_tokens: int = 0  # prompt tokens we sent it that it has not reported yet
     requests: set[str] = field(default_factory=set)
 
@@ -44,10 +45,16 @@ class Registry:
         s = self.services.get(hb.service_id)
         if s is None or s.incarnation != hb.incarnation:
             self.services[hb.service_id] = Service(
-                hb.service_id, hb.role, hb.kv_addr, hb.load, time.monotonic(), hb.incarnation
-            )
+                hb.service_id, hb.role, hb.kv_addr, hb.load, time.monotonic(), hb.incarnation,
+                hb.draining,
+            )  # fmt: skip
             return s
-        s.load, s.last_seen, s.kv_addr = hb.load, time.monotonic(), hb.kv_addr
+        s.load, s.last_seen, s.kv_addr, s.draining = (
+            hb.load,
+            time.monotonic(),
+            hb.kv_addr,
+            hb.draining,
+        )
         s.inflight_tokens = 0  # the heartbeat's queue now counts what we sent before it
         return None
 
@@ -60,7 +67,8 @@ class Registry:
         return dead
 
     def pool(self, role: str) -> list[Service]:
-        return [s for s in self.services.values() if s.role == role]
+        """The services of `role` taking new work (a draining one finishes its own)."""
+        return [s for s in self.services.values() if s.role == role and not s.draining]
 
     def pick_decode(self, avoid: set[str] = frozenset()) -> Service | None:
         """The best decode not in `avoid` (suspects of a failure), else the best one."""

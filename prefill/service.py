@@ -17,8 +17,6 @@ lives in /dev/shm; NIXL: the pool is registered with this process's agent).
 
 import logging
 import os
-import signal
-import sys
 import time
 from dataclasses import dataclass
 
@@ -79,7 +77,7 @@ class PrefillService(ServiceLoop):
         gateway_addr: str,
         transport: str = "zmq-tcp",
         shm_region: P.ShmRegion | None = None,
-        lease_s: float = 10.0,
+        lease_s: float = 60.0,  # a dead decode is caught sooner by the gateway, which aborts
     ):
         """shm_region: where the pool lives when it is in shared memory (kvtransfer.shm)."""
         super().__init__(engine, service_id, gateway_addr)
@@ -234,6 +232,9 @@ class PrefillService(ServiceLoop):
                 self.release(req_id)
                 self.fail(req_id, f"decode {lease.peer} stopped answering", retryable=True)
 
+    def holds_work(self) -> bool:
+        return bool(self.leases or self.routes)
+
     def load(self) -> P.Load:
         pool = self.engine.kv_manager.pool
         queued = sum(
@@ -249,8 +250,6 @@ def main(
     gateway_addr: str,
     probe: tuple[str, int] | None,
 ) -> None:
-    # SIGTERM exits through Python, so atexit unlinks the shared segment
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     segment = (
         shm.Segment(required=transport == "shm") if kind(transport) in ("auto", "shm") else None
     )
@@ -259,4 +258,4 @@ def main(
     service = PrefillService(engine, service_id, gateway_addr, transport, region)
     if probe:
         serve_probe(probe[1], service.status, probe[0])
-    service.run_forever()
+    service.run_forever()  # exits after SIGTERM and a drain, unlinking the segment

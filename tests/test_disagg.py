@@ -3,13 +3,16 @@ real HTTP, tokens compared with transformers' greedy output (fp32)."""
 
 import asyncio
 import json
+import os
 import random
+import signal
+import subprocess
 import time
 
 import httpx
 import pytest
 import torch
-from stack import Stack
+from stack import Stack, free_port
 from transformers import AutoModelForCausalLM
 
 from gateway.app import RESUME_WAIT_S
@@ -241,7 +244,7 @@ def test_prefill_killed_while_holding_blocks_its_requests_resume(
             assert "NIXL_ERR_REMOTE_DISCONNECT" in (tmp_path / "logs" / "decode-0.log").read_text()
         assert stack.wait_blocks_free() == {"decode-0": 0}
         # the decode unlinks the dead prefill's segment once it forgets the silent peer
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 40  # the decode forgets a peer silent for 30 s
         while segments_of(stack) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert segments_of(stack) == []
@@ -327,3 +330,52 @@ def test_with_no_prefill_pool_the_decode_serves_alone(tmp_path, tiny_text_model,
         assert set(stack.wait_blocks_free().values()) == {0}
     finally:
         stack.stop()
+
+
+def test_a_decode_joins_and_another_leaves_while_requests_run(tmp_path, tiny_text_model, reference):
+    """Pools change while serving: a decode started by hand joins; SIGTERM makes decode-0
+    drain (finish what it has, take nothing new) and leave; no request notices."""
+    prompts, expected = reference
+    stack = Stack(tmp_path / "logs", tiny_text_model, *ENGINE)
+    leaving = stack.services()["decode-0"]
+    argv = list(leaving["argv"])
+    argv[argv.index("--id") + 1] = "decode-joined"
+    argv[argv.index("--http-port") + 1] = str(port := free_port())
+    joined = subprocess.Popen(
+        argv, stdout=(tmp_path / "joined.log").open("w"), stderr=subprocess.STDOUT
+    )
+
+    def decodes() -> int:
+        return json.loads(httpx.get(f"{stack.url}/health").text)["decode"]
+
+    try:
+        deadline = time.monotonic() + 60
+        while decodes() < 2:
+            assert time.monotonic() < deadline and joined.poll() is None, "it never joined"
+            time.sleep(0.2)
+
+        async def main():
+            during = asyncio.create_task(complete_all(stack.url, prompts))
+            await asyncio.sleep(0.2)
+            os.kill(leaving["pid"], signal.SIGTERM)  # leaves with requests in flight
+            return await during
+
+        during = asyncio.run(main())
+        assert [r["choices"][0]["token_ids"] for r in during] == expected
+        while decodes() != 1:
+            assert time.monotonic() < deadline, "the drained decode is still listed"
+            time.sleep(0.2)
+        after = asyncio.run(complete_all(stack.url, prompts))  # all on the joined decode
+        assert [r["choices"][0]["token_ids"] for r in after] == expected
+        assert not os.path.exists(f"/proc/{leaving['pid']}/status") or _zombie(leaving["pid"])
+        status = json.loads(httpx.get(f"http://127.0.0.1:{port}/health").text)
+        assert status["load"]["free_blocks"] == status["load"]["total_blocks"]
+    finally:
+        joined.kill()
+        stack.stop()
+
+
+def _zombie(pid: int) -> bool:
+    """Exited, but not yet reaped by `baton up`."""
+    with open(f"/proc/{pid}/status") as f:
+        return "zombie" in f.read()

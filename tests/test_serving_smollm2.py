@@ -1,6 +1,7 @@
 """The real model behind the real stack: SmolLM2 (fp32) through `baton up`, driven by the
 official openai client, streaming; greedy tokens equal transformers'."""
 
+import openai
 import pytest
 import torch
 from openai import OpenAI
@@ -26,12 +27,15 @@ def stack(tmp_path_factory, smollm2_dir):
 
 def test_openai_client_streams_transformers_greedy_chat(stack, smollm2_dir):
     client = OpenAI(base_url=f"{stack.url}/v1", api_key="sk-test")
+    model = client.models.list().data[0].id
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.completions.create(model="gpt-4", prompt="hi", max_tokens=2)
     hf = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
     for q in QUESTIONS:
         messages = [{"role": "user", "content": q}]
         chunks = list(
             client.chat.completions.create(
-                model="SmolLM2", messages=messages, max_tokens=20, temperature=0, stream=True,
+                model=model, messages=messages, max_tokens=20, temperature=0, stream=True,
                 stream_options={"include_usage": True}, extra_body={"return_token_ids": True},
             )
         )  # fmt: skip

@@ -77,9 +77,12 @@ class Scheduler:
         would crash the forward (it indexes the embedding)."""
         if not seq.token_ids:
             raise ValueError("prompt is empty")
-        ids = seq.token_ids
+        ids, stops = seq.token_ids, seq.params.stop_token_ids
         if self.vocab_size is not None and (min(ids) < 0 or max(ids) >= self.vocab_size):
             raise ValueError(f"token ids must be in [0, {self.vocab_size})")
+        if self.vocab_size is not None and any(not 0 <= t < self.vocab_size for t in stops):
+            # the sampler bans stop ids before min_tokens by indexing the logits
+            raise ValueError(f"stop_token_ids must be in [0, {self.vocab_size})")
         self.check_fits(seq.num_tokens, seq.params.max_tokens - seq.num_output_tokens)
 
     def add(self, seq: Sequence) -> None:

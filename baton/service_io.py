@@ -169,9 +169,7 @@ class ServiceLoop:
         """Until SIGTERM, then drain: heartbeats say so at once (the gateway routes new work
         elsewhere), what is in flight finishes (up to `drain_s`), and the loop returns."""
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "draining", True))
-        self.snapshot()
-        self.heartbeater = Heartbeats(self.ctx, self.gateway_addr, self)
-        self.heartbeater.start()
+        self.start_heartbeats()
         while not self.draining:
             self.step()
         log.info("draining: finishing what is in flight, taking nothing new")
@@ -207,6 +205,11 @@ class ServiceLoop:
         KV_BLOCKS_USED.labels(self.id).set(self.engine.kv_manager.pool.num_used)
         # the whole iteration, not just the forward: what a queued token really waits
         self.step_times.observe(units, time.perf_counter() - t0)
+
+    def start_heartbeats(self) -> None:
+        self.snapshot()
+        self.heartbeater = Heartbeats(self.ctx, self.gateway_addr, self)
+        self.heartbeater.start()
 
     def snapshot(self) -> None:
         """What the heartbeat thread sends next (taken here: the loop owns this state)."""

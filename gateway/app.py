@@ -41,7 +41,7 @@ log = logging.getLogger("baton.gateway")
 # what the generation routes answer, for the OpenAPI schema (/docs): JSON, SSE when streaming
 GENERATION_RESPONSES: dict[int | str, dict] = {
     200: {"content": {"text/event-stream": {}}},
-    **{code: {"model": ErrorResponse} for code in (400, 401, 413, 429, 500, 503)},
+    **{code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 500, 503)},
 }
 
 
@@ -114,11 +114,15 @@ class Gateway:
                 f"the model {model!r} does not exist; this server has {self.model_name!r}"
             )
 
-    def check_length(self, ids: list[int], max_tokens: int) -> None:
+    def check_prompt(
+        self, ids: list[int], max_tokens: int, stop_token_ids: tuple[int, ...] = ()
+    ) -> None:
         if not ids:
             raise BadRequest("the prompt is empty")
         if min(ids) < 0 or max(ids) >= self.vocab_size:
             raise BadRequest(f"prompt token ids must be in [0, {self.vocab_size})")
+        if any(not 0 <= t < self.vocab_size for t in stop_token_ids):
+            raise BadRequest(f"stop_token_ids must be in [0, {self.vocab_size})")
         if len(ids) >= self.max_model_len:
             raise BadRequest(
                 f"the prompt has {len(ids)} tokens; this model's context is {self.max_model_len}"
@@ -314,7 +318,7 @@ def create_app(model_dir: Path, config: BatonConfig) -> FastAPI:
     ):
         """Drive the choices and shape the output as a JSON body or an SSE stream."""
         for ids in prompts:
-            gw.check_length(ids, params.max_tokens)
+            gw.check_prompt(ids, params.max_tokens, params.stop_token_ids)
         admitted = gw.backend.admit(prompts)  # a 429 comes now, before any response starts
         prefills = admitted.prefills
         start = time.perf_counter()

@@ -59,9 +59,12 @@ def test_kills_restarts_and_disconnects_under_load(tmp_path, tiny_text_model):
             outcome[i] = ("left", tokens, "")
 
     async def chaos() -> None:
+        """Kill and restart until the clients are done; a killed service always comes back."""
         nonlocal kills
         while len(outcome) < len(prompts):
             await asyncio.sleep(rng.uniform(1.0, 2.5))
+            if len(outcome) == len(prompts):
+                return
             name = rng.choice(sorted(services))
             pid = restarted[name].pid if name in restarted else services[name]["pid"]
             os.kill(pid, signal.SIGKILL)
@@ -81,7 +84,7 @@ def test_kills_restarts_and_disconnects_under_load(tmp_path, tiny_text_model):
                 await asyncio.sleep(rng.uniform(0.05, 0.25))
             async with asyncio.timeout(DEADLINE_S):  # no request hangs
                 await asyncio.gather(*clients)
-            driver.cancel()
+            await driver
 
     try:
         asyncio.run(main())

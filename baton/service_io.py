@@ -249,6 +249,18 @@ class ServiceLoop:
             )
         )
 
+    def accept(self, msg: P.PrefillRequest) -> bool:
+        """Queue a request to prefill here; a bad one fails at once with the reason."""
+        seq = Sequence(
+            msg.req_id, msg.token_ids, msg.params, num_prompt_tokens=msg.num_prompt_tokens
+        )
+        try:
+            self.sched.add(seq)
+        except ValueError as e:
+            self.fail(msg.req_id, str(e))
+            return False
+        return True
+
     def fail(self, req_id: str, message: str, retryable: bool = False) -> None:
         REQUEST_ERRORS.labels(self.id).inc()
         self.gateway.send(P.RequestError(req_id, message, retryable))

@@ -139,15 +139,8 @@ class DecodeService(ServiceLoop):
     def prefill_locally(self, msg: P.PrefillRequest) -> None:
         """A short prompt (or no prefill pool at all): cheaper here than a transfer. The
         scheduler mixes its chunks into the decode steps; token 0 goes out like any other."""
-        seq = Sequence(
-            msg.req_id, msg.token_ids, msg.params, num_prompt_tokens=msg.num_prompt_tokens
-        )
-        try:
-            self.sched.add(seq)
-        except ValueError as e:
-            self.fail(msg.req_id, str(e))
-            return
-        LOCAL_PREFILLS.labels(self.id).inc()
+        if self.accept(msg):
+            LOCAL_PREFILLS.labels(self.id).inc()
 
     # --- KV hand-off ---------------------------------------------------------------------
     def drain_kv(self) -> None:

@@ -117,15 +117,8 @@ class PrefillService(ServiceLoop):
     # --- gateway messages ----------------------------------------------------------------
     def on_gateway(self, msg) -> None:
         if isinstance(msg, P.PrefillRequest):
-            seq = Sequence(
-                msg.req_id, msg.token_ids, msg.params, num_prompt_tokens=msg.num_prompt_tokens
-            )
-            try:
-                self.sched.add(seq)
-            except ValueError as e:
-                self.fail(msg.req_id, str(e))
-                return
-            self.routes[msg.req_id] = msg.decode_kv_addr
+            if self.accept(msg):
+                self.routes[msg.req_id] = msg.decode_kv_addr
         elif isinstance(msg, P.Abort):
             self.routes.pop(msg.req_id, None)
             if self.sched.abort(msg.req_id) is None:

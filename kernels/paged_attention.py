@@ -1,17 +1,24 @@
-"""Attention over the paged KV cache, torch reference (Triton: paged_attention_triton.py).
+"""Attention over the paged KV cache, torch (the CPU path; Triton: paged_attention_triton.py).
 
 Cache views are [num_blocks, block_size, kv_heads, head_dim]; a block table lists a sequence's
 blocks in order, so token t of the sequence lives at (table[t // block_size], t % block_size).
 GQA: query head h reads KV head h // (q_heads // kv_heads).
+
+Why it looks the way it does (CPU, measured in benchmarks/RESULTS.md): a block's rows of one
+layer are one contiguous range, so `gather_blocks` copies whole blocks with index_select (a
+memcpy per block) where advanced indexing copies element by element. Scores and outputs are
+plain batched matmuls in chunks of queries: torch's CPU SDPA kernel is ~10x slower than them for
+one query row and ~8x slower for a causal 2k-token prompt in bf16.
 """
 
 import torch
-import torch.nn.functional as F
+
+QUERY_CHUNK = 64  # query rows per matmul in extend: bounds the scores to chunk x context
 
 
-def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """The first `num_tokens` cached tokens of one sequence: [num_tokens, kv_heads, head_dim]."""
-    return cache[block_table].flatten(0, 1)[:num_tokens]
+def gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+    """Blocks `block_ids` ([N]) of a cache view, whole: [N * block_size, kv_heads, head_dim]."""
+    return cache.flatten(1).index_select(0, block_ids).view(-1, *cache.shape[2:])
 
 
 def extend_attention(
@@ -24,18 +31,28 @@ def extend_attention(
 ) -> torch.Tensor:
     """New tokens attend causally to themselves and to the cached prefix (chunked prefill,
     prefix hits). Returns [n, q_heads, head_dim]."""
-    n = q.shape[0]
-    k = gather_kv(k_cache, block_table, ctx_len).transpose(0, 1)
-    v = gather_kv(v_cache, block_table, ctx_len).transpose(0, 1)
-    if n == ctx_len:
-        mask, causal = None, True
-    else:  # query i sits at position ctx_len - n + i and sees keys 0..that position
-        pos = torch.arange(ctx_len - n, ctx_len, device=q.device).unsqueeze(1)
-        mask, causal = torch.arange(ctx_len, device=q.device).unsqueeze(0) <= pos, False
-    out = F.scaled_dot_product_attention(
-        q.transpose(0, 1), k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True
-    )
-    return out.transpose(0, 1)
+    n, q_heads, head_dim = q.shape
+    kv_heads = k_cache.shape[2]
+    group = q_heads // kv_heads
+    blocks = block_table[: -(-ctx_len // k_cache.shape[1])]
+    kt = gather_blocks(k_cache, blocks)[:ctx_len].permute(1, 2, 0).contiguous()  # [kvh, d, ctx]
+    v = gather_blocks(v_cache, blocks)[:ctx_len].transpose(0, 1).contiguous()  # [kvh, ctx, d]
+    # the scale goes on q so that the scores leave the matmul ready for softmax
+    qg = (q * scale).view(n, kv_heads, group, head_dim).permute(1, 2, 0, 3)  # [kvh, g, n, d]
+    out = torch.empty(n, kv_heads, group, head_dim, dtype=q.dtype, device=q.device)
+    first = ctx_len - n  # position of query row 0
+    for lo in range(0, n, QUERY_CHUNK):
+        hi = min(n, lo + QUERY_CHUNK)
+        rows, seen = hi - lo, first + hi  # keys past the chunk's last query: never seen
+        chunk = qg[:, :, lo:hi].reshape(kv_heads, group * rows, head_dim)
+        scores = torch.bmm(chunk, kt[:, :, :seen]).view(kv_heads, group, rows, seen)
+        # only the chunk's own keys are causal; the prefix before them is seen by every row
+        future = torch.ones(rows, rows, dtype=torch.bool, device=q.device).triu_(1)
+        scores[..., first + lo :].masked_fill_(future, float("-inf"))
+        probs = torch.softmax(scores, -1, dtype=torch.float32).to(v.dtype)
+        o = torch.bmm(probs.view(kv_heads, group * rows, seen), v[:, :seen])
+        out[lo:hi] = o.view(kv_heads, group, rows, head_dim).permute(2, 0, 1, 3)
+    return out.view(n, q_heads, head_dim)
 
 
 def extend_attention_varlen(
@@ -45,7 +62,7 @@ def extend_attention_varlen(
     block_tables: torch.Tensor,  # [S, max_blocks], padded with any valid block id
     cu_seqlens: torch.Tensor,  # [S + 1] sequence i's rows are cu_seqlens[i]:cu_seqlens[i + 1]
     ctx_lens: torch.Tensor,  # [S] tokens in the cache per sequence, new ones included
-    max_num_new: int,  # sizes the Triton grid; the reference needs no bound
+    max_num_new: int,  # sizes the Triton grid; the torch path needs no bound
     scale: float,
 ) -> torch.Tensor:
     """extend_attention over a packed batch of sequences. Returns [T, q_heads, head_dim]."""
@@ -66,13 +83,19 @@ def paged_decode_attention(
     scale: float,
 ) -> torch.Tensor:
     """One query per sequence over its whole cached context. Returns [B, q_heads, head_dim]."""
-    # Plain matmuls, not SDPA: with one query row, torch's CPU flash kernel is ~10x slower.
     b, q_heads, head_dim = q.shape
-    k = k_cache[block_tables].flatten(1, 2).transpose(1, 2)  # [B, kv_heads, S, head_dim]
-    v = v_cache[block_tables].flatten(1, 2).transpose(1, 2)
-    kv_heads, s = k.shape[1], k.shape[2]
-    qg = q.view(b, kv_heads, q_heads // kv_heads, head_dim)  # query heads grouped by KV head
-    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # [B, kv_heads, group, S]
-    invalid = (torch.arange(s, device=q.device) >= ctx_lens.unsqueeze(1)).view(b, 1, 1, s)
-    probs = scores.masked_fill(invalid, float("-inf")).softmax(-1).to(v.dtype)
-    return torch.matmul(probs, v).view(b, q_heads, head_dim)
+    kv_heads = k_cache.shape[2]
+    group = q_heads // kv_heads
+    # [B, S * kv_heads, head_dim] as gathered, with no transpose to copy: every query head
+    # meets every KV head in one matmul and the scores of its own KV head are kept. GQA
+    # multiplies the (small) attention flops, never the bytes read.
+    k = gather_blocks(k_cache, block_tables.flatten()).view(b, -1, head_dim)
+    v = gather_blocks(v_cache, block_tables.flatten()).view(b, -1, head_dim)
+    s = k.shape[1] // kv_heads
+    scores = torch.bmm(q, k.transpose(1, 2)).view(b, kv_heads, group, s, kv_heads)
+    own = scores.diagonal(dim1=1, dim2=4).float().mul_(scale)  # [B, group, S, kv_heads]
+    invalid = (torch.arange(s, device=q.device) >= ctx_lens.unsqueeze(1)).view(b, 1, s, 1)
+    probs = own.masked_fill_(invalid, float("-inf")).softmax(2)
+    spread = torch.zeros(b, kv_heads, group, s, kv_heads, dtype=v.dtype, device=v.device)
+    spread.diagonal(dim1=1, dim2=4).copy_(probs)  # zero weight on the other heads' values
+    return torch.bmm(spread.view(b, q_heads, s * kv_heads), v).view(b, q_heads, head_dim)

@@ -131,6 +131,56 @@ def test_extend_attention_varlen(interpreted, group, head_dim, block_size):
     assert_close(got, paged_attention.extend_attention_varlen(*args), ATTENTION_ULPS)
 
 
+def dense_attention(q, k_cache, v_cache, table, ctx_len, scale):
+    """The spec the torch ops are held to: token t of the sequence read one by one from its
+    block, each query head against its KV head, in fp32, causal over positions."""
+    bs = k_cache.shape[1]
+    k = torch.stack([k_cache[table[t // bs], t % bs] for t in range(ctx_len)]).float()
+    v = torch.stack([v_cache[table[t // bs], t % bs] for t in range(ctx_len)]).float()
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)  # [ctx, q_heads, d]
+    scores = torch.einsum("nhd,chd->hnc", q.float(), k) * scale
+    query_pos = torch.arange(ctx_len - q.shape[0], ctx_len).unsqueeze(1)
+    scores = scores.masked_fill(torch.arange(ctx_len) > query_pos, float("-inf"))
+    return torch.einsum("hnc,chd->nhd", scores.softmax(-1), v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("group", "head_dim", "block_size"), ATTENTION_CASES)
+def test_torch_attention_matches_the_dense_spec(group, head_dim, block_size, dtype):
+    # the CPU serving path: gathers whole blocks and attends in chunks of queries
+    cached_new = [(0, 17), (block_size, 1), (block_size - 1, 3), (2 * block_size + 5, 100)]
+    ctx_lens = [c + n for c, n in cached_new]
+    k_cache, v_cache = paged_cache(NUM_BLOCKS, block_size, KV_HEADS, head_dim, dtype)
+    tables = block_tables(ctx_lens, block_size, NUM_BLOCKS)
+    scale = head_dim**-0.5
+    # bf16: inputs are rounded once, scores once, probabilities once (a few ulps of 1/256)
+    atol = rtol = 1e-5 if dtype == torch.float32 else 3e-2
+    qs = [torch.randn(n, KV_HEADS * group, head_dim).to(dtype) for _, n in cached_new]
+    cu_seqlens = torch.tensor([0, *torch.tensor([n for _, n in cached_new]).cumsum(0).tolist()])
+    got = paged_attention.extend_attention_varlen(
+        torch.cat(qs), k_cache, v_cache, tables, cu_seqlens, torch.tensor(ctx_lens), 100, scale
+    )
+    want = torch.cat(
+        [
+            dense_attention(q, k_cache, v_cache, t, c, scale)
+            for q, t, c in zip(qs, tables, ctx_lens, strict=True)
+        ]
+    )
+    torch.testing.assert_close(got.float(), want, atol=atol, rtol=rtol)
+    q = torch.stack([q[-1] for q in qs])  # the last token of each, as decoding reads it
+    got = paged_attention.paged_decode_attention(
+        q, k_cache, v_cache, tables, torch.tensor(ctx_lens), scale
+    )
+    want = torch.cat(
+        [
+            dense_attention(q[i : i + 1], k_cache, v_cache, tables[i], c, scale)
+            for i, c in enumerate(ctx_lens)
+        ]
+    )
+    torch.testing.assert_close(got.float(), want, atol=atol, rtol=rtol)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("kv_heads", "head_dim"), [(1, 128), (3, 64)])
 def test_write_kv_writes_only_its_slots(interpreted, kv_heads, head_dim, dtype):

@@ -137,7 +137,8 @@ def load_model(model_dir: Path, dtype: torch.dtype) -> CausalLM:
     if missing:
         raise ValueError(f"weights missing from {model_dir}: {missing[:8]}")
     model.rotary.init_tables(dtype)
-    return model.eval().requires_grad_(False)
+    model.requires_grad_(False).prepack()
+    return model.eval()
 
 
 def load_tokenizer(model_dir: Path):

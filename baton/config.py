@@ -93,6 +93,14 @@ class GatewayConfig(Section):
     local_prefill_tokens: Annotated[
         int, Meta(ge=0), doc("prompts up to this many new tokens prefill on the decode (0: never)")
     ] = 0
+    busy_prefill_tokens: Annotated[
+        int,
+        Meta(ge=0),
+        doc(
+            "prompts up to this many tokens prefill on a decode that prefills nothing else "
+            "when every prefill has a queue (work stealing; 0: never)"
+        ),
+    ] = 0
 
 
 class SLOConfig(Section):

@@ -233,7 +233,9 @@ def create_app(model_dir: Path, config: BatonConfig) -> FastAPI:
         gw = config.gateway
         aggregated = config.prefill.count == 0
         admission = Admission(gw, config.slo)
-        backend = Backend(gw.zmq_addr, admission, gw.local_prefill_tokens, aggregated)
+        backend = Backend(
+            gw.zmq_addr, admission, gw.local_prefill_tokens, aggregated, gw.busy_prefill_tokens
+        )
         backend.on_heartbeat = M.observe_heartbeat
         backend.start()
         state["gw"] = Gateway(

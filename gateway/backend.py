@@ -18,7 +18,7 @@ from baton import protocol as P
 from baton.sampling_params import SamplingParams
 from gateway import metrics as M
 from gateway.admission import Admission, Admitted
-from gateway.router import Registry, Service
+from gateway.router import Registry, Service, prefill_cost
 
 log = logging.getLogger("baton.gateway")
 
@@ -42,6 +42,7 @@ class Stream:
     prefill_id: str
     decode_id: str
     first_index: int = 0  # a resumed stream continues from the tokens already streamed
+    prefilling_on_decode: bool = False  # counted in its decode's local_prompts until token 1
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     done: bool = False
 
@@ -75,6 +76,7 @@ class Backend:
         admission: Admission,
         local_prefill_tokens: int = 0,
         aggregated: bool = False,
+        busy_prefill_tokens: int = 0,
         service_timeout_s: float = 3.0,
     ):
         self.ctx = zmq.asyncio.Context()
@@ -86,6 +88,7 @@ class Backend:
         self.registry = Registry(service_timeout_s)
         self.admission = admission
         self.local_prefill_tokens = local_prefill_tokens
+        self.busy_prefill_tokens = busy_prefill_tokens
         self.aggregated = aggregated  # no prefill pool is configured: decodes serve alone
         self.streams: dict[str, Stream] = {}
         self.encode = msgspec.msgpack.Encoder().encode
@@ -110,8 +113,23 @@ class Backend:
     def prefills_locally(self, num_tokens: int) -> bool:
         """Conditional disaggregation: a short prompt costs less to prefill on its decode
         than to hand off; with no prefill pool (aggregated, or all prefills gone) every
-        prompt does, rather than fail."""
-        return num_tokens <= self.local_prefill_tokens or not self.registry.pool("prefill")
+        prompt does, rather than fail. And work stealing: a prompt within
+        `busy_prefill_tokens` that would queue behind every prefill goes to a decode that is
+        prefilling nothing of its own, whose core is mostly idle between decode steps."""
+        prefills = self.registry.pool("prefill")
+        if num_tokens <= self.local_prefill_tokens or not prefills:
+            return True
+        if num_tokens > self.busy_prefill_tokens:
+            return False
+        decode = self.registry.pick_decode()
+        busy = min(map(prefill_cost, prefills)) > 0
+        return busy and decode is not None and decode.local_prompts == 0
+
+    def _prefilled_on_decode(self, stream: Stream) -> None:
+        if stream.prefilling_on_decode:
+            stream.prefilling_on_decode = False
+            if (decode := self.registry.services.get(stream.decode_id)) is not None:
+                decode.local_prompts -= 1
 
     async def _read(self) -> None:
         while True:
@@ -131,6 +149,7 @@ class Backend:
                 self.on_heartbeat(msg)
             elif (stream := self.streams.get(msg.req_id)) is not None:
                 stream.queue.put_nowait(msg)
+                self._prefilled_on_decode(stream)  # any answer ends its prompt's prefill
                 if (
                     isinstance(msg, P.TokenOutput)
                     and msg.index == 0
@@ -188,11 +207,13 @@ class Backend:
             prefill = prefill or self.registry.pick_prefill(len(token_ids), avoid) or decode
         if prefill is None or decode is None:
             raise NoCapacity("no prefill or no decode service is available")
-        if prefill is decode:
-            M.LOCAL_PREFILLS.inc()
         req_id = uuid.uuid4().hex  # the transfer id both legs carry
         resumed = len(token_ids) - num_prompt_tokens if num_prompt_tokens >= 0 else 0
         stream = Stream(req_id, prefill.id, decode.id, first_index=resumed)
+        if prefill is decode:
+            M.LOCAL_PREFILLS.inc()
+            decode.local_prompts += 1
+            stream.prefilling_on_decode = True
         self.streams[req_id] = stream
         prefill.requests.add(req_id)
         decode.requests.add(req_id)
@@ -207,6 +228,7 @@ class Backend:
     async def finish(self, stream: Stream) -> None:
         """Forget a stream; if it has not ended, abort it on both services."""
         self.streams.pop(stream.req_id, None)
+        self._prefilled_on_decode(stream)
         for sid in (stream.prefill_id, stream.decode_id):
             if (s := self.registry.services.get(sid)) is not None:
                 s.requests.discard(stream.req_id)

@@ -21,6 +21,7 @@ class Service:
     incarnation: str = ""
     draining: bool = False
     inflight_tokens: int = 0  # prompt tokens we sent it that it has not reported yet
+    local_prompts: int = 0  # decode: prompts we sent it to prefill itself, not answered yet
     requests: set[str] = field(default_factory=set)
 
 

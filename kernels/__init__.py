@@ -6,8 +6,10 @@ Triton twin beside it (`kernels/<op>_triton.py`). Callers use the names below, e
 at once and model code never checks a device.
 
 BATON_KERNELS picks the backend at import: `auto` (the default: Triton for a CUDA engine,
-torch for a CPU one; the engine runs on CPU today), `triton` or `torch`. Triton on a CPU needs TRITON_INTERPRET=1 set before `import
-triton` (its numpy interpreter: for tests, far too slow to serve).
+`native` for a CPU one; the engine runs on CPU today), `triton`, `native` (the torch ops with
+decode attention in C, kernels/native.py; torch alone where no C compiler works) or `torch`.
+Triton on a CPU needs TRITON_INTERPRET=1 set before `import triton` (its numpy interpreter:
+for tests, far too slow to serve).
 """
 
 import os
@@ -15,6 +17,7 @@ from collections.abc import Callable
 
 import torch
 
+from kernels import native
 from kernels.kv_write import write_kv
 from kernels.norm import add_rms_norm
 from kernels.paged_attention import extend_attention_varlen, paged_decode_attention
@@ -46,14 +49,24 @@ def _triton_ops() -> dict[str, Callable]:
     }
 
 
+def _native_ops() -> dict[str, Callable]:
+    from kernels import paged_attention_native
+
+    return {**_TORCH_OPS, "paged_decode_attention": paged_attention_native.paged_decode_attention}
+
+
 def use(backend: str, device: str = "cpu") -> None:
-    """Bind every op to `backend`: "triton", "torch", or "auto" (Triton on a CUDA device)."""
+    """Bind every op to `backend`: "triton", "native", "torch", or "auto" (Triton on a CUDA
+    device, else native)."""
     global BACKEND
     if backend == "auto":
-        backend = "triton" if device.startswith("cuda") else "torch"
-    if backend not in ("triton", "torch"):
-        raise ValueError(f"BATON_KERNELS must be auto, triton or torch, not {backend!r}")
-    globals().update(_triton_ops() if backend == "triton" else _TORCH_OPS)
+        backend = "triton" if device.startswith("cuda") else "native"
+    if backend == "native" and native.load() is None:
+        backend = "torch"  # no C compiler here (logged): the torch ops serve alone
+    ops = {"triton": _triton_ops, "native": _native_ops, "torch": lambda: _TORCH_OPS}
+    if backend not in ops:
+        raise ValueError(f"BATON_KERNELS must be auto, triton, native or torch, not {backend!r}")
+    globals().update(ops[backend]())
     BACKEND = backend
 
 

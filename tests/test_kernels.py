@@ -28,6 +28,7 @@ from kernels import (
     norm,
     norm_triton,
     paged_attention,
+    paged_attention_native,
     paged_attention_triton,
     rotary,
     rotary_triton,
@@ -145,10 +146,16 @@ def dense_attention(q, k_cache, v_cache, table, ctx_len, scale):
     return torch.einsum("hnc,chd->nhd", scores.softmax(-1), v)
 
 
+@pytest.mark.parametrize(
+    "decode_op",
+    [paged_attention.paged_decode_attention, paged_attention_native.paged_decode_attention],
+    ids=["torch", "native"],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("group", "head_dim", "block_size"), ATTENTION_CASES)
-def test_torch_attention_matches_the_dense_spec(group, head_dim, block_size, dtype):
-    # the CPU serving path: gathers whole blocks and attends in chunks of queries
+def test_cpu_attention_matches_the_dense_spec(group, head_dim, block_size, dtype, decode_op):
+    # the CPU serving path: torch gathers whole blocks and attends in chunks of queries; the
+    # native (C) decode op reads each sequence's blocks in place
     cached_new = [(0, 17), (block_size, 1), (block_size - 1, 3), (2 * block_size + 5, 100)]
     ctx_lens = [c + n for c, n in cached_new]
     k_cache, v_cache = paged_cache(NUM_BLOCKS, block_size, KV_HEADS, head_dim, dtype)
@@ -169,9 +176,7 @@ def test_torch_attention_matches_the_dense_spec(group, head_dim, block_size, dty
     )
     torch.testing.assert_close(got.float(), want, atol=atol, rtol=rtol)
     q = torch.stack([q[-1] for q in qs])  # the last token of each, as decoding reads it
-    got = paged_attention.paged_decode_attention(
-        q, k_cache, v_cache, tables, torch.tensor(ctx_lens), scale
-    )
+    got = decode_op(q, k_cache, v_cache, tables, torch.tensor(ctx_lens), scale)
     want = torch.cat(
         [
             dense_attention(q[i : i + 1], k_cache, v_cache, tables[i], c, scale)

@@ -22,7 +22,9 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "paged_decode.c"
-FLAGS = ["-O3", "-march=native", "-ffast-math", "-shared", "-fPIC"]
+# -ffast-math only to compile (it vectorizes the reductions and expf): linked with it, the
+# library would set flush-to-zero for the whole process as it loads (crtfastmath.o)
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC"]
 
 
 def _cpu_flags() -> str:
@@ -49,17 +51,17 @@ def load() -> ctypes.CDLL | None:
     path = _cache_dir() / f"paged_decode-{key[:16]}.so"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
-        os.close(fd)
-        cmd = [cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"]
-        try:
-            subprocess.run(cmd, check=True, capture_output=True, text=True)
-        except (OSError, subprocess.CalledProcessError) as e:
-            os.unlink(tmp)
-            why = getattr(e, "stderr", "") or e
-            log.warning("building %s failed (%s): decode attention runs on torch", SOURCE, why)
-            return None
-        os.replace(tmp, path)
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            obj, lib = Path(tmp) / "kernel.o", Path(tmp) / "kernel.so"
+            try:
+                run = functools.partial(subprocess.run, check=True, capture_output=True, text=True)
+                run([cc, *FLAGS, "-c", "-o", str(obj), str(SOURCE)])
+                run([cc, "-shared", "-o", str(lib), str(obj), "-lm"])
+            except (OSError, subprocess.CalledProcessError) as e:
+                why = getattr(e, "stderr", "") or e
+                log.warning("building %s failed (%s): decode attention runs on torch", SOURCE, why)
+                return None
+            os.replace(lib, path)
     lib = ctypes.CDLL(str(path))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     for fn in (lib.paged_decode_bf16, lib.paged_decode_f32):

@@ -25,6 +25,7 @@ from baton.sampling_params import SamplingParams
 from kernels import (
     kv_write,
     kv_write_triton,
+    native,
     norm,
     norm_triton,
     paged_attention,
@@ -144,6 +145,15 @@ def dense_attention(q, k_cache, v_cache, table, ctx_len, scale):
     query_pos = torch.arange(ctx_len - q.shape[0], ctx_len).unsqueeze(1)
     scores = scores.masked_fill(torch.arange(ctx_len) > query_pos, float("-inf"))
     return torch.einsum("hnc,chd->nhd", scores.softmax(-1), v)
+
+
+def test_loading_the_native_kernels_keeps_subnormal_floats():
+    """A library linked with -ffast-math sets flush-to-zero for the whole process as it loads;
+    hypothesis (and any numerics after it) then break. Ours is compiled fast, linked plain."""
+    tiny = 5e-324  # the smallest subnormal double
+    assert native.load() is not None
+    assert tiny * 1.0 == tiny
+    assert torch.tensor(1e-40) * 1.0 > 0  # float32 subnormal, through torch's kernels too
 
 
 @pytest.mark.parametrize(

@@ -98,6 +98,18 @@ def test_slo_admission_refuses_a_prompt_whose_predicted_ttft_misses():
     assert [r.status for r in out.records] == ["ok", "http 429"]
 
 
+def test_a_busy_prefill_lends_a_short_prompt_to_the_decode():
+    # a 1000-token prompt holds the prefill for 2 x 10 ms + 1 s; a 50-token one at 0.1 s
+    # waits behind it there, or with stealing starts at once on the idle decode
+    arrivals = [Arrival(0.0, 1000, 1), Arrival(0.1, 50, 1)]
+    queued = simulate(SIMPLE, deployment(), arrivals).records[1]
+    assert queued.ttft_s == pytest.approx(1.020 + 0.010 + 0.050 - 0.1)
+    stolen = simulate(SIMPLE, deployment(busy_prefill_tokens=64), arrivals).records[1]
+    assert stolen.ttft_s == pytest.approx(0.010 + 0.050)  # one 50-token step, on the decode
+    idle = simulate(SIMPLE, deployment(busy_prefill_tokens=64), [Arrival(0.0, 50, 2)])
+    assert idle.records[0].ttft_s == pytest.approx(0.060)  # an idle prefill keeps its work
+
+
 def test_arrivals_are_the_send_times_baton_bench_draws():
     ours = poisson_arrivals(2.0, Dist.parse("512"), Dist.parse("uniform:8:16"), 50, seed=3)
     bench = arrival_times(Load(rate=2.0), 50, np.random.default_rng(3))

@@ -63,6 +63,7 @@ class Deployment:
     decode_budget: int  # tokens a decode step takes: its decodes + local prompt chunks
     decode_max_batch: int
     local_prefill_tokens: int = 0
+    busy_prefill_tokens: int = 0  # work stealing: gateway.busy_prefill_tokens
     max_inflight: int = 256
     admission_ttft_s: float | None = None  # slo admission's target; None: queue-limit only
     tpot_s: float | None = None  # the decode lowers its batch cap to meet it
@@ -81,6 +82,7 @@ class Deployment:
             decode_budget=decode.max_num_batched_tokens,
             decode_max_batch=decode.max_num_seqs,
             local_prefill_tokens=gw.local_prefill_tokens,
+            busy_prefill_tokens=gw.busy_prefill_tokens,
             max_inflight=gw.max_queued_requests,
             admission_ttft_s=(
                 gw.admission_margin * config.slo.ttft_ms / 1e3 if gw.admission == "slo" else None
@@ -107,6 +109,7 @@ class _Request:
     first_s: float | None = None
     last_s: float | None = None
     rejected: bool = False
+    prefilled_on_decode: bool = False
 
     @property
     def context(self) -> int:
@@ -191,6 +194,7 @@ class _Decode(_Server):
         self.waiting: deque[_Request] = deque()
         self.running: list[_Request] = []
         self.num_assigned = 0  # picked for it and not finished: the gateway's decode cost
+        self.local_prompts = 0  # prompts it prefills itself, before their first token
 
     def enqueue(self, r: _Request) -> None:
         self.waiting.append(r)
@@ -263,7 +267,12 @@ class _Simulation:
         if self.num_inflight + 1 > d.max_inflight:
             r.rejected = True
             return
-        local = not self.prefills or r.arrival.prompt_tokens <= d.local_prefill_tokens
+        n = r.arrival.prompt_tokens
+        decode = min(self.decodes, key=lambda s: s.num_assigned)
+        local = not self.prefills or n <= d.local_prefill_tokens
+        if not local and n <= d.busy_prefill_tokens:  # as gateway/backend.py steals work
+            busy = min(p.queued_tokens for p in self.prefills) > 0
+            local = busy and decode.local_prompts == 0
         prefill = None if local else min(self.prefills, key=lambda p: p.queued_tokens)
         if prefill is not None and d.admission_ttft_s is not None:
             decision = admit(
@@ -277,10 +286,12 @@ class _Simulation:
                 r.rejected = True
                 return
         self.num_inflight += 1
-        r.decode = min(self.decodes, key=lambda s: s.num_assigned)
-        r.decode.num_assigned += 1
+        r.decode = decode
+        decode.num_assigned += 1
         if prefill is None:
-            r.decode.enqueue(r)
+            decode.local_prompts += 1
+            r.prefilled_on_decode = True
+            decode.enqueue(r)
         else:
             prefill.queue.append(r)
             prefill.kick()
@@ -290,6 +301,8 @@ class _Simulation:
         r.num_output += 1
         if r.first_s is None:
             r.first_s = self.now
+            if r.prefilled_on_decode:
+                r.decode.local_prompts -= 1
         if r.num_output == r.arrival.output_tokens:
             r.last_s = self.now
             r.decode.num_assigned -= 1

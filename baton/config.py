@@ -41,7 +41,8 @@ class EngineConfig(Section):
     max_num_seqs: Annotated[Positive, doc("running sequences per step")] = 64
     max_num_batched_tokens: Annotated[Positive, doc("token budget per step")] = 512
     max_chunk_tokens: Annotated[
-        Positive | None, doc("per-sequence prefill chunk; unset: the budget")
+        Positive | None,
+        doc("a prompt's tokens per step while others wait; unset: half the budget"),
     ] = None
     max_model_len: Annotated[Positive | None, doc("context limit; unset: the model's")] = None
     enable_prefix_caching: Annotated[bool, doc("reuse KV blocks of shared prefixes")] = True
@@ -61,7 +62,9 @@ class PoolConfig(Section):
     max_num_batched_tokens: Annotated[
         Positive | None, doc("token budget per step (prefill: bounds TTFT)")
     ] = None
-    max_chunk_tokens: Annotated[Positive | None, doc("per-sequence prefill chunk")] = None
+    max_chunk_tokens: Annotated[
+        Positive | None, doc("a prompt's tokens per step while others wait")
+    ] = None
 
 
 class GatewayConfig(Section):

@@ -47,6 +47,9 @@ class Load(msgspec.Struct, frozen=True):
     step_fixed_s: float = 0.0
     step_per_unit_s: float = 0.0
     step_budget: int = 0  # units one step can take (prefill: its token budget)
+    # prefill: the tokens a new prompt waits for (each queued prompt counted up to one chunk,
+    # since chunked steps interleave the rest of a long one with the newcomer)
+    ahead_tokens: int = 0
 
 
 class Heartbeat(msgspec.Struct, tag=True, frozen=True):

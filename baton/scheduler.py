@@ -45,8 +45,10 @@ class Scheduler:
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        # A long prompt takes at most this many tokens a step, leaving room for short ones.
-        self.max_chunk_tokens = max_chunk_tokens or max_num_batched_tokens
+        # While others wait, a long prompt takes at most this many tokens a step (default: half
+        # the budget), so a short one that arrives behind it starts at the next step instead
+        # of after it; alone, it takes the whole budget.
+        self.max_chunk_tokens = max_chunk_tokens or max(1, max_num_batched_tokens // 2)
         self.max_model_len = max_model_len
         self.eos_token_ids = eos_token_ids
         self.vocab_size = vocab_size  # None: token ids are not checked
@@ -107,7 +109,15 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def _chunk(self, seq: Sequence, budget: int) -> int:
-        return min(seq.num_tokens - seq.num_computed_tokens, budget, self.max_chunk_tokens)
+        alone = len(self.running) + len(self.waiting) == 1
+        cap = budget if alone else self.max_chunk_tokens
+        return min(seq.num_tokens - seq.num_computed_tokens, budget, cap)
+
+    def ahead_tokens(self) -> int:
+        """Prompt tokens a newly arrived prompt waits for: each queued prompt counted up to
+        one chunk, as chunked steps interleave the rest of a long one with the newcomer."""
+        queued = (*self.waiting, *self.running)
+        return sum(min(s.num_tokens - s.num_computed_tokens, self.max_chunk_tokens) for s in queued)
 
     def schedule(self) -> list[ScheduledSeq]:
         budget = self.max_num_batched_tokens

@@ -90,13 +90,16 @@ def admit(
     budget: int,
     ttft_s: float,
     scale: float = 1.0,
+    ahead_tokens: int | None = None,
 ) -> Admission:
-    """Predict TTFT from the prefill's fitted step times: the queue ahead of this prompt
-    plus the prompt itself, times the calibration `scale`. Refuse when it misses the target;
-    with no fit yet, admit."""
+    """Predict TTFT from the prefill's fitted step times: the tokens this prompt waits for
+    (`ahead_tokens`; unset: the whole queue, first come first served) plus the prompt
+    itself, times the calibration `scale`. Refuse when it misses the target; with no fit
+    yet, admit. Retry-After is when the whole queue has drained."""
     if fit is None or fit[1] <= 0:
         return Admission(True)
-    predicted = scale * prefill_seconds(queued_tokens + prompt_tokens, fit, budget)
+    ahead = queued_tokens if ahead_tokens is None else min(ahead_tokens, queued_tokens)
+    predicted = scale * prefill_seconds(ahead + prompt_tokens, fit, budget)
     if predicted <= ttft_s or queued_tokens == 0:  # an idle prefill takes even a long prompt
         return Admission(True, predicted)
     drain = scale * prefill_seconds(queued_tokens, fit, budget)  # when the queue has cleared

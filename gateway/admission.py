@@ -56,7 +56,9 @@ class Admission:
             tokens = sum(map(len, remote))
             budget = p.load.step_budget or tokens
             scale = self.calibration.ratio
-            decision = admit(int(prefill_cost(p)), tokens, fit, budget, self.ttft_s, scale)
+            ahead = p.load.ahead_tokens + p.inflight_tokens
+            queued = int(prefill_cost(p))
+            decision = admit(queued, tokens, fit, budget, self.ttft_s, scale, ahead)
             predicted = decision.predicted_ttft_s
             M.PREDICTED_TTFT.observe(predicted or 0.0)
             if not decision.admitted:

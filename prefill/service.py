@@ -233,7 +233,13 @@ class PrefillService(ServiceLoop):
         queued = sum(
             s.num_tokens - s.num_computed_tokens for s in (*self.sched.waiting, *self.sched.running)
         )
-        return P.Load(queued, len(self.sched.running), pool.num_free, pool.num_blocks)
+        return P.Load(
+            queued,
+            len(self.sched.running),
+            pool.num_free,
+            pool.num_blocks,
+            ahead_tokens=self.sched.ahead_tokens(),
+        )
 
 
 def main(

@@ -41,8 +41,9 @@ SIMPLE = profile(
 
 
 def deployment(num_prefill: int = 1, num_decode: int = 1, **knobs) -> Deployment:
-    """No admission and no TPOT cap unless given: nothing but the steps."""
+    """No admission, no TPOT cap and no chunk cap unless given: nothing but the steps."""
     return Deployment(num_prefill, num_decode, **{"prefill_budget": 512, "decode_budget": 512,
+                                                  "prefill_chunk": 512, "decode_chunk": 512,
                                                   "decode_max_batch": 8, **knobs})  # fmt: skip
 
 
@@ -68,6 +69,15 @@ def test_prefill_chunks_prompts_fifo_under_the_token_budget():
     assert a.ttft_s == pytest.approx(0.010 + 0.512)
     assert b.ttft_s == pytest.approx(0.522 + 0.010 + 0.088)
     assert out.duration_s == pytest.approx(b.ttft_s)
+
+
+def test_a_long_prompt_takes_a_chunk_a_step_while_a_short_one_waits():
+    # the default chunk is half the budget: 256 of the long prompt and all of the short one
+    arrivals = [Arrival(0.0, 1000, 1), Arrival(0.0, 100, 1)]
+    long, short = simulate(SIMPLE, deployment(prefill_chunk=None), arrivals).records
+    assert short.ttft_s == pytest.approx(0.010 + 0.356)
+    # alone again, the long one takes the whole budget: 744 left = 512 + 232
+    assert long.ttft_s == pytest.approx(0.366 + 0.522 + 0.242)
 
 
 def test_attention_pairs_of_a_chunk_continue_from_its_cached_tokens():

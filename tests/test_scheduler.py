@@ -29,7 +29,7 @@ def step(s: Scheduler, token: int = 5):
 
 
 def test_chunked_prefill_then_decode_within_the_token_budget():
-    s = make(budget=8)
+    s = make(budget=8, chunk=8)
     s.add(Sequence("long", list(range(10, 30)), SamplingParams(max_tokens=2)))
     s.add(Sequence("short", [10, 11, 12], SamplingParams(max_tokens=2)))
     assert step(s) == ([("long", 8)], [])
@@ -44,6 +44,15 @@ def test_chunk_cap_lets_short_prompts_in_beside_a_long_one():
     s.add(Sequence("long", list(range(10, 30)), SamplingParams(max_tokens=1)))
     s.add(Sequence("short", [10, 11], SamplingParams(max_tokens=1)))
     assert step(s)[0] == [("long", 4), ("short", 2)]
+
+
+def test_a_prompt_alone_takes_the_budget_and_half_of_it_while_others_wait():
+    s = make(budget=8)
+    s.add(Sequence("long", list(range(10, 30)), SamplingParams(max_tokens=1)))
+    assert step(s)[0] == [("long", 8)]
+    s.add(Sequence("short", [50, 51, 52, 53, 54], SamplingParams(max_tokens=1)))
+    assert s.ahead_tokens() == 4 + 4  # a newcomer now waits for one chunk of each
+    assert step(s)[0] == [("long", 4), ("short", 4)]
 
 
 def test_stops_on_eos_unless_ignored_and_respects_min_tokens():

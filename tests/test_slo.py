@@ -50,6 +50,15 @@ def test_admission_predicts_ttft_from_the_queue_ahead():
     assert admit(10**6, 10, None, 512, ttft_s=1.0).admitted  # no measurement: no basis to refuse
 
 
+def test_a_short_prompt_waits_for_one_chunk_of_a_long_one_not_all_of_it():
+    fit = (0.01, 0.001)
+    # 3000 tokens queued in one long prompt, of which a newcomer waits for one 256-token chunk
+    ok = admit(3000, 200, fit, 512, ttft_s=1.0, ahead_tokens=256)
+    assert ok.admitted and ok.predicted_ttft_s == pytest.approx(0.456 + 0.01)
+    no = admit(3000, 900, fit, 512, ttft_s=1.0, ahead_tokens=256)
+    assert not no.admitted and no.retry_after_s == 4  # drained when all 3000 are done
+
+
 def test_calibration_scales_predictions_by_how_far_reality_ran():
     cal = Calibration(weight=0.5)
     cal.observe(0.2, 0.3)  # 1.5x slower than predicted

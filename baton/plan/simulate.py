@@ -10,7 +10,7 @@ What it models, after the real services:
   what its own fitted step times say keeps a step within the TPOT target (as
   decode/service.py does); a prompt prefilled locally (aggregated, or short) mixes its
   chunks into the decode steps.
-Not modelled: the KV pool's size (preemption), prefix-cache hits, max_chunk_tokens, the
+Not modelled: the KV pool's size (preemption), prefix-cache hits, the
 gateway's TTFT calibration, heartbeat staleness.
 
 Each request comes out as a benchmarks.bench RequestRecord, so `summarize` gives the same
@@ -62,6 +62,8 @@ class Deployment:
     prefill_budget: int  # prompt tokens a prefill step takes
     decode_budget: int  # tokens a decode step takes: its decodes + local prompt chunks
     decode_max_batch: int
+    prefill_chunk: int | None = None  # a prompt's tokens per step while others wait: None, half
+    decode_chunk: int | None = None  # the budget (max_chunk_tokens, as baton/scheduler.py)
     local_prefill_tokens: int = 0
     busy_prefill_tokens: int = 0  # work stealing: gateway.busy_prefill_tokens
     max_inflight: int = 256
@@ -81,6 +83,8 @@ class Deployment:
             prefill_budget=prefill.max_num_batched_tokens,
             decode_budget=decode.max_num_batched_tokens,
             decode_max_batch=decode.max_num_seqs,
+            prefill_chunk=prefill.max_chunk_tokens,
+            decode_chunk=decode.max_chunk_tokens,
             local_prefill_tokens=gw.local_prefill_tokens,
             busy_prefill_tokens=gw.busy_prefill_tokens,
             max_inflight=gw.max_queued_requests,
@@ -93,6 +97,10 @@ class Deployment:
     @property
     def split(self) -> str:
         return f"{self.num_prefill}:{self.num_decode}"
+
+    def chunk(self, budget: int, chunk: int | None, competing: int) -> int:
+        """Tokens one prompt may take in a step, with `competing` sequences scheduled."""
+        return budget if competing <= 1 else chunk or max(1, budget // 2)
 
     @property
     def token_budget(self) -> int:
@@ -161,12 +169,22 @@ class _Prefill(_Server):
     def queued_tokens(self) -> int:
         return sum(r.remaining for r in self.queue)
 
+    @property
+    def ahead_tokens(self) -> int:
+        cap = self.sim.deployment.chunk(self.budget, self.sim.deployment.prefill_chunk, 2)
+        return sum(min(r.remaining, cap) for r in self.queue)
+
+    @property
+    def budget(self) -> int:
+        return self.sim.deployment.prefill_budget
+
     def schedule(self):
-        budget, chunks = self.sim.deployment.prefill_budget, []
+        d, budget, chunks = self.sim.deployment, self.budget, []
+        cap = d.chunk(budget, d.prefill_chunk, len(self.queue))
         for r in self.queue:
             if budget == 0:
                 break
-            n = min(r.remaining, budget)
+            n = min(r.remaining, budget, cap)
             chunks.append((r, n))
             budget -= n
         if not chunks:
@@ -206,16 +224,17 @@ class _Decode(_Server):
         if d.tpot_s is not None:
             cap = max_batch_for_tpot(self.step_times.fit(), d.tpot_s, cap)
         budget, batch = d.decode_budget, []
+        chunk = d.chunk(budget, d.decode_chunk, len(self.running) + len(self.waiting))
         for r in self.running:
             if budget == 0:
                 break
-            n = min(r.remaining, budget) or 1  # a prompt chunk, else one decode token
+            n = min(r.remaining, budget, chunk) or 1  # a prompt chunk, else one decode token
             batch.append((r, n))
             budget -= n
         while self.waiting and budget > 0 and len(self.running) < cap:
             r = self.waiting.popleft()
             self.running.append(r)
-            n = min(r.remaining, budget) or 1
+            n = min(r.remaining, budget, chunk) or 1
             batch.append((r, n))
             budget -= n
         if not batch:
@@ -281,6 +300,7 @@ class _Simulation:
                 prefill.step_times.fit(),
                 d.prefill_budget,
                 d.admission_ttft_s,
+                ahead_tokens=prefill.ahead_tokens,
             )
             if not decision.admitted:
                 r.rejected = True

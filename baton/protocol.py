@@ -50,6 +50,7 @@ class Load(msgspec.Struct, frozen=True):
     # prefill: the tokens a new prompt waits for (each queued prompt counted up to one chunk,
     # since chunked steps interleave the rest of a long one with the newcomer)
     ahead_tokens: int = 0
+    chunk_tokens: int = 0  # prefill: a prompt's tokens per step while others wait
 
 
 class Heartbeat(msgspec.Struct, tag=True, frozen=True):

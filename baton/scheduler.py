@@ -13,6 +13,25 @@ from baton.cache.kv_manager import KVCacheManager
 from baton.request import FinishReason, Logprob, SeqStatus, Sequence, check_stop
 
 
+def tokens_ahead(left: list[int], budget: int, chunk: int, max_steps: int = 256) -> int:
+    """Tokens computed before a newcomer gets its first chunk, with `left` tokens to go per
+    queued prompt: schedule() played forward (first come first served, each prompt at most
+    `chunk` a step while others wait). Behind a long prompt that is one chunk, not all of
+    it; past `max_steps`, the rest of the queue counts whole."""
+    left, done = list(left), 0
+    for _ in range(max_steps):
+        room = budget
+        for i, n in enumerate(left):
+            take = min(n, room, chunk)
+            left[i] -= take
+            room -= take
+            done += take
+        if room > 0:  # the newcomer's first chunk runs in this step
+            return done
+        left = [n for n in left if n]
+    return done + sum(left)
+
+
 @dataclass(slots=True)
 class ScheduledSeq:
     seq: Sequence
@@ -114,10 +133,9 @@ class Scheduler:
         return min(seq.num_tokens - seq.num_computed_tokens, budget, cap)
 
     def ahead_tokens(self) -> int:
-        """Prompt tokens a newly arrived prompt waits for: each queued prompt counted up to
-        one chunk, as chunked steps interleave the rest of a long one with the newcomer."""
-        queued = (*self.waiting, *self.running)
-        return sum(min(s.num_tokens - s.num_computed_tokens, self.max_chunk_tokens) for s in queued)
+        """Prompt tokens computed before a prompt arriving now gets its first chunk."""
+        left = [s.num_tokens - s.num_computed_tokens for s in (*self.running, *self.waiting)]
+        return tokens_ahead(left, self.max_num_batched_tokens, self.max_chunk_tokens)
 
     def schedule(self) -> list[ScheduledSeq]:
         budget = self.max_num_batched_tokens

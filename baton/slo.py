@@ -91,15 +91,21 @@ def admit(
     ttft_s: float,
     scale: float = 1.0,
     ahead_tokens: int | None = None,
+    chunk_tokens: int = 0,
 ) -> Admission:
     """Predict TTFT from the prefill's fitted step times: the tokens this prompt waits for
-    (`ahead_tokens`; unset: the whole queue, first come first served) plus the prompt
-    itself, times the calibration `scale`. Refuse when it misses the target; with no fit
-    yet, admit. Retry-After is when the whole queue has drained."""
-    if fit is None or fit[1] <= 0:
+    (`ahead_tokens`; unset: the whole queue, first come first served), the prompt itself and
+    what other prompts take beside its chunks, times the calibration `scale`. Refuse when it misses the target; with no fit
+    yet, admit. Retry-After is when the whole queue has drained. Steps all of one size fit
+    as a fixed cost and no slope: the prediction is then steps x that cost."""
+    if fit is None or fit[0] + fit[1] <= 0:
         return Admission(True)
     ahead = queued_tokens if ahead_tokens is None else min(ahead_tokens, queued_tokens)
-    predicted = scale * prefill_seconds(ahead + prompt_tokens, fit, budget)
+    beside = 0  # once it runs, a prompt of `chunk_tokens` a step shares each step with others
+    if ahead_tokens is not None and 0 < chunk_tokens < budget:
+        steps = -(-prompt_tokens // chunk_tokens)
+        beside = min(queued_tokens - ahead, steps * (budget - chunk_tokens))
+    predicted = scale * prefill_seconds(ahead + prompt_tokens + beside, fit, budget)
     if predicted <= ttft_s or queued_tokens == 0:  # an idle prefill takes even a long prompt
         return Admission(True, predicted)
     drain = scale * prefill_seconds(queued_tokens, fit, budget)  # when the queue has cleared

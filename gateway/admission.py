@@ -51,14 +51,16 @@ class Admission:
             return Admitted([])
         predicted = None
         p = min(registry.pool("prefill"), key=prefill_cost, default=None)
-        if self.policy == "slo" and p is not None and p.load.step_per_unit_s > 0:
+        measured = p is not None and p.load.step_fixed_s + p.load.step_per_unit_s > 0
+        if self.policy == "slo" and measured:
             fit = (p.load.step_fixed_s, p.load.step_per_unit_s)
             tokens = sum(map(len, remote))
             budget = p.load.step_budget or tokens
             scale = self.calibration.ratio
             ahead = p.load.ahead_tokens + p.inflight_tokens
             queued = int(prefill_cost(p))
-            decision = admit(queued, tokens, fit, budget, self.ttft_s, scale, ahead)
+            chunk = p.load.chunk_tokens
+            decision = admit(queued, tokens, fit, budget, self.ttft_s, scale, ahead, chunk)
             predicted = decision.predicted_ttft_s
             M.PREDICTED_TTFT.observe(predicted or 0.0)
             if not decision.admitted:

@@ -239,6 +239,7 @@ class PrefillService(ServiceLoop):
             pool.num_free,
             pool.num_blocks,
             ahead_tokens=self.sched.ahead_tokens(),
+            chunk_tokens=self.sched.max_chunk_tokens,
         )
 
 

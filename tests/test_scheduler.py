@@ -51,8 +51,19 @@ def test_a_prompt_alone_takes_the_budget_and_half_of_it_while_others_wait():
     s.add(Sequence("long", list(range(10, 30)), SamplingParams(max_tokens=1)))
     assert step(s)[0] == [("long", 8)]
     s.add(Sequence("short", [50, 51, 52, 53, 54], SamplingParams(max_tokens=1)))
-    assert s.ahead_tokens() == 4 + 4  # a newcomer now waits for one chunk of each
+    # a newcomer waits out one full step (4 + 4), then starts beside 4 of long and 1 of short
+    assert s.ahead_tokens() == 4 + 4 + 4 + 1
     assert step(s)[0] == [("long", 4), ("short", 4)]
+    s.add(Sequence("other", [60, 61], SamplingParams(max_tokens=1)))
+    assert s.ahead_tokens() == 4 + 1 + 2  # one chunk of long, the rest of short and other
+
+
+def test_behind_prompts_of_the_same_length_a_newcomer_waits_for_all_of_them():
+    s = make(budget=8, num_blocks=64)
+    for i in range(4):
+        s.add(Sequence(f"p{i}", [100 * i + t for t in range(12)], SamplingParams(max_tokens=1)))
+    # steps of 4 + 4 tokens: p0 and p1 after 3 steps, p2 and p3 after 3 more; 48 in all
+    assert s.ahead_tokens() == 48
 
 
 def test_stops_on_eos_unless_ignored_and_respects_min_tokens():

@@ -52,10 +52,11 @@ def test_admission_predicts_ttft_from_the_queue_ahead():
 
 def test_a_short_prompt_waits_for_one_chunk_of_a_long_one_not_all_of_it():
     fit = (0.01, 0.001)
-    # 3000 tokens queued in one long prompt, of which a newcomer waits for one 256-token chunk
-    ok = admit(3000, 200, fit, 512, ttft_s=1.0, ahead_tokens=256)
-    assert ok.admitted and ok.predicted_ttft_s == pytest.approx(0.456 + 0.01)
-    no = admit(3000, 900, fit, 512, ttft_s=1.0, ahead_tokens=256)
+    # 3000 tokens queued in one long prompt, of which a newcomer waits for one 256-token chunk,
+    # then shares its own step with the next chunk: 256 + 200 + 256 tokens in two steps
+    ok = admit(3000, 200, fit, 512, ttft_s=1.0, ahead_tokens=256, chunk_tokens=256)
+    assert ok.admitted and ok.predicted_ttft_s == pytest.approx(0.712 + 2 * 0.01)
+    no = admit(3000, 900, fit, 512, ttft_s=1.0, ahead_tokens=256, chunk_tokens=256)
     assert not no.admitted and no.retry_after_s == 4  # drained when all 3000 are done
 
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from baton.config import BatonConfig
 from baton.plan.profile import Profile, attention_pairs
+from baton.scheduler import tokens_ahead
 from baton.slo import StepTimes, admit, max_batch_for_tpot
 from benchmarks.bench.metrics import SLO, RequestRecord, summarize
 from benchmarks.bench.workloads import Dist
@@ -172,7 +173,7 @@ class _Prefill(_Server):
     @property
     def ahead_tokens(self) -> int:
         cap = self.sim.deployment.chunk(self.budget, self.sim.deployment.prefill_chunk, 2)
-        return sum(min(r.remaining, cap) for r in self.queue)
+        return tokens_ahead([r.remaining for r in self.queue], self.budget, cap)
 
     @property
     def budget(self) -> int:
@@ -301,6 +302,7 @@ class _Simulation:
                 d.prefill_budget,
                 d.admission_ttft_s,
                 ahead_tokens=prefill.ahead_tokens,
+                chunk_tokens=d.chunk(d.prefill_budget, d.prefill_chunk, 2),
             )
             if not decision.admitted:
                 r.rejected = True

@@ -34,15 +34,9 @@ class Admission:
         self.calibration = Calibration()
 
     def observe(self, admitted: Admitted, ttft_s: float) -> None:
-        """A request's real TTFT: corrects the next predictions, from the requests admitted
-        on a prediction within the target. A prompt admitted past it (an idle prefill takes
-        even a 4k-token prompt) runs long for reasons the fit does not model (quadratic
-        attention, steps shared with later arrivals); learning from it inflated every later
-        prediction and turned away short prompts that would have met the target."""
-        predicted = admitted.predicted_ttft_s
-        if predicted is not None and predicted <= self.ttft_s:
-            self.calibration.observe(predicted, ttft_s)
-            M.TTFT_CALIBRATION.set(self.calibration.ratio)
+        """A request's real TTFT: corrects the next predictions."""
+        self.calibration.observe(admitted.predicted_ttft_s, ttft_s)
+        M.TTFT_CALIBRATION.set(self.calibration.ratio)
 
     def check(
         self, registry: Registry, inflight: int, num_prompts: int, remote: list[list[int]]

@@ -40,6 +40,16 @@ def _cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
+def _build(cc: str, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        obj, lib = Path(tmp) / "kernel.o", Path(tmp) / "kernel.so"
+        run = functools.partial(subprocess.run, check=True, capture_output=True, text=True)
+        run([cc, *FLAGS, "-c", "-o", str(obj), str(SOURCE)])
+        run([cc, "-shared", "-o", str(lib), str(obj), "-lm"])
+        os.replace(lib, path)
+
+
 @functools.cache
 def load() -> ctypes.CDLL | None:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
@@ -49,20 +59,14 @@ def load() -> ctypes.CDLL | None:
     source = SOURCE.read_bytes()
     key = hashlib.blake2b(source + repr(FLAGS).encode() + _cpu_flags().encode()).hexdigest()
     path = _cache_dir() / f"paged_decode-{key[:16]}.so"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-            obj, lib = Path(tmp) / "kernel.o", Path(tmp) / "kernel.so"
-            try:
-                run = functools.partial(subprocess.run, check=True, capture_output=True, text=True)
-                run([cc, *FLAGS, "-c", "-o", str(obj), str(SOURCE)])
-                run([cc, "-shared", "-o", str(lib), str(obj), "-lm"])
-            except (OSError, subprocess.CalledProcessError) as e:
-                why = getattr(e, "stderr", "") or e
-                log.warning("building %s failed (%s): decode attention runs on torch", SOURCE, why)
-                return None
-            os.replace(lib, path)
-    lib = ctypes.CDLL(str(path))
+    try:
+        if not path.exists():
+            _build(cc, path)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, subprocess.CalledProcessError) as e:  # no compiler, read-only cache, ...
+        why = getattr(e, "stderr", "") or e
+        log.warning("building %s failed (%s): decode attention runs on torch", SOURCE, why)
+        return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     for fn in (lib.paged_decode_bf16, lib.paged_decode_f32):
         fn.argtypes = [ptr, ptr, ptr, i64, ptr, i64, ptr, i64, i64, i64, i64, i64]

@@ -10,7 +10,10 @@ interpreter's tl.dot is wrong for bf16 inputs; benchmarks/kernels_bench.py check
 """
 
 import multiprocessing
+import os
 import random
+import subprocess
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -154,6 +157,16 @@ def test_loading_the_native_kernels_keeps_subnormal_floats():
     assert native.load() is not None
     assert tiny * 1.0 == tiny
     assert torch.tensor(1e-40) * 1.0 > 0  # float32 subnormal, through torch's kernels too
+
+
+def test_without_a_working_compiler_the_torch_ops_serve(tmp_path):
+    env = {**os.environ, "CC": "false", "BATON_CACHE": str(tmp_path)}  # `false` fails any build
+    probe = "import kernels; print(kernels.BACKEND, kernels.paged_decode_attention.__module__)"
+    out = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split() == ["torch", "kernels.paged_attention"]
+    assert "decode attention runs on torch" in out.stderr
 
 
 @pytest.mark.parametrize(

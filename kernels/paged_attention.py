@@ -49,7 +49,7 @@ def extend_attention(
         # only the chunk's own keys are causal; the prefix before them is seen by every row
         future = torch.ones(rows, rows, dtype=torch.bool, device=q.device).triu_(1)
         scores[..., first + lo :].masked_fill_(future, float("-inf"))
-        probs = torch.softmax(scores, -1, dtype=torch.float32).to(v.dtype)
+        probs = torch.softmax(scores, -1)  # bf16 in and out, computed in fp32 inside
         o = torch.bmm(probs.view(kv_heads, group * rows, seen), v[:, :seen])
         out[lo:hi] = o.view(kv_heads, group, rows, head_dim).permute(2, 0, 1, 3)
     return out.view(n, q_heads, head_dim)

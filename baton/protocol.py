@@ -47,8 +47,8 @@ class Load(msgspec.Struct, frozen=True):
     step_fixed_s: float = 0.0
     step_per_unit_s: float = 0.0
     step_budget: int = 0  # units one step can take (prefill: its token budget)
-    # prefill: the tokens a new prompt waits for (each queued prompt counted up to one chunk,
-    # since chunked steps interleave the rest of a long one with the newcomer)
+    # prefill: tokens computed before a new prompt gets its first chunk (its scheduler played
+    # forward over the queue: baton.scheduler.tokens_ahead)
     ahead_tokens: int = 0
     chunk_tokens: int = 0  # prefill: a prompt's tokens per step while others wait
 

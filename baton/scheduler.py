@@ -13,6 +13,13 @@ from baton.cache.kv_manager import KVCacheManager
 from baton.request import FinishReason, Logprob, SeqStatus, Sequence, check_stop
 
 
+def chunk_cap(budget: int, max_chunk: int | None, competing: int) -> int:
+    """Prompt tokens one sequence may take in a step of `budget` with `competing` sequences
+    scheduled, itself included: the whole budget alone; else `max_chunk` (default: half the
+    budget), so a short prompt that arrives behind a long one starts at the next step."""
+    return budget if competing <= 1 else max_chunk or max(1, budget // 2)
+
+
 def tokens_ahead(left: list[int], budget: int, chunk: int, max_steps: int = 256) -> int:
     """Tokens computed before a newcomer gets its first chunk, with `left` tokens to go per
     queued prompt: schedule() played forward (first come first served, each prompt at most
@@ -64,10 +71,8 @@ class Scheduler:
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        # While others wait, a long prompt takes at most this many tokens a step (default: half
-        # the budget), so a short one that arrives behind it starts at the next step instead
-        # of after it; alone, it takes the whole budget.
-        self.max_chunk_tokens = max_chunk_tokens or max(1, max_num_batched_tokens // 2)
+        # a prompt's tokens per step while others wait (chunk_cap)
+        self.max_chunk_tokens = chunk_cap(max_num_batched_tokens, max_chunk_tokens, 2)
         self.max_model_len = max_model_len
         self.eos_token_ids = eos_token_ids
         self.vocab_size = vocab_size  # None: token ids are not checked
@@ -128,8 +133,8 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def _chunk(self, seq: Sequence, budget: int) -> int:
-        alone = len(self.running) + len(self.waiting) == 1
-        cap = budget if alone else self.max_chunk_tokens
+        competing = len(self.running) + len(self.waiting)
+        cap = chunk_cap(self.max_num_batched_tokens, self.max_chunk_tokens, competing)
         return min(seq.num_tokens - seq.num_computed_tokens, budget, cap)
 
     def ahead_tokens(self) -> int:

@@ -95,9 +95,10 @@ def admit(
 ) -> Admission:
     """Predict TTFT from the prefill's fitted step times: the tokens this prompt waits for
     (`ahead_tokens`; unset: the whole queue, first come first served), the prompt itself and
-    what other prompts take beside its chunks, times the calibration `scale`. Refuse when it misses the target; with no fit
-    yet, admit. Retry-After is when the whole queue has drained. Steps all of one size fit
-    as a fixed cost and no slope: the prediction is then steps x that cost."""
+    what other prompts take beside its chunks, times the calibration `scale`. Refuse when it
+    misses the target; with no fit yet, admit. Retry-After is when the whole queue has
+    drained. Steps all of one size fit as a fixed cost and no slope: the prediction is then
+    steps x that cost."""
     if fit is None or fit[0] + fit[1] <= 0:
         return Admission(True)
     ahead = queued_tokens if ahead_tokens is None else min(ahead_tokens, queued_tokens)

@@ -4,7 +4,8 @@ What it models, after the real services:
 - arrivals at the gateway: the in-flight limit, then (admission = "slo") baton.slo.admit on
   the least-loaded prefill with the step-time line that prefill has fitted so far, a miss
   answered 429; the decode is picked at arrival, the one with the fewest requests;
-- a prefill: FIFO, each step up to `prefill_budget` prompt tokens across the queue (chunked);
+- a prefill: FIFO, each step up to `prefill_budget` prompt tokens across the queue, each prompt
+  at most one chunk while others wait (baton.scheduler.chunk_cap);
   token 0 at the end of the step that finishes a prompt, then the KV hand-off;
 - a decode: continuous batching, running sequences first, up to max_num_seqs lowered to
   what its own fitted step times say keeps a step within the TPOT target (as
@@ -27,7 +28,7 @@ import numpy as np
 
 from baton.config import BatonConfig
 from baton.plan.profile import Profile, attention_pairs
-from baton.scheduler import tokens_ahead
+from baton.scheduler import chunk_cap, tokens_ahead
 from baton.slo import StepTimes, admit, max_batch_for_tpot
 from benchmarks.bench.metrics import SLO, RequestRecord, summarize
 from benchmarks.bench.workloads import Dist
@@ -64,7 +65,7 @@ class Deployment:
     decode_budget: int  # tokens a decode step takes: its decodes + local prompt chunks
     decode_max_batch: int
     prefill_chunk: int | None = None  # a prompt's tokens per step while others wait: None, half
-    decode_chunk: int | None = None  # the budget (max_chunk_tokens, as baton/scheduler.py)
+    decode_chunk: int | None = None  # the budget (max_chunk_tokens; baton.scheduler.chunk_cap)
     local_prefill_tokens: int = 0
     busy_prefill_tokens: int = 0  # work stealing: gateway.busy_prefill_tokens
     max_inflight: int = 256
@@ -98,10 +99,6 @@ class Deployment:
     @property
     def split(self) -> str:
         return f"{self.num_prefill}:{self.num_decode}"
-
-    def chunk(self, budget: int, chunk: int | None, competing: int) -> int:
-        """Tokens one prompt may take in a step, with `competing` sequences scheduled."""
-        return budget if competing <= 1 else chunk or max(1, budget // 2)
 
     @property
     def token_budget(self) -> int:
@@ -172,7 +169,7 @@ class _Prefill(_Server):
 
     @property
     def ahead_tokens(self) -> int:
-        cap = self.sim.deployment.chunk(self.budget, self.sim.deployment.prefill_chunk, 2)
+        cap = chunk_cap(self.budget, self.sim.deployment.prefill_chunk, 2)
         return tokens_ahead([r.remaining for r in self.queue], self.budget, cap)
 
     @property
@@ -181,7 +178,7 @@ class _Prefill(_Server):
 
     def schedule(self):
         d, budget, chunks = self.sim.deployment, self.budget, []
-        cap = d.chunk(budget, d.prefill_chunk, len(self.queue))
+        cap = chunk_cap(budget, d.prefill_chunk, len(self.queue))
         for r in self.queue:
             if budget == 0:
                 break
@@ -225,7 +222,7 @@ class _Decode(_Server):
         if d.tpot_s is not None:
             cap = max_batch_for_tpot(self.step_times.fit(), d.tpot_s, cap)
         budget, batch = d.decode_budget, []
-        chunk = d.chunk(budget, d.decode_chunk, len(self.running) + len(self.waiting))
+        chunk = chunk_cap(budget, d.decode_chunk, len(self.running) + len(self.waiting))
         for r in self.running:
             if budget == 0:
                 break
@@ -302,7 +299,7 @@ class _Simulation:
                 d.prefill_budget,
                 d.admission_ttft_s,
                 ahead_tokens=prefill.ahead_tokens,
-                chunk_tokens=d.chunk(d.prefill_budget, d.prefill_chunk, 2),
+                chunk_tokens=chunk_cap(d.prefill_budget, d.prefill_chunk, 2),
             )
             if not decision.admitted:
                 r.rejected = True

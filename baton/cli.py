@@ -21,6 +21,13 @@ import msgspec
 
 from baton.config import BatonConfig, ConfigError, load_config, to_toml
 
+
+def on_off(text: str) -> bool:
+    if text not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
+    return text == "on"
+
+
 # flag -> dotted config key; a flag given on the command line overrides the --config file
 ENGINE_FLAGS = {
     "--model": ("engine.model", str),
@@ -47,6 +54,7 @@ UP_FLAGS = {
     "--prefill-cpus": ("prefill.cpus", str),
     "--decode-cpus": ("decode.cpus", str),
     "--transport": ("transport", str),
+    "--stream-kv": ("stream_kv", on_off),
 }
 
 
@@ -74,7 +82,8 @@ def cmd_prefill(args) -> None:
 
     config = config_from(args)
     probe = (args.http_host, args.http_port) if args.http_port else None
-    main(config.engine_for("prefill"), config.transport, args.id, args.gateway, probe)
+    engine = config.engine_for("prefill")
+    main(engine, config.transport, args.id, args.gateway, probe, config.stream_kv)
 
 
 def cmd_decode(args) -> None:

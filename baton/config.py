@@ -120,6 +120,13 @@ Transport = Literal["auto", "zmq-tcp", "zmq-ipc", "shm", "nixl"]
 
 class BatonConfig(Section):
     transport: Annotated[Transport, doc("how KV blocks move from prefill to decode")] = "auto"
+    stream_kv: Annotated[
+        bool,
+        doc(
+            "offer a prompt's KV after each prefill chunk, so the decode copies it while the "
+            "rest computes (false: one hand-off after the whole prompt)"
+        ),
+    ] = True
     engine: EngineConfig = msgspec.field(default_factory=EngineConfig)
     prefill: PoolConfig = msgspec.field(default_factory=PoolConfig)
     decode: PoolConfig = msgspec.field(default_factory=PoolConfig)

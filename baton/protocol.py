@@ -133,21 +133,27 @@ class HelloReply(msgspec.Struct, tag=True, frozen=True):
 
 
 class KVOffer(msgspec.Struct, tag=True, frozen=True):
-    """Prefill has computed the KV of `token_ids[:num_computed]` into `block_ids`."""
+    """Prefill has computed the KV of `token_ids[:num_computed]` into `block_ids`.
+
+    A prompt prefilled in several chunks is offered as it goes (streaming): each offer with
+    final=False names the full blocks computed so far, the decode reads what is new, and the
+    final offer adds the last blocks and the first sampled token."""
 
     req_id: str
-    token_ids: list[int]  # prompt + the first sampled token
+    token_ids: list[int]  # prompt + the first sampled token (final=False: the prompt)
     num_prompt_tokens: int
     num_computed: int
     params: SamplingParams
     block_ids: list[int]
+    final: bool = True
 
 
 class KVPull(msgspec.Struct, tag=True, frozen=True):
-    """Decode reserved its own blocks and asks for the bytes (ZeroMQ transports only; over
-    shm and NIXL the decode reads the blocks itself)."""
+    """Decode reserved its own blocks and asks for the bytes of `block_ids`, offered ones
+    (ZeroMQ transports only; over shm and NIXL the decode reads the blocks itself)."""
 
     req_id: str
+    block_ids: list[int]
 
 
 class KVBlocks(msgspec.Struct, tag=True, frozen=True):
@@ -165,8 +171,13 @@ class KVRelease(msgspec.Struct, tag=True, frozen=True):
 
 
 class KVAbort(msgspec.Struct, tag=True, frozen=True):
+    """The sender gives up the hand-off; the receiver lets go of its blocks (a decode answers
+    KVRelease). failed=False: the request ended normally (it finished at its first token, or
+    the gateway ended it), so nobody reports an error."""
+
     req_id: str
     reason: str
+    failed: bool = True
 
 
 class Rehello(msgspec.Struct, tag=True, frozen=True):

@@ -34,6 +34,9 @@ KV_BYTES_SENT = Counter(
 )
 KV_BYTES_RECEIVED = Counter("baton_kv_bytes_received", "KV bytes received", ["service"])
 KV_TRANSFERS = Counter("baton_kv_transfers", "KV hand-offs completed", ["service"])
+KV_EARLY_OFFERS = Counter(
+    "baton_kv_early_offers", "KV offered while its prompt was still prefilling", ["service"]
+)
 RECOMPUTES = Counter("baton_recomputes", "sequences preempted and recomputed", ["service"])
 LEASES_EXPIRED = Counter("baton_kv_leases_expired", "KV leases freed by expiry", ["service"])
 REQUEST_ERRORS = Counter("baton_request_errors", "requests failed by this service", ["service"])
@@ -196,6 +199,8 @@ class ServiceLoop:
             for s, token in zip(batch, sampled, strict=True):
                 if token is not None:
                     self.on_token(s.seq, token, s.seq in finished)
+                else:
+                    self.on_chunk(s.seq)
             units = self.step_units(batch)
         elif self.sched.has_work:  # nothing fits until a peer frees blocks: wait, don't spin
             zmq.select(self.sockets(), [], [], 0.05)
@@ -283,6 +288,9 @@ class ServiceLoop:
 
     def on_token(self, seq: Sequence, token: SampledToken, finished: bool) -> None:
         raise NotImplementedError
+
+    def on_chunk(self, seq: Sequence) -> None:
+        """A prompt advanced by a chunk and is not finished yet."""
 
     def housekeeping(self) -> None:
         raise NotImplementedError

@@ -53,8 +53,8 @@ def cases() -> list[tuple[int, str, list[int], list[int]]]:
 
 
 def source(transport: str, conn: Connection, addr: str) -> None:
-    """The prefill side: offer the pool; over ZeroMQ, answer KVPull "<case>-<rep>" with the
-    frames of that case's blocks."""
+    """The prefill side: offer the pool; over ZeroMQ, answer each KVPull with the frames of
+    the blocks it names."""
     os.sched_setaffinity(0, {0})
     torch.set_num_threads(1)
     regions = {}
@@ -77,14 +77,13 @@ def source(transport: str, conn: Connection, addr: str) -> None:
     sock.connect(addr)
     sock.send(b"ready")
     codec = P.Codec(P.KVPull)
-    all_cases = cases()
     while True:
-        req_id = codec.decode(sock.recv()).req_id
-        if req_id == "stop":
+        pull = codec.decode(sock.recv())
+        if pull.req_id == "stop":
             return
-        src_ids = all_cases[int(req_id.split("-")[0])][2]
-        runs, frames = block_frames(pool, src_ids)
-        sock.send_multipart([msgspec.msgpack.encode(P.KVBlocks(req_id, runs)), *frames], copy=False)
+        runs, frames = block_frames(pool, pull.block_ids)
+        header = msgspec.msgpack.encode(P.KVBlocks(pull.req_id, runs))
+        sock.send_multipart([header, *frames], copy=False)
 
 
 def time_reads(reader, recv, reps: int) -> list[tuple[float, Landed]]:
@@ -130,7 +129,7 @@ def bench_transport(transport: str, dst: torch.Tensor, reps: int) -> list[tuple[
     reader, _ = choose(hello, transport, dst, agent, zmq_reader)
     results = time_reads(reader, recv, reps)
     if transport.startswith("zmq"):
-        send(P.KVPull("stop"))
+        send(P.KVPull("stop", []))
     else:
         ours.send_bytes(b"done")
         reader.close()

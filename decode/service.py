@@ -9,7 +9,9 @@ scheduler preempts and the sequence is recomputed here (counted in baton_recompu
 
 Each prefill peer gets a Reader at its Hello (kvtransfer.handshake picks the transport): it
 pulls the bytes over ZeroMQ, or copies them itself from the prefill's pool (shm, NIXL). Reads
-in flight are polled each loop, never waited on; KVRelease follows when one lands.
+in flight are polled each loop, never waited on. A streamed prompt is offered chunk by chunk;
+each offer's new blocks are read as it comes (one read in flight per request), and KVRelease
+follows once the final offer's blocks have all landed.
 """
 
 import logging
@@ -50,13 +52,20 @@ log = logging.getLogger("baton.decode")
 
 @dataclass
 class Pending:
-    """An offered request whose KV has not landed yet."""
+    """An offered request whose KV has not all landed yet."""
 
-    seq: Sequence
+    seq: Sequence  # its block table grows as reads start
     peer: bytes  # the prefill's socket identity
-    num_computed: int
-    src_block_ids: list[int]  # the prefill's blocks holding it
-    pulled_at: float | None = None  # when its read started (our blocks reserved)
+    num_computed: int  # tokens the latest offer covers
+    src_block_ids: list[int]  # the prefill's blocks holding them
+    final: bool  # the prefill is done: no more offers
+    num_read: int = 0  # leading blocks reserved here whose read started
+    reading_since: float | None = None  # a read is in flight
+    num_bytes: int = 0  # landed so far
+
+    @property
+    def unread(self) -> int:
+        return len(self.src_block_ids) - self.num_read
 
 
 @dataclass
@@ -169,7 +178,10 @@ class DecodeService(ServiceLoop):
             elif isinstance(msg, P.KVAbort):
                 p = self.pending.get(msg.req_id)
                 if p is not None and p.peer == peer_id:
-                    self.end(msg.req_id, f"prefill aborted the hand-off: {msg.reason}")
+                    why = f"prefill aborted the hand-off: {msg.reason}"
+                    self.end(msg.req_id, why if msg.failed else None)
+                else:  # nothing of it here (any more): the prefill may let go of its blocks
+                    self.send_peer(peer_id, P.KVRelease(msg.req_id))
 
     def on_hello(self, peer_id: bytes, hello: P.Hello) -> None:
         """Choose how to read from this prefill, once; a second Hello is a restarted one."""
@@ -199,7 +211,9 @@ class DecodeService(ServiceLoop):
         if peer.reader is None:
             self.send_peer(peer_id, P.KVAbort(offer.req_id, f"handshake refused: {peer.refused}"))
             return
-        if offer.req_id in self.pending:  # a repeat would orphan the blocks reserved for the first
+        p = self.pending.get(offer.req_id)
+        if p is not None and (p.peer != peer_id or p.final):
+            # a repeat would orphan the blocks reserved for the first
             BAD_MESSAGES.labels(self.id).inc()
             log.warning("dropped a repeated offer of %s", offer.req_id)
             return
@@ -214,42 +228,56 @@ class DecodeService(ServiceLoop):
                 ids and not 0 <= min(ids) <= max(ids) < peer.num_blocks
             ):
                 raise ValueError(f"bad KV offer: blocks {ids} for {offer.num_computed} tokens")
+            if p is not None and len(ids) < p.num_read:
+                raise ValueError(f"bad KV offer: {len(ids)} blocks after {p.num_read} were read")
             self.sched.check_request(seq)
         except ValueError as e:
-            self.send_peer(peer_id, P.KVRelease(offer.req_id))
-            self.fail(offer.req_id, str(e))
+            if p is not None:
+                self.end(offer.req_id, str(e))
+            else:
+                self.send_peer(peer_id, P.KVRelease(offer.req_id))
+                self.fail(offer.req_id, str(e))
             return
-        self.pending[offer.req_id] = Pending(seq, peer_id, offer.num_computed, ids)
+        if p is None:
+            self.pending[offer.req_id] = Pending(seq, peer_id, offer.num_computed, ids, offer.final)
+            return
+        p.seq.token_ids = seq.token_ids  # the final offer adds the first sampled token
+        p.num_computed, p.src_block_ids, p.final = offer.num_computed, ids, offer.final
 
     def pull_what_fits(self) -> None:
-        """Reserve our own blocks for offers, oldest first, and start reading their bytes.
-        Keep enough free blocks for the running batch to grow by one block each."""
+        """Reserve our own blocks for what was offered, oldest first, and start reading their
+        bytes. Keep enough free blocks for the running batch to grow by one block each."""
         kv = self.engine.kv_manager
         headroom = len(self.sched.running)
         for req_id, p in list(self.pending.items()):
-            if p.pulled_at is not None:
+            if p.reading_since is not None or not p.unread:
                 continue
-            if kv.blocks_needed(p.num_computed) + headroom > kv.pool.num_free:
+            if p.unread + headroom > kv.pool.num_free:
                 break
-            kv.allocate(p.seq, p.num_computed)
-            p.pulled_at = time.monotonic()
+            kv.allocate(p.seq, p.num_computed)  # num_computed_tokens is 0 until it joins
+            p.reading_since = time.monotonic()
+            first, p.num_read = p.num_read, len(p.src_block_ids)
             peer = self.peers[p.peer]
             try:
-                peer.reader.start(req_id, p.src_block_ids, p.seq.block_ids)
+                peer.reader.start(req_id, p.src_block_ids[first:], p.seq.block_ids[first:])
             except TransferError as e:
                 self.end(req_id, f"cannot read prefill {peer.prefill_id}: {e}")
 
     def on_landed(self, peer: Peer, landed: Landed) -> None:
-        if landed.req_id not in self.pending:
+        p = self.pending.get(landed.req_id)
+        if p is None:
             return  # ended while in flight; its blocks were freed once that was safe
         if landed.error:
             self.end(landed.req_id, f"KV transfer from {peer.prefill_id} failed: {landed.error}")
             return
-        p = self.pending.pop(landed.req_id)
-        self.send_peer(p.peer, P.KVRelease(landed.req_id, landed.num_bytes))
+        p.reading_since, p.num_bytes = None, p.num_bytes + landed.num_bytes
         KV_BYTES_RECEIVED.labels(self.id).inc(landed.num_bytes)
         KV_TRANSPORT_BYTES.labels(self.id, peer.reader.transport).inc(landed.num_bytes)
         KV_TRANSPORT_RUNS.labels(self.id, peer.reader.transport).inc(landed.num_runs)
+        if not p.final or p.unread:
+            return  # more is on its way
+        del self.pending[landed.req_id]
+        self.send_peer(p.peer, P.KVRelease(landed.req_id, p.num_bytes))
         p.seq.num_computed_tokens = p.num_computed
         self.engine.kv_manager.cache_computed(p.seq)
         self.sched.add(p.seq)
@@ -264,7 +292,7 @@ class DecodeService(ServiceLoop):
         (None: the gateway ended it)."""
         p = self.pending.pop(req_id)
         peer = self.peers[p.peer]
-        if p.pulled_at is None or peer.reader is None or peer.reader.cancel(req_id):
+        if p.reading_since is None or peer.reader is None or peer.reader.cancel(req_id):
             self.engine.kv_manager.free(p.seq)
         else:  # a transfer we cannot stop may still write them: never reuse them
             log.error("a read into %s's blocks is stuck; they stay reserved", req_id)
@@ -295,7 +323,7 @@ class DecodeService(ServiceLoop):
         for req_id, p in list(self.pending.items()):
             peer = self.peers[p.peer]
             silent = now - peer.last_seen > self.peer_timeout_s
-            stuck = p.pulled_at is not None and now - p.pulled_at > self.transfer_timeout_s
+            stuck = p.reading_since is not None and now - p.reading_since > self.transfer_timeout_s
             if silent or stuck:
                 why = "stopped answering" if silent else "did not send the KV in time"
                 self.end(req_id, f"prefill {peer.prefill_id} {why}")

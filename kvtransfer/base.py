@@ -4,10 +4,13 @@ blocks the decode reserved.
 
     decode                                  prefill
     reader.start(req_id, src_ids, dst_ids)
-      zmq:       KVPull  ---------------->  KVBlocks + one frame per run  (two-sided)
+      zmq:       KVPull(src_ids) -------->  KVBlocks + one frame per run  (two-sided)
       shm, nixl: copy the leased blocks straight out of the prefill's pool (one-sided)
     reader.poll() -> Landed(req_id, ...)
     KVRelease(req_id, num_bytes) -------->  frees its blocks (the lease ends)
+
+A streamed prompt is read in several pieces (one start() per offer, one at a time per request)
+before its single KVRelease.
 
 The prefill never frees a leased block before KVRelease (or lease expiry), so a read can
 never see a reused block; the decode never frees a destination block while a read may still

@@ -55,7 +55,7 @@ class ZmqReader:
 
     def start(self, req_id: str, src_ids: list[int], dst_ids: list[int]) -> None:
         self.wanted[req_id] = dst_ids
-        self.send(P.KVPull(req_id))
+        self.send(P.KVPull(req_id, src_ids))
 
     def receive(self, msg: P.KVBlocks, frames: list) -> None:
         dst_ids = self.wanted.pop(msg.req_id, None)

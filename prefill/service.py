@@ -6,9 +6,14 @@ offer its KV blocks to the chosen decode.
 
 Hand-off is PULL (decode reads): prefill offers the block ids and keeps the blocks under a
 lease; the decode reserves its own blocks only when it can take the request, then pulls.
-Decode memory is never held while a prompt waits in prefill's queue, and a block is freed only
-on the decode's release, an abort, or lease expiry (no KeepAlive from that decode for
-`lease_s`), so no in-flight transfer can see a reused block.
+Decode memory is never held while a prompt waits in prefill's queue. A lease pins every block
+it offered (one extra reference each), and the pins go only on the decode's KVRelease or
+lease expiry (no KeepAlive from that decode for `lease_s`): whatever happens to the request
+here (finish, abort, preemption), no in-flight read can see a reused block.
+
+Streaming (`stream_kv`): a prompt prefilled in several chunks is offered after each chunk
+(KVOffer final=False, its full blocks so far), so the decode copies them while the next chunks
+compute; the final offer leaves only the last chunk's blocks to move.
 
 The bytes move over the transport the decode chose at the handshake (kvtransfer.handshake):
 sent as frames on KVPull (ZeroMQ), or read by the decode itself from this pool (shm: the pool
@@ -31,6 +36,7 @@ from baton.scheduler import SampledToken
 from baton.service_io import (
     BAD_MESSAGES,
     KV_BYTES_SENT,
+    KV_EARLY_OFFERS,
     KV_TRANSFERS,
     KV_TRANSPORT_BYTES,
     LEASES_EXPIRED,
@@ -47,8 +53,12 @@ log = logging.getLogger("baton.prefill")
 
 @dataclass
 class Lease:
-    seq: Sequence
+    """Blocks pinned for one decode until it lets go of them."""
+
     peer: str  # decode kv address
+    offer: P.KVOffer  # the latest, sent again to a decode that restarted
+    pinned: list[int]
+    ended: bool = False  # the request ended here (finished or aborted): no error to report
 
 
 class DecodePeer:
@@ -78,10 +88,11 @@ class PrefillService(ServiceLoop):
         transport: str = "zmq-tcp",
         shm_region: P.ShmRegion | None = None,
         lease_s: float = 60.0,  # a dead decode is caught sooner by the gateway, which aborts
+        stream_kv: bool = True,
     ):
         """shm_region: where the pool lives when it is in shared memory (kvtransfer.shm)."""
         super().__init__(engine, service_id, gateway_addr)
-        self.lease_s = lease_s
+        self.lease_s, self.stream_kv = lease_s, stream_kv
         self.codec = P.Codec(P.DecodeToPrefill)
         self.peers: dict[str, DecodePeer] = {}
         self.leases: dict[str, Lease] = {}
@@ -121,39 +132,66 @@ class PrefillService(ServiceLoop):
                 self.routes[msg.req_id] = msg.decode_kv_addr
         elif isinstance(msg, P.Abort):
             self.routes.pop(msg.req_id, None)
-            if self.sched.abort(msg.req_id) is None:
-                self.release(msg.req_id)
+            self.sched.abort(msg.req_id)
+            self.let_go(msg.req_id, "aborted by the gateway")
+
+    def on_chunk(self, seq: Sequence) -> None:
+        """Offer the full blocks a chunk completed, while the rest of the prompt computes."""
+        addr = self.routes.get(seq.req_id)
+        lease = self.leases.get(seq.req_id)
+        full = seq.num_computed_tokens // self.engine.kv_manager.block_size
+        if self.stream_kv and addr and full > (len(lease.offer.block_ids) if lease else 0):
+            if self.offer(addr, seq, full * self.engine.kv_manager.block_size, final=False):
+                KV_EARLY_OFFERS.labels(self.id).inc()
 
     def on_token(self, seq: Sequence, token: SampledToken, finished: bool) -> None:
         """Token 0 goes to the gateway now: TTFT never waits for the KV transfer."""
         self.send_token(seq, token, finished)
         addr = self.routes.pop(seq.req_id, None)
-        if finished or addr is None:
+        if addr is None:
             return
-        self.sched.running.remove(seq)  # the blocks now belong to the lease
+        if finished:  # nothing to hand off (a decode it was streamed to lets go)
+            self.let_go(seq.req_id, "finished at its first token")
+        elif self.offer(addr, seq, seq.num_computed_tokens, final=True):
+            self.sched.running.remove(seq)
+            self.engine.kv_manager.free(seq)  # the lease's pins keep the blocks
+
+    def offer(self, addr: str, seq: Sequence, num_computed: int, final: bool) -> bool:
+        """Offer `seq`'s KV up to `num_computed` to the decode at `addr`, pinning its blocks
+        under the lease; False if that decode cannot take it (the request failed here)."""
         try:
             peer = self.peer(addr)
         except zmq.ZMQError as e:  # an address no socket can connect to: fail this one only
-            self.engine.kv_manager.free(seq)
-            self.fail(seq.req_id, f"cannot connect to decode {addr!r}: {e}", retryable=True)
-            return
+            return self.drop(seq.req_id, f"cannot connect to decode {addr!r}: {e}", True)
         if peer.refused:
-            self.engine.kv_manager.free(seq)
-            self.fail(seq.req_id, f"decode {addr} refused the KV layout: {peer.refused}")
-            return
-        self.leases[seq.req_id] = Lease(seq, addr)
-        self.offer(peer, seq)
-
-    def offer(self, peer: DecodePeer, seq: Sequence) -> None:
+            return self.drop(seq.req_id, f"decode {addr} refused the KV layout: {peer.refused}")
+        ids = seq.block_ids[: self.engine.kv_manager.blocks_needed(num_computed)]
         offer = P.KVOffer(
-            seq.req_id,
-            seq.token_ids,
-            seq.num_prompt_tokens,
-            seq.num_computed_tokens,
-            seq.params,
-            seq.block_ids,
+            seq.req_id, seq.token_ids, seq.num_prompt_tokens, num_computed, seq.params, ids, final
         )
+        lease = self.leases.setdefault(seq.req_id, Lease(addr, offer, []))
+        pinned = set(lease.pinned)  # after a preemption the ids can change: pin the new ones
+        for b in ids:
+            if b not in pinned:
+                self.engine.kv_manager.pool.share(b)
+                lease.pinned.append(b)
+        lease.offer = offer
         peer.sock.send(self.codec.encode(offer))
+        return True
+
+    def drop(self, req_id: str, why: str, retryable: bool = False) -> bool:
+        """The hand-off of a request still here cannot happen: free it and fail it."""
+        self.routes.pop(req_id, None)
+        self.sched.abort(req_id)
+        self.release(req_id)
+        self.fail(req_id, why, retryable)
+        return False
+
+    def let_go(self, req_id: str, why: str) -> None:
+        """The request ended here: its decode lets go of what was offered (KVRelease)."""
+        if (lease := self.leases.get(req_id)) is not None and not lease.ended:
+            lease.ended = True
+            self.peers[lease.peer].sock.send(self.codec.encode(P.KVAbort(req_id, why, False)))
 
     # --- decode peers --------------------------------------------------------------------
     def peer(self, addr: str) -> DecodePeer:
@@ -176,19 +214,17 @@ class PrefillService(ServiceLoop):
                 self.on_hello_reply(peer, msg)
             elif isinstance(msg, P.Rehello):  # the decode restarted: handshake, offer again
                 peer.sock.send(peer.hello)
-                if (lease := self.leases.get(msg.req_id)) is not None:
-                    self.offer(peer, lease.seq)
+                if (lease := self.leases.get(msg.req_id)) is not None and not lease.ended:
+                    peer.sock.send(self.codec.encode(lease.offer))
             elif isinstance(msg, P.KVPull):
-                self.send_blocks(peer, msg.req_id)
+                self.send_blocks(peer, msg)
             elif isinstance(msg, P.KVRelease):
                 if self.release(msg.req_id) and msg.num_bytes:
                     KV_BYTES_SENT.labels(self.id).inc(msg.num_bytes)
                     KV_TRANSPORT_BYTES.labels(self.id, peer.transport).inc(msg.num_bytes)
                     KV_TRANSFERS.labels(self.id).inc()
-            elif isinstance(msg, P.KVAbort):
-                if self.release(msg.req_id):
-                    why = f"decode {peer.addr} aborted the hand-off: {msg.reason}"
-                    self.fail(msg.req_id, why, retryable=True)
+            elif isinstance(msg, P.KVAbort) and msg.req_id in self.leases:
+                self.end_lease(msg.req_id, f"decode {peer.addr} aborted the hand-off: {msg.reason}")
 
     def on_hello_reply(self, peer: DecodePeer, msg: P.HelloReply) -> None:
         if msg.ok:
@@ -199,21 +235,22 @@ class PrefillService(ServiceLoop):
             log.error("decode %s REFUSED the KV handshake: %s", peer.addr, msg.reason)
         self.kv_peers.set(peer.addr, peer.transport if msg.ok else "refused")
 
-    def send_blocks(self, peer: DecodePeer, req_id: str) -> None:
-        lease = self.leases.get(req_id)
-        if lease is None:  # aborted meanwhile: tell the decode, which holds reserved blocks
-            peer.sock.send(self.codec.encode(P.KVAbort(req_id, "no longer held")))
+    def send_blocks(self, peer: DecodePeer, pull: P.KVPull) -> None:
+        lease = self.leases.get(pull.req_id)
+        if lease is None or lease.ended or not set(pull.block_ids) <= set(lease.pinned):
+            # gone meanwhile (or never offered): tell the decode, which holds reserved blocks
+            peer.sock.send(self.codec.encode(P.KVAbort(pull.req_id, "no longer held")))
             return
-        runs, frames = block_frames(self.pool, lease.seq.block_ids)
-        header = self.codec.encode(P.KVBlocks(req_id, runs))
-        # copy=False: frames point into the pool; the lease keeps those blocks until release
+        runs, frames = block_frames(self.pool, pull.block_ids)
+        header = self.codec.encode(P.KVBlocks(pull.req_id, runs))
+        # copy=False: frames point into the pool; the pins keep those blocks until release
         peer.sock.send_multipart([header, *frames], copy=False)
 
     def release(self, req_id: str) -> bool:
         lease = self.leases.pop(req_id, None)
         if lease is None:
             return False
-        self.engine.kv_manager.free(lease.seq)
+        self.engine.kv_manager.pool.release(lease.pinned)
         return True
 
     def expire_leases(self) -> None:
@@ -222,8 +259,15 @@ class PrefillService(ServiceLoop):
             if now - self.peers[lease.peer].last_seen > self.lease_s:
                 log.warning("lease on %s expired: decode %s silent", req_id, lease.peer)
                 LEASES_EXPIRED.labels(self.id).inc()
-                self.release(req_id)
-                self.fail(req_id, f"decode {lease.peer} stopped answering", retryable=True)
+                self.end_lease(req_id, f"decode {lease.peer} stopped answering")
+
+    def end_lease(self, req_id: str, why: str) -> None:
+        """The decode gave up (or went silent): free the pins; fail the request if it is
+        still alive, so the gateway can resume it elsewhere."""
+        if self.leases[req_id].ended:
+            self.release(req_id)
+        else:
+            self.drop(req_id, why, retryable=True)
 
     def holds_work(self) -> bool:
         return bool(self.leases or self.routes)
@@ -249,13 +293,16 @@ def main(
     service_id: str,
     gateway_addr: str,
     probe: tuple[str, int] | None,
+    stream_kv: bool = True,
 ) -> None:
     segment = (
         shm.Segment(required=transport == "shm") if kind(transport) in ("auto", "shm") else None
     )
     engine = Engine.build(config, kv_storage=segment.create if segment else None)
     region = segment.region if segment else None
-    service = PrefillService(engine, service_id, gateway_addr, transport, region)
+    service = PrefillService(
+        engine, service_id, gateway_addr, transport, region, stream_kv=stream_kv
+    )
     if probe:
         serve_probe(probe[1], service.status, probe[0])
     service.run_forever()  # exits after SIGTERM and a drain, unlinking the segment

@@ -68,19 +68,19 @@ def segments_of(stack: Stack) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    ("prefill", "decode", "transport", "chosen"),
+    ("prefill", "decode", "transport", "chosen", "stream"),
     [
-        (1, 1, "zmq-tcp", "zmq-tcp"),
-        (1, 1, "auto", "shm"),  # one host: auto picks shared memory
-        (1, 1, "nixl", "nixl"),
-        (2, 2, "zmq-ipc", "zmq-ipc"),
+        (1, 1, "zmq-tcp", "zmq-tcp", "on"),
+        (1, 1, "auto", "shm", "on"),  # one host: auto picks shared memory
+        (1, 1, "nixl", "nixl", "on"),
+        (2, 2, "zmq-ipc", "zmq-ipc", "off"),  # one hand-off per prompt, after its prefill
     ],
 )
 def test_greedy_tokens_equal_transformers_and_kv_really_moves(
-    tmp_path, tiny_text_model, reference, prefill, decode, transport, chosen
+    tmp_path, tiny_text_model, reference, prefill, decode, transport, chosen, stream
 ):
     prompts, expected = reference
-    args = (*ENGINE, "--transport", transport)
+    args = (*ENGINE, "--transport", transport, "--stream-kv", stream)
     stack = Stack(tmp_path / "logs", tiny_text_model, *args, prefill=prefill, decode=decode)
     try:
         results = asyncio.run(complete_all(stack.url, prompts))
@@ -98,6 +98,10 @@ def test_greedy_tokens_equal_transformers_and_kv_really_moves(
         )
         assert over == received
         assert sum(stack.metric(n, "baton_kv_transport_runs_total") for n in decodes) > 0
+        # prompts longer than the 32-token budget were offered chunk by chunk when streaming
+        prefills = stack.services("prefill")
+        early = sum(stack.metric(n, "baton_kv_early_offers_total") for n in prefills)
+        assert early > 0 if stream == "on" else early == 0
         for name in stack.services("prefill") | decodes:  # each service reports the choice
             kv = stack.health(name)["kv"]
             assert kv["transport"] == transport and set(kv["peers"].values()) == {chosen}

@@ -15,6 +15,7 @@ import schemathesis
 import zmq
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from prefill_harness import PrefillHarness
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 from schemathesis import GenerationMode
@@ -31,7 +32,6 @@ from baton import protocol as P
 from baton.config import EngineConfig, load_config
 from baton.engine import Engine
 from baton.sampling_params import SamplingParams
-from prefill.service import PrefillService
 
 # a 64-token context bounds every generation the fuzzers ask for
 ENGINE = ("--transport", "zmq-tcp", "--num-blocks", "64", "--max-model-len", "64")
@@ -339,78 +339,12 @@ def test_every_service_listens_on_loopback_only(stack):
 # --- a prefill's gateway link, as a broken gateway (in process: only a gateway reaches it) ---
 
 
-class PrefillHarness:
-    """A real PrefillService in this process; the test plays its gateway and its decode (which
-    accepts every hand-off and releases it at once, after a garbage frame)."""
-
-    def __init__(self, engine: Engine):
-        self.ctx = zmq.Context()
-        self.gateway, self.decode = self.ctx.socket(zmq.ROUTER), self.ctx.socket(zmq.ROUTER)
-        for s in (self.gateway, self.decode):
-            s.setsockopt(zmq.LINGER, 0)
-            s.bind("tcp://127.0.0.1:*")
-        self.decode_addr = self.decode.getsockopt_string(zmq.LAST_ENDPOINT)
-        gateway_addr = self.gateway.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.service = PrefillService(engine, "prefill-fuzz", gateway_addr, "zmq-tcp")
-        self.up = P.Codec(P.ToGateway)
-        self.kv = P.Codec(P.PrefillToDecode)
-        self.num_bad_sent = 0  # garbage the decode side sent; the prefill must count it
-        # its first heartbeat: the links are up, so the gateway can route to it by name
-        self.service.start_heartbeats()
-        self.wait(P.Heartbeat)
-
-    def send(self, *frames: bytes) -> None:
-        self.gateway.send_multipart([b"prefill-fuzz", *frames])
-
-    def request(self, req_id: str, **fields) -> None:
-        fields = {"token_ids": [1, 5, 9, 200], "decode_id": "decode-fuzz",
-                  "params": SamplingParams(max_tokens=4, temperature=0),
-                  "decode_kv_addr": self.decode_addr, **fields}  # fmt: skip
-        self.send(self.up.encode(P.PrefillRequest(req_id, **fields)))
-
-    def wait(self, kind: type, req_id: str | None = None, timeout_s: float = 20):
-        """Step the prefill until it sends the gateway a `kind` message (for `req_id`)."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            self.service.step()
-            self.play_decode()
-            while self.gateway.poll(0):
-                msg = self.up.decode(self.gateway.recv_multipart()[-1])
-                if isinstance(msg, kind) and (req_id is None or msg.req_id == req_id):
-                    return msg
-        raise TimeoutError(f"no {kind.__name__} for {req_id}")
-
-    def play_decode(self) -> None:
-        while self.decode.poll(0):
-            identity, raw = self.decode.recv_multipart()
-            msg = self.kv.decode(raw)
-            if isinstance(msg, P.Hello):
-                self.decode.send_multipart([identity, b"\xc1garbage"])
-                self.num_bad_sent += 1
-                self.decode.send_multipart([identity, self.kv.encode(P.HelloReply(True))])
-            elif isinstance(msg, P.KVOffer):
-                self.decode.send_multipart([identity, self.kv.encode(P.KVRelease(msg.req_id))])
-
-    def settle(self, timeout_s: float = 10) -> int:
-        """Step until every hand-off is released; the KV blocks still used."""
-        pool = self.service.engine.kv_manager.pool
-        deadline = time.monotonic() + timeout_s
-        while pool.num_used and time.monotonic() < deadline:
-            self.service.step()
-            self.play_decode()
-        return pool.num_used
-
-    def close(self) -> None:
-        for ctx in (self.ctx, self.service.ctx):  # an open socket would hold up the exit
-            ctx.destroy(linger=0)
-
-
 def test_prefill_gateway_link_drops_garbage_and_fails_bad_requests(tiny_text_model):
     config = EngineConfig(model=str(tiny_text_model), dtype="float32", num_blocks=32,
                           max_model_len=64)  # fmt: skip
     engine = Engine.build(config)
     vocab_size = engine.model.args.vocab_size
-    h = PrefillHarness(engine)
+    h = PrefillHarness(engine, "prefill-fuzz")
     garbage = st.one_of(
         st.lists(st.binary(max_size=48), min_size=1, max_size=3),  # one bad message a frame
         truncated(st.builds(P.Abort, st.text(max_size=8))).map(lambda b: [b]),

@@ -121,7 +121,7 @@ def test_zmq_reader_copies_the_runs_it_pulled_and_drops_cancelled_ones(dst):
         reader.receive(P.KVBlocks(req_id, runs), [f.buffer for f in got])
 
     reader.start("r", SRC, DST)
-    assert pulls == [P.KVPull("r")]
+    assert pulls == [P.KVPull("r", SRC)]  # the prefill sends just the blocks named
     deliver("r")
     # frames are runs of the sender's ids only: 5-7, 40, 2-3, 63, 0
     assert reader.poll() == [Landed("r", len(SRC) * BLOCK_NBYTES, 5)]

@@ -51,6 +51,8 @@ class Load(msgspec.Struct, frozen=True):
     # forward over the queue: baton.scheduler.tokens_ahead)
     ahead_tokens: int = 0
     chunk_tokens: int = 0  # prefill: a prompt's tokens per step while others wait
+    # prompts received so far (PrefillRequests): the gateway counts those it sent since
+    requests_seen: int = 0
 
 
 class Heartbeat(msgspec.Struct, tag=True, frozen=True):

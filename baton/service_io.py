@@ -163,6 +163,8 @@ class ServiceLoop:
         self.last_tick = time.monotonic()
         self.step_times = StepTimes()
         self.draining = False
+        self.requests_seen = 0  # PrefillRequests received (Load.requests_seen)
+        self.load_changed = False  # report the load now, not at the next period
         self.incarnation = f"{os.getpid()}-{time.time_ns()}"
         KV_BLOCKS_TOTAL.labels(self.id).set(engine.kv_manager.pool.num_blocks)
         for counter in (REQUEST_ERRORS, RECOMPUTES, BAD_MESSAGES):  # exported from zero
@@ -205,8 +207,11 @@ class ServiceLoop:
         elif self.sched.has_work:  # nothing fits until a peer frees blocks: wait, don't spin
             zmq.select(self.sockets(), [], [], 0.05)
         self.housekeeping()
-        if self.snapshots.due():
+        if self.snapshots.due() or self.load_changed:
             self.snapshot()
+            if self.load_changed:
+                self.heartbeater.wake.set()
+                self.load_changed = False
         KV_BLOCKS_USED.labels(self.id).set(self.engine.kv_manager.pool.num_used)
         # the whole iteration, not just the forward: what a queued token really waits
         self.step_times.observe(units, time.perf_counter() - t0)
@@ -237,7 +242,11 @@ class ServiceLoop:
             self.sched.max_num_batched_tokens if self.role == "prefill" else self.sched.max_num_seqs
         )
         return msgspec.structs.replace(
-            self.load(), step_fixed_s=fixed, step_per_unit_s=per_unit, step_budget=budget
+            self.load(),
+            step_fixed_s=fixed,
+            step_per_unit_s=per_unit,
+            step_budget=budget,
+            requests_seen=self.requests_seen,
         )
 
     def send_token(self, seq: Sequence, token: SampledToken, finished: bool) -> None:
@@ -256,6 +265,7 @@ class ServiceLoop:
 
     def accept(self, msg: P.PrefillRequest) -> bool:
         """Queue a request to prefill here; a bad one fails at once with the reason."""
+        self.requests_seen += 1
         seq = Sequence(
             msg.req_id, msg.token_ids, msg.params, num_prompt_tokens=msg.num_prompt_tokens
         )

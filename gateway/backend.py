@@ -217,6 +217,7 @@ class Backend:
         self.streams[req_id] = stream
         prefill.requests.add(req_id)
         decode.requests.add(req_id)
+        prefill.sent_prompt(len(token_ids))
         await self._send(
             prefill.id,
             P.PrefillRequest(

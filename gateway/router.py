@@ -6,6 +6,7 @@ per running sequence, then the prefill with the fewest outstanding prompt tokens
 """
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from baton import protocol as P
@@ -20,9 +21,29 @@ class Service:
     last_seen: float
     incarnation: str = ""
     draining: bool = False
-    inflight_tokens: int = 0  # prompt tokens we sent it that it has not reported yet
+    reserved_tokens: int = 0  # prompt tokens admitted for it and not sent yet
+    num_sent: int = 0  # prompts sent to it, ever (its Load.requests_seen counts them there)
+    # (number, prompt tokens) of prompts sent that its last heartbeat did not count yet
+    unreported: deque[tuple[int, int]] = field(default_factory=deque)
     local_prompts: int = 0  # decode: prompts we sent it to prefill itself, not answered yet
     requests: set[str] = field(default_factory=set)
+
+    @property
+    def inflight_tokens(self) -> int:
+        """Prompt tokens its load does not show yet: a heartbeat carries a snapshot taken
+        up to a period earlier, so what was sent since is counted here until one counts it."""
+        return self.reserved_tokens + sum(n for _, n in self.unreported)
+
+    def sent_prompt(self, num_tokens: int) -> None:
+        self.reserved_tokens = max(0, self.reserved_tokens - num_tokens)
+        self.num_sent += 1
+        self.unreported.append((self.num_sent, num_tokens))
+
+    def reported(self, load: P.Load) -> None:
+        self.load = load
+        while self.unreported and self.unreported[0][0] <= load.requests_seen:
+            self.unreported.popleft()
+        self.reserved_tokens = 0  # admission and send are one step of one request
 
 
 def decode_cost(s: Service) -> float:
@@ -50,13 +71,8 @@ class Registry:
                 hb.draining,
             )  # fmt: skip
             return s
-        s.load, s.last_seen, s.kv_addr, s.draining = (
-            hb.load,
-            time.monotonic(),
-            hb.kv_addr,
-            hb.draining,
-        )
-        s.inflight_tokens = 0  # the heartbeat's queue now counts what we sent before it
+        s.last_seen, s.kv_addr, s.draining = time.monotonic(), hb.kv_addr, hb.draining
+        s.reported(hb.load)
         return None
 
     def expire(self) -> list[Service]:
@@ -82,5 +98,5 @@ class Registry:
         pool = [s for s in self.pool("prefill") if s.id not in avoid]
         prefill = min(pool, key=prefill_cost, default=None)
         if prefill is not None:
-            prefill.inflight_tokens += num_tokens
+            prefill.reserved_tokens += num_tokens
         return prefill

@@ -147,6 +147,7 @@ class PrefillService(ServiceLoop):
     def on_token(self, seq: Sequence, token: SampledToken, finished: bool) -> None:
         """Token 0 goes to the gateway now: TTFT never waits for the KV transfer."""
         self.send_token(seq, token, finished)
+        self.load_changed = True  # a prompt left the queue: admission should know at once
         addr = self.routes.pop(seq.req_id, None)
         if addr is None:
             return

@@ -7,10 +7,13 @@ from baton.config import GatewayConfig, SLOConfig
 from baton.sampling_params import SamplingParams
 from gateway.admission import Admission
 from gateway.backend import Backend
+from gateway.router import prefill_cost
 
 
-def heartbeat(service_id: str, role: str, queued_tokens: int = 0) -> P.Heartbeat:
-    load = P.Load(queued_tokens=queued_tokens, running=0, free_blocks=64, total_blocks=64)
+def heartbeat(
+    service_id: str, role: str, queued_tokens: int = 0, requests_seen: int = 0
+) -> P.Heartbeat:
+    load = P.Load(queued_tokens, 0, 64, 64, requests_seen=requests_seen)
     return P.Heartbeat(service_id, role, "tcp://127.0.0.1:1" if role == "decode" else "", load)
 
 
@@ -45,6 +48,29 @@ def test_with_work_stealing_off_a_busy_prefill_still_takes_every_prompt():
         backend.registry.heartbeat(heartbeat("prefill-0", "prefill", queued_tokens=500))
         backend.registry.heartbeat(heartbeat("decode-0", "decode"))
         assert not backend.prefills_locally(1)
+        await backend.close()
+
+    asyncio.run(scenario())
+
+
+def test_prompts_sent_after_a_heartbeats_snapshot_count_until_a_heartbeat_counts_them():
+    """A heartbeat carries a load snapshot taken up to a period before it arrives: the
+    prompts sent since must still weigh on admission and routing."""
+
+    async def scenario() -> None:
+        backend = Backend("tcp://127.0.0.1:0", Admission(GatewayConfig(), SLOConfig()))
+        registry = backend.registry
+        registry.heartbeat(heartbeat("prefill-0", "prefill"))
+        registry.heartbeat(heartbeat("decode-0", "decode"))
+        prefill = registry.services["prefill-0"]
+        for n in (100, 200):
+            await backend.submit(list(range(n)), SamplingParams(max_tokens=4))
+        assert prefill_cost(prefill) == 300
+        # taken after the first prompt arrived, before the second: that one still counts
+        registry.heartbeat(heartbeat("prefill-0", "prefill", queued_tokens=100, requests_seen=1))
+        assert prefill_cost(prefill) == 100 + 200
+        registry.heartbeat(heartbeat("prefill-0", "prefill", queued_tokens=0, requests_seen=2))
+        assert prefill_cost(prefill) == 0
         await backend.close()
 
     asyncio.run(scenario())

@@ -190,7 +190,7 @@ class ServiceLoop:
     def step(self) -> None:
         self.last_tick = time.monotonic()
         if not self.sched.has_work:
-            zmq.select(self.sockets(), [], [], 0.05)
+            zmq.select(self.sockets(), [], [], self.idle_wait_s())
         t0 = time.perf_counter()
         self.drain()
         units = 0
@@ -205,7 +205,7 @@ class ServiceLoop:
                     self.on_chunk(s.seq)
             units = self.step_units(batch)
         elif self.sched.has_work:  # nothing fits until a peer frees blocks: wait, don't spin
-            zmq.select(self.sockets(), [], [], 0.05)
+            zmq.select(self.sockets(), [], [], self.idle_wait_s())
         self.housekeeping()
         if self.snapshots.due() or self.load_changed:
             self.snapshot()
@@ -301,6 +301,10 @@ class ServiceLoop:
 
     def on_chunk(self, seq: Sequence) -> None:
         """A prompt advanced by a chunk and is not finished yet."""
+
+    def idle_wait_s(self) -> float:
+        """How long an idle loop waits for a message before looking around again."""
+        return 0.05
 
     def housekeeping(self) -> None:
         raise NotImplementedError

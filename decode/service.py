@@ -340,6 +340,11 @@ class DecodeService(ServiceLoop):
     def holds_work(self) -> bool:
         return bool(self.pending)
 
+    def idle_wait_s(self) -> float:
+        """A one-sided read (NIXL) lands with no message to wake the loop: poll it often."""
+        reading = any(p.reading_since is not None for p in self.pending.values())
+        return 0.001 if reading else super().idle_wait_s()
+
     def load(self) -> P.Load:
         pool = self.engine.kv_manager.pool
         queued = sum(p.num_computed for p in self.pending.values())

@@ -96,6 +96,14 @@ class GatewayConfig(Section):
     local_prefill_tokens: Annotated[
         int, Meta(ge=0), doc("prompts up to this many new tokens prefill on the decode (0: never)")
     ] = 0
+    cached_prefill_tokens: Annotated[
+        int,
+        Meta(ge=0),
+        doc(
+            "a turn whose prefix a decode still caches (it served the turns before) prefills "
+            "there when at most this many of its tokens are new: no KV moves (0: never)"
+        ),
+    ] = 256
     busy_prefill_tokens: Annotated[
         int,
         Meta(ge=0),

@@ -79,6 +79,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0  # sequences sent back to recompute, ever
+        self.num_prefix_hit_tokens = 0  # prompt tokens whose KV the prefix cache gave, ever
 
     @property
     def has_work(self) -> bool:
@@ -160,9 +161,10 @@ class Scheduler:
                 budget -= n
                 i += 1
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            if not seq.block_ids:
+            seq, hit = self.waiting[0], 0
+            if not seq.block_ids:  # else its KV came with it (a hand-off)
                 self.kv.match_prefix(seq)
+                hit = seq.num_computed_tokens
             n = self._chunk(seq, budget)
             if not self.kv.can_allocate(seq, n):
                 self.kv.free(seq)  # give back the prefix hit until it fits
@@ -170,6 +172,7 @@ class Scheduler:
                 break
             self.kv.allocate(seq, n)
             self.waiting.popleft()
+            self.num_prefix_hit_tokens += hit
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             out.append(ScheduledSeq(seq, n))

@@ -38,6 +38,11 @@ KV_EARLY_OFFERS = Counter(
     "baton_kv_early_offers", "KV offered while its prompt was still prefilling", ["service"]
 )
 RECOMPUTES = Counter("baton_recomputes", "sequences preempted and recomputed", ["service"])
+PREFIX_HITS = Counter(
+    "baton_prefix_cache_hit_tokens",
+    "prompt tokens whose KV came from the prefix cache",
+    ["service"],
+)
 LEASES_EXPIRED = Counter("baton_kv_leases_expired", "KV leases freed by expiry", ["service"])
 REQUEST_ERRORS = Counter("baton_request_errors", "requests failed by this service", ["service"])
 LOCAL_PREFILLS = Counter("baton_local_prefills", "prompts prefilled on a decode", ["service"])
@@ -164,10 +169,11 @@ class ServiceLoop:
         self.step_times = StepTimes()
         self.draining = False
         self.requests_seen = 0  # PrefillRequests received (Load.requests_seen)
+        self.prefix_hits_seen = 0
         self.load_changed = False  # report the load now, not at the next period
         self.incarnation = f"{os.getpid()}-{time.time_ns()}"
         KV_BLOCKS_TOTAL.labels(self.id).set(engine.kv_manager.pool.num_blocks)
-        for counter in (REQUEST_ERRORS, RECOMPUTES, BAD_MESSAGES):  # exported from zero
+        for counter in (REQUEST_ERRORS, RECOMPUTES, BAD_MESSAGES, PREFIX_HITS):  # from zero
             counter.labels(self.id)
 
     def run_forever(self, drain_s: float = 30.0) -> None:
@@ -213,6 +219,8 @@ class ServiceLoop:
                 self.heartbeater.wake.set()
                 self.load_changed = False
         KV_BLOCKS_USED.labels(self.id).set(self.engine.kv_manager.pool.num_used)
+        PREFIX_HITS.labels(self.id).inc(self.sched.num_prefix_hit_tokens - self.prefix_hits_seen)
+        self.prefix_hits_seen = self.sched.num_prefix_hit_tokens
         # the whole iteration, not just the forward: what a queued token really waits
         self.step_times.observe(units, time.perf_counter() - t0)
 

@@ -158,7 +158,8 @@ class Gateway:
                         raise
                     stream = await self.resume(stream, ids, streamed, params, e)
         finally:
-            await self.backend.finish(stream)  # aborts it on the services unless it ended
+            # aborts it on the services unless it ended; its decode now caches its tokens' KV
+            await self.backend.finish(stream, ids + streamed)
 
     async def resume(
         self, old: Stream, ids: list[int], streamed: list[int], params: SamplingParams, why
@@ -234,7 +235,13 @@ def create_app(model_dir: Path, config: BatonConfig) -> FastAPI:
         aggregated = config.prefill.count == 0
         admission = Admission(gw, config.slo)
         backend = Backend(
-            gw.zmq_addr, admission, gw.local_prefill_tokens, aggregated, gw.busy_prefill_tokens
+            gw.zmq_addr,
+            admission,
+            gw.local_prefill_tokens,
+            aggregated,
+            gw.busy_prefill_tokens,
+            cached_prefill_tokens=gw.cached_prefill_tokens,
+            block_size=config.engine_for("decode").block_size,
         )
         backend.on_heartbeat = M.observe_heartbeat
         backend.start()

@@ -18,6 +18,7 @@ from baton import protocol as P
 from baton.sampling_params import SamplingParams
 from gateway import metrics as M
 from gateway.admission import Admission, Admitted
+from gateway.prefix_index import PrefixIndex
 from gateway.router import Registry, Service, prefill_cost
 
 log = logging.getLogger("baton.gateway")
@@ -78,6 +79,8 @@ class Backend:
         aggregated: bool = False,
         busy_prefill_tokens: int = 0,
         service_timeout_s: float = 3.0,
+        cached_prefill_tokens: int = 0,
+        block_size: int = 16,
     ):
         self.ctx = zmq.asyncio.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
@@ -89,6 +92,8 @@ class Backend:
         self.admission = admission
         self.local_prefill_tokens = local_prefill_tokens
         self.busy_prefill_tokens = busy_prefill_tokens
+        self.cached_prefill_tokens = cached_prefill_tokens
+        self.prefixes = PrefixIndex(block_size)
         self.aggregated = aggregated  # no prefill pool is configured: decodes serve alone
         self.streams: dict[str, Stream] = {}
         self.encode = msgspec.msgpack.Encoder().encode
@@ -110,20 +115,33 @@ class Backend:
         decode, prefill = self.registry.pool("decode"), self.registry.pool("prefill")
         return bool(decode and (prefill or self.aggregated))
 
-    def prefills_locally(self, num_tokens: int) -> bool:
-        """Conditional disaggregation: a short prompt costs less to prefill on its decode
-        than to hand off; with no prefill pool (aggregated, or all prefills gone) every
-        prompt does, rather than fail. And work stealing: a prompt within
-        `busy_prefill_tokens` that would queue behind every prefill goes to a decode that is
-        prefilling nothing of its own, whose core is mostly idle between decode steps."""
+    def local_decode(
+        self, token_ids: list[int], avoid: set[str] = frozenset()
+    ) -> tuple[Service | None, str]:
+        """Conditional disaggregation: the decode that prefills this prompt itself and why
+        (LOCAL_PREFILLS' label), or None to hand it off. A turn whose prefix a decode still holds (it served the turns before)
+        goes there when at most `cached_prefill_tokens` of it are new: that computes only the
+        new tokens and moves no KV. A short prompt costs less to prefill on its decode than to
+        hand off; with no prefill pool (aggregated, or all prefills gone) every prompt does,
+        rather than fail. And work stealing: a prompt within `busy_prefill_tokens` that would
+        queue behind every prefill goes to a decode that is prefilling nothing of its own,
+        whose core is mostly idle between decode steps."""
+        if self.cached_prefill_tokens:
+            decodes = {s.id: s for s in self.registry.pool("decode") if s.id not in avoid}
+            hits = self.prefixes.cached_tokens(token_ids)
+            held, best = max(((n, d) for d, n in hits.items() if d in decodes), default=(0, ""))
+            if held and len(token_ids) - held <= self.cached_prefill_tokens:
+                return decodes[best], "cached"
         prefills = self.registry.pool("prefill")
-        if num_tokens <= self.local_prefill_tokens or not prefills:
-            return True
-        if num_tokens > self.busy_prefill_tokens:
-            return False
-        decode = self.registry.pick_decode()
+        if len(token_ids) <= self.local_prefill_tokens or not prefills:
+            return self.registry.pick_decode(avoid), "short"
+        if len(token_ids) > self.busy_prefill_tokens:
+            return None, ""
+        decode = self.registry.pick_decode(avoid)
         busy = min(map(prefill_cost, prefills)) > 0
-        return busy and decode is not None and decode.local_prompts == 0
+        if busy and decode is not None and decode.local_prompts == 0:
+            return decode, "stolen"
+        return None, ""
 
     def _prefilled_on_decode(self, stream: Stream) -> None:
         if stream.prefilling_on_decode:
@@ -167,7 +185,9 @@ class Backend:
                 self.fail_requests(service)
 
     def fail_requests(self, service: Service) -> None:
-        """A dead service's streams end with a retryable error (failover resumes them)."""
+        """A dead service's streams end with a retryable error (failover resumes them); its
+        KV cache died with it."""
+        self.prefixes.forget(service.id)
         for req_id in service.requests:
             if (stream := self.streams.get(req_id)) is not None:
                 why = f"{service.role} service {service.id} died"
@@ -181,7 +201,7 @@ class Backend:
         """Per prompt, the prefill it is reserved on (its tokens counted there at once, so
         the next admission sees them), LOCAL for one prefilled on its decode; raises
         Overloaded (a 429) when they should not be taken now."""
-        local = [self.prefills_locally(len(ids)) for ids in prompts]
+        local = [self.local_decode(ids)[0] is not None for ids in prompts]
         remote = [ids for ids, here in zip(prompts, local, strict=True) if not here]
         admitted = self.admission.check(self.registry, len(self.streams), len(prompts), remote)
         reserved = iter(admitted.prefills)
@@ -199,9 +219,14 @@ class Backend:
         """Send a request on its way; with `num_prompt_tokens` < len(token_ids) it resumes
         one whose tokens after the prompt were already streamed, away from the services in
         `avoid` where others are live (a prefill left with none: on the decode)."""
-        decode = self.registry.pick_decode(avoid)
-        if prefill_id == LOCAL or self.prefills_locally(len(token_ids)):
-            prefill = decode
+        local, why = (None, "")
+        if prefill_id in (None, LOCAL):
+            local, why = self.local_decode(token_ids, avoid)
+        if prefill_id == LOCAL and local is None:  # admitted to prefill on a decode: keep it so
+            local, why = self.registry.pick_decode(avoid), "short"
+        decode = local or self.registry.pick_decode(avoid)
+        if local is not None:
+            prefill = local
         else:
             prefill = self.registry.services.get(prefill_id or "")
             prefill = prefill or self.registry.pick_prefill(len(token_ids), avoid) or decode
@@ -211,7 +236,7 @@ class Backend:
         resumed = len(token_ids) - num_prompt_tokens if num_prompt_tokens >= 0 else 0
         stream = Stream(req_id, prefill.id, decode.id, first_index=resumed)
         if prefill is decode:
-            M.LOCAL_PREFILLS.inc()
+            M.LOCAL_PREFILLS.labels(why or "no prefill").inc()
             decode.local_prompts += 1
             stream.prefilling_on_decode = True
         self.streams[req_id] = stream
@@ -226,9 +251,12 @@ class Backend:
         )
         return stream
 
-    async def finish(self, stream: Stream) -> None:
-        """Forget a stream; if it has not ended, abort it on both services."""
+    async def finish(self, stream: Stream, token_ids: list[int] | None = None) -> None:
+        """Forget a stream; if it has not ended, abort it on both services. `token_ids`: its
+        prompt and output, whose KV its decode now caches (a next turn may reuse it)."""
         self.streams.pop(stream.req_id, None)
+        if token_ids and (decode := self.registry.services.get(stream.decode_id)) is not None:
+            self.prefixes.add(decode.id, token_ids, decode.load.total_blocks)
         self._prefilled_on_decode(stream)
         for sid in (stream.prefill_id, stream.decode_id):
             if (s := self.registry.services.get(sid)) is not None:

@@ -24,7 +24,13 @@ SERVICE_BLOCKS_TOTAL = Gauge(
 )
 PROMPT_TOKENS = Counter("baton_prompt_tokens", "prompt tokens of admitted requests")
 GENERATION_TOKENS = Counter("baton_generation_tokens", "tokens streamed to clients")
-LOCAL_PREFILLS = Counter("baton_local_prefills_routed", "prompts sent to prefill on their decode")
+LOCAL_PREFILLS = Counter(
+    "baton_local_prefills_routed",
+    "prompts sent to prefill on their decode, by why: short, cached (it holds the prefix), stolen",
+    ["why"],
+)
+for _why in ("short", "cached", "stolen"):
+    LOCAL_PREFILLS.labels(_why)
 MIGRATIONS = Counter("baton_migrations", "streams resumed on other services after a failure")
 REJECTED = Counter("baton_admission_rejected", "requests refused with 429", ["reason"])
 for _reason in ("queue_full", "ttft_slo"):  # exported from the start, at zero

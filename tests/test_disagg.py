@@ -315,9 +315,35 @@ def test_short_prompts_prefill_on_their_decode_long_ones_hand_off(
         short = sum(len(p) <= 20 for p in prompts)
         assert 0 < short < len(prompts)
         assert stack.metric("decode-0", "baton_local_prefills_total") == short
-        assert stack.metric("gateway", "baton_local_prefills_routed_total") == short
+        assert stack.metric("gateway", "baton_local_prefills_routed_total", why="short") == short
         assert stack.metric("prefill-0", "baton_kv_transfers_total") == len(prompts) - short
         assert set(stack.wait_blocks_free().values()) == {0}
+    finally:
+        stack.stop()
+
+
+def test_a_next_turn_prefills_on_the_decode_that_holds_its_prefix(tmp_path, tiny_text_model):
+    """Conditional disaggregation by cache: turn 2 of a conversation (turn 1, its answer,
+    a few new tokens) goes to the decode that served turn 1, which still holds its KV:
+    only the new tokens are computed, no KV moves, and the tokens are still exact."""
+    rng = random.Random(11)
+    turn1 = [rng.randrange(3, 49152) for _ in range(70)]
+    stack = Stack(tmp_path / "logs", tiny_text_model, *ENGINE, decode=2)
+    try:
+        (r1,) = asyncio.run(complete_all(stack.url, [turn1]))
+        turn2 = turn1 + r1["choices"][0]["token_ids"] + [rng.randrange(3, 49152) for _ in range(9)]
+        prefills, decodes = stack.services("prefill"), stack.services("decode")
+        moved = stack.metric("prefill-0", "baton_kv_bytes_sent_total")
+        assert moved > 0  # turn 1 was handed off
+        (r2,) = asyncio.run(complete_all(stack.url, [turn2]))
+        assert r2["choices"][0]["token_ids"] == hf_greedy(tiny_text_model, [turn2], NEW)[0]
+        assert stack.metric("gateway", "baton_local_prefills_routed_total", why="cached") == 1
+        assert stack.metric("prefill-0", "baton_kv_bytes_sent_total") == moved
+        # the decode reused turn 1 and its answer: every full block but the last token's
+        hits = {n: stack.metric(n, "baton_prefix_cache_hit_tokens_total") for n in decodes}
+        assert sorted(hits.values()) == [0, (len(turn1) + NEW - 1) // 16 * 16]
+        assert stack.metric("prefill-0", "baton_prefix_cache_hit_tokens_total") == 0
+        assert len(prefills) == 1 and set(stack.wait_blocks_free().values()) == {0}
     finally:
         stack.stop()
 

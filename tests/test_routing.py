@@ -17,6 +17,11 @@ def heartbeat(
     return P.Heartbeat(service_id, role, "tcp://127.0.0.1:1" if role == "decode" else "", load)
 
 
+def local(backend: Backend, num_tokens: int) -> str:
+    """Why a prompt of `num_tokens` would prefill on a decode ("": it is handed off)."""
+    return backend.local_decode(list(range(num_tokens)))[1]
+
+
 def test_a_busy_prefill_lends_short_prompts_to_a_decode_prefilling_nothing():
     async def scenario() -> None:
         admission = Admission(GatewayConfig(), SLOConfig())
@@ -24,19 +29,19 @@ def test_a_busy_prefill_lends_short_prompts_to_a_decode_prefilling_nothing():
         registry = backend.registry
         registry.heartbeat(heartbeat("prefill-0", "prefill"))
         registry.heartbeat(heartbeat("decode-0", "decode"))
-        assert not backend.prefills_locally(10)  # an idle prefill takes it, as always
+        assert local(backend, 10) == ""  # an idle prefill takes it, as always
         registry.heartbeat(heartbeat("prefill-0", "prefill", queued_tokens=500))
-        assert backend.prefills_locally(10)  # it would queue: the decode's core takes it
-        assert not backend.prefills_locally(65)  # longer than the decode may take
+        assert local(backend, 10) == "stolen"  # it would queue: the decode's core takes it
+        assert local(backend, 65) == ""  # longer than the decode may take
         # one at a time per decode, until its first token comes back (or it ends)
         stream = await backend.submit(list(range(10)), SamplingParams(max_tokens=4))
         decode = registry.services["decode-0"]
         assert stream.prefill_id == stream.decode_id == "decode-0"
         assert decode.local_prompts == 1
-        assert not backend.prefills_locally(10)
+        assert local(backend, 10) == ""
         await backend.finish(stream)
         assert decode.local_prompts == 0
-        assert backend.prefills_locally(10)
+        assert local(backend, 10) == "stolen"
         await backend.close()
 
     asyncio.run(scenario())
@@ -47,7 +52,7 @@ def test_with_work_stealing_off_a_busy_prefill_still_takes_every_prompt():
         backend = Backend("tcp://127.0.0.1:0", Admission(GatewayConfig(), SLOConfig()))
         backend.registry.heartbeat(heartbeat("prefill-0", "prefill", queued_tokens=500))
         backend.registry.heartbeat(heartbeat("decode-0", "decode"))
-        assert not backend.prefills_locally(1)
+        assert local(backend, 1) == ""
         await backend.close()
 
     asyncio.run(scenario())
@@ -71,6 +76,35 @@ def test_prompts_sent_after_a_heartbeats_snapshot_count_until_a_heartbeat_counts
         assert prefill_cost(prefill) == 100 + 200
         registry.heartbeat(heartbeat("prefill-0", "prefill", queued_tokens=0, requests_seen=2))
         assert prefill_cost(prefill) == 0
+        await backend.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_turn_goes_to_the_decode_that_holds_its_prefix_when_little_of_it_is_new():
+    async def scenario() -> None:
+        admission = Admission(GatewayConfig(), SLOConfig())
+        backend = Backend("tcp://127.0.0.1:0", admission, cached_prefill_tokens=32, block_size=16)
+        registry = backend.registry
+        for sid, role in (("prefill-0", "prefill"), ("decode-0", "decode"), ("decode-1", "decode")):
+            registry.heartbeat(heartbeat(sid, role))
+        turn1 = list(range(100, 300))  # 200 tokens: handed off
+        stream = await backend.submit(turn1, SamplingParams(max_tokens=8))
+        assert stream.prefill_id == "prefill-0"
+        answer = list(range(900, 908))
+        await backend.finish(stream, turn1 + answer)  # its decode now caches turn1 + answer
+        turn2 = turn1 + answer + list(range(5000, 5020))  # 20 new tokens after 208 held
+        decode, why = backend.local_decode(turn2)
+        assert (decode.id, why) == (stream.decode_id, "cached")
+        stream2 = await backend.submit(turn2, SamplingParams(max_tokens=8))
+        assert stream2.prefill_id == stream2.decode_id == stream.decode_id
+        # too much new, a prefix nobody holds, or its decode avoided: handed off as usual
+        assert backend.local_decode(turn1 + list(range(5000, 5100)))[1] == ""
+        assert backend.local_decode(list(range(7000, 7200)))[1] == ""
+        assert backend.local_decode(turn2, avoid={stream.decode_id})[1] == ""
+        # a decode that died took its cache with it
+        backend.fail_requests(registry.services[stream.decode_id])
+        assert backend.local_decode(turn2)[1] == ""
         await backend.close()
 
     asyncio.run(scenario())

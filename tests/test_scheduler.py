@@ -110,3 +110,18 @@ def test_requests_that_can_never_fit_are_refused_with_the_numbers():
         s.add(Sequence("x", [1] * 64, SamplingParams()))
     with pytest.raises(ValueError, match="needs up to 6 KV blocks .* the pool holds 4"):
         s.add(Sequence("x", [1] * 10, SamplingParams(max_tokens=14)))
+
+
+def test_a_prompt_sharing_a_cached_prefix_computes_only_the_rest_and_counts_the_hit():
+    s = make(budget=16)
+    s.add(Sequence("first", list(range(10, 20)), SamplingParams(max_tokens=1)))
+    assert step(s) == ([("first", 10)], ["first"])  # blocks [10..13], [14..17] now cached
+    s.add(Sequence("next", [*range(10, 20), 7, 8], SamplingParams(max_tokens=1)))
+    assert step(s) == ([("next", 4)], ["next"])  # 8 of its 12 tokens came from the cache
+    assert s.num_prefix_hit_tokens == 8
+    # a sequence whose KV came with it (a hand-off) is not a hit
+    handed = Sequence("handed", list(range(40, 49)), SamplingParams(max_tokens=1))
+    s.kv.allocate(handed, 8)
+    handed.num_computed_tokens = 8
+    s.add(handed)
+    assert step(s) == ([("handed", 1)], ["handed"]) and s.num_prefix_hit_tokens == 8

@@ -1,0 +1,50 @@
+"""Which decode likely still holds a prompt's prefix in its KV cache.
+
+The gateway's own record of the token sequences each decode served (prompt + output), as
+chained block hashes (baton.cache.kv_manager.chain_hash: equal hashes, equal prefixes), LRU
+per decode and bounded by its pool. An estimate: the decode may have evicted blocks since,
+and then it simply computes more of the prompt itself.
+"""
+
+from collections import OrderedDict
+
+from baton.cache.kv_manager import chain_hash
+
+
+class PrefixIndex:
+    def __init__(self, block_size: int):
+        self.block_size = block_size
+        self.held: dict[str, OrderedDict[bytes, None]] = {}  # decode id -> its blocks, LRU
+
+    def hashes(self, token_ids: list[int]) -> list[bytes]:
+        """The chained hash of each full block of `token_ids`."""
+        bs, out, parent = self.block_size, [], None
+        for i in range(len(token_ids) // bs):
+            parent = chain_hash(parent, token_ids[i * bs : (i + 1) * bs])
+            out.append(parent)
+        return out
+
+    def add(self, decode_id: str, token_ids: list[int], capacity_blocks: int) -> None:
+        blocks = self.held.setdefault(decode_id, OrderedDict())
+        for h in self.hashes(token_ids):
+            blocks[h] = None
+            blocks.move_to_end(h)
+        while len(blocks) > capacity_blocks:
+            blocks.popitem(last=False)
+
+    def cached_tokens(self, token_ids: list[int]) -> dict[str, int]:
+        """Per decode holding some of it, the leading tokens of the prompt `token_ids` it
+        holds (the last prompt token never counts: its logits must be computed)."""
+        hashes = self.hashes(token_ids[:-1])
+        out = {}
+        for decode_id, blocks in self.held.items():
+            n = 0
+            while n < len(hashes) and hashes[n] in blocks:
+                n += 1
+            if n:
+                out[decode_id] = n * self.block_size
+        return out
+
+    def forget(self, decode_id: str) -> None:
+        """A decode died or restarted: its cache is gone."""
+        self.held.pop(decode_id, None)

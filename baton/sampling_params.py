@@ -15,6 +15,9 @@ class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=Tr
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # top-n logprobs per sampled token (0: only the sampled one)
+    # scheduling, not sampling, but it must reach both schedulers: lower runs sooner (vLLM's
+    # convention); equal priorities go first come first served
+    priority: int = 0
 
     def __post_init__(self) -> None:
         checks = [

@@ -1,9 +1,11 @@
 """Continuous batching with chunked prefill and recompute preemption (plain Python, no torch).
 
 Each step spends a token budget: running sequences first (a decode costs one token, an
-unfinished prompt its next chunk), then waiting ones in arrival order. When blocks run out the
-newest running sequence is preempted: its blocks are freed and it recomputes later (its full
-blocks usually come back as prefix-cache hits).
+unfinished prompt its next chunk), then waiting ones. Both queues are kept in order of the
+request's priority (SamplingParams.priority, lower first), then of arrival. When blocks run
+out the last running sequence (the least urgent, the newest among equals) is preempted: its
+blocks are freed and it recomputes later (its full blocks usually come back as prefix-cache
+hits).
 """
 
 from collections import deque
@@ -37,6 +39,20 @@ def tokens_ahead(left: list[int], budget: int, chunk: int, max_steps: int = 256)
             return done
         left = [n for n in left if n]
     return done + sum(left)
+
+
+def insert_by_priority(queue: list[Sequence] | deque[Sequence], seq: Sequence, ahead: bool) -> None:
+    """Put `seq` after every sequence more urgent than it, and after (or, `ahead`, before)
+    those as urgent: the queue stays ordered by priority, then arrival."""
+    p = seq.params.priority
+    if not ahead and (not queue or queue[-1].params.priority <= p):
+        queue.append(seq)  # the common case: all of one priority
+        return
+    for i, other in enumerate(queue):
+        if other.params.priority > p or (ahead and other.params.priority == p):
+            queue.insert(i, seq)
+            return
+    queue.append(seq)
 
 
 @dataclass(slots=True)
@@ -114,7 +130,7 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         self.check_request(seq)
-        self.waiting.append(seq)
+        insert_by_priority(self.waiting, seq, ahead=False)
 
     def abort(self, req_id: str) -> Sequence | None:
         for queue in (self.running, self.waiting):
@@ -131,7 +147,7 @@ class Scheduler:
         self.kv.free(seq)
         seq.num_computed_tokens = 0
         seq.status = SeqStatus.WAITING
-        self.waiting.appendleft(seq)
+        insert_by_priority(self.waiting, seq, ahead=True)  # it was running: first among equals
 
     def _chunk(self, seq: Sequence, budget: int) -> int:
         competing = len(self.running) + len(self.waiting)
@@ -174,7 +190,7 @@ class Scheduler:
             self.waiting.popleft()
             self.num_prefix_hit_tokens += hit
             seq.status = SeqStatus.RUNNING
-            self.running.append(seq)
+            insert_by_priority(self.running, seq, ahead=False)
             out.append(ScheduledSeq(seq, n))
             budget -= n
         return out

@@ -104,6 +104,7 @@ class Gateway:
                 stop_token_ids=tuple(req.stop_token_ids or ()),
                 ignore_eos=req.ignore_eos,
                 logprobs=logprobs,
+                priority=req.priority,
             )
         except ValueError as e:
             raise BadRequest(str(e)) from e

@@ -30,6 +30,7 @@ class _Sampling(BaseModel):
     min_tokens: int = Field(default=0, ge=0)
     user: str | None = None
     return_token_ids: bool = False  # vLLM's extension: each choice carries its token ids
+    priority: Int64 = 0  # vLLM's extension: lower is scheduled sooner
 
 
 class CompletionRequest(_Sampling):

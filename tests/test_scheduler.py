@@ -125,3 +125,21 @@ def test_a_prompt_sharing_a_cached_prefix_computes_only_the_rest_and_counts_the_
     handed.num_computed_tokens = 8
     s.add(handed)
     assert step(s) == ([("handed", 1)], ["handed"]) and s.num_prefix_hit_tokens == 8
+
+
+def test_a_more_urgent_request_is_scheduled_first():
+    s = make(budget=8, max_seqs=2)
+    for req_id, priority in (("a", 0), ("b", 0), ("urgent", -1)):
+        s.add(Sequence(req_id, [10, 11, 12], SamplingParams(max_tokens=8, priority=priority)))
+    assert [q.req_id for q in s.waiting] == ["urgent", "a", "b"]
+    assert step(s)[0] == [("urgent", 3), ("a", 3)]
+
+
+def test_when_blocks_run_out_the_least_urgent_is_preempted_not_the_newest():
+    s = make(num_blocks=4, budget=16)  # 16 tokens of KV in all
+    s.add(Sequence("low", list(range(10, 17)), SamplingParams(max_tokens=8, priority=1)))
+    s.add(Sequence("high", list(range(20, 27)), SamplingParams(max_tokens=8)))  # newest
+    assert step(s)[0] == [("high", 7), ("low", 7)]
+    assert step(s)[0] == [("high", 1), ("low", 1)]  # both now fill their 2 blocks
+    assert step(s)[0] == [("high", 1)]  # high needs a third block: low gives back its two
+    assert s.num_preemptions == 1 and [q.req_id for q in s.waiting] == ["low"]

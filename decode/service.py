@@ -54,12 +54,12 @@ log = logging.getLogger("baton.decode")
 class Pending:
     """An offered request whose KV has not all landed yet."""
 
-    seq: Sequence  # its block table grows as reads start
+    seq: Sequence  # blocks for all of its KV are reserved at its first read
     peer: bytes  # the prefill's socket identity
     num_computed: int  # tokens the latest offer covers
     src_block_ids: list[int]  # the prefill's blocks holding them
     final: bool  # the prefill is done: no more offers
-    num_read: int = 0  # leading blocks reserved here whose read started
+    num_read: int = 0  # leading blocks whose read started
     reading_since: float | None = None  # a read is in flight
     num_bytes: int = 0  # landed so far
 
@@ -169,6 +169,8 @@ class DecodeService(ServiceLoop):
             if peer is None:  # we restarted, or forgot it: it must say Hello again
                 if isinstance(msg, P.KVOffer):
                     self.send_peer(peer_id, P.Rehello(msg.req_id))
+                elif isinstance(msg, P.KVAbort):  # we hold nothing of it: it may let go
+                    self.send_peer(peer_id, P.KVRelease(msg.req_id))
                 continue
             peer.last_seen = time.monotonic()
             if isinstance(msg, P.KVOffer):
@@ -228,7 +230,7 @@ class DecodeService(ServiceLoop):
                 ids and not 0 <= min(ids) <= max(ids) < peer.num_blocks
             ):
                 raise ValueError(f"bad KV offer: blocks {ids} for {offer.num_computed} tokens")
-            if p is not None and len(ids) < p.num_read:
+            if p is not None and not p.num_read <= len(ids) <= len(p.seq.block_ids or ids):
                 raise ValueError(f"bad KV offer: {len(ids)} blocks after {p.num_read} were read")
             self.sched.check_request(seq)
         except ValueError as e:
@@ -241,25 +243,37 @@ class DecodeService(ServiceLoop):
         if p is None:
             self.pending[offer.req_id] = Pending(seq, peer_id, offer.num_computed, ids, offer.final)
             return
-        p.seq.token_ids = seq.token_ids  # the final offer adds the first sampled token
+        # the final offer adds the first sampled token; what was checked is what will run
+        p.seq.token_ids, p.seq.params = seq.token_ids, seq.params
         p.num_computed, p.src_block_ids, p.final = offer.num_computed, ids, offer.final
 
     def pull_what_fits(self) -> None:
-        """Reserve our own blocks for what was offered, oldest first, and start reading their
-        bytes. Keep enough free blocks for the running batch to grow by one block each."""
+        """Reserve our own blocks for offered requests, oldest first, and read what was
+        offered into them. A request's blocks are reserved whole at its first read (a
+        streamed prompt's offers never wait on blocks that others hold half of), keeping
+        enough free for the running batch to grow by one block each."""
         kv = self.engine.kv_manager
         headroom = len(self.sched.running)
         for req_id, p in list(self.pending.items()):
-            if p.reading_since is not None or not p.unread:
+            if p.reading_since is not None:
                 continue
-            if p.unread + headroom > kv.pool.num_free:
-                break
-            kv.allocate(p.seq, p.num_computed)  # num_computed_tokens is 0 until it joins
+            if not p.seq.block_ids:
+                # all the KV it will hold: the prompt (a streamed offer's token_ids) or, once
+                # final, what the prefill computed
+                total = p.num_computed if p.final else p.seq.num_tokens
+                if kv.blocks_needed(total) + headroom > kv.pool.num_free:
+                    break
+                kv.allocate(p.seq, total)  # num_computed_tokens is 0 until it joins
+            if not p.unread:
+                if p.final:  # nothing (more) to read
+                    self.join(p)
+                continue
             p.reading_since = time.monotonic()
             first, p.num_read = p.num_read, len(p.src_block_ids)
             peer = self.peers[p.peer]
+            dst = p.seq.block_ids[first : p.num_read]
             try:
-                peer.reader.start(req_id, p.src_block_ids[first:], p.seq.block_ids[first:])
+                peer.reader.start(req_id, p.src_block_ids[first:], dst)
             except TransferError as e:
                 self.end(req_id, f"cannot read prefill {peer.prefill_id}: {e}")
 
@@ -274,13 +288,24 @@ class DecodeService(ServiceLoop):
         KV_BYTES_RECEIVED.labels(self.id).inc(landed.num_bytes)
         KV_TRANSPORT_BYTES.labels(self.id, peer.reader.transport).inc(landed.num_bytes)
         KV_TRANSPORT_RUNS.labels(self.id, peer.reader.transport).inc(landed.num_runs)
-        if not p.final or p.unread:
-            return  # more is on its way
-        del self.pending[landed.req_id]
-        self.send_peer(p.peer, P.KVRelease(landed.req_id, p.num_bytes))
+        if p.final and not p.unread:
+            self.join(p)
+
+    def join(self, p: Pending) -> None:
+        """All of its KV is here: it joins the batch, and the prefill may free its blocks."""
+        req_id = p.seq.req_id
+        del self.pending[req_id]
+        self.send_peer(p.peer, P.KVRelease(req_id, p.num_bytes))
+        kv = self.engine.kv_manager
+        kv.pool.release(p.seq.block_ids[kv.blocks_needed(p.num_computed) :])  # reserved extra
+        del p.seq.block_ids[kv.blocks_needed(p.num_computed) :]
         p.seq.num_computed_tokens = p.num_computed
-        self.engine.kv_manager.cache_computed(p.seq)
-        self.sched.add(p.seq)
+        kv.cache_computed(p.seq)
+        try:
+            self.sched.add(p.seq)
+        except ValueError as e:  # a final offer unlike the first (a broken peer)
+            kv.free(p.seq)
+            self.fail(req_id, str(e))
 
     def send_peer(self, peer_id: bytes, msg) -> None:
         self.kv_sock.send_multipart([peer_id, self.codec.encode(msg)])

@@ -159,8 +159,9 @@ class Gateway:
                         raise
                     stream = await self.resume(stream, ids, streamed, params, e)
         finally:
-            # aborts it on the services unless it ended; its decode now caches its tokens' KV
-            await self.backend.finish(stream, ids + streamed)
+            # aborts it on the services unless it ended; a decode that produced tokens of it
+            # now caches its KV (token 0 comes from the prefill)
+            await self.backend.finish(stream, ids + streamed if len(streamed) > 1 else None)
 
     async def resume(
         self, old: Stream, ids: list[int], streamed: list[int], params: SamplingParams, why

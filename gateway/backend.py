@@ -3,7 +3,6 @@ to. Submits requests, delivers each request's tokens in index order, fails reque
 service died, and aborts on behalf of callers who left."""
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -19,7 +18,7 @@ from baton.sampling_params import SamplingParams
 from gateway import metrics as M
 from gateway.admission import Admission, Admitted
 from gateway.prefix_index import PrefixIndex
-from gateway.router import Registry, Service, prefill_cost
+from gateway.router import Registry, Service, decode_cost, prefill_cost
 
 log = logging.getLogger("baton.gateway")
 
@@ -129,9 +128,11 @@ class Backend:
         if self.cached_prefill_tokens:
             decodes = {s.id: s for s in self.registry.pool("decode") if s.id not in avoid}
             hits = self.prefixes.cached_tokens(token_ids)
-            held, best = max(((n, d) for d, n in hits.items() if d in decodes), default=(0, ""))
-            if held and len(token_ids) - held <= self.cached_prefill_tokens:
-                return decodes[best], "cached"
+            if held := [d for d in hits if d in decodes]:
+                # the most of it held; among equals (a shared system prompt) the least loaded
+                best = max(held, key=lambda d: (hits[d], -decode_cost(decodes[d])))
+                if len(token_ids) - hits[best] <= self.cached_prefill_tokens:
+                    return decodes[best], "cached"
         prefills = self.registry.pool("prefill")
         if len(token_ids) <= self.local_prefill_tokens or not prefills:
             return self.registry.pick_decode(avoid), "short"
@@ -193,9 +194,13 @@ class Backend:
                 why = f"{service.role} service {service.id} died"
                 stream.queue.put_nowait(P.RequestError(req_id, why, retryable=True))
 
-    async def _send(self, service_id: str, msg) -> None:
-        with contextlib.suppress(zmq.ZMQError):  # a service that is gone: the reaper fails it
+    async def _send(self, service_id: str, msg) -> bool:
+        """False if the service is gone (the reaper fails its requests)."""
+        try:
             await self.sock.send_multipart([service_id.encode(), self.encode(msg)])
+        except zmq.ZMQError:
+            return False
+        return True
 
     def admit(self, prompts: list[list[int]]) -> Admitted:
         """Per prompt, the prefill it is reserved on (its tokens counted there at once, so
@@ -242,13 +247,11 @@ class Backend:
         self.streams[req_id] = stream
         prefill.requests.add(req_id)
         decode.requests.add(req_id)
-        prefill.sent_prompt(len(token_ids))
-        await self._send(
-            prefill.id,
-            P.PrefillRequest(
-                req_id, token_ids, params, decode.id, decode.kv_addr, num_prompt_tokens
-            ),
+        request = P.PrefillRequest(
+            req_id, token_ids, params, decode.id, decode.kv_addr, num_prompt_tokens
         )
+        if await self._send(prefill.id, request):  # it counts what reaches it (Load)
+            prefill.sent_prompt(len(token_ids))
         return stream
 
     async def finish(self, stream: Stream, token_ids: list[int] | None = None) -> None:

@@ -5,8 +5,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, StrictInt
 
-# ints cross the service sockets as msgpack int64: a bigger one is a 400 here, not a 500 there
-Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+# ints cross the service sockets as msgpack int64: a bigger one is a 400 here, not a 500 there;
+# strict, so `true` or `1.0` is no count (pydantic would read them as 1)
+Int64 = Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)]
 
 
 class StreamOptions(BaseModel):
@@ -15,7 +16,7 @@ class StreamOptions(BaseModel):
 
 class _Sampling(BaseModel):
     model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: StrictInt | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0)
     top_p: float = Field(default=1.0, gt=0, le=1)
     top_k: Int64 | None = None
@@ -23,11 +24,11 @@ class _Sampling(BaseModel):
     seed: Int64 | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[Int64] | None = None
-    n: int = Field(default=1, ge=1, le=1)  # n > 1 is not supported yet
+    n: StrictInt = Field(default=1, ge=1, le=1)  # n > 1 is not supported yet
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
-    min_tokens: int = Field(default=0, ge=0)
+    min_tokens: StrictInt = Field(default=0, ge=0)
     user: str | None = None
     return_token_ids: bool = False  # vLLM's extension: each choice carries its token ids
     priority: Int64 = 0  # vLLM's extension: lower is scheduled sooner
@@ -36,7 +37,7 @@ class _Sampling(BaseModel):
 class CompletionRequest(_Sampling):
     # strict: a bool or a float is no token id
     prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
-    logprobs: int | None = Field(default=None, ge=0, le=20)
+    logprobs: StrictInt | None = Field(default=None, ge=0, le=20)
     echo: bool = False
 
 
@@ -47,9 +48,9 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    top_logprobs: StrictInt | None = Field(default=None, ge=0, le=20)
 
 
 class ErrorDetail(BaseModel):

@@ -58,7 +58,11 @@ class Lease:
     peer: str  # decode kv address
     offer: P.KVOffer  # the latest, sent again to a decode that restarted
     pinned: list[int]
-    ended: bool = False  # the request ended here (finished or aborted): no error to report
+    ended_at: float | None = None  # the request ended here (finished or aborted): no error
+
+    @property
+    def ended(self) -> bool:
+        return self.ended_at is not None
 
 
 class DecodePeer:
@@ -74,7 +78,13 @@ class DecodePeer:
         self.refused: str | None = None
         self.transport = ""  # the decode's choice, from its HelloReply
         self.hello = hello
-        self.sock.send(hello)
+        self.say_hello()
+
+    def say_hello(self) -> None:
+        """Once until the decode answers: a restarted decode asks again (Rehello) for each
+        offer it gets, and a second Hello would read to it as a second restart."""
+        self.awaiting_reply = True
+        self.sock.send(self.hello)
 
 
 class PrefillService(ServiceLoop):
@@ -167,15 +177,18 @@ class PrefillService(ServiceLoop):
         if peer.refused:
             return self.drop(seq.req_id, f"decode {addr} refused the KV layout: {peer.refused}")
         ids = seq.block_ids[: self.engine.kv_manager.blocks_needed(num_computed)]
+        if (lease := self.leases.get(seq.req_id)) is not None:
+            # after a preemption the prompt's first blocks are computed again into new ones;
+            # the decode has (or is reading) the pinned ones, whose KV is the same
+            done = len(lease.offer.block_ids)
+            ids = lease.offer.block_ids + ids[done:]
         offer = P.KVOffer(
             seq.req_id, seq.token_ids, seq.num_prompt_tokens, num_computed, seq.params, ids, final
         )
         lease = self.leases.setdefault(seq.req_id, Lease(addr, offer, []))
-        pinned = set(lease.pinned)  # after a preemption the ids can change: pin the new ones
-        for b in ids:
-            if b not in pinned:
-                self.engine.kv_manager.pool.share(b)
-                lease.pinned.append(b)
+        for b in ids[len(lease.pinned) :]:
+            self.engine.kv_manager.pool.share(b)
+            lease.pinned.append(b)
         lease.offer = offer
         peer.sock.send(self.codec.encode(offer))
         return True
@@ -191,7 +204,7 @@ class PrefillService(ServiceLoop):
     def let_go(self, req_id: str, why: str) -> None:
         """The request ended here: its decode lets go of what was offered (KVRelease)."""
         if (lease := self.leases.get(req_id)) is not None and not lease.ended:
-            lease.ended = True
+            lease.ended_at = time.monotonic()
             self.peers[lease.peer].sock.send(self.codec.encode(P.KVAbort(req_id, why, False)))
 
     # --- decode peers --------------------------------------------------------------------
@@ -211,23 +224,31 @@ class PrefillService(ServiceLoop):
                 BAD_MESSAGES.labels(self.id).inc()
                 log.warning("dropped a malformed message from %s: %s", peer.addr, e)
                 continue
+            lease = self.leases.get(getattr(msg, "req_id", ""))
+            if lease is not None and lease.peer != peer.addr:
+                lease = None  # only the decode it was offered to speaks for it
             if isinstance(msg, P.HelloReply):
                 self.on_hello_reply(peer, msg)
             elif isinstance(msg, P.Rehello):  # the decode restarted: handshake, offer again
-                peer.sock.send(peer.hello)
-                if (lease := self.leases.get(msg.req_id)) is not None and not lease.ended:
+                if not peer.awaiting_reply:
+                    peer.say_hello()
+                if lease is not None and not lease.ended:
                     peer.sock.send(self.codec.encode(lease.offer))
             elif isinstance(msg, P.KVPull):
                 self.send_blocks(peer, msg)
-            elif isinstance(msg, P.KVRelease):
+            elif isinstance(msg, P.KVRelease) and lease is not None:
+                if msg.req_id in self.routes:  # it gave up mid-prefill: stop computing it
+                    self.routes.pop(msg.req_id)
+                    self.sched.abort(msg.req_id)
                 if self.release(msg.req_id) and msg.num_bytes:
                     KV_BYTES_SENT.labels(self.id).inc(msg.num_bytes)
                     KV_TRANSPORT_BYTES.labels(self.id, peer.transport).inc(msg.num_bytes)
                     KV_TRANSFERS.labels(self.id).inc()
-            elif isinstance(msg, P.KVAbort) and msg.req_id in self.leases:
+            elif isinstance(msg, P.KVAbort) and lease is not None:
                 self.end_lease(msg.req_id, f"decode {peer.addr} aborted the hand-off: {msg.reason}")
 
     def on_hello_reply(self, peer: DecodePeer, msg: P.HelloReply) -> None:
+        peer.awaiting_reply = False
         if msg.ok:
             peer.refused, peer.transport = None, msg.transport
             log.info("decode %s takes our KV over %s", peer.addr, msg.transport)
@@ -257,7 +278,9 @@ class PrefillService(ServiceLoop):
     def expire_leases(self) -> None:
         now = time.monotonic()
         for req_id, lease in list(self.leases.items()):
-            if now - self.peers[lease.peer].last_seen > self.lease_s:
+            # an ended one also expires on its own: a decode that never knew it stays silent
+            since = max(self.peers[lease.peer].last_seen, lease.ended_at or 0.0)
+            if now - since > self.lease_s:
                 log.warning("lease on %s expired: decode %s silent", req_id, lease.peer)
                 LEASES_EXPIRED.labels(self.id).inc()
                 self.end_lease(req_id, f"decode {lease.peer} stopped answering")

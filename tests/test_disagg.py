@@ -161,6 +161,8 @@ def test_bad_requests_get_openai_errors(stack):
         assert r.status_code == 400
         r = c.post("/v1/chat/completions", json={"messages": []})
         assert r.status_code == 400
+        r = c.post("/v1/completions", json={"prompt": "x", "logprobs": False})  # not a count
+        assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"
 
 
 def streams(url: str, prompts, max_tokens: int, events_of: list[list[float]] | None = None):

@@ -2,6 +2,8 @@
 
 import asyncio
 
+import zmq
+
 from baton import protocol as P
 from baton.config import GatewayConfig, SLOConfig
 from baton.sampling_params import SamplingParams
@@ -68,6 +70,16 @@ def test_prompts_sent_after_a_heartbeats_snapshot_count_until_a_heartbeat_counts
         registry.heartbeat(heartbeat("prefill-0", "prefill"))
         registry.heartbeat(heartbeat("decode-0", "decode"))
         prefill = registry.services["prefill-0"]
+        # nobody is there to take it (the send fails): not counted as sent, so it cannot
+        # shift the count the prefill's heartbeats are matched against
+        await backend.submit(list(range(50)), SamplingParams(max_tokens=4))
+        registry.heartbeat(heartbeat("prefill-0", "prefill"))
+        assert prefill_cost(prefill) == 0
+        ctx = zmq.Context()
+        link = ctx.socket(zmq.DEALER)  # the prefill's end of its gateway link
+        link.setsockopt(zmq.IDENTITY, b"prefill-0")
+        link.connect(backend.addr)
+        await asyncio.sleep(0.3)  # connected: the gateway can route to it by name
         for n in (100, 200):
             await backend.submit(list(range(n)), SamplingParams(max_tokens=4))
         assert prefill_cost(prefill) == 300
@@ -77,6 +89,7 @@ def test_prompts_sent_after_a_heartbeats_snapshot_count_until_a_heartbeat_counts
         registry.heartbeat(heartbeat("prefill-0", "prefill", queued_tokens=0, requests_seen=2))
         assert prefill_cost(prefill) == 0
         await backend.close()
+        ctx.destroy(linger=0)
 
     asyncio.run(scenario())
 

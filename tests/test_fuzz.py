@@ -330,6 +330,34 @@ def test_decode_kv_socket_drops_garbage_and_bad_hand_offs(stack, reference):
         ctx.destroy(linger=0)
 
 
+def test_decode_reads_a_streamed_prompt_as_offered_into_blocks_reserved_whole(stack, reference):
+    """Streaming from the decode's side, with the test as the prefill: each offer's new blocks
+    are pulled as they come, into blocks reserved for the whole prompt at the first one (half
+    reservations could deadlock two streamed prompts), and one release follows the last."""
+    config = load_config(stack.log_dir / "config.toml").engine_for("decode")
+    layout = Engine.build(config).layout()
+    (decode,) = stack.services("decode").values()
+    probe_port = int(decode["url"].rsplit(":", 1)[1])
+    (kv_port,) = {port for _, port in listening(decode["pid"])} - {probe_port}
+    ctx = zmq.Context()
+    try:
+        peer = FakePrefill(ctx, f"tcp://127.0.0.1:{kv_port}", "stream-prefill")
+        peer.send(P.Hello("stream-prefill", layout, 64, "zmq-tcp"))
+        assert peer.reply().ok
+        prompt, params, nbytes = [5] * 40, SamplingParams(max_tokens=2), layout.block_nbytes
+        peer.send(P.KVOffer("streamed", prompt, 40, 16, params, [7], final=False))
+        assert peer.reply() == P.KVPull("streamed", [7])
+        peer.send(P.KVBlocks("streamed", [(7, 1)]), bytes(nbytes))
+        assert wait_for(lambda: stack.blocks_used()["decode-0"] == 3)  # 40 tokens: 3 blocks
+        peer.send(P.KVOffer("streamed", [*prompt, 9], 40, 40, params, [7, 8, 3], final=True))
+        assert peer.reply() == P.KVPull("streamed", [8, 3])  # only what is new
+        peer.send(P.KVBlocks("streamed", [(8, 1), (3, 1)]), bytes(nbytes), bytes(nbytes))
+        assert peer.reply() == P.KVRelease("streamed", 3 * nbytes)
+        assert_still_serving(stack, reference)
+    finally:
+        ctx.destroy(linger=0)
+
+
 def test_every_service_listens_on_loopback_only(stack):
     for name, service in stack.services().items():
         addrs = listening(service["pid"])

@@ -70,6 +70,6 @@ def load() -> ctypes.CDLL | None:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     for fn in (lib.paged_decode_bf16, lib.paged_decode_f32):
         fn.argtypes = [ptr, ptr, ptr, i64, ptr, i64, ptr, i64, i64, i64, i64, i64]
-        fn.argtypes += [ctypes.c_float, ptr, ptr]
+        fn.argtypes += [ctypes.c_float, ptr]
         fn.restype = ctypes.c_int
     return lib

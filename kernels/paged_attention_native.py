@@ -30,13 +30,11 @@ def paged_decode_attention(
     tables, lens = block_tables.contiguous(), ctx_lens.contiguous()
     assert tables.dtype == lens.dtype == torch.int64
     out = torch.empty_like(q)
-    group = q_heads // kv_heads
-    scores = torch.empty(group * max(int(lens.max()), 1) if b else 1, dtype=torch.float32)
     rc = getattr(lib, _FUNCTIONS[q.dtype])(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0),
         tables.data_ptr(), tables.stride(0), lens.data_ptr(),
-        b, q_heads, kv_heads, head_dim, block_size, scale, scores.data_ptr(), out.data_ptr(),
+        b, q_heads, kv_heads, head_dim, block_size, scale, out.data_ptr(),
     )  # fmt: skip
-    if rc != 0:  # more than 16 query heads per KV head, or head_dim over 256: torch's turn
+    if rc != 0:  # head_dim over 256 (or no memory for its scratch): torch's turn
         return paged_attention.paged_decode_attention(q, k_cache, v_cache, tables, lens, scale)
     return out

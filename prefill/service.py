@@ -278,8 +278,9 @@ class PrefillService(ServiceLoop):
     def expire_leases(self) -> None:
         now = time.monotonic()
         for req_id, lease in list(self.leases.items()):
-            # an ended one also expires on its own: a decode that never knew it stays silent
-            since = max(self.peers[lease.peer].last_seen, lease.ended_at or 0.0)
+            # an ended one expires on its own (a decode that never knew it would keep it
+            # alive with keep-alives); its reads time out well before (transfer_timeout_s)
+            since = lease.ended_at if lease.ended else self.peers[lease.peer].last_seen
             if now - since > self.lease_s:
                 log.warning("lease on %s expired: decode %s silent", req_id, lease.peer)
                 LEASES_EXPIRED.labels(self.id).inc()

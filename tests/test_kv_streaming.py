@@ -87,3 +87,19 @@ def test_with_streaming_off_one_offer_after_the_whole_prompt(harness):
     h.step_until(lambda: offers(h, "whole"))
     assert [(o.num_computed, o.final) for o in offers(h, "whole")] == [(100, True)]
     release(h, "whole")
+
+
+def test_an_ended_lease_expires_even_while_its_decode_keeps_answering(harness):
+    """A decode that never knew the request (it restarted) keeps the peer alive with its
+    keep-alives but never releases: the pins go once the lease runs out after the end."""
+    h = harness
+    h.service.lease_s = 0.5
+    h.request("orphan", token_ids=PROMPT)
+    h.step_until(lambda: offers(h, "orphan"))
+    h.send(h.up.encode(P.Abort("orphan")))
+
+    def freed_while_alive() -> bool:
+        h.reply(h.kv.encode(P.KeepAlive()))
+        return used(h) == 0
+
+    h.step_until(freed_while_alive, timeout_s=10)

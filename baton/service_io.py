@@ -219,8 +219,9 @@ class ServiceLoop:
                 self.heartbeater.wake.set()
                 self.load_changed = False
         KV_BLOCKS_USED.labels(self.id).set(self.engine.kv_manager.pool.num_used)
-        PREFIX_HITS.labels(self.id).inc(self.sched.num_prefix_hit_tokens - self.prefix_hits_seen)
-        self.prefix_hits_seen = self.sched.num_prefix_hit_tokens
+        if hits := self.sched.num_prefix_hit_tokens - self.prefix_hits_seen:
+            PREFIX_HITS.labels(self.id).inc(hits)
+            self.prefix_hits_seen = self.sched.num_prefix_hit_tokens
         # the whole iteration, not just the forward: what a queued token really waits
         self.step_times.observe(units, time.perf_counter() - t0)
 

@@ -79,7 +79,9 @@ def test_prompts_sent_after_a_heartbeats_snapshot_count_until_a_heartbeat_counts
         link = ctx.socket(zmq.DEALER)  # the prefill's end of its gateway link
         link.setsockopt(zmq.IDENTITY, b"prefill-0")
         link.connect(backend.addr)
-        await asyncio.sleep(0.3)  # connected: the gateway can route to it by name
+        async with asyncio.timeout(10):  # until connected: the gateway can route to it by name
+            while not await backend._send("prefill-0", P.Abort("probe")):
+                await asyncio.sleep(0.05)
         for n in (100, 200):
             await backend.submit(list(range(n)), SamplingParams(max_tokens=4))
         assert prefill_cost(prefill) == 300

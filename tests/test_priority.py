@@ -20,7 +20,10 @@ def test_of_prompts_queued_together_the_most_urgent_gets_its_first_token_first(t
             prompt = [(31 * i + 7 * j) % 500 + 3 for j in range(64)]
             params = SamplingParams(max_tokens=2, priority=priority)
             h.request(f"r{i}", token_ids=prompt, params=params)
-        time.sleep(0.5)  # all four are in the socket when the service first looks
+        deadline = time.monotonic() + 10
+        while len(h.service.sched.waiting) < 4:  # all four queued before the first step
+            assert time.monotonic() < deadline, "the requests never arrived"
+            h.service.drain()
         order = [h.wait(P.TokenOutput).req_id for _ in range(4)]
         assert order[0] == "r3"  # sent last, served first
         assert order[1:] == ["r0", "r1", "r2"]  # the rest first come first served

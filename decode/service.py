@@ -297,8 +297,9 @@ class DecodeService(ServiceLoop):
         del self.pending[req_id]
         self.send_peer(p.peer, P.KVRelease(req_id, p.num_bytes))
         kv = self.engine.kv_manager
-        kv.pool.release(p.seq.block_ids[kv.blocks_needed(p.num_computed) :])  # reserved extra
-        del p.seq.block_ids[kv.blocks_needed(p.num_computed) :]
+        keep = kv.blocks_needed(p.num_computed)  # more were reserved only for a broken peer
+        kv.pool.release(p.seq.block_ids[keep:])
+        del p.seq.block_ids[keep:]
         p.seq.num_computed_tokens = p.num_computed
         kv.cache_computed(p.seq)
         try:

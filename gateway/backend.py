@@ -118,9 +118,9 @@ class Backend:
         self, token_ids: list[int], avoid: set[str] = frozenset()
     ) -> tuple[Service | None, str]:
         """Conditional disaggregation: the decode that prefills this prompt itself and why
-        (LOCAL_PREFILLS' label), or None to hand it off. A turn whose prefix a decode still holds (it served the turns before)
-        goes there when at most `cached_prefill_tokens` of it are new: that computes only the
-        new tokens and moves no KV. A short prompt costs less to prefill on its decode than to
+        (LOCAL_PREFILLS' label), or None to hand it off. A turn whose prefix a decode still
+        holds (it served the turns before) goes there when at most `cached_prefill_tokens` of
+        it are new: that computes only the new tokens and moves no KV. A short prompt costs less to prefill on its decode than to
         hand off; with no prefill pool (aggregated, or all prefills gone) every prompt does,
         rather than fail. And work stealing: a prompt within `busy_prefill_tokens` that would
         queue behind every prefill goes to a decode that is prefilling nothing of its own,

@@ -35,6 +35,8 @@ class PrefixIndex:
     def cached_tokens(self, token_ids: list[int]) -> dict[str, int]:
         """Per decode holding some of it, the leading tokens of the prompt `token_ids` it
         holds (the last prompt token never counts: its logits must be computed)."""
+        if not self.held:  # nothing served yet: no need to hash the prompt
+            return {}
         hashes = self.hashes(token_ids[:-1])
         out = {}
         for decode_id, blocks in self.held.items():

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).parent / "csrc" / "paged_decode.c"
 # -ffast-math only to compile (it vectorizes the reductions and expf): linked with it, the
 # library would set flush-to-zero for the whole process as it loads (crtfastmath.o)
-FLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC"]
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC"]
 
 
 def _cpu_flags() -> str:
@@ -46,7 +46,7 @@ def _build(cc: str, path: Path) -> None:
         obj, lib = Path(tmp) / "kernel.o", Path(tmp) / "kernel.so"
         run = functools.partial(subprocess.run, check=True, capture_output=True, text=True)
         run([cc, *FLAGS, "-c", "-o", str(obj), str(SOURCE)])
-        run([cc, "-shared", "-o", str(lib), str(obj), "-lm"])
+        run([cc, "-shared", "-fopenmp", "-o", str(lib), str(obj), "-lm"])
         os.replace(lib, path)
 
 

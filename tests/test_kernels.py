@@ -210,6 +210,24 @@ def test_cpu_attention_matches_the_dense_spec(group, head_dim, block_size, dtype
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("group", "head_dim", "block_size"), [(3, 64, 5), (2, 128, 32), (4, 32, 16), (3, 96, 16)]
+)
+def test_native_decode_attention_any_block_or_head_size(group, head_dim, block_size, dtype):
+    # the C kernel's AVX-512 path scores 16 keys and weighs 2 values at a time, head_dim in
+    # 32s: odd blocks leave a lone value row, blocks of 32 two runs of keys, and head_dim 96
+    # takes the plain C loops
+    ctx_lens = at_and_across_blocks(block_size)
+    k_cache, v_cache = paged_cache(NUM_BLOCKS, block_size, KV_HEADS, head_dim, dtype)
+    tables = block_tables(ctx_lens, block_size, NUM_BLOCKS)
+    q = torch.randn(len(ctx_lens), KV_HEADS * group, head_dim).to(dtype)
+    args = (q, k_cache, v_cache, tables, torch.tensor(ctx_lens), head_dim**-0.5)
+    got = paged_attention_native.paged_decode_attention(*args)
+    atol = rtol = 1e-5 if dtype == torch.float32 else 3e-2  # as test_cpu_attention_matches...
+    torch.testing.assert_close(got, paged_attention.paged_decode_attention(*args), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("kv_heads", "head_dim"), [(1, 128), (3, 64)])
 def test_write_kv_writes_only_its_slots(interpreted, kv_heads, head_dim, dtype):
     k_cache, v_cache = paged_cache(8, 16, kv_heads, head_dim, dtype)

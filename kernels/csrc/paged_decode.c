@@ -3,17 +3,17 @@
  *
  * Cache element (block b, slot t, KV head h, dim d) sits at
  *   cache[b * block_stride + (t * kv_heads + h) * head_dim + d]
- * (baton/cache/kv_cache.py: one layer's K or V view). A sequence's blocks are walked once for
- * the keys and once for the values, each slot's row (every KV head) read in order, so a block
- * is one contiguous read; each head's part of the row is widened once and scored against the
- * query heads that share it. Scores, softmax and the weighted sum are fp32; bf16 is widened
- * on load and rounded once on store.
- * Built by kernels/native.py with -O3 -march=native -ffast-math, which vectorizes the loops
- * over head_dim and the context (expf included, through glibc's vector math).
- */
+ * (baton/cache/kv_cache.py: one layer's K or V view). Two implementations of the same math:
+ * AVX-512 (with BF16 dot products) where this CPU has it and head_dim is a multiple of 32,
+ * and plain C loops, which the compiler vectorizes, for everything else. Scores, softmax and
+ * the weighted sums are fp32; bf16 inputs are exact in fp32, outputs rounded once on store.
+ * The batch's sequences are shared out over OpenMP threads.
+ * Built by kernels/native.py with -O3 -march=native -ffast-math -fopenmp (expf vectorized
+ * through glibc's vector math). */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 static inline float from_bf16(uint16_t x) {
     union { uint32_t u; float f; } v = {(uint32_t)x << 16};
@@ -29,6 +29,7 @@ static inline float from_f32(float x) { return x; }
 static inline float to_f32(float x) { return x; }
 
 #define MAX_HEAD_DIM 256
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
 
 /* Blocks lie anywhere in the pool, so the hardware prefetcher stops at each one: ask for the
  * next block while this one is being read (in the engine the KV comes from DRAM). */
@@ -49,11 +50,12 @@ static float *scratch(int64_t nfloats) {
     return buf;
 }
 
-/* One sequence: every query head against its `ctx` cached tokens. `scores` is [q_heads][ctx],
+/* The plain C path (no AVX-512 BF16 here, or a head_dim not a multiple of 32).
+ * One sequence: every query head against its `ctx` cached tokens. `scores` is [q_heads][ctx],
  * `qf` and `acc` [q_heads][head_dim], `inv` [q_heads]. Called with a constant head_dim where
  * it is a common one, so the compiler unrolls the row loops into whole vectors. */
 #define ATTEND_SEQ(NAME, T, LOAD, STORE)                                                       \
-    static inline __attribute__((always_inline)) void NAME(                                    \
+    ALWAYS_INLINE void NAME(                                                                   \
         const T *q, const T *k_cache, const T *v_cache, int64_t block_stride,                  \
         const int64_t *table, int64_t ctx, int64_t q_heads, int64_t kv_heads,                  \
         const int64_t head_dim, int64_t block_size, float scale, float *scores, float *qf,     \
@@ -108,7 +110,243 @@ static float *scratch(int64_t nfloats) {
         for (int64_t i = 0; i < q_heads * head_dim; i++) out[i] = STORE(acc[i] * inv[i / head_dim]); \
     }
 
-#define PAGED_DECODE(NAME, SEQ, T, LOAD, STORE)                                                \
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+/* The same attention in AVX-512, where this CPU has it with BF16 dot products. Per KV head:
+ * each query head sharing it scores 16 keys at a time (its slice of each row), the sixteen dot
+ * products summed as one vector (sum16) rather than a horizontal sum each; then those query
+ * heads are weighed over the values together. bf16 keys meet the bf16 query in VDPBF16PS
+ * (exact products, fp32 sums); bf16 values go two tokens at a time against their two
+ * probabilities rounded to bf16 (as the torch op rounds them). */
+#include <immintrin.h>
+#define HAVE_AVX512 1
+
+/* r[i] = the sum of v[i]'s lanes, for 16 vectors at once. */
+static inline __m512 sum16(const __m512 v[16]) {
+    __m512 w[8], u[4];
+    for (int i = 0; i < 8; i++) /* each 128-bit lane: 2 partial sums of tokens 2i, 2i + 1 */
+        w[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                             _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++) { /* each 128-bit lane: tokens 4i .. 4i + 3, one partial each */
+        __m512d a = _mm512_castps_pd(w[2 * i]), b = _mm512_castps_pd(w[2 * i + 1]);
+        u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),
+                             _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+    }
+    /* 128-bit lanes 0 + 1 and 2 + 3 of a and b, as a's two then b's two */
+#define ADD_LANE_PAIRS(a, b) \
+    _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x88), _mm512_shuffle_f32x4(a, b, 0xDD))
+    const __m512 lo = ADD_LANE_PAIRS(u[0], u[1]), hi = ADD_LANE_PAIRS(u[2], u[3]);
+    return ADD_LANE_PAIRS(lo, hi); /* lane i: tokens 4i .. 4i + 3, whole sums */
+#undef ADD_LANE_PAIRS
+}
+
+static inline void softmax(float *s, int64_t n) {
+    float m = -INFINITY, sum = 0.f;
+    for (int64_t t = 0; t < n; t++) m = s[t] > m ? s[t] : m;
+    for (int64_t t = 0; t < n; t++) {
+        s[t] = expf(s[t] - m);
+        sum += s[t];
+    }
+    const float inv = 1.f / sum;
+    for (int64_t t = 0; t < n; t++) s[t] *= inv;
+}
+
+/* One step of a query's dot product with a key row: one vector's worth of elements. */
+static inline __m512 dot_bf16(__m512 acc, const void *q, const uint16_t *k) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(q), (__m512bh)_mm512_loadu_si512(k));
+}
+static inline __m512 dot_f32(__m512 acc, const void *q, const float *k) {
+    return _mm512_fmadd_ps(_mm512_loadu_ps(q), _mm512_loadu_ps(k), acc);
+}
+
+/* scores[t] = scale * (q . k_t) for one query head over the `ctx` keys of its KV head, whose
+ * first row in each block is `kv_offset` elements in; prefetch_bytes of each next block are
+ * asked for ahead (the first head to walk them). EPV: elements per 512-bit vector. */
+#define SCORE_HEAD(NAME, T, DOT, EPV)                                                          \
+    ALWAYS_INLINE void NAME(                                                                   \
+        const T *q, const T *k_cache, int64_t block_stride, int64_t kv_offset,                 \
+        int64_t row_stride, const int64_t *table, int64_t ctx, const int64_t head_dim,        \
+        int64_t block_size, float scale, int64_t prefetch_bytes, float *scores) {              \
+        for (int64_t t0 = 0; t0 < ctx; t0 += block_size) {                                     \
+            const T *kb = k_cache + table[t0 / block_size] * block_stride + kv_offset;         \
+            const int64_t n = ctx - t0 < block_size ? ctx - t0 : block_size;                   \
+            if (prefetch_bytes && t0 + block_size < ctx)                                       \
+                prefetch(k_cache + table[t0 / block_size + 1] * block_stride, prefetch_bytes); \
+            for (int64_t i0 = 0; i0 < n; i0 += 16) {                                           \
+                const int64_t m = n - i0 < 16 ? n - i0 : 16;                                   \
+                __m512 acc[16];                                                                \
+                _Pragma("GCC unroll 16") for (int i = 0; i < 16; i++) {                        \
+                    acc[i] = _mm512_setzero_ps();                                              \
+                    const T *k = kb + (i0 + i) * row_stride;                                   \
+                    if (i < m)                                                                 \
+                        for (int64_t d = 0; d < head_dim; d += EPV)                            \
+                            acc[i] = DOT(acc[i], q + d, k + d);                                \
+                }                                                                              \
+                _mm512_mask_storeu_ps(scores + t0 + i0, (__mmask16)((1u << m) - 1),            \
+                                      _mm512_mul_ps(sum16(acc), _mm512_set1_ps(scale)));       \
+            }                                                                                  \
+        }                                                                                      \
+    }
+
+SCORE_HEAD(score_head_bf16, uint16_t, dot_bf16, 32)
+SCORE_HEAD(score_head_f32, float, dot_f32, 16)
+
+/* Query heads weighed together over the values of their one KV head: each value row is read
+ * (and, in bf16, interleaved) once for up to GROUP_MAX heads, whose sums stay in registers. */
+#define GROUP_MAX 4
+#define MAX_VECS (MAX_HEAD_DIM / 16)
+
+/* GROUP_MAX heads' sums of MAX_VECS vectors each would not fit the 32 registers */
+ALWAYS_INLINE int64_t heads_per_pass(const int64_t head_dim) {
+    return head_dim * GROUP_MAX <= MAX_HEAD_DIM ? GROUP_MAX : MAX_HEAD_DIM / head_dim;
+}
+
+/* acc[j] += p_j(t) v_t + p_j(t + 1) v_{t+1} for the n <= GROUP_MAX heads whose bf16
+ * probabilities start at pb[j * pb_stride]; y (row t + 1) is NULL for a lone last row. The
+ * two rows are interleaved so that one VDPBF16PS adds both tokens' products: each 32 dims
+ * come out in the order 0-3, 8-11, ... (lo) and 4-7, 12-15, ... (hi). */
+ALWAYS_INLINE void weigh_pair(__m512 acc[GROUP_MAX][MAX_VECS], const uint16_t *pb,
+                              int64_t pb_stride, int64_t n, int64_t t, const uint16_t *x,
+                              const uint16_t *y, const int64_t head_dim) {
+    __m512bh xy[MAX_VECS];
+    for (int64_t d = 0; d < head_dim; d += 32) {
+        const __m512i a = _mm512_loadu_si512(x + d);
+        const __m512i b = y ? _mm512_loadu_si512(y + d) : _mm512_setzero_si512();
+        xy[d / 16] = (__m512bh)_mm512_unpacklo_epi16(a, b);
+        xy[d / 16 + 1] = (__m512bh)_mm512_unpackhi_epi16(a, b);
+    }
+    _Pragma("GCC unroll 4") for (int64_t j = 0; j < GROUP_MAX; j++) {
+        if (j >= n) break;
+        uint32_t pp = pb[j * pb_stride + t];
+        if (y) memcpy(&pp, pb + j * pb_stride + t, sizeof pp);
+        const __m512bh pv = (__m512bh)_mm512_set1_epi32((int)pp);
+        for (int64_t v = 0; v < head_dim / 16; v++)
+            acc[j][v] = _mm512_dpbf16_ps(acc[j][v], xy[v], pv);
+    }
+}
+
+/* out_j = sum_t p_j(t) v_t for n consecutive query heads sharing one KV head, bf16, the
+ * probabilities (n rows of p_stride floats) rounded to bf16 in place first, as the torch op
+ * rounds them. */
+ALWAYS_INLINE void weigh_heads_bf16(float *p, int64_t p_stride, int64_t n,
+                                    const uint16_t *v_cache, int64_t block_stride,
+                                    int64_t kv_offset, int64_t row_stride, const int64_t *table,
+                                    int64_t ctx, const int64_t head_dim, int64_t block_size,
+                                    int64_t prefetch_bytes, uint16_t *out) {
+    const int64_t pb_stride = 2 * p_stride;
+    uint16_t *pb = (uint16_t *)p;
+    for (int64_t j = 0; j < n; j++)
+        for (int64_t t = 0; t < ctx; t += 16) { /* 16 floats to 16 bf16, ahead of the reads */
+            const __mmask16 m = ctx - t < 16 ? (__mmask16)((1u << (ctx - t)) - 1) : 0xFFFF;
+            const __m256bh r = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, p + j * p_stride + t));
+            _mm256_mask_storeu_epi16(pb + j * pb_stride + t, m, (__m256i)r);
+        }
+    const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+    const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
+    const int64_t per_pass = heads_per_pass(head_dim);
+    for (int64_t j0 = 0; j0 < n; j0 += per_pass) {
+        const int64_t heads = n - j0 < per_pass ? n - j0 : per_pass;
+        const uint16_t *pj = pb + j0 * pb_stride;
+        __m512 acc[GROUP_MAX][MAX_VECS];
+        for (int64_t j = 0; j < GROUP_MAX; j++)
+            for (int64_t v = 0; v < head_dim / 16; v++) acc[j][v] = _mm512_setzero_ps();
+        for (int64_t t0 = 0; t0 < ctx; t0 += block_size) {
+            const uint16_t *vb = v_cache + table[t0 / block_size] * block_stride + kv_offset;
+            const int64_t rows = ctx - t0 < block_size ? ctx - t0 : block_size;
+            if (prefetch_bytes && t0 + block_size < ctx)
+                prefetch(v_cache + table[t0 / block_size + 1] * block_stride, prefetch_bytes);
+            int64_t i = 0;
+            for (; i + 1 < rows; i += 2)
+                weigh_pair(acc, pj, pb_stride, heads, t0 + i, vb + i * row_stride,
+                           vb + (i + 1) * row_stride, head_dim);
+            if (i < rows)
+                weigh_pair(acc, pj, pb_stride, heads, t0 + i, vb + i * row_stride, NULL, head_dim);
+        }
+        for (int64_t j = 0; j < heads; j++) {
+            uint16_t *o = out + (j0 + j) * head_dim;
+            for (int64_t d = 0; d < head_dim; d += 32) {
+                const __m512 lo = acc[j][d / 16], hi = acc[j][d / 16 + 1];
+                const __m512 a = _mm512_permutex2var_ps(lo, first, hi);
+                const __m512 b = _mm512_permutex2var_ps(lo, second, hi);
+                _mm256_storeu_si256((__m256i *)(o + d), (__m256i)_mm512_cvtneps_pbh(a));
+                _mm256_storeu_si256((__m256i *)(o + d + 16), (__m256i)_mm512_cvtneps_pbh(b));
+            }
+        }
+    }
+}
+
+ALWAYS_INLINE void weigh_heads_f32(float *p, int64_t p_stride, int64_t n, const float *v_cache,
+                                   int64_t block_stride, int64_t kv_offset, int64_t row_stride,
+                                   const int64_t *table, int64_t ctx, const int64_t head_dim,
+                                   int64_t block_size, int64_t prefetch_bytes, float *out) {
+    const int64_t per_pass = heads_per_pass(head_dim);
+    for (int64_t j0 = 0; j0 < n; j0 += per_pass) {
+        const int64_t heads = n - j0 < per_pass ? n - j0 : per_pass;
+        __m512 acc[GROUP_MAX][MAX_VECS];
+        for (int64_t j = 0; j < GROUP_MAX; j++)
+            for (int64_t v = 0; v < head_dim / 16; v++) acc[j][v] = _mm512_setzero_ps();
+        for (int64_t t0 = 0; t0 < ctx; t0 += block_size) {
+            const float *vb = v_cache + table[t0 / block_size] * block_stride + kv_offset;
+            const int64_t rows = ctx - t0 < block_size ? ctx - t0 : block_size;
+            if (prefetch_bytes && t0 + block_size < ctx)
+                prefetch(v_cache + table[t0 / block_size + 1] * block_stride, prefetch_bytes);
+            for (int64_t i = 0; i < rows; i++) {
+                __m512 x[MAX_VECS];
+                for (int64_t v = 0; v < head_dim / 16; v++)
+                    x[v] = _mm512_loadu_ps(vb + i * row_stride + 16 * v);
+                _Pragma("GCC unroll 4") for (int64_t j = 0; j < GROUP_MAX; j++) {
+                    if (j >= heads) break;
+                    const __m512 pv = _mm512_set1_ps(p[(j0 + j) * p_stride + t0 + i]);
+                    for (int64_t v = 0; v < head_dim / 16; v++)
+                        acc[j][v] = _mm512_fmadd_ps(pv, x[v], acc[j][v]);
+                }
+            }
+        }
+        for (int64_t j = 0; j < heads; j++)
+            for (int64_t v = 0; v < head_dim / 16; v++)
+                _mm512_storeu_ps(out + (j0 + j) * head_dim + 16 * v, acc[j][v]);
+    }
+}
+
+/* One sequence, KV head by KV head: its query heads scored one by one, then weighed together.
+ * `scores` holds group x ctx floats. The first KV head's walk prefetches whole blocks (every
+ * head's rows), so the others find theirs in cache. */
+#define ATTEND_SEQ_AVX512(NAME, T, SCORE, WEIGH)                                               \
+    ALWAYS_INLINE void NAME(const T *q, const T *k_cache, const T *v_cache,                    \
+                            int64_t block_stride, const int64_t *table, int64_t ctx,          \
+                            int64_t q_heads, int64_t kv_heads, const int64_t head_dim,         \
+                            int64_t block_size, float scale, float *scores, T *out) {          \
+        const int64_t group = q_heads / kv_heads, row_stride = kv_heads * head_dim;           \
+        const int64_t block_bytes = block_size * row_stride * (int64_t)sizeof(T);             \
+        for (int64_t h = 0; h < kv_heads; h++) {                                               \
+            for (int64_t j = 0; j < group; j++)                                                \
+                SCORE(q + (h * group + j) * head_dim, k_cache, block_stride, h * head_dim,    \
+                      row_stride, table, ctx, head_dim, block_size, scale,                     \
+                      h + j == 0 ? block_bytes : 0, scores + j * ctx);                         \
+            for (int64_t j = 0; j < group; j++) softmax(scores + j * ctx, ctx);               \
+            WEIGH(scores, ctx, group, v_cache, block_stride, h * head_dim, row_stride, table,  \
+                  ctx, head_dim, block_size, h == 0 ? block_bytes : 0,                         \
+                  out + h * group * head_dim);                                                 \
+        }                                                                                      \
+    }
+
+ATTEND_SEQ_AVX512(attend_avx512_bf16, uint16_t, score_head_bf16, weigh_heads_bf16)
+ATTEND_SEQ_AVX512(attend_avx512_f32, float, score_head_f32, weigh_heads_f32)
+#endif
+
+#ifdef HAVE_AVX512
+#define FAST_SEQ(FAST, ...) FAST(__VA_ARGS__)
+#else /* never called: head_dim decides, and FAST_DIM is 0 */
+#define FAST_SEQ(FAST, ...)
+#endif
+#ifdef HAVE_AVX512
+#define FAST_DIM(head_dim) ((head_dim) % 32 == 0)
+#else
+#define FAST_DIM(head_dim) 0
+#endif
+
+/* The batch's sequences are shared out over the OpenMP threads (torch's own pool: the library
+ * links the libgomp torch has loaded), whole sequences each. */
+#define PAGED_DECODE(NAME, SEQ, FAST, T, LOAD, STORE)                                          \
     ATTEND_SEQ(SEQ, T, LOAD, STORE)                                                            \
     int NAME(const T *q, const T *k_cache, const T *v_cache, int64_t block_stride,             \
              const int64_t *tables, int64_t table_stride, const int64_t *ctx_lens,             \
@@ -117,26 +355,34 @@ static float *scratch(int64_t nfloats) {
         if (head_dim > MAX_HEAD_DIM || q_heads % kv_heads) return -1;                          \
         int64_t max_ctx = 1;                                                                   \
         for (int64_t b = 0; b < batch; b++) max_ctx = ctx_lens[b] > max_ctx ? ctx_lens[b] : max_ctx; \
-        float *scores = scratch(q_heads * (max_ctx + 2 * head_dim + 1));                      \
-        if (scores == NULL) return -1;                                                         \
-        float *qf = scores + q_heads * max_ctx, *acc = qf + q_heads * head_dim;               \
-        float *inv = acc + q_heads * head_dim;                                                 \
+        int failed = 0;                                                                        \
+        _Pragma("omp parallel for schedule(dynamic)")                                          \
         for (int64_t b = 0; b < batch; b++) {                                                  \
+            float *scores = scratch(q_heads * (max_ctx + 2 * head_dim + 1));                  \
+            if (scores == NULL) {                                                              \
+                failed = 1;                                                                    \
+                continue;                                                                      \
+            }                                                                                  \
+            float *qf = scores + q_heads * max_ctx, *acc = qf + q_heads * head_dim;           \
+            float *inv = acc + q_heads * head_dim;                                             \
             const int64_t *table = tables + b * table_stride, ctx = ctx_lens[b];              \
             const T *qb = q + b * q_heads * head_dim;                                          \
             T *ob = out + b * q_heads * head_dim;                                              \
-            if (head_dim == 64)                                                                \
-                SEQ(qb, k_cache, v_cache, block_stride, table, ctx, q_heads, kv_heads, 64,     \
-                    block_size, scale, scores, qf, acc, inv, ob);                              \
-            else if (head_dim == 128)                                                          \
-                SEQ(qb, k_cache, v_cache, block_stride, table, ctx, q_heads, kv_heads, 128,    \
-                    block_size, scale, scores, qf, acc, inv, ob);                              \
+            if (FAST_DIM(head_dim) && head_dim == 64)                                          \
+                FAST_SEQ(FAST, qb, k_cache, v_cache, block_stride, table, ctx, q_heads,        \
+                         kv_heads, 64, block_size, scale, scores, ob);                         \
+            else if (FAST_DIM(head_dim) && head_dim == 128)                                    \
+                FAST_SEQ(FAST, qb, k_cache, v_cache, block_stride, table, ctx, q_heads,        \
+                         kv_heads, 128, block_size, scale, scores, ob);                        \
+            else if (FAST_DIM(head_dim))                                                       \
+                FAST_SEQ(FAST, qb, k_cache, v_cache, block_stride, table, ctx, q_heads,        \
+                         kv_heads, head_dim, block_size, scale, scores, ob);                   \
             else                                                                               \
                 SEQ(qb, k_cache, v_cache, block_stride, table, ctx, q_heads, kv_heads,         \
                     head_dim, block_size, scale, scores, qf, acc, inv, ob);                    \
         }                                                                                      \
-        return 0;                                                                              \
+        return failed ? -1 : 0;                                                                \
     }
 
-PAGED_DECODE(paged_decode_bf16, attend_seq_bf16, uint16_t, from_bf16, to_bf16)
-PAGED_DECODE(paged_decode_f32, attend_seq_f32, float, from_f32, to_f32)
+PAGED_DECODE(paged_decode_bf16, attend_seq_bf16, attend_avx512_bf16, uint16_t, from_bf16, to_bf16)
+PAGED_DECODE(paged_decode_f32, attend_seq_f32, attend_avx512_f32, float, from_f32, to_f32)

@@ -223,8 +223,9 @@ def test_native_decode_attention_any_block_or_head_size(group, head_dim, block_s
     q = torch.randn(len(ctx_lens), KV_HEADS * group, head_dim).to(dtype)
     args = (q, k_cache, v_cache, tables, torch.tensor(ctx_lens), head_dim**-0.5)
     got = paged_attention_native.paged_decode_attention(*args)
-    atol = rtol = 1e-5 if dtype == torch.float32 else 3e-2  # as test_cpu_attention_matches...
-    torch.testing.assert_close(got, paged_attention.paged_decode_attention(*args), atol=atol, rtol=rtol)
+    want = paged_attention.paged_decode_attention(*args)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2  # as in test_cpu_attention_matches_...
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

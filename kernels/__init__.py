@@ -7,7 +7,8 @@ at once and model code never checks a device.
 
 BATON_KERNELS picks the backend at import: `auto` (the default: Triton for a CUDA engine,
 `native` for a CPU one; the engine runs on CPU today), `triton`, `native` (the torch ops with
-decode attention in C, kernels/native.py; torch alone where no C compiler works) or `torch`.
+decode attention, add + RMSNorm and rotary in C, kernels/native.py; torch alone where no C
+compiler works) or `torch`.
 Triton on a CPU needs TRITON_INTERPRET=1 set before `import triton` (its numpy interpreter:
 for tests, far too slow to serve).
 """
@@ -50,9 +51,14 @@ def _triton_ops() -> dict[str, Callable]:
 
 
 def _native_ops() -> dict[str, Callable]:
-    from kernels import paged_attention_native
+    from kernels import norm_native, paged_attention_native, rotary_native
 
-    return {**_TORCH_OPS, "paged_decode_attention": paged_attention_native.paged_decode_attention}
+    return {
+        **_TORCH_OPS,
+        "add_rms_norm": norm_native.add_rms_norm,
+        "apply_rotary": rotary_native.apply_rotary,
+        "paged_decode_attention": paged_attention_native.paged_decode_attention,
+    }
 
 
 def use(backend: str, device: str = "cpu") -> None:

@@ -1,8 +1,10 @@
-"""C kernels for the CPU (kernels/csrc/), built at first use with the system C compiler and
-called through ctypes: no torch headers, so a build takes about a second.
+"""C kernels for the CPU (kernels/csrc/: decode attention, the fused add + RMSNorm, rotary),
+built into one library at first use with the system C compiler and called through ctypes: no
+torch headers, so a build takes about a second. OpenMP threads come from the libgomp torch has
+loaded already (same soname), so the kernels and torch's own ops share one pool.
 
 The library is cached under $BATON_CACHE/kernels (default ~/.cache/baton/kernels), keyed by
-the source, the flags and this CPU's feature flags (it is built with -march=native). Each
+the sources, the flags and this CPU's feature flags (it is built with -march=native). Each
 process builds into a temporary name and renames it into place, so services starting together
 never load a half-written file. `load()` returns None, and logs why once, when no compiler
 works: the torch ops then serve alone.
@@ -21,7 +23,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "paged_decode.c"
+CSRC = Path(__file__).parent / "csrc"
 # -ffast-math only to compile (it vectorizes the reductions and expf): linked with it, the
 # library would set flush-to-zero for the whole process as it loads (crtfastmath.o)
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC"]
@@ -43,10 +45,13 @@ def _cache_dir() -> Path:
 def _build(cc: str, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        obj, lib = Path(tmp) / "kernel.o", Path(tmp) / "kernel.so"
+        lib = Path(tmp) / "kernels.so"
         run = functools.partial(subprocess.run, check=True, capture_output=True, text=True)
-        run([cc, *FLAGS, "-c", "-o", str(obj), str(SOURCE)])
-        run([cc, "-shared", "-fopenmp", "-o", str(lib), str(obj), "-lm"])
+        objects = []
+        for source in sorted(CSRC.glob("*.c")):
+            objects.append(str(Path(tmp) / f"{source.stem}.o"))
+            run([cc, *FLAGS, "-c", "-o", objects[-1], str(source)])
+        run([cc, "-shared", "-fopenmp", "-o", str(lib), *objects, "-lm"])
         os.replace(lib, path)
 
 
@@ -54,22 +59,29 @@ def _build(cc: str, path: Path) -> None:
 def load() -> ctypes.CDLL | None:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
-        log.warning("no C compiler found: decode attention runs on the torch path")
+        log.warning("no C compiler found: the kernels run on the torch path")
         return None
-    source = SOURCE.read_bytes()
-    key = hashlib.blake2b(source + repr(FLAGS).encode() + _cpu_flags().encode()).hexdigest()
-    path = _cache_dir() / f"paged_decode-{key[:16]}.so"
+    sources = b"".join(p.name.encode() + p.read_bytes() for p in sorted(CSRC.iterdir()))
+    key = hashlib.blake2b(sources + repr(FLAGS).encode() + _cpu_flags().encode()).hexdigest()
+    path = _cache_dir() / f"kernels-{key[:16]}.so"
     try:
         if not path.exists():
             _build(cc, path)
         lib = ctypes.CDLL(str(path))
     except (OSError, subprocess.CalledProcessError) as e:  # no compiler, read-only cache, ...
         why = getattr(e, "stderr", "") or e
-        log.warning("building %s failed (%s): decode attention runs on torch", SOURCE, why)
+        log.warning("building %s failed (%s): the kernels run on torch", CSRC, why)
         return None
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    for fn in (lib.paged_decode_bf16, lib.paged_decode_f32):
-        fn.argtypes = [ptr, ptr, ptr, i64, ptr, i64, ptr, i64, i64, i64, i64, i64]
-        fn.argtypes += [ctypes.c_float, ptr]
-        fn.restype = ctypes.c_int
+    i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
+    decode = [ptr, ptr, ptr, i64, ptr, i64, ptr, i64, i64, i64, i64, i64, f32, ptr]
+    rotary = [ptr, i64, i64, ptr, i64, i64, i64, ptr, ptr, ptr, i64, ptr, ptr]
+    signatures = {
+        ("paged_decode_bf16", "paged_decode_f32"): decode,
+        ("add_rms_norm_bf16",): [ptr, ptr, ptr, i64, i64, f32, ptr, ptr],
+        ("apply_rotary_bf16", "apply_rotary_f32"): rotary,
+    }
+    for names, argtypes in signatures.items():
+        for name in names:
+            getattr(lib, name).argtypes = argtypes
+            getattr(lib, name).restype = ctypes.c_int
     return lib

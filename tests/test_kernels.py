@@ -30,11 +30,13 @@ from kernels import (
     kv_write_triton,
     native,
     norm,
+    norm_native,
     norm_triton,
     paged_attention,
     paged_attention_native,
     paged_attention_triton,
     rotary,
+    rotary_native,
     rotary_triton,
 )
 
@@ -166,7 +168,7 @@ def test_without_a_working_compiler_the_torch_ops_serve(tmp_path):
         [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True
     )
     assert out.stdout.split() == ["torch", "kernels.paged_attention"]
-    assert "decode attention runs on torch" in out.stderr
+    assert "the kernels run on torch" in out.stderr
 
 
 @pytest.mark.parametrize(
@@ -253,6 +255,19 @@ def test_add_rms_norm(interpreted, hidden, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [7, 64])  # 64 x 576 rows run on OpenMP threads
+def test_native_add_rms_norm(rows, dtype):
+    x, residual = torch.randn(rows, 576).to(dtype), torch.randn(rows, 576).to(dtype)
+    weight = torch.randn(576).to(dtype)
+    got = norm_native.add_rms_norm(x, residual, weight, 1e-5)
+    want = norm.add_rms_norm(x, residual, weight, 1e-5)
+    assert torch.equal(got[1], want[1])  # the residual sum: one rounding either way
+    # bf16: the sum of squares in another order moves an output by an ulp, rarely; fp32 is
+    # the reference itself
+    assert_close(got[0], want[0], ulps=1 if dtype == torch.bfloat16 else 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_apply_rotary(interpreted, head_dim, dtype):
     q_heads, kv_heads, max_position = 6, 2, 100
@@ -264,9 +279,13 @@ def test_apply_rotary(interpreted, head_dim, dtype):
     q, k, _ = qkv.split([q_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
     q, k = q.unflatten(-1, (q_heads, head_dim)), k.unflatten(-1, (kv_heads, head_dim))
     positions = torch.randint(0, max_position, (9,))
+    want = rotary.apply_rotary(q, k, positions, cos, sin)
     got, _ = interpreted(rotary_triton.apply_rotary, q, k, positions, cos, sin)
-    for g, w in zip(got, rotary.apply_rotary(q, k, positions, cos, sin), strict=True):
+    for g, w in zip(got, want, strict=True):
         assert_close(g, w, ulps=2)  # the reference rounds each product, the kernel once
+    got = rotary_native.apply_rotary(q, k, positions, cos, sin)
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)  # the C kernel rounds as the reference does
 
 
 def greedy_on_the_triton_path(

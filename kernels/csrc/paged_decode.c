@@ -11,25 +11,12 @@
  * Built by kernels/native.py with -O3 -march=native -ffast-math -fopenmp (expf vectorized
  * through glibc's vector math). */
 #include <math.h>
-#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-static inline float from_bf16(uint16_t x) {
-    union { uint32_t u; float f; } v = {(uint32_t)x << 16};
-    return v.f;
-}
-
-static inline uint16_t to_bf16(float f) { /* round to nearest even, as torch does */
-    union { float f; uint32_t u; } v = {f};
-    return (uint16_t)((v.u + 0x7FFF + ((v.u >> 16) & 1)) >> 16);
-}
-
-static inline float from_f32(float x) { return x; }
-static inline float to_f32(float x) { return x; }
+#include "common.h"
 
 #define MAX_HEAD_DIM 256
-#define ALWAYS_INLINE static inline __attribute__((always_inline))
 
 /* Blocks lie anywhere in the pool, so the hardware prefetcher stops at each one: ask for the
  * next block while this one is being read (in the engine the KV comes from DRAM). */

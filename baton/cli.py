@@ -45,6 +45,7 @@ GATEWAY_FLAGS = {
     "--host": ("gateway.host", str),
     "--port": ("gateway.port", int),
     "--api-key": ("gateway.api_key", str),
+    "--busy-prefill-tokens": ("gateway.busy_prefill_tokens", int),
 }
 UP_FLAGS = {
     **ENGINE_FLAGS,

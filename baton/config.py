@@ -108,10 +108,10 @@ class GatewayConfig(Section):
         int,
         Meta(ge=0),
         doc(
-            "prompts up to this many tokens prefill on a decode that prefills nothing else "
-            "when every prefill has a queue (work stealing; 0: never)"
+            "prompts up to this many tokens prefill on a decode while its own queue of them "
+            "stays within a quarter of the shortest prefill queue (work stealing; 0: never)"
         ),
-    ] = 0
+    ] = 512
 
 
 class SLOConfig(Section):

@@ -9,6 +9,11 @@ import math
 from collections import deque
 from dataclasses import dataclass
 
+# Work stealing (gateway.busy_prefill_tokens): a decode takes prompts to prefill itself while
+# its own queue of them stays within this share of the shortest prefill queue, in tokens. Its
+# core also decodes every running sequence, so it takes the smaller part of a burst (1:4).
+STEAL_SHARE = 0.25
+
 
 class StepTimes:
     """Step seconds as a line in a step's size, fitted over the last `window` steps:

@@ -15,6 +15,7 @@ import zmq.asyncio
 
 from baton import protocol as P
 from baton.sampling_params import SamplingParams
+from baton.slo import STEAL_SHARE
 from gateway import metrics as M
 from gateway.admission import Admission, Admitted
 from gateway.prefix_index import PrefixIndex
@@ -42,7 +43,7 @@ class Stream:
     prefill_id: str
     decode_id: str
     first_index: int = 0  # a resumed stream continues from the tokens already streamed
-    prefilling_on_decode: bool = False  # counted in its decode's local_prompts until token 1
+    prefilling_on_decode: int = 0  # its prompt tokens, in its decode's local_tokens until token 1
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     done: bool = False
 
@@ -120,11 +121,12 @@ class Backend:
         """Conditional disaggregation: the decode that prefills this prompt itself and why
         (LOCAL_PREFILLS' label), or None to hand it off. A turn whose prefix a decode still
         holds (it served the turns before) goes there when at most `cached_prefill_tokens` of
-        it are new: that computes only the new tokens and moves no KV. A short prompt costs less to prefill on its decode than to
-        hand off; with no prefill pool (aggregated, or all prefills gone) every prompt does,
-        rather than fail. And work stealing: a prompt within `busy_prefill_tokens` that would
-        queue behind every prefill goes to a decode that is prefilling nothing of its own,
-        whose core is mostly idle between decode steps."""
+        it are new: that computes only the new tokens and moves no KV. A short prompt costs
+        less to prefill on its decode than to hand off; with no prefill pool (aggregated, or
+        all prefills gone) every prompt does, rather than fail. And work stealing: a prompt
+        within `busy_prefill_tokens` that would queue behind every prefill goes to a decode
+        whose own prompts to prefill, this one included, come to at most STEAL_SHARE of the
+        shortest prefill queue (its core also decodes: it gets the smaller share)."""
         if self.cached_prefill_tokens:
             decodes = {s.id: s for s in self.registry.pool("decode") if s.id not in avoid}
             hits = self.prefixes.cached_tokens(token_ids)
@@ -139,16 +141,16 @@ class Backend:
         if len(token_ids) > self.busy_prefill_tokens:
             return None, ""
         decode = self.registry.pick_decode(avoid)
-        busy = min(map(prefill_cost, prefills)) > 0
-        if busy and decode is not None and decode.local_prompts == 0:
+        queued = min(map(prefill_cost, prefills))
+        if decode is not None and decode.local_tokens + len(token_ids) <= STEAL_SHARE * queued:
             return decode, "stolen"
         return None, ""
 
     def _prefilled_on_decode(self, stream: Stream) -> None:
         if stream.prefilling_on_decode:
-            stream.prefilling_on_decode = False
             if (decode := self.registry.services.get(stream.decode_id)) is not None:
-                decode.local_prompts -= 1
+                decode.local_tokens -= stream.prefilling_on_decode
+            stream.prefilling_on_decode = 0
 
     async def _read(self) -> None:
         while True:
@@ -242,8 +244,8 @@ class Backend:
         stream = Stream(req_id, prefill.id, decode.id, first_index=resumed)
         if prefill is decode:
             M.LOCAL_PREFILLS.labels(why or "no prefill").inc()
-            decode.local_prompts += 1
-            stream.prefilling_on_decode = True
+            decode.local_tokens += len(token_ids)
+            stream.prefilling_on_decode = len(token_ids)
         self.streams[req_id] = stream
         prefill.requests.add(req_id)
         decode.requests.add(req_id)

@@ -25,7 +25,7 @@ class Service:
     num_sent: int = 0  # prompts sent to it, ever (its Load.requests_seen counts them there)
     # (number, prompt tokens) of prompts sent that its last heartbeat did not count yet
     unreported: deque[tuple[int, int]] = field(default_factory=deque)
-    local_prompts: int = 0  # decode: prompts we sent it to prefill itself, not answered yet
+    local_tokens: int = 0  # decode: tokens of prompts it prefills itself, not answered yet
     requests: set[str] = field(default_factory=set)
 
     @property

@@ -19,7 +19,9 @@ from gateway.app import RESUME_WAIT_S
 from kvtransfer import shm
 
 # small chunk budget: long prompts are split; blocks of 16 tokens
-ENGINE = ("--max-num-batched-tokens", "32", "--num-blocks", "160")
+# work stealing off: where each prompt prefills (and whether its KV moves) is then the test's
+# to say, not a race between concurrent prompts
+ENGINE = ("--max-num-batched-tokens", "32", "--num-blocks", "160", "--busy-prefill-tokens", "0")
 NEW = 24
 
 
@@ -222,7 +224,7 @@ def test_prefill_killed_while_holding_blocks_its_requests_resume(
     # wait at the prefill, which holds their KV blocks for the decode; the long decode of the
     # first leaves time to see the second's first token before the kill
     engine = ("--max-num-batched-tokens", "512", "--num-blocks", "12", "--transport", transport)
-    stack = Stack(tmp_path / "logs", tiny_text_model, *engine)
+    stack = Stack(tmp_path / "logs", tiny_text_model, *engine, "--busy-prefill-tokens", "0")
     try:
         rng = random.Random(1)
         prompts = [[rng.randrange(3, 49152) for _ in range(100)] for _ in range(3)]

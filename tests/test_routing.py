@@ -7,6 +7,7 @@ import zmq
 from baton import protocol as P
 from baton.config import GatewayConfig, SLOConfig
 from baton.sampling_params import SamplingParams
+from baton.slo import STEAL_SHARE
 from gateway.admission import Admission
 from gateway.backend import Backend
 from gateway.router import prefill_cost
@@ -24,7 +25,7 @@ def local(backend: Backend, num_tokens: int) -> str:
     return backend.local_decode(list(range(num_tokens)))[1]
 
 
-def test_a_busy_prefill_lends_short_prompts_to_a_decode_prefilling_nothing():
+def test_a_busy_prefill_lends_short_prompts_to_a_decode_while_its_own_queue_is_shorter():
     async def scenario() -> None:
         admission = Admission(GatewayConfig(), SLOConfig())
         backend = Backend("tcp://127.0.0.1:0", admission, busy_prefill_tokens=64)
@@ -32,18 +33,21 @@ def test_a_busy_prefill_lends_short_prompts_to_a_decode_prefilling_nothing():
         registry.heartbeat(heartbeat("prefill-0", "prefill"))
         registry.heartbeat(heartbeat("decode-0", "decode"))
         assert local(backend, 10) == ""  # an idle prefill takes it, as always
-        registry.heartbeat(heartbeat("prefill-0", "prefill", queued_tokens=500))
-        assert local(backend, 10) == "stolen"  # it would queue: the decode's core takes it
+        # the decode's own prompts to prefill may come to STEAL_SHARE of the prefill's queue
+        registry.heartbeat(heartbeat("prefill-0", "prefill", queued_tokens=200))
+        share = int(STEAL_SHARE * 200)
+        assert local(backend, 20) == "stolen"  # it would queue: the decode's core takes it
         assert local(backend, 65) == ""  # longer than the decode may take
-        # one at a time per decode, until its first token comes back (or it ends)
-        stream = await backend.submit(list(range(10)), SamplingParams(max_tokens=4))
+        # its prompts count until their first tokens come back (or they end)
+        stream = await backend.submit(list(range(40)), SamplingParams(max_tokens=4))
         decode = registry.services["decode-0"]
         assert stream.prefill_id == stream.decode_id == "decode-0"
-        assert decode.local_prompts == 1
-        assert local(backend, 10) == ""
+        assert decode.local_tokens == 40
+        assert local(backend, share - 40) == "stolen"
+        assert local(backend, share - 39) == ""
         await backend.finish(stream)
-        assert decode.local_prompts == 0
-        assert local(backend, 10) == "stolen"
+        assert decode.local_tokens == 0
+        assert local(backend, share) == "stolen"
         await backend.close()
 
     asyncio.run(scenario())

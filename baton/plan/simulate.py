@@ -29,7 +29,7 @@ import numpy as np
 from baton.config import BatonConfig
 from baton.plan.profile import Profile, attention_pairs
 from baton.scheduler import chunk_cap, tokens_ahead
-from baton.slo import StepTimes, admit, max_batch_for_tpot
+from baton.slo import STEAL_SHARE, StepTimes, admit, max_batch_for_tpot
 from benchmarks.bench.metrics import SLO, RequestRecord, summarize
 from benchmarks.bench.workloads import Dist
 
@@ -210,7 +210,7 @@ class _Decode(_Server):
         self.waiting: deque[_Request] = deque()
         self.running: list[_Request] = []
         self.num_assigned = 0  # picked for it and not finished: the gateway's decode cost
-        self.local_prompts = 0  # prompts it prefills itself, before their first token
+        self.local_tokens = 0  # tokens of prompts it prefills itself, before their first token
 
     def enqueue(self, r: _Request) -> None:
         self.waiting.append(r)
@@ -288,8 +288,8 @@ class _Simulation:
         decode = min(self.decodes, key=lambda s: s.num_assigned)
         local = not self.prefills or n <= d.local_prefill_tokens
         if not local and n <= d.busy_prefill_tokens:  # as gateway/backend.py steals work
-            busy = min(p.queued_tokens for p in self.prefills) > 0
-            local = busy and decode.local_prompts == 0
+            queued = min(p.queued_tokens for p in self.prefills)
+            local = decode.local_tokens + n <= STEAL_SHARE * queued
         prefill = None if local else min(self.prefills, key=lambda p: p.queued_tokens)
         if prefill is not None and d.admission_ttft_s is not None:
             decision = admit(
@@ -308,7 +308,7 @@ class _Simulation:
         r.decode = decode
         decode.num_assigned += 1
         if prefill is None:
-            decode.local_prompts += 1
+            decode.local_tokens += n
             r.prefilled_on_decode = True
             decode.enqueue(r)
         else:
@@ -321,7 +321,7 @@ class _Simulation:
         if r.first_s is None:
             r.first_s = self.now
             if r.prefilled_on_decode:
-                r.decode.local_prompts -= 1
+                r.decode.local_tokens -= r.arrival.prompt_tokens
         if r.num_output == r.arrival.output_tokens:
             r.last_s = self.now
             r.decode.num_assigned -= 1

@@ -5,7 +5,9 @@
 Prefill: one 512-token prompt, tokens/s (best of 3). Decode: `batch` prompts of 128 tokens,
 64 new tokens each; tokens/s over the decode steps only (after every first token), beside
 transformers `generate` on the same prompts (its prefill subtracted). Roofline: weight bytes /
-measured copy bandwidth per decode step, times the batch.
+measured copy bandwidth per decode step, times the batch (issue 2's definition); compute bound:
+the step's projection FLOPs / the FLOP/s the engine's own Linear reaches on a large matmul. The
+lower of the two is what a step could at best take.
 """
 
 import argparse
@@ -15,6 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import baton
+from baton.model.llama import Linear
 from baton.model.loader import resolve_model_dir
 from baton.request import Sequence
 
@@ -31,6 +34,22 @@ def bandwidth_gbs() -> float:
         dst.copy_(src)
         best = min(best, time.perf_counter() - t)
     return 2 * src.numel() / best / 1e9  # read + write
+
+
+def peak_flops(dtype: torch.dtype, prepack: bool) -> float:
+    """FLOP/s of the engine's Linear (prepacked as the model's, where it is) on a 1024-row
+    matmul at SmolLM2's widest shape: the most its projections can reach here."""
+    layer = Linear(576, 3072, bias=False).to(dtype)
+    if prepack:
+        layer.prepack()
+    x = torch.randn(1024, 576, dtype=dtype)
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(5):
+            t = time.perf_counter()
+            layer(x)
+            best = min(best, time.perf_counter() - t)
+    return 2 * x.shape[0] * layer.weight.numel() / best
 
 
 def prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -84,9 +103,10 @@ def main() -> None:
     gbs = bandwidth_gbs()
     print(f"threads {torch.get_num_threads()}, copy bandwidth {gbs:.1f} GB/s\n")
     print(
-        "| dtype | what | baton tok/s | transformers tok/s | ratio | roofline tok/s | of roofline |"
+        "| dtype | what | baton tok/s | transformers tok/s | ratio | roofline tok/s | of roofline "
+        "| compute bound tok/s | of the lower bound |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for dtype in args.dtypes:
         llm = baton.LLM(
             str(model_dir),
@@ -97,19 +117,25 @@ def main() -> None:
         )
         hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
         vocab = llm.engine.model.args.vocab_size
-        weight_bytes = sum(p.numel() * p.element_size() for p in llm.engine.model.parameters())
+        model = llm.engine.model
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         step_s = weight_bytes / (gbs * 1e9)
+        # per sequence per step: every projection's weights once, multiply and add
+        flops = 2 * sum(m.weight.numel() for m in model.modules() if isinstance(m, Linear))
+        peak = peak_flops(getattr(torch, dtype), model.lm_head.packed is not None)
+        print(f"{dtype}: Linear peak {peak / 1e9:,.0f} GFLOP/s\n")
         one = baton.SamplingParams(max_tokens=1, temperature=0)
         b = prefill_rate(lambda p: llm.generate([p], one), vocab)  # noqa: B023
         with torch.inference_mode():
             h = prefill_rate(lambda p: hf(torch.tensor([p])), vocab)  # noqa: B023
-        print(f"| {dtype} | prefill 512 | {b:,.0f} | {h:,.0f} | {b / h:.2f} | | |")
+        print(f"| {dtype} | prefill 512 | {b:,.0f} | {h:,.0f} | {b / h:.2f} | | | | |")
         for batch in args.batches:
             b = baton_decode(llm, batch, vocab)
             h = hf_decode(hf, batch, vocab)
-            roof = batch / step_s
+            roof, bound = batch / step_s, peak / flops
             print(
-                f"| {dtype} | decode batch {batch} | {b:,.0f} | {h:,.0f} | {b / h:.2f} | {roof:,.0f} | {b / roof:.0%} |",
+                f"| {dtype} | decode batch {batch} | {b:,.0f} | {h:,.0f} | {b / h:.2f} "
+                f"| {roof:,.0f} | {b / roof:.0%} | {bound:,.0f} | {b / min(roof, bound):.0%} |",
                 flush=True,
             )
 

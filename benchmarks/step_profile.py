@@ -1,0 +1,73 @@
+"""Where a decode step's time goes: baton.LLM on SmolLM2, `batch` sequences decoding after
+prompts of `context` tokens, the step's wall time beside the time spent in each kernels/ op
+(wrapped and timed; the rest is the projections, the MLP's activation, sampling and Python).
+
+    python -m benchmarks.step_profile [--dtype bfloat16] [--batch 32] [--context 128] [--threads 2]
+"""
+
+import argparse
+import time
+from collections import defaultdict
+
+import torch
+
+import baton
+import kernels
+from baton.model.loader import resolve_model_dir
+from baton.request import Sequence
+from benchmarks.engine_bench import prompts
+
+OPS = ("paged_decode_attention", "add_rms_norm", "apply_rotary", "write_kv")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--context", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--steps", type=int, default=30)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    llm = baton.LLM(
+        str(resolve_model_dir(None)),
+        dtype=args.dtype,
+        num_blocks=args.batch * (-(-(args.context + 2 * args.steps + 16) // 16)),
+        max_num_seqs=args.batch,
+        max_num_batched_tokens=2048,
+    )
+    spent: dict[str, float] = defaultdict(float)
+    for name in OPS:
+        op = getattr(kernels, name)
+
+        def timed(*a, _op=op, _name=name, **kw):
+            t = time.perf_counter()
+            out = _op(*a, **kw)
+            spent[_name] += time.perf_counter() - t
+            return out
+
+        setattr(kernels, name, timed)  # callers look ops up on the module at call time
+    params = baton.SamplingParams(max_tokens=2 * args.steps + 8, temperature=0, ignore_eos=True)
+    vocab = llm.engine.model.args.vocab_size
+    for i, ids in enumerate(prompts(args.batch, args.context, vocab)):
+        llm.scheduler.add(Sequence(f"s{i}", ids, params))
+    seqs = list(llm.scheduler.waiting)
+    while any(s.num_output_tokens == 0 for s in seqs):
+        llm.step({})
+    for _ in range(args.steps // 2):  # warm up
+        llm.step({})
+    spent.clear()
+    t = time.perf_counter()
+    for _ in range(args.steps):
+        llm.step({})
+    step_ms = (time.perf_counter() - t) / args.steps * 1e3
+    print(f"{args.dtype}, batch {args.batch}, context ~{args.context}, {args.threads} threads\n")
+    print("| step ms | " + " | ".join(f"{n} ms" for n in OPS) + " | the rest ms |")
+    print("|---" * (len(OPS) + 2) + "|")
+    ops_ms = [spent[n] / args.steps * 1e3 for n in OPS]
+    cells = " | ".join(f"{ms:.2f}" for ms in ops_ms)
+    print(f"| {step_ms:.2f} | {cells} | {step_ms - sum(ops_ms):.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -116,7 +116,7 @@ class Backend:
         return bool(decode and (prefill or self.aggregated))
 
     def local_decode(
-        self, token_ids: list[int], avoid: set[str] = frozenset()
+        self, token_ids: list[int], avoid: set[str] = frozenset(), pending: int = 0
     ) -> tuple[Service | None, str]:
         """Conditional disaggregation: the decode that prefills this prompt itself and why
         (LOCAL_PREFILLS' label), or None to hand it off. A turn whose prefix a decode still
@@ -126,7 +126,8 @@ class Backend:
         all prefills gone) every prompt does, rather than fail. And work stealing: a prompt
         within `busy_prefill_tokens` that would queue behind every prefill goes to a decode
         whose own prompts to prefill, this one included, come to at most STEAL_SHARE of the
-        shortest prefill queue (its core also decodes: it gets the smaller share)."""
+        shortest prefill queue (its core also decodes: it gets the smaller share); `pending`:
+        tokens of earlier prompts of the same request already stolen, not yet sent."""
         if self.cached_prefill_tokens:
             decodes = {s.id: s for s in self.registry.pool("decode") if s.id not in avoid}
             hits = self.prefixes.cached_tokens(token_ids)
@@ -142,7 +143,8 @@ class Backend:
             return None, ""
         decode = self.registry.pick_decode(avoid)
         queued = min(map(prefill_cost, prefills))
-        if decode is not None and decode.local_tokens + len(token_ids) <= STEAL_SHARE * queued:
+        stolen = pending + len(token_ids)
+        if decode is not None and decode.local_tokens + stolen <= STEAL_SHARE * queued:
             return decode, "stolen"
         return None, ""
 
@@ -193,6 +195,8 @@ class Backend:
         self.prefixes.forget(service.id)
         for req_id in service.requests:
             if (stream := self.streams.get(req_id)) is not None:
+                if stream.decode_id == service.id:  # counted on the dead one, not a successor
+                    stream.prefilling_on_decode = 0
                 why = f"{service.role} service {service.id} died"
                 stream.queue.put_nowait(P.RequestError(req_id, why, retryable=True))
 
@@ -208,7 +212,11 @@ class Backend:
         """Per prompt, the prefill it is reserved on (its tokens counted there at once, so
         the next admission sees them), LOCAL for one prefilled on its decode; raises
         Overloaded (a 429) when they should not be taken now."""
-        local = [self.local_decode(ids)[0] is not None for ids in prompts]
+        local, pending = [], 0
+        for ids in prompts:
+            decode, why = self.local_decode(ids, pending=pending)
+            local.append(decode is not None)
+            pending += len(ids) if why == "stolen" else 0
         remote = [ids for ids, here in zip(prompts, local, strict=True) if not here]
         admitted = self.admission.check(self.registry, len(self.streams), len(prompts), remote)
         reserved = iter(admitted.prefills)

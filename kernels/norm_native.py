@@ -19,6 +19,7 @@ def add_rms_norm(
     lib = native.load()
     assert lib is not None, "kernels.use() binds this op only where the library built"
     x, residual, weight = x.contiguous(), residual.contiguous(), weight.contiguous()
+    assert residual.shape == x.shape and weight.shape == x.shape[-1:], "no broadcasting here"
     assert residual.dtype == weight.dtype == x.dtype
     out, total = torch.empty_like(x), torch.empty_like(x)
     rows, hidden = x.shape

@@ -2,6 +2,7 @@
 
 import asyncio
 
+import msgspec
 import zmq
 
 from baton import protocol as P
@@ -9,7 +10,7 @@ from baton.config import GatewayConfig, SLOConfig
 from baton.sampling_params import SamplingParams
 from baton.slo import STEAL_SHARE
 from gateway.admission import Admission
-from gateway.backend import Backend
+from gateway.backend import LOCAL, Backend
 from gateway.router import prefill_cost
 
 
@@ -48,6 +49,30 @@ def test_a_busy_prefill_lends_short_prompts_to_a_decode_while_its_own_queue_is_s
         await backend.finish(stream)
         assert decode.local_tokens == 0
         assert local(backend, share) == "stolen"
+        await backend.close()
+
+    asyncio.run(scenario())
+
+
+def test_stolen_prompts_of_one_request_share_one_allowance_and_a_restart_drops_them():
+    async def scenario() -> None:
+        admission = Admission(GatewayConfig(), SLOConfig())
+        backend = Backend("tcp://127.0.0.1:0", admission, busy_prefill_tokens=64)
+        registry = backend.registry
+        registry.heartbeat(heartbeat("prefill-0", "prefill", queued_tokens=200))
+        registry.heartbeat(heartbeat("decode-0", "decode"))
+        share = int(STEAL_SHARE * 200)
+        # a request of two prompts, each within the share, both together not
+        half = list(range(share // 2 + 1))
+        assert backend.admit([half, half]).prefills == [LOCAL, "prefill-0"]
+        stream = await backend.submit(half, SamplingParams(max_tokens=4))
+        assert registry.services["decode-0"].local_tokens == len(half)
+        # the decode restarts: its stolen prompt died with it, and the successor starts at 0
+        restarted = P.Heartbeat("decode-0", "decode", "tcp://127.0.0.1:1", P.Load(0, 0, 64, 64))
+        restarted = msgspec.structs.replace(restarted, incarnation="again")
+        backend.fail_requests(registry.heartbeat(restarted))
+        await backend.finish(stream)
+        assert registry.services["decode-0"].local_tokens == 0
         await backend.close()
 
     asyncio.run(scenario())

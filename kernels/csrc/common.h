@@ -9,6 +9,7 @@ static inline float from_bf16(uint16_t x) {
 
 static inline uint16_t to_bf16(float f) { /* round to nearest even, as torch does */
     union { float f; uint32_t u; } v = {f};
+    if ((v.u & 0x7FFFFFFF) > 0x7F800000) return (uint16_t)((v.u >> 16) | 0x40); /* NaN stays NaN */
     return (uint16_t)((v.u + 0x7FFF + ((v.u >> 16) & 1)) >> 16);
 }
 

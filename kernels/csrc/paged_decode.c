@@ -347,7 +347,7 @@ ATTEND_SEQ_AVX512(attend_avx512_f32, float, score_head_f32, weigh_heads_f32)
         for (int64_t b = 0; b < batch; b++) {                                                  \
             float *scores = scratch(q_heads * (max_ctx + 2 * head_dim + 1));                  \
             if (scores == NULL) {                                                              \
-                failed = 1;                                                                    \
+                _Pragma("omp atomic write") failed = 1;                                        \
                 continue;                                                                      \
             }                                                                                  \
             float *qf = scores + q_heads * max_ctx, *acc = qf + q_heads * head_dim;           \

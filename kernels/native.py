@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 CSRC = Path(__file__).parent / "csrc"
 # -ffast-math only to compile (it vectorizes the reductions and expf): linked with it, the
 # library would set flush-to-zero for the whole process as it loads (crtfastmath.o)
-FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC"]
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC"]
+OPENMP = ["-fopenmp"]  # where the compiler has no OpenMP (Apple's clang), the kernels run serial
 
 
 def _cpu_flags() -> str:
@@ -42,16 +43,25 @@ def _cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
+def _compile(cc: str, openmp: list[str], tmp: Path) -> Path:
+    run = functools.partial(subprocess.run, check=True, capture_output=True, text=True)
+    objects = []
+    for source in sorted(CSRC.glob("*.c")):
+        objects.append(str(tmp / f"{source.stem}.o"))
+        run([cc, *FLAGS, *openmp, "-c", "-o", objects[-1], str(source)])
+    lib = tmp / "kernels.so"
+    run([cc, "-shared", *openmp, "-o", str(lib), *objects, "-lm"])
+    return lib
+
+
 def _build(cc: str, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        lib = Path(tmp) / "kernels.so"
-        run = functools.partial(subprocess.run, check=True, capture_output=True, text=True)
-        objects = []
-        for source in sorted(CSRC.glob("*.c")):
-            objects.append(str(Path(tmp) / f"{source.stem}.o"))
-            run([cc, *FLAGS, "-c", "-o", objects[-1], str(source)])
-        run([cc, "-shared", "-fopenmp", "-o", str(lib), *objects, "-lm"])
+        try:
+            lib = _compile(cc, OPENMP, Path(tmp))
+        except subprocess.CalledProcessError as e:
+            log.warning("building with OpenMP failed (%s): the kernels run serial", e.stderr)
+            lib = _compile(cc, [], Path(tmp))
         os.replace(lib, path)
 
 

@@ -171,6 +171,22 @@ def test_without_a_working_compiler_the_torch_ops_serve(tmp_path):
     assert "the kernels run on torch" in out.stderr
 
 
+def test_without_openmp_the_native_kernels_still_build_and_run_serial(tmp_path):
+    cc = tmp_path / "cc-without-openmp"  # a compiler that knows no -fopenmp, as Apple's clang
+    cc.write_text(
+        '#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && { echo "no -fopenmp" >&2; exit 1; }; done\n'
+        'exec cc "$@"\n'
+    )
+    cc.chmod(0o755)
+    env = {**os.environ, "CC": str(cc), "BATON_CACHE": str(tmp_path)}
+    probe = "import kernels; print(kernels.BACKEND, kernels.paged_decode_attention.__module__)"
+    out = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split() == ["native", "kernels.paged_attention_native"]
+    assert "the kernels run serial" in out.stderr
+
+
 @pytest.mark.parametrize(
     "decode_op",
     [paged_attention.paged_decode_attention, paged_attention_native.paged_decode_attention],

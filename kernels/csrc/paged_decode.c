@@ -8,8 +8,8 @@
  * and plain C loops, which the compiler vectorizes, for everything else. Scores, softmax and
  * the weighted sums are fp32; bf16 inputs are exact in fp32, outputs rounded once on store.
  * The batch's sequences are shared out over OpenMP threads.
- * Built by kernels/native.py with -O3 -march=native -ffast-math -fopenmp (expf vectorized
- * through glibc's vector math). */
+ * Built by kernels/native.py with -O3 -march=native -ffast-math (expf vectorized through
+ * glibc's vector math) and -fopenmp where the compiler has it. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>

@@ -25,10 +25,7 @@ def apply_rotary(
     assert k.dtype == cos.dtype == sin.dtype == q.dtype
     cos, sin, positions = cos.contiguous(), sin.contiguous(), positions.contiguous()
     assert positions.dtype == torch.int64
-    q_out, k_out = (
-        torch.empty_like(q, memory_format=torch.contiguous_format),
-        torch.empty(tokens, k_heads, head_dim, dtype=k.dtype),
-    )
+    q_out, k_out = (torch.empty(tokens, n, head_dim, dtype=q.dtype) for n in (q_heads, k_heads))
     getattr(lib, _FUNCTIONS[q.dtype])(
         q.data_ptr(), q.stride(0), q_heads, k.data_ptr(), k.stride(0), k_heads, head_dim,
         positions.data_ptr(), cos.data_ptr(), sin.data_ptr(), tokens,

@@ -28,6 +28,7 @@ from baton.sampling_params import SamplingParams
 from kernels import (
     kv_write,
     kv_write_triton,
+    linear_native,
     native,
     norm,
     norm_native,
@@ -281,6 +282,48 @@ def test_native_add_rms_norm(rows, dtype):
     # bf16: the sum of squares in another order moves an output by an ulp, rarely; fp32 is
     # the reference itself
     assert_close(got[0], want[0], ulps=1 if dtype == torch.bfloat16 else 0)
+
+
+def packed_or_skip(weight: torch.Tensor) -> torch.Tensor:
+    packed = linear_native.pack(weight)
+    if packed is None:
+        pytest.skip("the C linear serves only on a CPU with AVX-512 BF16 and no AMX")
+    return packed
+
+
+# rows: one, a part tile, a tile (8), tiles and a part; out: one vector (16), a part vector,
+# a strip (48) and a part strip; in: pairs of inputs, not a multiple of 16
+@pytest.mark.parametrize("rows", [1, 5, 8, 70])
+@pytest.mark.parametrize("out_features", [16, 40, 150])
+@pytest.mark.parametrize("bias", [False, True])
+def test_native_linear_is_the_fp32_sum_rounded_once(rows, out_features, bias):
+    in_features = 70
+    x = torch.randn(rows, in_features).bfloat16()
+    weight = torch.randn(out_features, in_features).bfloat16()
+    b = torch.randn(out_features).bfloat16() if bias else None
+    got = linear_native.linear(x, packed_or_skip(weight), b, out_features)
+    want = torch.nn.functional.linear(x.float(), weight.float(), None if b is None else b.float())
+    # fp32 sums in another order than torch's, then one rounding: within one bf16 ulp
+    assert_close(got, want.bfloat16(), ulps=1)
+    assert got.shape == (rows, out_features)
+
+
+def test_native_linear_row_does_not_depend_on_its_batch():
+    # +-2^20 first and last: the rest is summed at 2^20's fp32 precision and then uncovered,
+    # so a sum in any other order comes out another bf16 value
+    x, weight = torch.randn(21, 576), torch.randn(100, 576)
+    x[:, 0], x[:, -1], weight[:, 0], weight[:, -1] = 2.0**20, -(2.0**20), 1, 1
+    x, weight = x.bfloat16(), weight.bfloat16()
+    packed = packed_or_skip(weight)
+    batched = linear_native.linear(x, packed, None, 100)
+    for i in range(21):  # alone, in another tile, at another position in its tile
+        assert torch.equal(linear_native.linear(x[i : i + 1], packed, None, 100)[0], batched[i])
+        assert torch.equal(linear_native.linear(x[i:], packed, None, 100)[0], batched[i])
+
+
+def test_native_linear_declines_what_it_cannot_run():
+    assert linear_native.pack(torch.randn(16, 7).bfloat16()) is None  # inputs come in pairs
+    assert linear_native.pack(torch.randn(16, 8)) is None  # fp32 stays on torch
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

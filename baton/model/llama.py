@@ -14,6 +14,7 @@ from torch import nn
 
 import kernels
 from baton.model.attention import AttentionMetadata, PagedAttention
+from kernels import linear_native
 
 
 @dataclass(frozen=True)
@@ -38,17 +39,26 @@ def _onednn_bf16() -> bool:
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose weight `prepack` can reorder once for oneDNN: bf16 on a CPU with avx512
-    bf16 is then bit-identical and 1.2-2x faster at decode batch sizes (RESULTS.md). fp32 is
-    left to torch: oneDNN sums in another order, and tests compare fp32 tokens exactly."""
+    """nn.Linear whose weight `prepack` can pack once for a faster bf16 matmul on a CPU: the C
+    kernel (kernels/linear_native.py) where this CPU has AVX-512 BF16 without AMX, else oneDNN's
+    own layout where it has bf16 support (bit-identical to torch's). Either is 1.2-4x faster
+    than `F.linear` at decode batch sizes (RESULTS.md). fp32 is left to torch: another summing
+    order would break the tests' exact comparison of fp32 tokens with transformers."""
 
     packed: torch.Tensor | None = None
+    native: bool = False  # packed for kernels/linear_native.py, not for oneDNN
 
     def prepack(self) -> None:
-        # 32 rows is the batch oneDNN tunes the layout for; any row count runs
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, 32)
+        if kernels.BACKEND == "native":
+            self.packed = linear_native.pack(self.weight)
+            self.native = self.packed is not None
+        if self.packed is None and _onednn_bf16():
+            # 32 rows is the batch oneDNN tunes the layout for; any row count runs
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, 32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native:
+            return linear_native.linear(x, self.packed, self.bias, self.out_features)
         if self.packed is None:
             return super().forward(x)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
@@ -165,9 +175,9 @@ class CausalLM(nn.Module):
         self.tie_weights()
 
     def prepack(self) -> None:
-        """Prepack every projection for oneDNN where that is exact and faster (see Linear)."""
+        """Prepack every bf16 projection for a faster matmul on a CPU (see Linear)."""
         w = self.lm_head.weight
-        if w.dtype == torch.bfloat16 and w.device.type == "cpu" and _onednn_bf16():
+        if w.dtype == torch.bfloat16 and w.device.type == "cpu":
             for m in self.modules():
                 if isinstance(m, Linear):
                     m.prepack()

@@ -7,6 +7,7 @@ tokens whatever else shares its batch. Logprobs come from the raw model distribu
 
 import torch
 
+import kernels
 from baton.request import Logprob, Sequence
 from baton.scheduler import SampledToken
 
@@ -49,7 +50,7 @@ class Sampler:
                     logits = logits.clone()
                 banned = [*p.stop_token_ids, *([] if p.ignore_eos else self.eos.tolist())]
                 logits[i, banned] = float("-inf")
-        tokens = logits.argmax(-1).tolist()
+        tokens = kernels.argmax(logits).tolist()
         for i, seq in enumerate(seqs):
             p = seq.params
             if not p.greedy:

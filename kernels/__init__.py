@@ -1,14 +1,16 @@
-"""Ops over the paged KV cache and the model's norms and rotary, bound once to one backend.
+"""Ops over the paged KV cache, the model's norms and rotary, and greedy sampling's argmax,
+bound once to one backend.
 
 Each op has a torch reference (`kernels/<op>.py`: the CPU path and the oracle for tests) and a
-Triton twin beside it (`kernels/<op>_triton.py`). Callers use the names below, e.g.
-`kernels.write_kv(...)`, looked up on this module at call time, so `use()` rebinds every caller
-at once and model code never checks a device.
+Triton twin beside it (`kernels/<op>_triton.py`; the argmax keeps torch's, fast on a GPU).
+Callers use the names below, e.g. `kernels.write_kv(...)`, looked up on this module at call
+time, so `use()` rebinds every caller at once and model code never checks a device.
 
 BATON_KERNELS picks the backend at import: `auto` (the default: Triton for a CUDA engine,
 `native` for a CPU one; the engine runs on CPU today), `triton`, `native` (the torch ops with
-decode attention, add + RMSNorm and rotary in C, kernels/native.py; torch alone where no C
-compiler works) or `torch`.
+the KV scatter, decode attention, add + RMSNorm, rotary and the argmax in C,
+kernels/native.py; torch alone where no C compiler works; the model's bf16 projections use its
+C linear layer too) or `torch`.
 Triton on a CPU needs TRITON_INTERPRET=1 set before `import triton` (its numpy interpreter:
 for tests, far too slow to serve).
 """
@@ -19,12 +21,14 @@ from collections.abc import Callable
 import torch
 
 from kernels import native
+from kernels.greedy import argmax
 from kernels.kv_write import write_kv
 from kernels.norm import add_rms_norm
 from kernels.paged_attention import extend_attention_varlen, paged_decode_attention
 from kernels.rotary import apply_rotary
 
 _TORCH_OPS: dict[str, Callable] = {
+    "argmax": argmax,
     "write_kv": write_kv,
     "add_rms_norm": add_rms_norm,
     "apply_rotary": apply_rotary,
@@ -42,6 +46,7 @@ def _triton_ops() -> dict[str, Callable]:
     from kernels import kv_write_triton, norm_triton, paged_attention_triton, rotary_triton
 
     return {
+        "argmax": argmax,  # torch's own is fast on a GPU
         "write_kv": kv_write_triton.write_kv,
         "add_rms_norm": norm_triton.add_rms_norm,
         "apply_rotary": rotary_triton.apply_rotary,
@@ -51,10 +56,18 @@ def _triton_ops() -> dict[str, Callable]:
 
 
 def _native_ops() -> dict[str, Callable]:
-    from kernels import norm_native, paged_attention_native, rotary_native
+    from kernels import (
+        greedy_native,
+        kv_write_native,
+        norm_native,
+        paged_attention_native,
+        rotary_native,
+    )
 
     return {
         **_TORCH_OPS,
+        "argmax": greedy_native.argmax,
+        "write_kv": kv_write_native.write_kv,
         "add_rms_norm": norm_native.add_rms_norm,
         "apply_rotary": rotary_native.apply_rotary,
         "paged_decode_attention": paged_attention_native.paged_decode_attention,

@@ -1,8 +1,8 @@
-"""C kernels for the CPU (kernels/csrc/: decode attention, the fused add + RMSNorm, rotary,
-the bf16 linear layer), built into one library at first use with the system C compiler and
-called through ctypes: no torch headers, so a build takes about a second. OpenMP threads
-come from the libgomp torch has loaded already (same soname), so the kernels and torch's own
-ops share one pool.
+"""C kernels for the CPU (kernels/csrc/: decode attention, the KV scatter, the fused add +
+RMSNorm, rotary, the bf16 linear layer, greedy sampling's argmax), built into one library at
+first use with the system C compiler and called through ctypes: no torch headers, so a build
+takes about a second. OpenMP threads come from the libgomp torch has loaded already (same
+soname), so the kernels and torch's own ops share one pool.
 
 The library is cached under $BATON_CACHE/kernels (default ~/.cache/baton/kernels), keyed by
 the sources, the flags and this CPU's feature flags (it is built with -march=native). Each
@@ -92,6 +92,8 @@ def load() -> ctypes.CDLL | None:
         ("apply_rotary_bf16", "apply_rotary_f32"): rotary,
         ("linear_bf16_pack",): [ptr, i64, i64, ptr],
         ("linear_bf16",): [ptr, i64, i64, ptr, i64, ptr, ptr],
+        ("argmax_f32",): [ptr, i64, i64, ptr],
+        ("write_kv",): [ptr, ptr, i64, i64, i64, ptr, i64, ptr, i64, i64, ptr, ptr, i64],
     }
     for names, argtypes in signatures.items():
         for name in names:

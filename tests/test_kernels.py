@@ -26,7 +26,9 @@ import baton
 import kernels
 from baton.sampling_params import SamplingParams
 from kernels import (
+    greedy_native,
     kv_write,
+    kv_write_native,
     kv_write_triton,
     linear_native,
     native,
@@ -256,9 +258,25 @@ def test_write_kv_writes_only_its_slots(interpreted, kv_heads, head_dim, dtype):
     k, v = (torch.randn(21, 2 * kv_heads, head_dim).to(dtype)[:, ::2] for _ in "kv")  # strided
     args = (k_cache, v_cache, k, v, slots // 16, slots % 16)
     _, (got_k, got_v, *_) = interpreted(kv_write_triton.write_kv, *args)
+    native_k, native_v = k_cache.clone(), v_cache.clone()
+    kv_write_native.write_kv(native_k, native_v, *args[2:])
     kv_write.write_kv(*args)
-    assert_close(got_k, k_cache, ulps=0)  # a copy: exact, and NaN wherever nothing was written
-    assert_close(got_v, v_cache, ulps=0)
+    for got in (got_k, native_k):  # a copy: exact, and NaN wherever nothing was written
+        assert_close(got, k_cache, ulps=0)
+    for got in (got_v, native_v):
+        assert_close(got, v_cache, ulps=0)
+
+
+def test_native_write_kv_refuses_a_slot_outside_the_pool():
+    k_cache, v_cache = paged_cache(4, 16, 2, 64, torch.float32)
+    k_cache.zero_(), v_cache.zero_()
+    k = v = torch.ones(2, 2, 64)
+    for blocks, offsets in (([0, 4], [0, 0]), ([0, 1], [3, 16]), ([-1, 0], [0, 0])):
+        with pytest.raises(IndexError, match="4 blocks of 16"):
+            kv_write_native.write_kv(
+                k_cache, v_cache, k, v, torch.tensor(blocks), torch.tensor(offsets)
+            )
+        assert not k_cache.any() and not v_cache.any()  # the first, valid slot not written either
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -282,6 +300,22 @@ def test_native_add_rms_norm(rows, dtype):
     # bf16: the sum of squares in another order moves an output by an ulp, rarely; fp32 is
     # the reference itself
     assert_close(got[0], want[0], ulps=1 if dtype == torch.bfloat16 else 0)
+
+
+@pytest.mark.parametrize("cols", [1, 15, 16, 17, 1000, 49152])
+def test_native_argmax_is_torch_argmax(cols):
+    rows = torch.randn(12, cols)
+    rows[1] = 7.0  # all equal: the first
+    rows[2] = float("-inf")
+    rows[3, cols // 2 :] = rows[3].max() + 1  # ties in other lanes: the first of them
+    rows[4, -1] = float("inf")
+    rows[5, cols // 3] = float("nan")  # a NaN wins, before or after the largest number
+    rows[5, -1] = 1e30
+    rows[6, cols - 1] = float("nan")
+    rows[7, [0, cols - 1]] = float("nan")
+    rows[8] = -0.0
+    rows[8, cols // 2] = 0.0  # equal to -0.0: the first index stays
+    assert torch.equal(greedy_native.argmax(rows), rows.argmax(-1))
 
 
 def packed_or_skip(weight: torch.Tensor) -> torch.Tensor:

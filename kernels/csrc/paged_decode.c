@@ -218,7 +218,7 @@ ALWAYS_INLINE void weigh_heads_bf16(float *p, int64_t p_stride, int64_t n,
                                     const uint16_t *v_cache, int64_t block_stride,
                                     int64_t kv_offset, int64_t row_stride, const int64_t *table,
                                     int64_t ctx, const int64_t head_dim, int64_t block_size,
-                                    int64_t prefetch_bytes, uint16_t *out) {
+                                    uint16_t *out) {
     const int64_t pb_stride = 2 * p_stride;
     uint16_t *pb = (uint16_t *)p;
     for (int64_t j = 0; j < n; j++)
@@ -239,8 +239,6 @@ ALWAYS_INLINE void weigh_heads_bf16(float *p, int64_t p_stride, int64_t n,
         for (int64_t t0 = 0; t0 < ctx; t0 += block_size) {
             const uint16_t *vb = v_cache + table[t0 / block_size] * block_stride + kv_offset;
             const int64_t rows = ctx - t0 < block_size ? ctx - t0 : block_size;
-            if (prefetch_bytes && t0 + block_size < ctx)
-                prefetch(v_cache + table[t0 / block_size + 1] * block_stride, prefetch_bytes);
             int64_t i = 0;
             for (; i + 1 < rows; i += 2)
                 weigh_pair(acc, pj, pb_stride, heads, t0 + i, vb + i * row_stride,
@@ -264,7 +262,7 @@ ALWAYS_INLINE void weigh_heads_bf16(float *p, int64_t p_stride, int64_t n,
 ALWAYS_INLINE void weigh_heads_f32(float *p, int64_t p_stride, int64_t n, const float *v_cache,
                                    int64_t block_stride, int64_t kv_offset, int64_t row_stride,
                                    const int64_t *table, int64_t ctx, const int64_t head_dim,
-                                   int64_t block_size, int64_t prefetch_bytes, float *out) {
+                                   int64_t block_size, float *out) {
     const int64_t per_pass = heads_per_pass(head_dim);
     for (int64_t j0 = 0; j0 < n; j0 += per_pass) {
         const int64_t heads = n - j0 < per_pass ? n - j0 : per_pass;
@@ -274,8 +272,6 @@ ALWAYS_INLINE void weigh_heads_f32(float *p, int64_t p_stride, int64_t n, const 
         for (int64_t t0 = 0; t0 < ctx; t0 += block_size) {
             const float *vb = v_cache + table[t0 / block_size] * block_stride + kv_offset;
             const int64_t rows = ctx - t0 < block_size ? ctx - t0 : block_size;
-            if (prefetch_bytes && t0 + block_size < ctx)
-                prefetch(v_cache + table[t0 / block_size + 1] * block_stride, prefetch_bytes);
             for (int64_t i = 0; i < rows; i++) {
                 __m512 x[MAX_VECS];
                 for (int64_t v = 0; v < head_dim / 16; v++)
@@ -295,8 +291,9 @@ ALWAYS_INLINE void weigh_heads_f32(float *p, int64_t p_stride, int64_t n, const 
 }
 
 /* One sequence, KV head by KV head: its query heads scored one by one, then weighed together.
- * `scores` holds group x ctx floats. The first KV head's walk prefetches whole blocks (every
- * head's rows), so the others find theirs in cache. */
+ * `scores` holds group x ctx floats. The first KV head's walk over the keys prefetches each
+ * next block whole (every head's rows), so the others find theirs in cache. The values are
+ * left to the hardware: asking for them too, whenever, was slower (RESULTS.md, 2026-12-01). */
 #define ATTEND_SEQ_AVX512(NAME, T, SCORE, WEIGH)                                               \
     ALWAYS_INLINE void NAME(const T *q, const T *k_cache, const T *v_cache,                    \
                             int64_t block_stride, const int64_t *table, int64_t ctx,          \
@@ -311,8 +308,7 @@ ALWAYS_INLINE void weigh_heads_f32(float *p, int64_t p_stride, int64_t n, const 
                       h + j == 0 ? block_bytes : 0, scores + j * ctx);                         \
             for (int64_t j = 0; j < group; j++) softmax(scores + j * ctx, ctx);               \
             WEIGH(scores, ctx, group, v_cache, block_stride, h * head_dim, row_stride, table,  \
-                  ctx, head_dim, block_size, h == 0 ? block_bytes : 0,                         \
-                  out + h * group * head_dim);                                                 \
+                  ctx, head_dim, block_size, out + h * group * head_dim);                      \
         }                                                                                      \
     }
 

@@ -7,8 +7,9 @@ of 16 tokens, bf16 and fp32), one thread, the median of 20 calls.
 decode: one query per sequence (B sequences, contexts given), torch op (kernels/
 paged_attention.py) and native C op (kernels/paged_attention_native.py); "mixed" is 19
 contexts of ~150 tokens and one of 3,100, where padding to the longest costs the torch op.
-extend: a whole prompt attending causally to itself, torch op against torch's SDPA on the
-same gathered keys and values (the previous implementation).
+extend: a whole prompt attending causally to itself, and a chunk of one after 3,840 cached
+tokens: torch op, native C op (bf16; fp32 stays on the torch op) and torch's SDPA on the same
+gathered keys and values (what the torch op replaced).
 """
 
 import statistics
@@ -50,38 +51,41 @@ def decode_rows(dtype: torch.dtype) -> list[str]:
                 torch.tensor(lens), HEAD_DIM**-0.5)  # fmt: skip
         t = median_ms(lambda a=args: paged_attention.paged_decode_attention(*a))
         c = median_ms(lambda a=args: paged_attention_native.paged_decode_attention(*a))
-        rows.append(f"| {dtype} | decode {name} | {t:.3f} | {c:.3f} | {t / c:.1f}x |")
+        rows.append(f"| {dtype} | decode {name} | {t:.3f} | {c:.3f} | | {t / c:.1f}x |")
     return rows
 
 
 def extend_rows(dtype: torch.dtype) -> list[str]:
     k, v = cache(dtype)
     rows = []
-    for n in (512, 2048):
-        table = torch.randperm(NUM_BLOCKS)[: n // BLOCK]
+    for cached, n in ((0, 512), (0, 2048), (3840, 256)):
+        ctx = cached + n
+        table = torch.randperm(NUM_BLOCKS)[: ctx // BLOCK]
         q = torch.randn(n, Q_HEADS, HEAD_DIM).to(dtype)
-        args = (q, k, v, table, n, 0.125)
-        ours = median_ms(lambda a=args: paged_attention.extend_attention(*a), 5)
+        args = (q, k, v, table[None], torch.tensor([0, n]), torch.tensor([ctx]), n, 0.125)
+        t = median_ms(lambda a=args: paged_attention.extend_attention_varlen(*a), 5)
+        c = median_ms(lambda a=args: paged_attention_native.extend_attention_varlen(*a), 5)
 
-        def sdpa(q=q, table=table, n=n) -> torch.Tensor:
-            kk = paged_attention.gather_blocks(k, table)[:n].transpose(0, 1)
-            vv = paged_attention.gather_blocks(v, table)[:n].transpose(0, 1)
+        causal = torch.ones(n, ctx, dtype=torch.bool).tril_(cached)
+
+        def sdpa(q=q, table=table, ctx=ctx, causal=causal) -> torch.Tensor:
+            kk = paged_attention.gather_blocks(k, table)[:ctx].transpose(0, 1)
+            vv = paged_attention.gather_blocks(v, table)[:ctx].transpose(0, 1)
             out = F.scaled_dot_product_attention(
-                q.transpose(0, 1), kk, vv, is_causal=True, scale=0.125, enable_gqa=True
+                q.transpose(0, 1), kk, vv, attn_mask=causal, scale=0.125, enable_gqa=True
             )
             return out.transpose(0, 1)
 
         lib = median_ms(sdpa, 5)
-        rows.append(
-            f"| {dtype} | extend {n} (vs SDPA) | {ours:.3f} | {lib:.3f} | {lib / ours:.1f}x |"
-        )
+        name = f"extend {n}" + (f" after {cached:,}" if cached else "")
+        rows.append(f"| {dtype} | {name} | {t:.3f} | {c:.3f} | {lib:.3f} | {t / c:.1f}x |")
     return rows
 
 
 def main() -> None:
     torch.set_num_threads(1)
-    print("| dtype | case | torch op ms | native ms (SDPA ms) | speed-up |")
-    print("|---|---|---|---|---|")
+    print("| dtype | case | torch op ms | native ms | torch SDPA ms | native speed-up |")
+    print("|---|---|---|---|---|---|")
     for dtype in (torch.bfloat16, torch.float32):
         for row in decode_rows(dtype) + extend_rows(dtype):
             print(row, flush=True)

@@ -8,9 +8,9 @@ time, so `use()` rebinds every caller at once and model code never checks a devi
 
 BATON_KERNELS picks the backend at import: `auto` (the default: Triton for a CUDA engine,
 `native` for a CPU one; the engine runs on CPU today), `triton`, `native` (the torch ops with
-the KV scatter, decode attention, add + RMSNorm, rotary and the argmax in C,
-kernels/native.py; torch alone where no C compiler works; the model's bf16 projections use its
-C linear layer too) or `torch`.
+the KV scatter, decode attention, bf16 extend attention, add + RMSNorm, rotary and the argmax
+in C, kernels/native.py; torch alone where no C compiler works; the model's bf16 projections
+use its C linear layer too) or `torch`.
 Triton on a CPU needs TRITON_INTERPRET=1 set before `import triton` (its numpy interpreter:
 for tests, far too slow to serve).
 """
@@ -71,6 +71,7 @@ def _native_ops() -> dict[str, Callable]:
         "add_rms_norm": norm_native.add_rms_norm,
         "apply_rotary": rotary_native.apply_rotary,
         "paged_decode_attention": paged_attention_native.paged_decode_attention,
+        "extend_attention_varlen": paged_attention_native.extend_attention_varlen,
     }
 
 

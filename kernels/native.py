@@ -1,6 +1,6 @@
-"""C kernels for the CPU (kernels/csrc/: decode attention, the KV scatter, the fused add +
-RMSNorm, rotary, the bf16 linear layer, greedy sampling's argmax), built into one library at
-first use with the system C compiler and called through ctypes: no torch headers, so a build
+"""C kernels for the CPU (kernels/csrc/: decode and extend attention, the KV scatter, the fused
+add + RMSNorm, rotary, the bf16 linear layer, greedy sampling's argmax), built into one library
+at first use with the system C compiler and called through ctypes: no torch headers, so a build
 takes about a second. OpenMP threads come from the libgomp torch has loaded already (same
 soname), so the kernels and torch's own ops share one pool.
 
@@ -85,9 +85,11 @@ def load() -> ctypes.CDLL | None:
         return None
     i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
     decode = [ptr, ptr, ptr, i64, ptr, i64, ptr, i64, i64, i64, i64, i64, f32, ptr]
+    extend = [ptr, ptr, ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, i64, i64, f32, ptr]
     rotary = [ptr, i64, i64, ptr, i64, i64, i64, ptr, ptr, ptr, i64, ptr, ptr]
     signatures = {
         ("paged_decode_bf16", "paged_decode_f32"): decode,
+        ("paged_extend_bf16",): extend,
         ("add_rms_norm_bf16",): [ptr, ptr, ptr, i64, i64, f32, ptr, ptr],
         ("apply_rotary_bf16", "apply_rotary_f32"): rotary,
         ("linear_bf16_pack",): [ptr, i64, i64, ptr],

@@ -190,16 +190,14 @@ def test_without_openmp_the_native_kernels_still_build_and_run_serial(tmp_path):
     assert "the kernels run serial" in out.stderr
 
 
-@pytest.mark.parametrize(
-    "decode_op",
-    [paged_attention.paged_decode_attention, paged_attention_native.paged_decode_attention],
-    ids=["torch", "native"],
-)
+@pytest.mark.parametrize("ops", [paged_attention, paged_attention_native], ids=["torch", "native"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("group", "head_dim", "block_size"), ATTENTION_CASES)
-def test_cpu_attention_matches_the_dense_spec(group, head_dim, block_size, dtype, decode_op):
-    # the CPU serving path: torch gathers whole blocks and attends in chunks of queries; the
-    # native (C) decode op reads each sequence's blocks in place
+def test_cpu_attention_matches_the_dense_spec(group, head_dim, block_size, dtype, ops):
+    # the CPU serving paths: torch gathers whole blocks and attends in chunks of queries; the
+    # native (C) ops read each sequence's blocks in place, extend (bf16) in tiles of 8 query
+    # rows against 32 keys at a time: 17 x 3 rows leave a part tile, the 100-token sequence
+    # spans 5 chunks of keys with its cached prefix ending mid-chunk
     cached_new = [(0, 17), (block_size, 1), (block_size - 1, 3), (2 * block_size + 5, 100)]
     ctx_lens = [c + n for c, n in cached_new]
     k_cache, v_cache = paged_cache(NUM_BLOCKS, block_size, KV_HEADS, head_dim, dtype)
@@ -209,7 +207,7 @@ def test_cpu_attention_matches_the_dense_spec(group, head_dim, block_size, dtype
     atol = rtol = 1e-5 if dtype == torch.float32 else 3e-2
     qs = [torch.randn(n, KV_HEADS * group, head_dim).to(dtype) for _, n in cached_new]
     cu_seqlens = torch.tensor([0, *torch.tensor([n for _, n in cached_new]).cumsum(0).tolist()])
-    got = paged_attention.extend_attention_varlen(
+    got = ops.extend_attention_varlen(
         torch.cat(qs), k_cache, v_cache, tables, cu_seqlens, torch.tensor(ctx_lens), 100, scale
     )
     want = torch.cat(
@@ -220,7 +218,7 @@ def test_cpu_attention_matches_the_dense_spec(group, head_dim, block_size, dtype
     )
     torch.testing.assert_close(got.float(), want, atol=atol, rtol=rtol)
     q = torch.stack([q[-1] for q in qs])  # the last token of each, as decoding reads it
-    got = decode_op(q, k_cache, v_cache, tables, torch.tensor(ctx_lens), scale)
+    got = ops.paged_decode_attention(q, k_cache, v_cache, tables, torch.tensor(ctx_lens), scale)
     want = torch.cat(
         [
             dense_attention(q[i : i + 1], k_cache, v_cache, tables[i], c, scale)

@@ -1,4 +1,5 @@
-"""Attention over the paged KV cache, torch (the CPU path; Triton: paged_attention_triton.py).
+"""Attention over the paged KV cache in torch: the reference for the C ops
+(paged_attention_native.py) and the Triton ones (paged_attention_triton.py).
 
 Cache views are [num_blocks, block_size, kv_heads, head_dim]; a block table lists a sequence's
 blocks in order, so token t of the sequence lives at (table[t // block_size], t % block_size).

@@ -1,10 +1,12 @@
 """Engine throughput on SmolLM2: baton.LLM beside transformers and the memory roofline.
 
     python -m benchmarks.engine_bench [--dtypes bfloat16 float32] [--batches 1 8 32 64]
+        [--prefill-lens 512 4096]
 
-Prefill: one 512-token prompt, tokens/s (best of 3). Decode: `batch` prompts of 128 tokens,
-64 new tokens each; tokens/s over the decode steps only (after every first token), beside
-transformers `generate` on the same prompts (its prefill subtracted). Roofline: weight bytes /
+Prefill: one prompt of each length (512 by default), tokens/s (best of 3), in steps of up to
+2,048 tokens (the budget below). Decode: `batch` prompts of 128 tokens, 64 new tokens each;
+tokens/s over the decode steps only (after every first token), beside transformers `generate`
+on the same prompts (its prefill subtracted). Roofline: weight bytes /
 measured copy bandwidth per decode step, times the batch (issue 2's definition); compute bound:
 the step's projection FLOPs / the FLOP/s the engine's own Linear reaches on a large matmul. The
 lower of the two is what a step could at best take.
@@ -83,21 +85,22 @@ def hf_decode(hf, batch: int, vocab: int) -> float:
     return batch * (NEW - 1) / (total - prefill)
 
 
-def prefill_rate(fn, vocab: int) -> float:
+def prefill_rate(fn, length: int, vocab: int) -> float:
     """Best of 3, a fresh prompt each time (a repeat would be a prefix-cache hit)."""
     best = float("inf")
     for seed in range(1, 4):
-        (p512,) = prompts(1, 512, vocab, seed)
+        (prompt,) = prompts(1, length, vocab, seed)
         t = time.perf_counter()
-        fn(p512)
+        fn(prompt)
         best = min(best, time.perf_counter() - t)
-    return 512 / best
+    return length / best
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32, 64])
+    ap.add_argument("--prefill-lens", nargs="+", type=int, default=[512])
     args = ap.parse_args()
     model_dir = resolve_model_dir(None)
     gbs = bandwidth_gbs()
@@ -125,10 +128,11 @@ def main() -> None:
         peak = peak_flops(getattr(torch, dtype), model.lm_head.packed is not None)
         print(f"{dtype}: Linear peak {peak / 1e9:,.0f} GFLOP/s\n")
         one = baton.SamplingParams(max_tokens=1, temperature=0)
-        b = prefill_rate(lambda p: llm.generate([p], one), vocab)  # noqa: B023
-        with torch.inference_mode():
-            h = prefill_rate(lambda p: hf(torch.tensor([p])), vocab)  # noqa: B023
-        print(f"| {dtype} | prefill 512 | {b:,.0f} | {h:,.0f} | {b / h:.2f} | | | | |")
+        for n in args.prefill_lens:
+            b = prefill_rate(lambda p: llm.generate([p], one), n, vocab)  # noqa: B023
+            with torch.inference_mode():
+                h = prefill_rate(lambda p: hf(torch.tensor([p])), n, vocab)  # noqa: B023
+            print(f"| {dtype} | prefill {n} | {b:,.0f} | {h:,.0f} | {b / h:.2f} | | | | |")
         for batch in args.batches:
             b = baton_decode(llm, batch, vocab)
             h = hf_decode(hf, batch, vocab)

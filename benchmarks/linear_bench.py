@@ -1,0 +1,72 @@
+"""The bf16 projections of one SmolLM2 step: oneDNN (its prepacked layout, what the model used
+before) beside the C linear layer (kernels/linear_native.py), ms a step for each row count.
+A step: 30 layers of qkv, o, gate+up and down, then the tied 49,152-row lm_head once. The
+weights together (~270 MB) do not fit any cache, as in the engine.
+
+    python -m benchmarks.linear_bench [--rows 1 8 32 64 512] [--threads 2]
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from kernels import linear_native
+
+LAYERS = 30
+SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536)}
+LM_HEAD = (49152, 576)
+
+
+def step_ms(fns: list) -> float:
+    """Median of 5 steps; each step calls every projection in model order."""
+    for fn in fns:
+        fn()
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        for fn in fns:
+            fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", nargs="+", type=int, default=[1, 8, 32, 64, 512])
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    weights = [torch.randn(s, dtype=torch.bfloat16) for _ in range(LAYERS) for s in SHAPES.values()]
+    weights.append(torch.randn(LM_HEAD, dtype=torch.bfloat16))
+    packed = [linear_native.pack(w) for w in weights]
+    if packed[0] is None:
+        raise SystemExit(
+            "the C linear layer does not serve on this CPU (see kernels/csrc/linear.c)"
+        )
+    onednn = [torch.ops.mkldnn._reorder_linear_weight(w, 32) for w in weights]
+    flops_per_row = 2 * sum(w.numel() for w in weights)
+    print(f"{args.threads} threads\n")
+    print("| rows | oneDNN ms | C ms | speed-up | C GFLOP/s |")
+    print("|---|---|---|---|---|")
+    with torch.inference_mode():
+        for rows in args.rows:
+            xs = {k: torch.randn(rows, k, dtype=torch.bfloat16) for k in (576, 1536)}
+            ref = [
+                lambda w=w, p=p, xs=xs: torch.ops.mkldnn._linear_pointwise(
+                    xs[w.shape[1]], p, None, "none", [], ""
+                )
+                for w, p in zip(weights, onednn, strict=True)
+            ]
+            ours = [
+                lambda w=w, p=p, xs=xs: linear_native.linear(xs[w.shape[1]], p, None, w.shape[0])
+                for w, p in zip(weights, packed, strict=True)
+            ]
+            a, b = step_ms(ref), step_ms(ours)
+            rate = flops_per_row * rows / b / 1e6
+            print(f"| {rows} | {a:.2f} | {b:.2f} | {a / b:.2f}x | {rate:,.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -79,11 +79,13 @@ static void pack_chunk(const Layout *L, const Seq *s, int64_t h, int64_t c) {
     uint32_t *kp = s->keys + (h * s->chunks + c) * pairs * KEYS;
     uint32_t *vp = s->values + (h * s->chunks + c) * pairs * KEYS;
     const uint16_t *k[KEYS], *v[KEYS];
-    for (int64_t i = 0; i < KEYS; i++) {
-        const int64_t t = c * KEYS + i, b = t / L->block_size;
-        const int64_t at = s->table[b] * L->block_stride + (t % L->block_size) * row_stride;
-        k[i] = t < s->ctx ? L->k_cache + at + h * L->head_dim : NULL;
-        v[i] = t < s->ctx ? L->v_cache + at + h * L->head_dim : NULL;
+    for (int64_t i = 0; i < KEYS; i++) { /* past the context: no row, and no table entry */
+        const int64_t t = c * KEYS + i;
+        const int64_t at = t < s->ctx ? s->table[t / L->block_size] * L->block_stride
+                                            + (t % L->block_size) * row_stride + h * L->head_dim
+                                      : -1;
+        k[i] = at < 0 ? NULL : L->k_cache + at;
+        v[i] = at < 0 ? NULL : L->v_cache + at;
     }
     for (int64_t i = 0; i < KEYS; i++)
         for (int64_t p = 0; p < pairs; p++)

@@ -1,5 +1,8 @@
 """The real default model: SmolLM2-135M-Instruct from its GGUF, greedy chat answers identical
-to transformers loading the same GGUF itself (fp32)."""
+to transformers loading the same GGUF itself (fp32), and bf16 serving as near fp32 as
+transformers' bf16."""
+
+import copy
 
 import pytest
 import torch
@@ -55,3 +58,37 @@ def test_stop_strings_cut_the_text_and_are_not_returned(smol):
     # a stop string that spans two tokens (" of" + " France") is found across the boundary
     (out,) = smol.generate(chat, baton.SamplingParams(max_tokens=24, temperature=0, stop=("f Fr",)))
     assert out.outputs[0].text == "The capital o"
+
+
+def test_bf16_serving_is_as_close_to_fp32_as_transformers_bf16(smollm2_dir):
+    """The dtype `baton up` serves, through the C kernels where this CPU has them (projections,
+    prefill attention over cached chunks, decode attention, norm, rotary): each generated
+    token's logprob lies as near transformers' fp32 one as transformers' own bf16 does (within
+    twice its largest error), both scored on the same tokens."""
+    gguf = default_model_path()
+    # a 48-token budget: four prompts of ~130 tokens prefill in chunks over cached ones
+    llm = baton.LLM(str(gguf), dtype="bfloat16", num_blocks=256, max_num_batched_tokens=48)
+    system = "You are a helpful assistant. Answer briefly, in plain words. " * 8
+    chats = [
+        llm.tokenizer.apply_chat_template(
+            [{"role": "system", "content": system}, {"role": "user", "content": q}],
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+        for q in QUESTIONS
+    ]
+    outs = llm.generate(chats, baton.SamplingParams(max_tokens=16, temperature=0, logprobs=0))
+    fp32 = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
+    ours, theirs = [], []
+    for out in outs:
+        prompt, tokens = out.prompt_token_ids, out.outputs[0].token_ids
+        at = torch.arange(len(prompt) - 1, len(prompt) + len(tokens) - 1)  # predicting each
+        ids = torch.tensor([prompt + tokens])
+        with torch.inference_mode():
+            want, hf = (m(ids).logits[0, at].float().log_softmax(-1) for m in (fp32, bf16))
+        want, hf = (x[torch.arange(len(tokens)), tokens] for x in (want, hf))
+        got = torch.tensor([lp.logprob for lp in out.outputs[0].logprobs])
+        ours.append((got - want).abs().max())
+        theirs.append((hf - want).abs().max())
+    assert max(ours) <= 2 * max(theirs), (ours, theirs)

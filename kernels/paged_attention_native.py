@@ -60,8 +60,8 @@ def extend_attention_varlen(
     scale: float,
 ) -> torch.Tensor:
     """New tokens attend causally to themselves and their cached prefix. bf16 in C; fp32 (the
-    dtype held bit for bit to transformers) stays on the torch op. Returns [T, q_heads,
-    head_dim]."""
+    dtype the tests hold to transformers token for token) stays on the torch op. Returns
+    [T, q_heads, head_dim]."""
     args = (block_tables, cu_seqlens, ctx_lens, max_num_new, scale)
     if q.dtype != torch.bfloat16:
         return paged_attention.extend_attention_varlen(q, k_cache, v_cache, *args)

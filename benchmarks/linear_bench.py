@@ -7,29 +7,15 @@ weights together (~270 MB) do not fit any cache, as in the engine.
 """
 
 import argparse
-import statistics
-import time
 
 import torch
 
+from benchmarks.cpu_attention_bench import median_ms
 from kernels import linear_native
 
 LAYERS = 30
 SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536)}
 LM_HEAD = (49152, 576)
-
-
-def step_ms(fns: list) -> float:
-    """Median of 5 steps; each step calls every projection in model order."""
-    for fn in fns:
-        fn()
-    times = []
-    for _ in range(5):
-        t = time.perf_counter()
-        for fn in fns:
-            fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
 
 
 def main() -> None:
@@ -63,7 +49,8 @@ def main() -> None:
                 lambda w=w, p=p, xs=xs: linear_native.linear(xs[w.shape[1]], p, None, w.shape[0])
                 for w, p in zip(weights, packed, strict=True)
             ]
-            a, b = step_ms(ref), step_ms(ours)
+            # one step: every projection in model order; the median of 5
+            a, b = (median_ms(lambda fns=fns: [fn() for fn in fns], 5) for fns in (ref, ours))
             rate = flops_per_row * rows / b / 1e6
             print(f"| {rows} | {a:.2f} | {b:.2f} | {a / b:.2f}x | {rate:,.0f} |", flush=True)
 

@@ -67,6 +67,11 @@ typedef struct {
     float scale;
 } Layout;
 
+/* Where chunk c of KV head h starts in a sequence's packed keys or values (the same size). */
+static inline int64_t chunk_at(const Seq *s, int64_t h, int64_t c, int64_t head_dim) {
+    return (h * s->chunks + c) * head_dim / 2 * KEYS;
+}
+
 /* 16 bf16 from row + d, each in the low half of a 32-bit lane; zeros for no row. */
 static inline __m512i widen(const uint16_t *row, int64_t d) {
     return row ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(row + d)))
@@ -76,8 +81,8 @@ static inline __m512i widen(const uint16_t *row, int64_t d) {
 /* Keys and values c * KEYS .. + KEYS of KV head h, zeros past the context. */
 static void pack_chunk(const Layout *L, const Seq *s, int64_t h, int64_t c) {
     const int64_t pairs = L->head_dim / 2, row_stride = L->kv_heads * L->head_dim;
-    uint32_t *kp = s->keys + (h * s->chunks + c) * pairs * KEYS;
-    uint32_t *vp = s->values + (h * s->chunks + c) * pairs * KEYS;
+    uint32_t *kp = s->keys + chunk_at(s, h, c, L->head_dim);
+    uint32_t *vp = s->values + chunk_at(s, h, c, L->head_dim);
     const uint16_t *k[KEYS], *v[KEYS];
     for (int64_t i = 0; i < KEYS; i++) { /* past the context: no row, and no table entry */
         const int64_t t = c * KEYS + i;
@@ -125,8 +130,8 @@ ALWAYS_INLINE void tile(const Layout *L, const Seq *s, int64_t h, int64_t first,
     const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const __m512i lane_hi = _mm512_add_epi32(lane, _mm512_set1_epi32(16));
     for (int64_t c = 0; c * KEYS <= pos[ROWS - 1]; c++) {
-        const uint32_t *kp = s->keys + (h * s->chunks + c) * pairs * KEYS;
-        const uint32_t *vp = s->values + (h * s->chunks + c) * pairs * KEYS;
+        const uint32_t *kp = s->keys + chunk_at(s, h, c, head_dim);
+        const uint32_t *vp = s->values + chunk_at(s, h, c, head_dim);
         __m512 sc[ROWS][2];
 #pragma GCC unroll 8
         for (int r = 0; r < ROWS; r++) sc[r][0] = sc[r][1] = _mm512_setzero_ps();

@@ -283,8 +283,12 @@ def test_add_rms_norm(interpreted, hidden, dtype):
     x, residual = torch.randn(7, hidden).to(dtype), torch.randn(7, hidden).to(dtype)
     weight = torch.randn(hidden).to(dtype)
     got, _ = interpreted(norm_triton.add_rms_norm, x, residual, weight, 1e-6)
+    # Triton's CPU interpreter truncates fp32 to bf16 where a GPU rounds to nearest: up to 1 ulp
+    # at each of the kernel's three roundings (with the interpreter's casts rounding to nearest,
+    # bf16 matches the reference bit for bit)
+    ulps = 4 if dtype == torch.bfloat16 else 2  # fp32: the sum of squares in another order
     for g, w in zip(got, norm.add_rms_norm(x, residual, weight, 1e-6), strict=True):
-        assert_close(g, w, ulps=2)  # the sum of squares in another order, then one rounding
+        assert_close(g, w, ulps=ulps)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -139,13 +139,22 @@ class Heartbeats(threading.Thread):
         self.sock.connect(gateway_addr)
         self.loop, self.encode = loop, msgspec.msgpack.Encoder().encode
         self.wake = threading.Event()
+        self.stopped = False
 
     def run(self) -> None:
-        while True:
+        while not self.stopped:
             if time.monotonic() - self.loop.last_tick < STALL_S:
                 self.sock.send(self.encode(self.loop.heartbeat))
             self.wake.wait(HEARTBEAT_S)
             self.wake.clear()
+        self.sock.close()
+
+    def stop(self) -> None:
+        """Ends the thread, which closes its own socket: a service run inside another program
+        (a test) can then destroy its context without a send racing the close."""
+        self.stopped = True
+        self.wake.set()
+        self.join()
 
 
 class ServiceLoop:

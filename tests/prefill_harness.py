@@ -90,5 +90,6 @@ class PrefillHarness:
         return pool.num_used
 
     def close(self) -> None:
+        self.service.heartbeater.stop()
         for ctx in (self.ctx, self.service.ctx):  # an open socket would hold up the exit
             ctx.destroy(linger=0)

@@ -20,6 +20,7 @@ from pathlib import Path
 import msgspec
 
 from baton.config import BatonConfig, ConfigError, load_config, to_toml
+from baton.probe import Probe, serve_probe
 
 
 def on_off(text: str) -> bool:
@@ -78,20 +79,26 @@ def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
 
+def start_probe(args) -> Probe | None:
+    """Bound first, before the model loads: held from the start, the port cannot be taken by a
+    sibling's port-0 bind meanwhile (`baton up` picks it free, then lets it go)."""
+    return serve_probe(args.http_port, args.http_host) if args.http_port else None
+
+
 def cmd_prefill(args) -> None:
+    probe = start_probe(args)
     from prefill.service import main
 
     config = config_from(args)
-    probe = (args.http_host, args.http_port) if args.http_port else None
     engine = config.engine_for("prefill")
     main(engine, config.transport, args.id, args.gateway, probe, config.stream_kv)
 
 
 def cmd_decode(args) -> None:
+    probe = start_probe(args)
     from decode.service import main
 
     config = config_from(args)
-    probe = (args.http_host, args.http_port) if args.http_port else None
     tpot_s = config.slo.tpot_ms / 1000
     main(
         config.engine_for("decode"),

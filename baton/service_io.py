@@ -1,19 +1,17 @@
 """What the prefill and decode services share: the loop itself (ServiceLoop), the gateway
-link (register + heartbeats + token messages), the health/metrics HTTP probe, KV metrics."""
+link (register + heartbeats + token messages), KV metrics."""
 
 import atexit
-import json
 import logging
 import os
 import signal
 import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import msgspec
 import zmq
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, generate_latest
+from prometheus_client import Counter, Gauge
 
 from baton import protocol as P
 from baton.engine import Engine
@@ -342,37 +340,6 @@ def advertised(endpoint: str) -> str:
     if host in ("0.0.0.0", "*"):
         return endpoint.replace(host, socket.gethostbyname(socket.gethostname()), 1)
     return endpoint
-
-
-def serve_probe(port: int, status, host: str = "127.0.0.1") -> ThreadingHTTPServer:
-    """GET /health (200 with the load while the loop ticks, else 503) and GET /metrics, on
-    loopback unless a host is given (a container's probe port is scraped from outside)."""
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):
-            if self.path == "/metrics":
-                code, body, ctype = 200, generate_latest(), CONTENT_TYPE_LATEST
-            elif self.path == "/health":
-                ok, info = status()
-                code, body, ctype = (
-                    (200 if ok else 503),
-                    json.dumps(info).encode(),
-                    "application/json",
-                )
-            else:
-                code, body, ctype = 404, b"not found", "text/plain"
-            self.send_response(code)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer((host, port), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
 
 
 def exit_now() -> None:

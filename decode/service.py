@@ -26,6 +26,7 @@ import zmq
 from baton import protocol as P
 from baton.config import EngineConfig
 from baton.engine import Engine
+from baton.probe import Probe
 from baton.request import Sequence
 from baton.scheduler import SampledToken
 from baton.service_io import (
@@ -39,7 +40,6 @@ from baton.service_io import (
     KVPeers,
     ServiceLoop,
     advertised,
-    serve_probe,
 )
 from baton.slo import max_batch_for_tpot
 from kvtransfer import shm
@@ -383,12 +383,12 @@ def main(
     service_id: str,
     gateway_addr: str,
     kv_addr: str,
-    probe: tuple[str, int] | None,
+    probe: Probe | None,
     tpot_s: float | None = None,
 ) -> None:
     service = DecodeService(
         Engine.build(config), service_id, gateway_addr, kv_addr, transport, tpot_s=tpot_s
     )
     if probe:
-        serve_probe(probe[1], service.status, probe[0])
+        probe.status = service.status
     service.run_forever()

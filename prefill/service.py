@@ -31,6 +31,7 @@ import zmq
 from baton import protocol as P
 from baton.config import EngineConfig
 from baton.engine import Engine
+from baton.probe import Probe
 from baton.request import Sequence
 from baton.scheduler import SampledToken
 from baton.service_io import (
@@ -42,7 +43,6 @@ from baton.service_io import (
     LEASES_EXPIRED,
     KVPeers,
     ServiceLoop,
-    serve_probe,
 )
 from kvtransfer import shm
 from kvtransfer.handshake import kind, start_nixl
@@ -317,7 +317,7 @@ def main(
     transport: str,
     service_id: str,
     gateway_addr: str,
-    probe: tuple[str, int] | None,
+    probe: Probe | None,
     stream_kv: bool = True,
 ) -> None:
     segment = (
@@ -329,5 +329,5 @@ def main(
         engine, service_id, gateway_addr, transport, region, stream_kv=stream_kv
     )
     if probe:
-        serve_probe(probe[1], service.status, probe[0])
+        probe.status = service.status
     service.run_forever()  # exits after SIGTERM and a drain, unlinking the segment

@@ -383,6 +383,11 @@ def test_a_decode_joins_and_another_leaves_while_requests_run(tmp_path, tiny_tex
         return json.loads(httpx.get(f"{stack.url}/health").text)["decode"]
 
     try:
+        # its probe answers from the first moments, before the model loads: the port is held
+        while (probe := _answer(f"http://127.0.0.1:{port}/health")) is None:
+            assert joined.poll() is None, "it exited"
+            time.sleep(0.02)
+        assert probe == (503, {"status": "starting"})
         deadline = time.monotonic() + 60
         while decodes() < 2:
             assert time.monotonic() < deadline and joined.poll() is None, "it never joined"
@@ -407,6 +412,14 @@ def test_a_decode_joins_and_another_leaves_while_requests_run(tmp_path, tiny_tex
     finally:
         joined.kill()
         stack.stop()
+
+
+def _answer(url: str) -> tuple[int, dict] | None:
+    try:
+        r = httpx.get(url)
+    except httpx.ConnectError:
+        return None  # not listening yet
+    return r.status_code, r.json()
 
 
 def _zombie(pid: int) -> bool:

@@ -112,18 +112,21 @@ def cmd_decode(args) -> None:
 
 
 def cmd_gateway(args) -> None:
+    config = config_from(args)
+    gw = config.gateway
+    # bound before FastAPI and the tokenizer load, for the reason start_probe gives
+    family = socket.AF_INET6 if ":" in gw.host else socket.AF_INET
+    sock = socket.create_server((gw.host, gw.port), family=family)
     import uvicorn
 
     from baton.model.loader import resolve_model_dir
     from gateway.app import create_app
 
-    config = config_from(args)
     model_dir = resolve_model_dir(config.engine.model)
-    gw = config.gateway
     if gw.zmq_addr is None:
         gw = msgspec.structs.replace(gw, zmq_addr="tcp://127.0.0.1:5555")
     app = create_app(model_dir, msgspec.structs.replace(config, gateway=gw))
-    uvicorn.run(app, host=gw.host, port=gw.port, log_level="warning")
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
 
 
 def cmd_prepare(args) -> None:
@@ -173,6 +176,14 @@ class Stack:
         log_dir.mkdir(parents=True, exist_ok=True)
         self.procs: dict[str, subprocess.Popen] = {}
         self.manifest: dict[str, dict] = {}
+        self.socket_files: list[Path] = []
+
+    def ipc_addr(self, name: str) -> str:
+        """A zmq endpoint that is a file, not a port another process could take first; the
+        file goes when the stack stops."""
+        path = Path(f"/tmp/baton-{os.getpid()}-{name}.sock")
+        self.socket_files.append(path)
+        return f"ipc://{path}"
 
     def spawn(self, name: str, argv: list[str], cpus: set[int] | None, **info) -> None:
         log = (self.log_dir / f"{name}.log").open("w")
@@ -199,6 +210,8 @@ class Stack:
                 p.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 p.kill()
+        for path in self.socket_files:
+            path.unlink(missing_ok=True)
 
 
 def cmd_up(args) -> None:
@@ -208,18 +221,17 @@ def cmd_up(args) -> None:
     print("preparing the model (the first run converts a GGUF once) ...", flush=True)
     model_dir = resolve_model_dir(config.engine.model)
     gw = config.gateway
-    zmq_addr = gw.zmq_addr or f"tcp://127.0.0.1:{free_port()}"
+    stack = Stack(Path(args.log_dir))
+    zmq_addr = gw.zmq_addr or stack.ipc_addr("gateway")
     config = msgspec.structs.replace(
         config,
         engine=msgspec.structs.replace(config.engine, model=str(model_dir)),
         gateway=msgspec.structs.replace(gw, zmq_addr=zmq_addr),
     )
-    log_dir = Path(args.log_dir)
-    log_dir.mkdir(parents=True, exist_ok=True)
+    log_dir = stack.log_dir
     # every child reads the one effective config, so no setting is passed twice
     config_file = log_dir / "config.toml"
     config_file.write_text(to_toml(config))
-    stack = Stack(log_dir)
     url = f"http://{gw.host}:{gw.port}"
     stack.spawn("gateway", ["gateway", "--config", str(config_file)], None, role="gateway", url=url)
     for role in ("prefill", "decode"):
@@ -233,7 +245,10 @@ def cmd_up(args) -> None:
             if threads:
                 argv += ["--threads", str(threads)]
             if role == "decode":
-                argv += ["--kv-addr", kv_bind_addr(config.transport, f"{role}-{i}")]
+                kv_addr = "tcp://127.0.0.1:*"  # the port is chosen at bind: no race
+                if config.transport == "zmq-ipc":
+                    kv_addr = stack.ipc_addr(f"{role}-{i}-kv")
+                argv += ["--kv-addr", kv_addr]
             probe = f"http://127.0.0.1:{port}"
             stack.spawn(f"{role}-{i}", argv, cpus, role=role, url=probe)
 
@@ -265,12 +280,6 @@ def cmd_up(args) -> None:
             print(f"warning: {', '.join(dead)} exited; see {log_dir}/", flush=True)
             for name in dead:
                 stack.procs.pop(name)
-
-
-def kv_bind_addr(transport: str, name: str) -> str:
-    if transport == "zmq-ipc":
-        return f"ipc:///tmp/baton-{os.getpid()}-{name}.kv"
-    return "tcp://127.0.0.1:*"
 
 
 def healthy(url: str, pools: dict[str, int]) -> bool:

@@ -71,7 +71,7 @@ class GatewayConfig(Section):
     host: Annotated[str, doc("HTTP bind address")] = "127.0.0.1"
     port: Annotated[int, Meta(ge=0, le=65535), doc("HTTP port")] = 8000
     zmq_addr: Annotated[
-        str | None, doc("where services connect; unset with `baton up`: a free loopback port")
+        str | None, doc("where services connect; unset with `baton up`: a socket file it names")
     ] = None
     model_name: Annotated[str | None, doc("the name /v1/models reports; unset: the dir's")] = None
     api_key: Annotated[str | None, doc("required as a Bearer token on every route but /health")] = (

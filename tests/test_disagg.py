@@ -383,12 +383,12 @@ def test_a_decode_joins_and_another_leaves_while_requests_run(tmp_path, tiny_tex
         return json.loads(httpx.get(f"{stack.url}/health").text)["decode"]
 
     try:
+        deadline = time.monotonic() + 60
         # its probe answers from the first moments, before the model loads: the port is held
         while (probe := _answer(f"http://127.0.0.1:{port}/health")) is None:
-            assert joined.poll() is None, "it exited"
+            assert time.monotonic() < deadline and joined.poll() is None, "no probe"
             time.sleep(0.02)
         assert probe == (503, {"status": "starting"})
-        deadline = time.monotonic() + 60
         while decodes() < 2:
             assert time.monotonic() < deadline and joined.poll() is None, "it never joined"
             time.sleep(0.2)

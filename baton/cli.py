@@ -20,6 +20,7 @@ from pathlib import Path
 import msgspec
 
 from baton.config import BatonConfig, ConfigError, load_config, to_toml
+from baton.cpus import default_cpus, parse_cpus
 from baton.probe import Probe, serve_probe
 
 
@@ -87,7 +88,7 @@ def start_probe(args) -> Probe | None:
 
 def cmd_prefill(args) -> None:
     probe = start_probe(args)
-    from prefill.service import main
+    from baton.prefill.service import main
 
     config = config_from(args)
     engine = config.engine_for("prefill")
@@ -96,7 +97,7 @@ def cmd_prefill(args) -> None:
 
 def cmd_decode(args) -> None:
     probe = start_probe(args)
-    from decode.service import main
+    from baton.decode.service import main
 
     config = config_from(args)
     tpot_s = config.slo.tpot_ms / 1000
@@ -117,12 +118,16 @@ def cmd_gateway(args) -> None:
     # bound before FastAPI and the tokenizer load, for the reason start_probe gives
     family = socket.AF_INET6 if ":" in gw.host else socket.AF_INET
     sock = socket.create_server((gw.host, gw.port), family=family)
+    from baton.model.files import resolve_model_dir
+
+    model_dir = resolve_model_dir(config.engine.model)  # torch only to convert a new GGUF
+    # The gateway process never loads torch (design.md). transformers imports it whenever it
+    # is installed; marked absent, it serves the tokenizers without it.
+    sys.modules.setdefault("torch", None)  # type: ignore[arg-type]
     import uvicorn
 
-    from baton.model.loader import resolve_model_dir
-    from gateway.app import create_app
+    from baton.gateway.app import create_app
 
-    model_dir = resolve_model_dir(config.engine.model)
     if gw.zmq_addr is None:
         gw = msgspec.structs.replace(gw, zmq_addr="tcp://127.0.0.1:5555")
     app = create_app(model_dir, msgspec.structs.replace(config, gateway=gw))
@@ -132,7 +137,7 @@ def cmd_gateway(args) -> None:
 def cmd_prepare(args) -> None:
     """Convert the configured model once (a GGUF becomes safetensors in the cache), so the
     services that start next all load the same files (compose runs this first)."""
-    from baton.model.loader import resolve_model_dir
+    from baton.model.files import resolve_model_dir
 
     print(resolve_model_dir(config_from(args).engine.model))
 
@@ -145,27 +150,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def parse_cpus(spec: str | None) -> set[int] | None:
-    """'0', '0-3', '0,2' -> a CPU set; None/'' -> no pinning."""
-    if not spec:
-        return None
-    cpus: set[int] = set()
-    for part in spec.split(","):
-        lo, _, hi = part.partition("-")
-        cpus.update(range(int(lo), int(hi or lo) + 1))
-    return cpus
-
-
-def default_cpus(role: str) -> str | None:
-    """On a machine with 2+ cores, prefill gets the first half and decode the rest, so
-    prefill never steals decode's cores."""
-    n = len(os.sched_getaffinity(0))
-    if n < 2:
-        return None
-    half = n // 2
-    return f"0-{half - 1}" if role == "prefill" else f"{half}-{n - 1}"
 
 
 class Stack:
@@ -216,7 +200,7 @@ class Stack:
 
 def cmd_up(args) -> None:
     config = config_from(args)
-    from baton.model.loader import resolve_model_dir
+    from baton.model.files import resolve_model_dir
 
     print("preparing the model (the first run converts a GGUF once) ...", flush=True)
     model_dir = resolve_model_dir(config.engine.model)
@@ -337,8 +321,8 @@ def parser() -> argparse.ArgumentParser:
     add_config_args(show, UP_FLAGS)
     show.set_defaults(func=cmd_config_show)
 
+    from baton.bench.cli import add_parser as add_bench_parser  # argparse only
     from baton.plan.cli import add_parser as add_plan_parser  # argparse only
-    from benchmarks.bench.cli import add_parser as add_bench_parser  # argparse only
 
     add_bench_parser(sub)
     add_plan_parser(sub)

@@ -13,8 +13,9 @@ from baton import protocol as P
 from baton.cache.kv_cache import KVCache, block_nbytes
 from baton.cache.kv_manager import KVCacheManager
 from baton.config import EngineConfig
+from baton.model.files import resolve_model_dir
 from baton.model.llama import CausalLM
-from baton.model.loader import eos_token_ids, load_model, load_tokenizer, resolve_model_dir
+from baton.model.loader import eos_token_ids, load_model, load_tokenizer
 from baton.runner import ModelRunner
 from baton.sampler import Sampler
 from baton.scheduler import Scheduler

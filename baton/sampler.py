@@ -7,7 +7,7 @@ tokens whatever else shares its batch. Logprobs come from the raw model distribu
 
 import torch
 
-import kernels
+from baton import kernels
 from baton.request import Logprob, Sequence
 from baton.scheduler import SampledToken
 

@@ -2,7 +2,7 @@
 library call it replaced, at SmolLM2 shapes (9 query heads, 3 KV heads, head_dim 64, blocks
 of 16 tokens, bf16 and fp32), one thread, the median of 20 calls.
 
-    python -m benchmarks.cpu_attention_bench
+    python -m baton.benchmarks.cpu_attention_bench
 
 decode: one query per sequence (B sequences, contexts given), torch op (kernels/
 paged_attention.py) and native C op (kernels/paged_attention_native.py); "mixed" is 19
@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from kernels import paged_attention, paged_attention_native
+from baton.kernels import paged_attention, paged_attention_native
 
 Q_HEADS, KV_HEADS, HEAD_DIM, BLOCK, NUM_BLOCKS = 9, 3, 64, 16, 4096
 

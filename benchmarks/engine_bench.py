@@ -1,6 +1,6 @@
 """Engine throughput on SmolLM2: baton.LLM beside transformers and the memory roofline.
 
-    python -m benchmarks.engine_bench [--dtypes bfloat16 float32] [--batches 1 8 32 64]
+    python -m baton.benchmarks.engine_bench [--dtypes bfloat16 float32] [--batches 1 8 32 64]
         [--prefill-lens 512 4096]
 
 Prefill: one prompt of each length (512 by default), tokens/s (best of 3), in steps of up to
@@ -19,8 +19,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import baton
+from baton.model.files import resolve_model_dir
 from baton.model.llama import Linear
-from baton.model.loader import resolve_model_dir
 from baton.request import Sequence
 
 NEW = 64

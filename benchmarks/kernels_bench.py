@@ -1,7 +1,7 @@
 """Each Triton kernel against its torch reference on a CUDA GPU, at Llama-3-8B shapes in bf16
 (32 query heads, 8 KV heads, head_dim 128, hidden 4096, blocks of 16 tokens).
 
-    python -m benchmarks.kernels_bench
+    python -m baton.benchmarks.kernels_bench
 
 Each kernel's output is first checked against the reference; times are medians of
 triton.testing.do_bench. GB/s counts the bytes an op must move at least (inputs read once,
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from triton.testing import do_bench
 
-from kernels import (
+from baton.kernels import (
     kv_write,
     kv_write_triton,
     norm,
@@ -24,7 +24,7 @@ from kernels import (
     rotary,
     rotary_triton,
 )
-from kernels import paged_attention_triton as pat
+from baton.kernels import paged_attention_triton as pat
 
 HEADS, KV_HEADS, HEAD_DIM, HIDDEN, BLOCK = 32, 8, 128, 4096, 16
 DTYPE = torch.bfloat16

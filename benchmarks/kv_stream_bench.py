@@ -1,6 +1,6 @@
 """The KV hand-off streamed chunk by chunk vs sent once after the prefill, end to end.
 
-    python -m benchmarks.kv_stream_bench [--prompt-tokens 4096] [--requests 3]
+    python -m baton.benchmarks.kv_stream_bench [--prompt-tokens 4096] [--requests 3]
                                          [--transports zmq-tcp shm nixl]
 
 Per transport and `--stream-kv on|off`: `baton up` with one prefill and one decode, each
@@ -23,10 +23,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from baton.model.loader import resolve_model_dir
-from benchmarks.bench.arms import Limits, baton_up, running
-from benchmarks.bench.client import complete, served_model
-from benchmarks.bench.metrics import RequestRecord
+from baton.bench.arms import Limits, baton_up, running
+from baton.bench.client import complete, served_model
+from baton.bench.metrics import RequestRecord
+from baton.model.files import resolve_model_dir
 
 NEW_TOKENS = 8
 

@@ -1,7 +1,7 @@
 """KV hand-off cost per transport between two processes, beside a plain in-process memcpy of
 the same blocks; SmolLM2's bf16 blocks, or (--model llama3-8b) a larger model's.
 
-    python -m benchmarks.kv_transfer_bench [--reps 10] [--model smollm2|llama3-8b]
+    python -m baton.benchmarks.kv_transfer_bench [--reps 10] [--model smollm2|llama3-8b]
 
 A source process (the prefill) holds a pool offered in a Hello, exactly as the prefill
 service builds it; this process (the decode) gets a Reader from kvtransfer.handshake.choose
@@ -31,10 +31,10 @@ import torch
 import zmq
 
 from baton import protocol as P
-from kvtransfer import nixl, shm
-from kvtransfer.base import Landed, joint_runs
-from kvtransfer.handshake import choose
-from kvtransfer.zmq import ZmqReader, block_frames
+from baton.kvtransfer import nixl, shm
+from baton.kvtransfer.base import Landed, joint_runs
+from baton.kvtransfer.handshake import choose
+from baton.kvtransfer.zmq import ZmqReader, block_frames
 
 BLOCK_TOKENS = 16
 

@@ -3,15 +3,15 @@ before) beside the C linear layer (kernels/linear_native.py), ms a step for each
 A step: 30 layers of qkv, o, gate+up and down, then the tied 49,152-row lm_head once. The
 weights together (~270 MB) do not fit any cache, as in the engine.
 
-    python -m benchmarks.linear_bench [--rows 1 8 32 64 512] [--threads 2]
+    python -m baton.benchmarks.linear_bench [--rows 1 8 32 64 512] [--threads 2]
 """
 
 import argparse
 
 import torch
 
-from benchmarks.cpu_attention_bench import median_ms
-from kernels import linear_native
+from baton.benchmarks.cpu_attention_bench import median_ms
+from baton.kernels import linear_native
 
 LAYERS = 30
 SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536)}

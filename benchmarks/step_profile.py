@@ -2,7 +2,7 @@
 prompts of `context` tokens, the step's wall time beside the time spent in each kernels/ op
 (wrapped and timed; the rest is the projections, the MLP's activation, sampling and Python).
 
-    python -m benchmarks.step_profile [--dtype bfloat16] [--batch 32] [--context 128] [--threads 2]
+    python -m baton.benchmarks.step_profile [--dtype bfloat16] [--batch 32] [--context 128] [--threads 2]
 """
 
 import argparse
@@ -12,10 +12,10 @@ from collections import defaultdict
 import torch
 
 import baton
-import kernels
-from baton.model.loader import resolve_model_dir
+from baton import kernels
+from baton.benchmarks.engine_bench import prompts
+from baton.model.files import resolve_model_dir
 from baton.request import Sequence
-from benchmarks.engine_bench import prompts
 
 OPS = ("paged_decode_attention", "add_rms_norm", "apply_rotary", "write_kv")
 

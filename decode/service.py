@@ -26,6 +26,10 @@ import zmq
 from baton import protocol as P
 from baton.config import EngineConfig
 from baton.engine import Engine
+from baton.kvtransfer import shm
+from baton.kvtransfer.base import Landed, Reader, TransferError
+from baton.kvtransfer.handshake import Refused, choose, start_nixl
+from baton.kvtransfer.zmq import ZmqReader
 from baton.probe import Probe
 from baton.request import Sequence
 from baton.scheduler import SampledToken
@@ -42,10 +46,6 @@ from baton.service_io import (
     advertised,
 )
 from baton.slo import max_batch_for_tpot
-from kvtransfer import shm
-from kvtransfer.base import Landed, Reader, TransferError
-from kvtransfer.handshake import Refused, choose, start_nixl
-from kvtransfer.zmq import ZmqReader
 
 log = logging.getLogger("baton.decode")
 

@@ -8,9 +8,9 @@ prefill's measured step times (baton.slo.admit).
 from dataclasses import dataclass
 
 from baton.config import GatewayConfig, SLOConfig
+from baton.gateway import metrics as M
+from baton.gateway.router import Registry, prefill_cost
 from baton.slo import Calibration, admit
-from gateway import metrics as M
-from gateway.router import Registry, prefill_cost
 
 
 class Overloaded(RuntimeError):

@@ -21,13 +21,11 @@ from transformers import AutoTokenizer
 
 from baton import protocol as P
 from baton.config import BatonConfig
-from baton.sampling_params import SamplingParams
-from baton.text import IncrementalDetokenizer, StopStringMatcher
-from gateway import metrics as M
-from gateway.admission import Admission, Overloaded
-from gateway.backend import Backend, NoCapacity, ServiceFailed, Stream
-from gateway.limits import BodyLimit
-from gateway.openai_types import (
+from baton.gateway import metrics as M
+from baton.gateway.admission import Admission, Overloaded
+from baton.gateway.backend import Backend, NoCapacity, ServiceFailed, Stream
+from baton.gateway.limits import BodyLimit
+from baton.gateway.openai_types import (
     ChatRequest,
     CompletionRequest,
     ErrorResponse,
@@ -35,6 +33,8 @@ from gateway.openai_types import (
     error_body,
     now,
 )
+from baton.sampling_params import SamplingParams
+from baton.text import IncrementalDetokenizer, StopStringMatcher
 
 log = logging.getLogger("baton.gateway")
 

@@ -14,12 +14,12 @@ import zmq
 import zmq.asyncio
 
 from baton import protocol as P
+from baton.gateway import metrics as M
+from baton.gateway.admission import Admission, Admitted
+from baton.gateway.prefix_index import PrefixIndex
+from baton.gateway.router import Registry, Service, decode_cost, prefill_cost
 from baton.sampling_params import SamplingParams
 from baton.slo import STEAL_SHARE
-from gateway import metrics as M
-from gateway.admission import Admission, Admitted
-from gateway.prefix_index import PrefixIndex
-from gateway.router import Registry, Service, decode_cost, prefill_cost
 
 log = logging.getLogger("baton.gateway")
 

@@ -8,7 +8,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.openai_types import error_body
+from baton.gateway.openai_types import error_body
 
 # far above what any context admits (a 128k-token prompt is ~1 MB of JSON)
 MAX_BODY_BYTES = 8 << 20

@@ -6,7 +6,8 @@ Triton twin beside it (`kernels/<op>_triton.py`; the argmax keeps torch's, fast 
 Callers use the names below, e.g. `kernels.write_kv(...)`, looked up on this module at call
 time, so `use()` rebinds every caller at once and model code never checks a device.
 
-BATON_KERNELS picks the backend at import: `auto` (the default: Triton for a CUDA engine,
+Importing this module binds the torch ops and builds nothing; `use()` binds a backend, called
+when a model's weights load (baton.model.loader.load_model, from $BATON_KERNELS): `auto` (the default: Triton for a CUDA engine,
 `native` for a CPU one; the engine runs on CPU today), `triton`, `native` (the torch ops with
 the KV scatter, decode attention, bf16 extend attention, add + RMSNorm, rotary and the argmax
 in C, kernels/native.py; torch alone where no C compiler works; the model's bf16 projections
@@ -20,12 +21,12 @@ from collections.abc import Callable
 
 import torch
 
-from kernels import native
-from kernels.greedy import argmax
-from kernels.kv_write import write_kv
-from kernels.norm import add_rms_norm
-from kernels.paged_attention import extend_attention_varlen, paged_decode_attention
-from kernels.rotary import apply_rotary
+from baton.kernels import native
+from baton.kernels.greedy import argmax
+from baton.kernels.kv_write import write_kv
+from baton.kernels.norm import add_rms_norm
+from baton.kernels.paged_attention import extend_attention_varlen, paged_decode_attention
+from baton.kernels.rotary import apply_rotary
 
 _TORCH_OPS: dict[str, Callable] = {
     "argmax": argmax,
@@ -36,6 +37,7 @@ _TORCH_OPS: dict[str, Callable] = {
     "paged_decode_attention": paged_decode_attention,
 }
 BACKEND = "torch"  # the names imported above; use() rebinds both
+_chosen = False  # use() was called: bind_default() leaves the choice alone
 
 
 def _triton_ops() -> dict[str, Callable]:
@@ -43,7 +45,7 @@ def _triton_ops() -> dict[str, Callable]:
 
     if not (torch.cuda.is_available() or triton.knobs.runtime.interpret):
         raise RuntimeError("Triton kernels need a CUDA device, or TRITON_INTERPRET=1 on a CPU")
-    from kernels import kv_write_triton, norm_triton, paged_attention_triton, rotary_triton
+    from baton.kernels import kv_write_triton, norm_triton, paged_attention_triton, rotary_triton
 
     return {
         "argmax": argmax,  # torch's own is fast on a GPU
@@ -56,7 +58,7 @@ def _triton_ops() -> dict[str, Callable]:
 
 
 def _native_ops() -> dict[str, Callable]:
-    from kernels import (
+    from baton.kernels import (
         greedy_native,
         kv_write_native,
         norm_native,
@@ -78,7 +80,7 @@ def _native_ops() -> dict[str, Callable]:
 def use(backend: str, device: str = "cpu") -> None:
     """Bind every op to `backend`: "triton", "native", "torch", or "auto" (Triton on a CUDA
     device, else native)."""
-    global BACKEND
+    global BACKEND, _chosen
     if backend == "auto":
         backend = "triton" if device.startswith("cuda") else "native"
     if backend == "native" and native.load() is None:
@@ -87,9 +89,13 @@ def use(backend: str, device: str = "cpu") -> None:
     if backend not in ops:
         raise ValueError(f"BATON_KERNELS must be auto, triton, native or torch, not {backend!r}")
     globals().update(ops[backend]())
-    BACKEND = backend
+    BACKEND, _chosen = backend, True
 
 
-use(os.environ.get("BATON_KERNELS", "auto"))  # the engine's tensors live on the CPU
+def bind_default(device: str = "cpu") -> None:
+    """Bind $BATON_KERNELS (default auto) unless a backend was chosen already."""
+    if not _chosen:
+        use(os.environ.get("BATON_KERNELS", "auto"), device)
 
-__all__ = ["BACKEND", "use", *_TORCH_OPS]
+
+__all__ = ["BACKEND", "bind_default", "use", *_TORCH_OPS]

@@ -3,7 +3,7 @@ kernels/greedy.py, where torch runs the reduction one element at a time."""
 
 import torch
 
-from kernels import greedy, native
+from baton.kernels import greedy, native
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@ writes as kernels/kv_write.py in one call for K and V."""
 
 import torch
 
-from kernels import native
+from baton.kernels import native
 
 
 def write_kv(

@@ -4,7 +4,7 @@ against the packed copy; each output row is summed in the same order whatever th
 
 import torch
 
-from kernels import native
+from baton.kernels import native
 
 COLS = 16  # the packed weight's columns come in runs of this many (csrc/linear.c)
 

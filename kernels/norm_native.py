@@ -4,7 +4,7 @@ own order keeps fp32 logits bit for bit those of transformers, which the tests c
 
 import torch
 
-from kernels import native, norm
+from baton.kernels import native, norm
 
 
 def add_rms_norm(

@@ -9,7 +9,7 @@ prompt of a few thousand tokens (RESULTS.md, 2026-12-01)."""
 
 import torch
 
-from kernels import native, paged_attention
+from baton.kernels import native, paged_attention
 
 _DECODE = {torch.bfloat16: "paged_decode_bf16", torch.float32: "paged_decode_f32"}
 

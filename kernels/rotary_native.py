@@ -3,7 +3,7 @@ one pass over q and k, reading them where the fused qkv projection left them."""
 
 import torch
 
-from kernels import native
+from baton.kernels import native
 
 _FUNCTIONS = {torch.bfloat16: "apply_rotary_bf16", torch.float32: "apply_rotary_f32"}
 

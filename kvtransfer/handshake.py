@@ -14,8 +14,8 @@ from collections.abc import Callable
 import torch
 
 from baton import protocol as P
-from kvtransfer import nixl, shm
-from kvtransfer.base import Reader, TransferError
+from baton.kvtransfer import nixl, shm
+from baton.kvtransfer.base import Reader, TransferError
 
 log = logging.getLogger(__name__)
 

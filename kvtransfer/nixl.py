@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from baton import protocol as P
-from kvtransfer.base import Landed, TransferError, joint_runs
+from baton.kvtransfer.base import Landed, TransferError, joint_runs
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ import secrets
 import torch
 
 from baton import protocol as P
-from kvtransfer.base import Landed, joint_runs
+from baton.kvtransfer.base import Landed, joint_runs
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 
 from baton import protocol as P
-from kvtransfer.base import Landed
+from baton.kvtransfer.base import Landed
 
 
 def coalesce(block_ids: list[int]) -> list[tuple[int, int]]:

@@ -31,6 +31,9 @@ import zmq
 from baton import protocol as P
 from baton.config import EngineConfig
 from baton.engine import Engine
+from baton.kvtransfer import shm
+from baton.kvtransfer.handshake import kind, start_nixl
+from baton.kvtransfer.zmq import block_frames
 from baton.probe import Probe
 from baton.request import Sequence
 from baton.scheduler import SampledToken
@@ -44,9 +47,6 @@ from baton.service_io import (
     KVPeers,
     ServiceLoop,
 )
-from kvtransfer import shm
-from kvtransfer.handshake import kind, start_nixl
-from kvtransfer.zmq import block_frames
 
 log = logging.getLogger("baton.prefill")
 

@@ -20,7 +20,7 @@ def tiny_llama(tiny_root) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
-    from baton.model.loader import resolve_model_dir
+    from baton.model.files import resolve_model_dir
 
     return resolve_model_dir(None)
 

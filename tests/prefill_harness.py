@@ -7,8 +7,8 @@ import zmq
 
 from baton import protocol as P
 from baton.engine import Engine
+from baton.prefill.service import PrefillService
 from baton.sampling_params import SamplingParams
-from prefill.service import PrefillService
 
 
 class PrefillHarness:

@@ -28,18 +28,27 @@ def get(url: str, timeout: float = 5) -> tuple[int, bytes]:
 
 
 class Stack:
-    def __init__(self, log_dir: Path, model: Path, *args: str, prefill: int = 1, decode: int = 1):
+    def __init__(
+        self,
+        log_dir: Path,
+        model: Path,
+        *args: str,
+        prefill: int = 1,
+        decode: int = 1,
+        python: str = sys.executable,
+        cwd: Path | None = None,
+    ):
         self.log_dir = log_dir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [
-            sys.executable, "-m", "baton.cli", "up", "--model", str(model), "--dtype", "float32",
+            python, "-m", "baton.cli", "up", "--model", str(model), "--dtype", "float32",
             "--port", str(self.port), "--log-dir", str(log_dir),
             "--prefill", str(prefill), "--decode", str(decode), *args,
         ]  # fmt: skip
         up_log = log_dir.parent / f"{log_dir.name}-up.log"
         self.out = up_log.open("w")
-        self.proc = subprocess.Popen(cmd, stdout=self.out, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, stdout=self.out, stderr=subprocess.STDOUT, cwd=cwd)
         deadline = time.monotonic() + 180
         while "Baton is up" not in up_log.read_text():  # every service has registered
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -77,6 +86,9 @@ class Stack:
         while any((used := self.blocks_used()).values()) and time.monotonic() < deadline:
             time.sleep(0.2)
         return used
+
+    def pid(self, name: str) -> int:
+        return self.services()[name]["pid"]
 
     def kill(self, name: str) -> None:
         os.kill(self.services()[name]["pid"], signal.SIGKILL)

@@ -11,10 +11,10 @@ import pytest
 from stack import Stack, free_port
 from transformers import AutoTokenizer
 
-from benchmarks.bench.arms import Limits, cpu_spec, resolve
-from benchmarks.bench.load import Bench, Load, arrival_times
-from benchmarks.bench.metrics import SLO, RequestRecord, stats_ms, summarize
-from benchmarks.bench.workloads import Dist, WorkloadSpec, build, vocabulary
+from baton.bench.arms import Limits, cpu_spec, resolve
+from baton.bench.load import Bench, Load, arrival_times
+from baton.bench.metrics import SLO, RequestRecord, stats_ms, summarize
+from baton.bench.workloads import Dist, WorkloadSpec, build, vocabulary
 
 
 def record(status="ok", ttft_s=0.1, e2e_s=0.5, output_tokens=5, **kw) -> RequestRecord:

@@ -15,8 +15,8 @@ import torch
 from stack import Stack, free_port
 from transformers import AutoModelForCausalLM
 
-from gateway.app import RESUME_WAIT_S
-from kvtransfer import shm
+from baton.gateway.app import RESUME_WAIT_S
+from baton.kvtransfer import shm
 
 # small chunk budget: long prompts are split; blocks of 16 tokens
 # work stealing off: where each prompt prefills (and whether its KV moves) is then the test's

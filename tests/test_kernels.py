@@ -23,9 +23,8 @@ import torch
 from test_engine_exact import hf_greedy, prompts
 
 import baton
-import kernels
-from baton.sampling_params import SamplingParams
-from kernels import (
+from baton import kernels
+from baton.kernels import (
     greedy_native,
     kv_write,
     kv_write_native,
@@ -42,6 +41,7 @@ from kernels import (
     rotary_native,
     rotary_triton,
 )
+from baton.sampling_params import SamplingParams
 
 
 def _start_interpreter() -> None:
@@ -166,11 +166,11 @@ def test_loading_the_native_kernels_keeps_subnormal_floats():
 
 def test_without_a_working_compiler_the_torch_ops_serve(tmp_path):
     env = {**os.environ, "CC": "false", "BATON_CACHE": str(tmp_path)}  # `false` fails any build
-    probe = "import kernels; print(kernels.BACKEND, kernels.paged_decode_attention.__module__)"
+    probe = "from baton import kernels; kernels.use('auto'); print(kernels.BACKEND, kernels.paged_decode_attention.__module__)"
     out = subprocess.run(
         [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True
     )
-    assert out.stdout.split() == ["torch", "kernels.paged_attention"]
+    assert out.stdout.split() == ["torch", "baton.kernels.paged_attention"]
     assert "the kernels run on torch" in out.stderr
 
 
@@ -182,11 +182,11 @@ def test_without_openmp_the_native_kernels_still_build_and_run_serial(tmp_path):
     )
     cc.chmod(0o755)
     env = {**os.environ, "CC": str(cc), "BATON_CACHE": str(tmp_path)}
-    probe = "import kernels; print(kernels.BACKEND, kernels.paged_decode_attention.__module__)"
+    probe = "from baton import kernels; kernels.use('auto'); print(kernels.BACKEND, kernels.paged_decode_attention.__module__)"
     out = subprocess.run(
         [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True
     )
-    assert out.stdout.split() == ["native", "kernels.paged_attention_native"]
+    assert out.stdout.split() == ["native", "baton.kernels.paged_attention_native"]
     assert "the kernels run serial" in out.stderr
 
 

@@ -16,10 +16,10 @@ import torch
 import zmq
 
 from baton import protocol as P
-from kvtransfer import nixl, shm
-from kvtransfer.base import Landed, TransferError, joint_runs
-from kvtransfer.handshake import Refused, choose
-from kvtransfer.zmq import ZmqReader, block_frames
+from baton.kvtransfer import nixl, shm
+from baton.kvtransfer.base import Landed, TransferError, joint_runs
+from baton.kvtransfer.handshake import Refused, choose
+from baton.kvtransfer.zmq import ZmqReader, block_frames
 
 NUM_BLOCKS, BLOCK_NBYTES = 64, 4608
 LAYOUT = P.KVLayout("test", "bfloat16", 16, 3, 1, 6, BLOCK_NBYTES)

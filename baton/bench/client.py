@@ -5,7 +5,7 @@ import time
 
 import httpx
 
-from benchmarks.bench.metrics import RequestRecord
+from baton.bench.metrics import RequestRecord
 
 
 async def served_model(client: httpx.AsyncClient) -> str:

@@ -69,6 +69,6 @@ def add_parser(sub) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from benchmarks.bench.runner import main
+    from baton.bench.runner import main
 
     main(args)

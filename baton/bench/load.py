@@ -14,9 +14,9 @@ import httpx
 import numpy as np
 from tqdm import tqdm
 
-from benchmarks.bench.client import complete, served_model
-from benchmarks.bench.metrics import SLO, RequestRecord, summarize
-from benchmarks.bench.workloads import Dist, Session, WorkloadSpec, build
+from baton.bench.client import complete, served_model
+from baton.bench.metrics import SLO, RequestRecord, summarize
+from baton.bench.workloads import Dist, Session, WorkloadSpec, build
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

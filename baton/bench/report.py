@@ -6,8 +6,8 @@ import json
 import math
 from pathlib import Path
 
-from benchmarks.bench.load import Run
-from benchmarks.bench.metrics import SLO
+from baton.bench.load import Run
+from baton.bench.metrics import SLO
 
 RATIO_KEYS = {  # columns that carry "(ratio to the baseline)" in a comparison
     "req/s": ("request_throughput",),

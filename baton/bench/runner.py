@@ -12,13 +12,13 @@ import httpx
 import msgspec
 from transformers import AutoTokenizer
 
-from baton.cli import parse_cpus
-from baton.model.loader import resolve_model_dir
-from benchmarks.bench.arms import Arm, Limits, load_arms, resolve, running
-from benchmarks.bench.load import Bench, Load, Run
-from benchmarks.bench.metrics import SLO
-from benchmarks.bench.report import markdown, plot, write_json
-from benchmarks.bench.workloads import Dist, WorkloadSpec, vocabulary
+from baton.bench.arms import Arm, Limits, load_arms, resolve, running
+from baton.bench.load import Bench, Load, Run
+from baton.bench.metrics import SLO
+from baton.bench.report import markdown, plot, write_json
+from baton.bench.workloads import Dist, WorkloadSpec, vocabulary
+from baton.cpus import parse_cpus
+from baton.model.files import resolve_model_dir
 
 
 def workload_spec(args: argparse.Namespace) -> WorkloadSpec:

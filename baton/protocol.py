@@ -11,6 +11,9 @@ One transfer id, minted by the gateway, names a request on both legs and in ever
 (`req_id`). Block ids on the wire are always the sender's own logical ids.
 """
 
+from collections.abc import Callable
+from enum import IntEnum
+
 import msgspec
 
 from baton.sampling_params import SamplingParams
@@ -24,7 +27,7 @@ class PrefillRequest(msgspec.Struct, tag=True, frozen=True):
     params: SamplingParams
     decode_id: str  # the decode service chosen to continue it
     decode_kv_addr: str
-    num_prompt_tokens: int = -1  # < len(token_ids) when resuming with tokens already generated
+    num_prompt_tokens: int | None = None  # set when resuming with tokens already generated
 
 
 class Abort(msgspec.Struct, tag=True, frozen=True):
@@ -172,14 +175,22 @@ class KVRelease(msgspec.Struct, tag=True, frozen=True):
     num_bytes: int = 0  # what landed in the decode's blocks; 0 when nothing was copied
 
 
+class HandoffEnd(IntEnum):
+    """How one hand-off ends, the same words on both sides (kvtransfer.sender, .receiver)."""
+
+    FINISHED = 0  # the KV landed and the request runs on at the decode
+    ABORTED = 1  # the request ended normally (at its first token, or by the gateway): no error
+    FAILED = 2  # it cannot be handed off (refused, a bad offer or read): the gateway may resume
+    EXPIRED = 3  # a peer went silent past its lease or timeout: as FAILED
+
+
 class KVAbort(msgspec.Struct, tag=True, frozen=True):
-    """The sender gives up the hand-off; the receiver lets go of its blocks (a decode answers
-    KVRelease). failed=False: the request ended normally (it finished at its first token, or
-    the gateway ended it), so nobody reports an error."""
+    """One side gives up the hand-off; the other lets go of its blocks (a decode answers
+    KVRelease). Only FAILED and EXPIRED hand-offs fail their request."""
 
     req_id: str
     reason: str
-    failed: bool = True
+    end: HandoffEnd = HandoffEnd.FAILED
 
 
 class Rehello(msgspec.Struct, tag=True, frozen=True):
@@ -198,8 +209,19 @@ DecodeToPrefill = HelloReply | KVPull | KVRelease | KVAbort | Rehello | KeepAliv
 
 
 class Codec:
-    """An encoder and a typed decoder for one socket direction, built once."""
+    """An encoder and a typed decoder for one socket direction, built once. `on_bad` hears of
+    each malformed message `try_decode` drops (the service counts and logs it)."""
 
-    def __init__(self, incoming):
+    def __init__(self, incoming, on_bad: Callable[[Exception], None] | None = None):
         self.encode = msgspec.msgpack.Encoder().encode
         self.decode = msgspec.msgpack.Decoder(incoming).decode
+        self.on_bad = on_bad
+
+    def try_decode(self, raw: bytes | memoryview):
+        """The message, or None for a malformed one: a peer's garbage never stops a loop."""
+        try:
+            return self.decode(raw)
+        except msgspec.DecodeError as e:
+            if self.on_bad is not None:
+                self.on_bad(e)
+            return None

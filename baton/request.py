@@ -16,6 +16,7 @@ class SeqStatus(IntEnum):
     WAITING = 0
     RUNNING = 1
     FINISHED = 2
+    WAITING_FOR_KV = 3  # its prompt's KV is being handed to this service by a prefill
 
 
 class FinishReason(IntEnum):
@@ -41,7 +42,7 @@ class Sequence:
     req_id: str
     token_ids: list[int]  # prompt followed by the output so far
     params: SamplingParams
-    num_prompt_tokens: int = -1
+    num_prompt_tokens: int | None = None  # set: tokens after it were generated (a resume)
     num_computed_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)  # of the full blocks, chained
@@ -53,7 +54,7 @@ class Sequence:
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.token_ids)  # owned: it grows as tokens are sampled
-        if self.num_prompt_tokens < 0:
+        if self.num_prompt_tokens is None:
             self.num_prompt_tokens = len(self.token_ids)
 
     @property

@@ -94,6 +94,8 @@ class Scheduler:
         self.vocab_size = vocab_size  # None: token ids are not checked
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        # handed off by a prefill, their KV on its way (WAITING_FOR_KV), in order of offer
+        self.waiting_for_kv: dict[str, Sequence] = {}
         self.num_preemptions = 0  # sequences sent back to recompute, ever
         self.num_prefix_hit_tokens = 0  # prompt tokens whose KV the prefix cache gave, ever
 
@@ -131,6 +133,56 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.check_request(seq)
         insert_by_priority(self.waiting, seq, ahead=False)
+
+    # --- a prompt whose KV another service computed (the decode's side of a hand-off) ----
+    def add_remote(self, seq: Sequence) -> None:
+        """Take `seq` to run once its KV has landed; raises ValueError if it never can."""
+        self.check_request(seq)
+        seq.status = SeqStatus.WAITING_FOR_KV
+        self.waiting_for_kv[seq.req_id] = seq
+
+    def update_remote(self, seq: Sequence, token_ids: list[int], params) -> None:
+        """A later offer of the same prompt (streamed: the final one adds token 0)."""
+        candidate = Sequence(seq.req_id, token_ids, params, seq.num_prompt_tokens)
+        self.check_request(candidate)
+        seq.token_ids, seq.params = candidate.token_ids, params
+
+    def reserve_remote(self, seq: Sequence, num_tokens: int) -> bool:
+        """Reserve blocks for `num_tokens` of `seq`'s KV, all at once (a streamed prompt's
+        reads never wait on blocks that others hold half of), keeping enough free for the
+        running batch to grow by one block each; False while they do not fit."""
+        if seq.block_ids:
+            return True
+        if self.kv.blocks_needed(num_tokens) + len(self.running) > self.kv.pool.num_free:
+            return False
+        self.kv.allocate(seq, num_tokens)  # num_computed_tokens stays 0 until it lands
+        return True
+
+    def kv_landed(self, seq: Sequence, num_computed: int) -> None:
+        """Its KV up to `num_computed` is in its blocks: it joins the queue to run."""
+        del self.waiting_for_kv[seq.req_id]
+        keep = self.kv.blocks_needed(num_computed)  # more were reserved for a prompt cut short
+        self.kv.pool.release(seq.block_ids[keep:])
+        del seq.block_ids[keep:]
+        seq.num_computed_tokens = num_computed
+        self.kv.cache_computed(seq)
+        seq.status = SeqStatus.WAITING
+        insert_by_priority(self.waiting, seq, ahead=False)
+
+    def drop_remote(self, seq: Sequence, free: bool = True) -> None:
+        """The hand-off ended before the KV landed. `free=False`: a transfer that cannot be
+        stopped may still write its blocks, which then never return to the pool."""
+        del self.waiting_for_kv[seq.req_id]
+        if free:
+            self.kv.free(seq)
+        seq.finish(FinishReason.ABORT)
+
+    # --- the prefill's side: a prompt handed off leaves, its KV pinned by the lease -------
+    def hand_off(self, seq: Sequence) -> None:
+        """`seq`'s first token is out and its KV is offered: it leaves this service; the
+        blocks stay as long as the hand-off pins them."""
+        self.running.remove(seq)
+        self.kv.free(seq)
 
     def abort(self, req_id: str) -> Sequence | None:
         for queue in (self.running, self.waiting):
@@ -178,7 +230,7 @@ class Scheduler:
                 i += 1
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq, hit = self.waiting[0], 0
-            if not seq.block_ids:  # else its KV came with it (a hand-off)
+            if seq.num_computed_tokens == 0:  # else its KV came with it (a hand-off)
                 self.kv.match_prefix(seq)
                 hit = seq.num_computed_tokens
             n = self._chunk(seq, budget)

@@ -15,6 +15,8 @@ from prometheus_client import Counter, Gauge
 
 from baton import protocol as P
 from baton.engine import Engine
+from baton.kvtransfer.base import Stop
+from baton.kvtransfer.metrics import KVPeers
 from baton.request import Sequence
 from baton.scheduler import SampledToken, ScheduledSeq
 from baton.slo import StepTimes
@@ -27,49 +29,27 @@ KEEPALIVE_S = 1.0  # between KV peers; renews leases
 
 KV_BLOCKS_USED = Gauge("baton_kv_blocks_used", "KV blocks held", ["service"])
 KV_BLOCKS_TOTAL = Gauge("baton_kv_blocks_total", "KV blocks in the pool", ["service"])
-KV_BYTES_SENT = Counter(
-    "baton_kv_bytes_sent", "KV bytes that landed at decode services (sent or read)", ["service"]
-)
-KV_BYTES_RECEIVED = Counter("baton_kv_bytes_received", "KV bytes received", ["service"])
-KV_TRANSFERS = Counter("baton_kv_transfers", "KV hand-offs completed", ["service"])
-KV_EARLY_OFFERS = Counter(
-    "baton_kv_early_offers", "KV offered while its prompt was still prefilling", ["service"]
-)
 RECOMPUTES = Counter("baton_recomputes", "sequences preempted and recomputed", ["service"])
 PREFIX_HITS = Counter(
     "baton_prefix_cache_hit_tokens",
     "prompt tokens whose KV came from the prefix cache",
     ["service"],
 )
-LEASES_EXPIRED = Counter("baton_kv_leases_expired", "KV leases freed by expiry", ["service"])
 REQUEST_ERRORS = Counter("baton_request_errors", "requests failed by this service", ["service"])
 LOCAL_PREFILLS = Counter("baton_local_prefills", "prompts prefilled on a decode", ["service"])
 BATCH_CAP = Gauge("baton_decode_batch_cap", "decode batch cap from the TPOT target", ["service"])
 BAD_MESSAGES = Counter("baton_bad_messages", "malformed messages dropped", ["service"])
-# bytes count on both ends of a hand-off; runs (descriptors, frames, copies) where they land
-KV_TRANSPORT_BYTES = Counter(
-    "baton_kv_transport_bytes", "KV bytes handed off, by transport", ["service", "transport"]
-)
-KV_TRANSPORT_RUNS = Counter(
-    "baton_kv_transport_runs",
-    "contiguous block runs moved (one descriptor, frame or copy each), by transport",
-    ["service", "transport"],
-)
-KV_PEERS = Gauge(
-    "baton_kv_peers", "KV peers, by the transport chosen at the handshake", ["service", "transport"]
-)
 
 
 class GatewayLink:
     """DEALER to the gateway's ROUTER: tokens and heartbeats up, requests and aborts down."""
 
-    def __init__(self, ctx: zmq.Context, gateway_addr: str, service_id: str):
+    def __init__(self, ctx: zmq.Context, gateway_addr: str, service_id: str, codec: P.Codec):
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, service_id.encode())
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(gateway_addr)
-        self.codec = P.Codec(P.ToService)
-        self.service_id = service_id
+        self.codec = codec
 
     def send(self, msg) -> None:
         self.sock.send(self.codec.encode(msg))
@@ -77,35 +57,9 @@ class GatewayLink:
     def recv_all(self) -> list:
         out = []
         while self.sock.poll(0):
-            raw = self.sock.recv()
-            try:
-                out.append(self.codec.decode(raw))
-            except msgspec.DecodeError as e:
-                BAD_MESSAGES.labels(self.service_id).inc()
-                log.warning("dropped a malformed message from the gateway: %s", e)
+            if (msg := self.codec.try_decode(self.sock.recv())) is not None:
+                out.append(msg)
         return out
-
-
-class KVPeers:
-    """The configured KV transport and the one chosen with each peer, for /health and
-    /metrics (the HTTP thread reads `status`; dict copies are atomic under the GIL)."""
-
-    def __init__(self, service_id: str, configured: str):
-        self.service_id, self.configured = service_id, configured
-        self.chosen: dict[str, str] = {}  # peer -> zmq-tcp | zmq-ipc | shm | nixl | refused
-
-    def set(self, peer: str, transport: str | None) -> None:
-        """Record a handshake's outcome; None forgets the peer."""
-        touched = {self.chosen.get(peer), transport} - {None}
-        if transport is None:
-            self.chosen.pop(peer, None)
-        else:
-            self.chosen[peer] = transport
-        for t in touched:
-            KV_PEERS.labels(self.service_id, t).set(sum(v == t for v in self.chosen.values()))
-
-    def status(self) -> dict:
-        return {"transport": self.configured, "peers": dict(self.chosen)}
 
 
 class Every:
@@ -168,7 +122,9 @@ class ServiceLoop:
         self.engine, self.id = engine, service_id
         self.sched = engine.scheduler()
         self.ctx = zmq.Context()
-        self.gateway = GatewayLink(self.ctx, gateway_addr, service_id)
+        self.gateway = GatewayLink(
+            self.ctx, gateway_addr, service_id, P.Codec(P.ToService, self.count_bad)
+        )
         self.gateway_addr = gateway_addr
         self.snapshots = Every(HEARTBEAT_S)
         self.keepalives = Every(KEEPALIVE_S)
@@ -178,6 +134,7 @@ class ServiceLoop:
         self.requests_seen = 0  # PrefillRequests received (Load.requests_seen)
         self.prefix_hits_seen = 0
         self.load_changed = False  # report the load now, not at the next period
+        self.heartbeat: P.Heartbeat | None = None  # the loop's latest snapshot
         self.incarnation = f"{os.getpid()}-{time.time_ns()}"
         KV_BLOCKS_TOTAL.labels(self.id).set(engine.kv_manager.pool.num_blocks)
         for counter in (REQUEST_ERRORS, RECOMPUTES, BAD_MESSAGES, PREFIX_HITS):  # from zero
@@ -244,24 +201,13 @@ class ServiceLoop:
             self.id, self.role, self.kv_addr, load, self.incarnation, self.draining
         )
 
-    def step_units(self, batch: list[ScheduledSeq]) -> int:
-        """What a step's time scales with: prompt tokens on a prefill; on a decode the batch
-        size, counted only for pure decode steps (a recompute would skew the line)."""
-        tokens = sum(s.num_new_tokens for s in batch)
-        if self.role == "prefill":
-            return tokens
-        return len(batch) if tokens == len(batch) else 0
-
     def measured_load(self) -> P.Load:
         fixed, per_unit = self.step_times.fit() or (0.0, 0.0)
-        budget = (
-            self.sched.max_num_batched_tokens if self.role == "prefill" else self.sched.max_num_seqs
-        )
         return msgspec.structs.replace(
             self.load(),
             step_fixed_s=fixed,
             step_per_unit_s=per_unit,
-            step_budget=budget,
+            step_budget=self.step_budget(),
             requests_seen=self.requests_seen,
         )
 
@@ -292,16 +238,32 @@ class ServiceLoop:
             return False
         return True
 
+    def apply(self, stops: list[Stop]) -> None:
+        """Stop the requests whose KV hand-off ended them here (kvtransfer.base.Stop)."""
+        for stop in stops:
+            self.sched.abort(stop.req_id)
+            if stop.why is not None:
+                self.fail(stop.req_id, stop.why, stop.retryable)
+
+    def count_bad(self, e: Exception) -> None:
+        """A malformed message was dropped (protocol.Codec.try_decode)."""
+        BAD_MESSAGES.labels(self.id).inc()
+        log.warning("%s dropped a malformed message: %s", self.id, e)
+
     def fail(self, req_id: str, message: str, retryable: bool = False) -> None:
         REQUEST_ERRORS.labels(self.id).inc()
         self.gateway.send(P.RequestError(req_id, message, retryable))
 
     def status(self) -> tuple[bool, dict]:
-        ok = time.monotonic() - self.last_tick < 30
+        """/health, from the loop's latest snapshot (this runs on the probe's thread)."""
+        hb = self.heartbeat
+        if hb is None:
+            return False, {"service": self.id, "status": "starting"}
+        ok = time.monotonic() - self.last_tick < STALL_S
         return ok, {
             "service": self.id,
             "role": self.role,
-            "load": msgspec.to_builtins(self.measured_load()),
+            "load": msgspec.to_builtins(hb.load),
             "kv": self.kv_peers.status(),
         }
 
@@ -323,6 +285,14 @@ class ServiceLoop:
         return 0.05
 
     def housekeeping(self) -> None:
+        raise NotImplementedError
+
+    def step_units(self, batch: list[ScheduledSeq]) -> int:
+        """What a step's time scales with (baton.slo's units)."""
+        raise NotImplementedError
+
+    def step_budget(self) -> int:
+        """The units one step can take."""
         raise NotImplementedError
 
     def load(self) -> P.Load:

@@ -24,6 +24,20 @@ class TransferError(Exception):
     """A peer's blocks cannot be read (it died, or it is gone from the transport)."""
 
 
+class Unreachable(Exception):
+    """No socket can connect to a peer's address."""
+
+
+class Stop(NamedTuple):
+    """A request whose hand-off ended so that it stops at this service: the service aborts
+    its sequence, and tells the gateway `why` unless None (then the request ended anyway, or
+    the other side reports it). retryable: another service may resume it."""
+
+    req_id: str
+    why: str | None
+    retryable: bool = True
+
+
 class Landed(NamedTuple):
     """A read that ended: its bytes are in the destination blocks, unless `error`."""
 

@@ -62,7 +62,7 @@ def test_blocks_offered_mid_prefill_stay_pinned_after_an_abort_until_the_decode_
     h.send(h.up.encode(P.Abort("gone")))
     h.step_until(lambda: any(isinstance(m, P.KVAbort) for m in h.received))
     abort = next(m for m in h.received if isinstance(m, P.KVAbort))
-    assert abort.req_id == "gone" and not abort.failed  # the gateway ended it: no error
+    assert abort.req_id == "gone" and abort.end == P.HandoffEnd.ABORTED  # no error
     # the blocks not offered are free; the offered ones may still be read by the decode
     assert used(h) == len(offers(h, "gone")[-1].block_ids) > 0
     assert h.service.sched.running == [] and not h.service.sched.waiting
@@ -81,7 +81,7 @@ def test_a_prompt_that_finishes_at_its_first_token_lets_its_decode_go(harness):
 
 def test_with_streaming_off_one_offer_after_the_whole_prompt(harness):
     h = harness
-    h.service.stream_kv = False
+    h.service.sender.stream = False
     h.request("whole", token_ids=PROMPT)
     h.wait(P.TokenOutput, "whole")
     h.step_until(lambda: offers(h, "whole"))
@@ -93,7 +93,7 @@ def test_an_ended_lease_expires_even_while_its_decode_keeps_answering(harness):
     """A decode that never knew the request (it restarted) keeps the peer alive with its
     keep-alives but never releases: the pins go once the lease runs out after the end."""
     h = harness
-    h.service.lease_s = 0.5
+    h.service.sender.lease_s = 0.5
     h.request("orphan", token_ids=PROMPT)
     h.step_until(lambda: offers(h, "orphan"))
     h.send(h.up.encode(P.Abort("orphan")))

@@ -1,9 +1,9 @@
 """Chaos: 2 prefill + 2 decode under a steady stream of requests while a driver kills -9 and
-restarts random services and clients walk away at random moments.
+restarts random services and clients walk away at random moments, all drawn from one seed.
 
-No request may hang past its deadline; every greedy stream that completes is token-exact
-against transformers (failover resumes the ones whose service died); every failure is a clear
-error; when the load stops, every live service's KV blocks return to zero."""
+Every stream completes token-exact against transformers (failover resumes the ones whose
+service died) or ends with an error that says why; none goes STALL_S without a word; when the
+load stops, every live service's KV blocks return to zero."""
 
 import asyncio
 import json
@@ -14,18 +14,18 @@ import subprocess
 import time
 
 import httpx
+from reference import ENGINE, hf_greedy
 from stack import Stack, get
-from test_disagg import ENGINE, hf_greedy
 
 NEW = 32
 DEADLINE_S = 60
+STALL_S = 10  # a stream that says nothing for this long has hung
+SEED = int(os.environ.get("BATON_CHAOS_SEED", "20261206"))  # set it to replay another run
 
 
 def test_kills_restarts_and_disconnects_under_load(tmp_path, tiny_text_model):
-    rng = random.Random()
-    seed = rng.randrange(1 << 30)
-    rng.seed(seed)
-    print(f"chaos seed {seed}")
+    print(f"chaos seed {SEED} (BATON_CHAOS_SEED)")
+    rng = random.Random(SEED)
     prompts = [[rng.randrange(3, 49152) for _ in range(rng.randrange(4, 80))] for _ in range(64)]
     expected = hf_greedy(tiny_text_model, prompts, NEW)
     stack = Stack(tmp_path / "logs", tiny_text_model, *ENGINE, prefill=2, decode=2)
@@ -39,12 +39,15 @@ def test_kills_restarts_and_disconnects_under_load(tmp_path, tiny_text_model):
                 "stream": True, "return_token_ids": True}  # fmt: skip
         leave_after = rng.uniform(0.01, 1.0) if rng.random() < 0.2 else None
         tokens: list[int] = []
+        loop = asyncio.get_running_loop()
         try:
             async with (
                 asyncio.timeout(leave_after),
+                asyncio.timeout(STALL_S) as stall,
                 http.stream("POST", "/v1/completions", json=body) as r,
             ):
                 async for line in r.aiter_lines():
+                    stall.reschedule(loop.time() + STALL_S)
                     if line.startswith("data: {"):
                         msg = json.loads(line[6:])
                         if "error" in msg:
@@ -56,7 +59,7 @@ def test_kills_restarts_and_disconnects_under_load(tmp_path, tiny_text_model):
                         return
             outcome[i] = ("cut", tokens, f"HTTP {r.status_code}")
         except TimeoutError:
-            outcome[i] = ("left", tokens, "")
+            outcome[i] = ("hung" if stall.expired() else "left", tokens, "")
 
     async def chaos() -> None:
         """Kill and restart until the clients are done; a killed service always comes back."""
@@ -93,12 +96,13 @@ def test_kills_restarts_and_disconnects_under_load(tmp_path, tiny_text_model):
         print(f"chaos: {len(prompts)} requests, {kills} kills, {migrations:.0f} migrations, "
               f"{ends.count('done')} done, {ends.count('left')} left, "
               f"{ends.count('error')} failed: {[e for _, _, e in outcome.values() if e]}")  # fmt: skip
-        assert len(outcome) == len(prompts) and "cut" not in ends
+        assert len(outcome) == len(prompts)
         for i, (how, tokens, error) in outcome.items():
+            assert how in ("done", "error", "left"), f"request {i}: {how} {error}"
             if how == "done":
                 assert tokens == expected[i], f"request {i} diverged"
             elif how == "error":
-                assert error, "a failure must say why"
+                assert len(error) > 10, f"request {i}: a failure must say why, not {error!r}"
         assert ends.count("done") > len(prompts) // 2  # failover kept most streams alive
 
         def used() -> dict[str, int]:

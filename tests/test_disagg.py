@@ -11,17 +11,12 @@ import time
 
 import httpx
 import pytest
-import torch
+from reference import ENGINE, hf_greedy
 from stack import Stack, free_port
-from transformers import AutoModelForCausalLM
 
 from baton.gateway.app import RESUME_WAIT_S
 from baton.kvtransfer import shm
 
-# small chunk budget: long prompts are split; blocks of 16 tokens
-# work stealing off: where each prompt prefills (and whether its KV moves) is then the test's
-# to say, not a race between concurrent prompts
-ENGINE = ("--max-num-batched-tokens", "32", "--num-blocks", "160", "--busy-prefill-tokens", "0")
 NEW = 24
 
 
@@ -34,18 +29,6 @@ def workload(n: int = 16, seed: int = 3) -> list[list[int]]:
         own = [rng.randrange(3, 49152) for _ in range(length)]
         prompts.append(shared + own if i % 4 == 0 else own)  # every 4th shares a prefix
     return prompts
-
-
-def hf_greedy(model_dir, prompts, new) -> list[list[int]]:
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    hf.generation_config.eos_token_id = None
-    hf.generation_config.pad_token_id = 0
-    out = []
-    for ids in prompts:
-        x = torch.tensor([ids])
-        y = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new, do_sample=False)
-        out.append(y[0, len(ids) :].tolist())
-    return out
 
 
 async def complete_all(url: str, prompts, **kw) -> list[dict]:

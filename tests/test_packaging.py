@@ -26,8 +26,8 @@ def wheel(tmp_path_factory) -> Path:
     skip = (".git", ".venv", "logs", "build", "*.egg-info", "__pycache__", "results", ".*cache")
     shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(*skip))
     out = src.parent / "dist"
-    pip = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
-    subprocess.run([*pip, "-w", str(out), str(src)], check=True)
+    pip = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(src)]
+    subprocess.run(pip, check=True)
     return next(out.glob("baton_serve-*.whl"))
 
 

@@ -1,0 +1,22 @@
+"""What the multi-process tests share: the engine flags their stacks run with, and
+transformers' greedy output, the reference every served token is compared with."""
+
+import torch
+from transformers import AutoModelForCausalLM
+
+# small chunk budget: long prompts are split; blocks of 16 tokens
+# work stealing off: where each prompt prefills (and whether its KV moves) is then the test's
+# to say, not a race between concurrent prompts
+ENGINE = ("--max-num-batched-tokens", "32", "--num-blocks", "160", "--busy-prefill-tokens", "0")
+
+
+def hf_greedy(model_dir, prompts, new) -> list[list[int]]:
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    out = []
+    for ids in prompts:
+        x = torch.tensor([ids])
+        y = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new, do_sample=False)
+        out.append(y[0, len(ids) :].tolist())
+    return out

@@ -74,6 +74,7 @@ class DecodeService(ServiceLoop):
             self.send_kv,
             transfer_timeout_s,
             peer_timeout_s,
+            on_bad=self.count_bad,
         )
         self.kv_peers = self.receiver.kv_peers
         self.preemptions_seen = 0
@@ -96,7 +97,9 @@ class DecodeService(ServiceLoop):
                 LOCAL_PREFILLS.labels(self.id).inc()
         while self.kv_sock.poll(0):
             identity, *frames = self.kv_sock.recv_multipart(copy=False)
-            if len(frames) and (msg := self.codec.try_decode(frames[0].buffer)) is not None:
+            if not frames:
+                self.count_bad(ValueError("an empty message"))
+            elif (msg := self.codec.try_decode(frames[0].buffer)) is not None:
                 self.receiver.on_message(identity.bytes, msg, [f.buffer for f in frames[1:]])
         self.receiver.pull()
         self.apply(self.receiver.stops())

@@ -1,15 +1,16 @@
 """Admission: accept a request only if it can meet the TTFT target, else 429 at once.
 
 Two checks, in order: the count of requests in flight (`max_queued_requests`), then, under the
-`slo` policy, the TTFT the least-loaded prefill would give this prompt, predicted from that
-prefill's measured step times (baton.slo.admit).
+`slo` policy, the TTFT the prefill its prompts are placed on would give them, predicted from
+that prefill's measured step times (baton.slo.admit). Where the prompts go is the router's
+call (gateway/router.py), made before: admission only says yes or no to it.
 """
 
 from dataclasses import dataclass
 
 from baton.config import GatewayConfig, SLOConfig
 from baton.gateway import metrics as M
-from baton.gateway.router import Registry, prefill_cost
+from baton.gateway.router import Placement, prefill_cost
 from baton.slo import Calibration, admit
 
 
@@ -21,7 +22,7 @@ class Overloaded(RuntimeError):
 
 @dataclass
 class Admitted:
-    prefills: list[str | None]  # per prompt: the prefill it is reserved on
+    placements: list[Placement]  # one per prompt
     predicted_ttft_s: float | None = None
 
 
@@ -38,33 +39,30 @@ class Admission:
         self.calibration.observe(admitted.predicted_ttft_s, ttft_s)
         M.TTFT_CALIBRATION.set(self.calibration.ratio)
 
-    def check(
-        self, registry: Registry, inflight: int, num_prompts: int, remote: list[list[int]]
-    ) -> Admitted:
-        """The prefill each `remote` prompt is reserved on (None: none registered); raises
-        Overloaded instead when the request should not be taken. Prompts prefilled on their
-        decode count against the in-flight limit only."""
-        if inflight + num_prompts > self.max_inflight:
+    def check(self, inflight: int, placements: list[Placement]) -> Admitted:
+        """Takes a request placed so, or raises Overloaded. Prompts prefilled on their decode
+        count against the in-flight limit only."""
+        if inflight + len(placements) > self.max_inflight:
             M.REJECTED.labels("queue_full").inc()
             raise Overloaded(f"{inflight} requests in flight (limit {self.max_inflight})", 1)
-        if not remote:
-            return Admitted([])
-        predicted = None
-        p = min(registry.pool("prefill"), key=prefill_cost, default=None)
-        measured = p is not None and p.load.step_fixed_s + p.load.step_per_unit_s > 0
-        if self.policy == "slo" and measured:
-            fit = (p.load.step_fixed_s, p.load.step_per_unit_s)
-            tokens = sum(map(len, remote))
-            budget = p.load.step_budget or tokens
-            scale = self.calibration.ratio
-            ahead = p.load.ahead_tokens + p.inflight_tokens
-            queued = int(prefill_cost(p))
-            chunk = p.load.chunk_tokens
-            decision = admit(queued, tokens, fit, budget, self.ttft_s, scale, ahead, chunk)
-            predicted = decision.predicted_ttft_s
-            M.PREDICTED_TTFT.observe(predicted or 0.0)
-            if not decision.admitted:
-                M.REJECTED.labels("ttft_slo").inc()
-                raise Overloaded(decision.reason, decision.retry_after_s)
-        reserved = [registry.pick_prefill(len(ids)) for ids in remote]
-        return Admitted([s.id if s else None for s in reserved], predicted)
+        remote = [p for p in placements if p.prefill is not None]
+        if not remote or self.policy != "slo":
+            return Admitted(placements)
+        # the least loaded of its prefills, with all of its prompts: a bound, not a split
+        p = min((r.prefill for r in remote), key=prefill_cost)
+        if p.load.step_fixed_s + p.load.step_per_unit_s <= 0:  # not measured yet
+            return Admitted(placements)
+        fit = (p.load.step_fixed_s, p.load.step_per_unit_s)
+        tokens = sum(r.num_tokens for r in remote)
+        budget = p.load.step_budget or tokens
+        scale = self.calibration.ratio
+        ahead = p.load.ahead_tokens + p.inflight_tokens
+        queued = int(prefill_cost(p))
+        decision = admit(
+            queued, tokens, fit, budget, self.ttft_s, scale, ahead, p.load.chunk_tokens
+        )
+        M.PREDICTED_TTFT.observe(decision.predicted_ttft_s or 0.0)
+        if not decision.admitted:
+            M.REJECTED.labels("ttft_slo").inc()
+            raise Overloaded(decision.reason, decision.retry_after_s)
+        return Admitted(placements, decision.predicted_ttft_s)

@@ -8,7 +8,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from baton.gateway.openai_types import error_body
+from baton.gateway.openai_types import error_response
 
 # far above what any context admits (a 128k-token prompt is ~1 MB of JSON)
 MAX_BODY_BYTES = 8 << 20
@@ -28,7 +28,8 @@ class BodyLimit:
         message = f"the request body is over {self.max_bytes} bytes"
         declared = Headers(scope=scope).get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_bytes:
-            response = JSONResponse(error_body(message, "invalid_request_error", 413), 413)
+            body = error_response(message, "invalid_request_error", 413).model_dump()
+            response = JSONResponse(body, 413)
             return await response(scope, receive, send)
         num_bytes = 0
 

@@ -1,7 +1,8 @@
-"""OpenAI request and response shapes (pydantic, as FastAPI wants)."""
+"""OpenAI request and response shapes (pydantic): FastAPI validates the requests with them,
+the serving code builds every OpenAI response from them, and /openapi.json documents both."""
 
 import time
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
 from pydantic import BaseModel, Field, StrictInt
 
@@ -53,6 +54,128 @@ class ChatRequest(_Sampling):
     top_logprobs: StrictInt | None = Field(default=None, ge=0, le=20)
 
 
+# --- responses (vLLM's entrypoints/openai/protocol.py, trimmed to what Baton answers) --------
+
+FinishReason = Literal["stop", "length"]
+
+
+def now() -> int:
+    return int(time.time())
+
+
+T = TypeVar("T")
+# a field left out of the JSON when None: the official shapes omit these, not null them
+Omitted = Annotated[T | None, Field(exclude_if=lambda v: v is None)]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float]]
+
+
+class CompletionChoice(BaseModel):
+    """One choice of a completion, or of one of its stream chunks (the same shape)."""
+
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: FinishReason | None
+    token_ids: Omitted[list[int]] = None  # vLLM's extension, with `return_token_ids`
+
+
+class _Head(BaseModel):
+    """What every response and stream chunk starts with."""
+
+    id: str
+    object: str
+    created: int
+    model: str
+
+
+class CompletionResponse(_Head):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class CompletionStreamResponse(_Head):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
+    usage: Omitted[Usage] = None  # only on the last chunk, with `include_usage`
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+
+
+class ChatLogprob(BaseModel):
+    token: str
+    logprob: float | None
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatLogprob]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class DeltaMessage(BaseModel):
+    role: Omitted[Literal["assistant"]] = None  # only on a choice's first chunk
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None
+    finish_reason: FinishReason | None
+    token_ids: Omitted[list[int]] = None
+
+
+class ChatStreamChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChatLogprobs | None
+    finish_reason: FinishReason | None
+    token_ids: Omitted[list[int]] = None
+
+
+class ChatCompletionResponse(_Head):
+    object: Literal["chat.completion"] = "chat.completion"
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatCompletionStreamResponse(_Head):
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    choices: list[ChatStreamChoice]
+    usage: Omitted[Usage] = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=now)
+    owned_by: str = "baton"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
 class ErrorDetail(BaseModel):
     message: str
     type: str
@@ -64,15 +187,5 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-def now() -> int:
-    return int(time.time())
-
-
-def error_body(message: str, type_: str, code: int, param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+def error_response(message: str, type_: str, code: int, param: str | None = None) -> ErrorResponse:
+    return ErrorResponse(error=ErrorDetail(message=message, type=type_, param=param, code=code))

@@ -1,15 +1,24 @@
-"""The pool registry and the routing policies (plain Python).
+"""The pool registry and the routing policy (plain Python).
 
 Services register by heartbeat and are dropped when silent for `timeout_s`, so pools grow
-and shrink while running. Routing is decode first: the decode with the most free KV blocks
-per running sequence, then the prefill with the fewest outstanding prompt tokens.
+and shrink while running. Routing is one decision per prompt, decode first: the decode with
+the most free KV blocks per running sequence (or the one that holds the prompt's prefix), then
+whether that decode prefills it itself, else the prefill with the fewest outstanding prompt
+tokens.
 """
 
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from enum import Enum
 
 from baton import protocol as P
+from baton.gateway.prefix_index import PrefixIndex
+from baton.slo import STEAL_SHARE
+
+
+class NoCapacity(RuntimeError):
+    pass
 
 
 @dataclass
@@ -21,7 +30,8 @@ class Service:
     last_seen: float
     incarnation: str = ""
     draining: bool = False
-    reserved_tokens: int = 0  # prompt tokens admitted for it and not sent yet
+    reserved_tokens: int = 0  # prefill: prompt tokens admitted for it and not sent yet
+    reserved_requests: int = 0  # decode: requests admitted for it and not sent yet
     num_sent: int = 0  # prompts sent to it, ever (its Load.requests_seen counts them there)
     # (number, prompt tokens) of prompts sent that its last heartbeat did not count yet
     unreported: deque[tuple[int, int]] = field(default_factory=deque)
@@ -43,17 +53,20 @@ class Service:
         self.load = load
         while self.unreported and self.unreported[0][0] <= load.requests_seen:
             self.unreported.popleft()
-        self.reserved_tokens = 0  # admission and send are one step of one request
+        # admission and send are one step of one request: what is left was never sent
+        self.reserved_tokens = self.reserved_requests = 0
 
 
-def decode_cost(s: Service) -> float:
-    """Lower is better: a decode with free blocks and a short batch takes the next request."""
+def decode_cost(s: Service, placed: int = 0) -> float:
+    """Lower is better: a decode with free blocks and a short batch takes the next request.
+    `placed`: requests just placed on it, not reserved yet."""
     free = s.load.free_blocks / max(s.load.total_blocks, 1)
-    return (len(s.requests) + s.load.running) / 64 - free
+    return (len(s.requests) + s.reserved_requests + placed + s.load.running) / 64 - free
 
 
-def prefill_cost(s: Service) -> float:
-    return s.load.queued_tokens + s.inflight_tokens
+def prefill_cost(s: Service, placed: int = 0) -> float:
+    """The prompt tokens queued at a prefill, `placed` (just placed there) included."""
+    return s.load.queued_tokens + s.inflight_tokens + placed
 
 
 class Registry:
@@ -87,16 +100,105 @@ class Registry:
         """The services of `role` taking new work (a draining one finishes its own)."""
         return [s for s in self.services.values() if s.role == role and not s.draining]
 
-    def pick_decode(self, avoid: set[str] = frozenset()) -> Service | None:
-        """The best decode not in `avoid` (suspects of a failure), else the best one."""
-        pool = self.pool("decode")
-        return min([s for s in pool if s.id not in avoid] or pool, key=decode_cost, default=None)
+    def live(self, service: Service) -> bool:
+        """Whether `service` is registered (not a dead or restarted one's record) and takes
+        new work."""
+        return self.services.get(service.id) is service and not service.draining
 
-    def pick_prefill(self, num_tokens: int, avoid: set[str] = frozenset()) -> Service | None:
-        """The least-loaded prefill not in `avoid`, with the prompt counted against it until
-        its next heartbeat reports it."""
-        pool = [s for s in self.pool("prefill") if s.id not in avoid]
-        prefill = min(pool, key=prefill_cost, default=None)
-        if prefill is not None:
-            prefill.reserved_tokens += num_tokens
-        return prefill
+
+class Why(Enum):
+    """Why a prompt prefills where it does; but for REMOTE, the `why` label of
+    baton_local_prefills_routed_total."""
+
+    CACHED = "cached"  # its decode holds its prefix (it served the turns before)
+    SHORT = "short"  # cheaper on its decode than handed off, or no prefill is left to take it
+    STOLEN = "stolen"  # it would queue behind every prefill: its decode's core takes it
+    REMOTE = "remote"  # a prefill computes it and hands its KV to the decode
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one prompt of `num_tokens` goes: its decode, and the prefill that hands it its
+    KV, or None where the decode prefills it itself."""
+
+    decode: Service
+    prefill: Service | None
+    why: Why
+    num_tokens: int
+
+    @property
+    def prefiller(self) -> Service:
+        """The service its prompt is sent to, which computes it."""
+        return self.prefill or self.decode
+
+
+class Router:
+    """Conditional disaggregation. A turn whose prefix a decode still holds goes there when at
+    most `cached_prefill_tokens` of it are new: that computes only the new tokens and moves no
+    KV. A prompt up to `local_prefill_tokens` costs less to prefill on its decode than to hand
+    off; with no prefill left (aggregated, or all gone) every prompt does, rather than fail.
+    And work stealing: a prompt up to `busy_prefill_tokens` that would queue behind every
+    prefill goes to a decode whose own prompts to prefill, this one included, come to at most
+    STEAL_SHARE of the shortest prefill queue (its core also decodes: it gets the smaller
+    share)."""
+
+    def __init__(
+        self,
+        local_prefill_tokens: int = 0,
+        busy_prefill_tokens: int = 0,
+        cached_prefill_tokens: int = 0,
+        block_size: int = 16,
+        service_timeout_s: float = 3.0,
+    ):
+        self.registry = Registry(service_timeout_s)
+        self.prefixes = PrefixIndex(block_size)  # what each decode served (cached_prefill)
+        self.local_prefill_tokens = local_prefill_tokens
+        self.busy_prefill_tokens = busy_prefill_tokens
+        self.cached_prefill_tokens = cached_prefill_tokens
+
+    def place(self, prompts: list[list[int]], avoid: set[str] = frozenset()) -> list[Placement]:
+        """Each prompt's placement, away from the services in `avoid` (suspects of a failure)
+        where others are live; raises NoCapacity with no decode. Changes nothing: the prompts
+        placed before count against the services for the next, and `reserve` counts them for
+        good once admitted."""
+        placements: list[Placement] = []
+        for ids in prompts:
+            placements.append(self._place_one(ids, avoid, placements))
+        return placements
+
+    def _place_one(self, ids: list[int], avoid: set[str], before: list[Placement]) -> Placement:
+        def decode_load(s: Service) -> float:
+            return decode_cost(s, sum(p.decode is s for p in before))
+
+        def prefill_load(s: Service) -> float:
+            return prefill_cost(s, sum(p.num_tokens for p in before if p.prefill is s))
+
+        n = len(ids)
+        decodes = self.registry.pool("decode")
+        spared = [s for s in decodes if s.id not in avoid]
+        if self.cached_prefill_tokens and spared:
+            hits = self.prefixes.cached_tokens(ids)
+            if held := [s for s in spared if s.id in hits]:
+                # the most of it held; among equals (a shared system prompt) the least loaded
+                best = max(held, key=lambda s: (hits[s.id], -decode_load(s)))
+                if n - hits[best.id] <= self.cached_prefill_tokens:
+                    return Placement(best, None, Why.CACHED, n)
+        decode = min(spared or decodes, key=decode_load, default=None)
+        if decode is None:
+            raise NoCapacity("no decode service is available")
+        prefills = [s for s in self.registry.pool("prefill") if s.id not in avoid]
+        if n <= self.local_prefill_tokens or not prefills:
+            return Placement(decode, None, Why.SHORT, n)
+        queued = min(map(prefill_load, prefills))
+        stolen = n + sum(p.num_tokens for p in before if p.why is Why.STOLEN)
+        if n <= self.busy_prefill_tokens and decode.local_tokens + stolen <= STEAL_SHARE * queued:
+            return Placement(decode, None, Why.STOLEN, n)
+        return Placement(decode, min(prefills, key=prefill_load), Why.REMOTE, n)
+
+    def reserve(self, placements: list[Placement]) -> None:
+        """Count admitted placements on their services at once, so the next placement sees
+        them before they are sent (Service.sent_prompt and Backend.submit uncount them)."""
+        for p in placements:
+            p.decode.reserved_requests += 1
+            if p.prefill is not None:
+                p.prefill.reserved_tokens += p.num_tokens

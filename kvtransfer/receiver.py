@@ -85,9 +85,11 @@ class KVReceiver:
         transfer_timeout_s: float = 30.0,
         peer_timeout_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        on_bad: Callable[[Exception], None] = lambda e: None,
     ):
+        """on_bad: hears of each message dropped as malformed (the service counts them)."""
         self.id, self.sched, self.layout = service_id, sched, layout
-        self.choose_reader, self._send, self.clock = choose_reader, send, clock
+        self.choose_reader, self._send, self.clock, self.on_bad = choose_reader, send, clock, on_bad
         self.transfer_timeout_s, self.peer_timeout_s = transfer_timeout_s, peer_timeout_s
         self.pending: dict[str, Pending] = {}
         self.peers: dict[bytes, PrefillPeer] = {}
@@ -155,7 +157,7 @@ class KVReceiver:
             count_end(self.id, HandoffEnd.ABORTED)
             return
         if p is not None and (p.peer != peer_id or p.final):
-            log.warning("dropped a repeated offer of %s", offer.req_id)  # it would orphan blocks
+            self.on_bad(ValueError(f"a repeated offer of {offer.req_id}"))  # it would orphan blocks
             return
         ids = offer.block_ids
         try:

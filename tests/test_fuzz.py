@@ -123,6 +123,16 @@ def test_fuzzed_http_requests_get_no_5xx(stack, reference, mode):
     call()
 
 
+def test_success_bodies_have_a_schema_for_the_fuzzer_to_check(stack):
+    """response_schema_conformance checks a 200 body only against a schema the route declares:
+    without one every success would pass unchecked."""
+    paths = httpx.get(f"{stack.url}/openapi.json", timeout=5).json()["paths"]
+    routes = [("/v1/completions", "post"), ("/v1/chat/completions", "post"), ("/v1/models", "get")]
+    for path, method in routes:
+        content = paths[path][method]["responses"]["200"]["content"]
+        assert content["application/json"]["schema"]["$ref"], path
+
+
 def test_still_serving_after_http_fuzz(stack, reference):
     assert_still_serving(stack, reference)
 

@@ -3,13 +3,14 @@
 import asyncio
 
 import msgspec
+import pytest
 import zmq
 
 from baton import protocol as P
 from baton.config import GatewayConfig, SLOConfig
-from baton.gateway.admission import Admission
-from baton.gateway.backend import LOCAL, Backend
-from baton.gateway.router import prefill_cost
+from baton.gateway.admission import Admission, Overloaded
+from baton.gateway.backend import Backend, Stream
+from baton.gateway.router import NoCapacity, Router, Why, prefill_cost
 from baton.sampling_params import SamplingParams
 from baton.slo import STEAL_SHARE
 
@@ -21,34 +22,51 @@ def heartbeat(
     return P.Heartbeat(service_id, role, "tcp://127.0.0.1:1" if role == "decode" else "", load)
 
 
-def local(backend: Backend, num_tokens: int) -> str:
-    """Why a prompt of `num_tokens` would prefill on a decode ("": it is handed off)."""
-    return backend.local_decode(list(range(num_tokens)))[1]
+def gateway(*services: tuple[str, str], max_queued: int = 256, **router: int) -> Backend:
+    """The gateway's backend with these (id, role) services registered, routing with the
+    `router` settings."""
+    admission = Admission(GatewayConfig(max_queued_requests=max_queued), SLOConfig())
+    backend = Backend("tcp://127.0.0.1:0", admission, Router(**router), aggregated=False)
+    for sid, role in services:
+        backend.registry.heartbeat(heartbeat(sid, role))
+    return backend
+
+
+def prompt(num_tokens: int, first: int = 0) -> list[int]:
+    return list(range(first, first + num_tokens))
+
+
+def why(backend: Backend, ids: list[int], avoid: set[str] = frozenset()) -> Why:
+    """Why a prompt would prefill where it would."""
+    return backend.router.place([ids], avoid)[0].why
+
+
+async def send(backend: Backend, ids: list[int]) -> Stream:
+    """Admit a one-prompt request and send it as placed."""
+    (placement,) = backend.admit([ids]).placements
+    return await backend.submit(placement, ids, SamplingParams(max_tokens=4))
 
 
 def test_a_busy_prefill_lends_short_prompts_to_a_decode_while_its_own_queue_is_shorter():
     async def scenario() -> None:
-        admission = Admission(GatewayConfig(), SLOConfig())
-        backend = Backend("tcp://127.0.0.1:0", admission, busy_prefill_tokens=64)
+        backend = gateway(("prefill-0", "prefill"), ("decode-0", "decode"), busy_prefill_tokens=64)
         registry = backend.registry
-        registry.heartbeat(heartbeat("prefill-0", "prefill"))
-        registry.heartbeat(heartbeat("decode-0", "decode"))
-        assert local(backend, 10) == ""  # an idle prefill takes it, as always
+        assert why(backend, prompt(10)) is Why.REMOTE  # an idle prefill takes it, as always
         # the decode's own prompts to prefill may come to STEAL_SHARE of the prefill's queue
         registry.heartbeat(heartbeat("prefill-0", "prefill", queued_tokens=200))
         share = int(STEAL_SHARE * 200)
-        assert local(backend, 20) == "stolen"  # it would queue: the decode's core takes it
-        assert local(backend, 65) == ""  # longer than the decode may take
+        assert why(backend, prompt(20)) is Why.STOLEN  # it would queue: the decode's core takes it
+        assert why(backend, prompt(65)) is Why.REMOTE  # longer than the decode may take
         # its prompts count until their first tokens come back (or they end)
-        stream = await backend.submit(list(range(40)), SamplingParams(max_tokens=4))
+        stream = await send(backend, prompt(40))
         decode = registry.services["decode-0"]
         assert stream.prefill_id == stream.decode_id == "decode-0"
         assert decode.local_tokens == 40
-        assert local(backend, share - 40) == "stolen"
-        assert local(backend, share - 39) == ""
+        assert why(backend, prompt(share - 40)) is Why.STOLEN
+        assert why(backend, prompt(share - 39)) is Why.REMOTE
         await backend.finish(stream)
         assert decode.local_tokens == 0
-        assert local(backend, share) == "stolen"
+        assert why(backend, prompt(share)) is Why.STOLEN
         await backend.close()
 
     asyncio.run(scenario())
@@ -56,16 +74,16 @@ def test_a_busy_prefill_lends_short_prompts_to_a_decode_while_its_own_queue_is_s
 
 def test_stolen_prompts_of_one_request_share_one_allowance_and_a_restart_drops_them():
     async def scenario() -> None:
-        admission = Admission(GatewayConfig(), SLOConfig())
-        backend = Backend("tcp://127.0.0.1:0", admission, busy_prefill_tokens=64)
+        backend = gateway(("decode-0", "decode"), busy_prefill_tokens=64)
         registry = backend.registry
         registry.heartbeat(heartbeat("prefill-0", "prefill", queued_tokens=200))
-        registry.heartbeat(heartbeat("decode-0", "decode"))
         share = int(STEAL_SHARE * 200)
         # a request of two prompts, each within the share, both together not
-        half = list(range(share // 2 + 1))
-        assert backend.admit([half, half]).prefills == [LOCAL, "prefill-0"]
-        stream = await backend.submit(half, SamplingParams(max_tokens=4))
+        half = prompt(share // 2 + 1)
+        placements = backend.admit([half, half]).placements
+        assert [p.why for p in placements] == [Why.STOLEN, Why.REMOTE]
+        assert placements[0].prefill is None and placements[1].prefill.id == "prefill-0"
+        stream = await backend.submit(placements[0], half, SamplingParams(max_tokens=4))
         assert registry.services["decode-0"].local_tokens == len(half)
         # the decode restarts: its stolen prompt died with it, and the successor starts at 0
         restarted = P.Heartbeat("decode-0", "decode", "tcp://127.0.0.1:1", P.Load(0, 0, 64, 64))
@@ -80,10 +98,9 @@ def test_stolen_prompts_of_one_request_share_one_allowance_and_a_restart_drops_t
 
 def test_with_work_stealing_off_a_busy_prefill_still_takes_every_prompt():
     async def scenario() -> None:
-        backend = Backend("tcp://127.0.0.1:0", Admission(GatewayConfig(), SLOConfig()))
+        backend = gateway(("decode-0", "decode"))
         backend.registry.heartbeat(heartbeat("prefill-0", "prefill", queued_tokens=500))
-        backend.registry.heartbeat(heartbeat("decode-0", "decode"))
-        assert local(backend, 1) == ""
+        assert why(backend, prompt(1)) is Why.REMOTE
         await backend.close()
 
     asyncio.run(scenario())
@@ -94,14 +111,12 @@ def test_prompts_sent_after_a_heartbeats_snapshot_count_until_a_heartbeat_counts
     prompts sent since must still weigh on admission and routing."""
 
     async def scenario() -> None:
-        backend = Backend("tcp://127.0.0.1:0", Admission(GatewayConfig(), SLOConfig()))
+        backend = gateway(("prefill-0", "prefill"), ("decode-0", "decode"))
         registry = backend.registry
-        registry.heartbeat(heartbeat("prefill-0", "prefill"))
-        registry.heartbeat(heartbeat("decode-0", "decode"))
         prefill = registry.services["prefill-0"]
         # nobody is there to take it (the send fails): not counted as sent, so it cannot
         # shift the count the prefill's heartbeats are matched against
-        await backend.submit(list(range(50)), SamplingParams(max_tokens=4))
+        await send(backend, prompt(50))
         registry.heartbeat(heartbeat("prefill-0", "prefill"))
         assert prefill_cost(prefill) == 0
         ctx = zmq.Context()
@@ -112,7 +127,7 @@ def test_prompts_sent_after_a_heartbeats_snapshot_count_until_a_heartbeat_counts
             while not await backend._send("prefill-0", P.Abort("probe")):
                 await asyncio.sleep(0.05)
         for n in (100, 200):
-            await backend.submit(list(range(n)), SamplingParams(max_tokens=4))
+            await send(backend, prompt(n))
         assert prefill_cost(prefill) == 300
         # taken after the first prompt arrived, before the second: that one still counts
         registry.heartbeat(heartbeat("prefill-0", "prefill", queued_tokens=100, requests_seen=1))
@@ -127,28 +142,92 @@ def test_prompts_sent_after_a_heartbeats_snapshot_count_until_a_heartbeat_counts
 
 def test_a_turn_goes_to_the_decode_that_holds_its_prefix_when_little_of_it_is_new():
     async def scenario() -> None:
-        admission = Admission(GatewayConfig(), SLOConfig())
-        backend = Backend("tcp://127.0.0.1:0", admission, cached_prefill_tokens=32, block_size=16)
+        services = ("prefill-0", "prefill"), ("decode-0", "decode"), ("decode-1", "decode")
+        backend = gateway(*services, cached_prefill_tokens=32, block_size=16)
         registry = backend.registry
-        for sid, role in (("prefill-0", "prefill"), ("decode-0", "decode"), ("decode-1", "decode")):
-            registry.heartbeat(heartbeat(sid, role))
-        turn1 = list(range(100, 300))  # 200 tokens: handed off
-        stream = await backend.submit(turn1, SamplingParams(max_tokens=8))
+        turn1 = prompt(200, 100)  # handed off
+        stream = await send(backend, turn1)
         assert stream.prefill_id == "prefill-0"
-        answer = list(range(900, 908))
+        answer = prompt(8, 900)
         await backend.finish(stream, turn1 + answer)  # its decode now caches turn1 + answer
-        turn2 = turn1 + answer + list(range(5000, 5020))  # 20 new tokens after 208 held
-        decode, why = backend.local_decode(turn2)
-        assert (decode.id, why) == (stream.decode_id, "cached")
-        stream2 = await backend.submit(turn2, SamplingParams(max_tokens=8))
+        turn2 = turn1 + answer + prompt(20, 5000)  # 20 new tokens after 208 held
+        (placement,) = backend.router.place([turn2])
+        assert (placement.decode.id, placement.why) == (stream.decode_id, Why.CACHED)
+        stream2 = await send(backend, turn2)
         assert stream2.prefill_id == stream2.decode_id == stream.decode_id
         # too much new, a prefix nobody holds, or its decode avoided: handed off as usual
-        assert backend.local_decode(turn1 + list(range(5000, 5100)))[1] == ""
-        assert backend.local_decode(list(range(7000, 7200)))[1] == ""
-        assert backend.local_decode(turn2, avoid={stream.decode_id})[1] == ""
+        assert why(backend, turn1 + prompt(100, 5000)) is Why.REMOTE
+        assert why(backend, prompt(200, 7000)) is Why.REMOTE
+        assert why(backend, turn2, avoid={stream.decode_id}) is Why.REMOTE
         # a decode that died took its cache with it
         backend.fail_requests(registry.services[stream.decode_id])
-        assert backend.local_decode(turn2)[1] == ""
+        assert why(backend, turn2) is Why.REMOTE
+        await backend.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_request_is_placed_once_decode_first_and_counted_until_it_is_sent():
+    """Admission places every prompt, decode first, and counts it on both services at once:
+    the prompts of one request spread over the pools, and the next admission sees them before
+    any is sent; sending uncounts it (a heartbeat forgets one never sent)."""
+
+    async def scenario() -> None:
+        services = [(f"{role}-{i}", role) for role in ("prefill", "decode") for i in (0, 1)]
+        backend = gateway(*services)
+        registry = backend.registry
+        first = backend.admit([prompt(100), prompt(100)]).placements
+        assert {(p.decode.id, p.prefill.id) for p in first} == {
+            ("decode-0", "prefill-0"),
+            ("decode-1", "prefill-1"),
+        }
+        assert all(p.why is Why.REMOTE for p in first)
+        (second,) = backend.admit([prompt(30)]).placements  # both are as loaded now
+        assert registry.services["prefill-0"].reserved_tokens == 100 + 30
+        assert second.decode.reserved_requests == 2
+        for placement, ids in ((first[0], prompt(100)), (second, prompt(30))):
+            stream = await backend.submit(placement, ids, SamplingParams(max_tokens=4))
+            assert stream.req_id in registry.services[stream.decode_id].requests
+        assert second.decode.reserved_requests == 0
+        registry.heartbeat(heartbeat("decode-1", "decode"))
+        assert registry.services["decode-1"].reserved_requests == 0
+        await backend.close()
+
+    asyncio.run(scenario())
+
+
+def test_with_no_decode_nothing_is_placed_and_a_429_reserves_nothing():
+    async def scenario() -> None:
+        backend = gateway(("prefill-0", "prefill"), max_queued=1)
+        with pytest.raises(NoCapacity, match="no decode service"):
+            backend.admit([prompt(10)])
+        backend.registry.heartbeat(heartbeat("decode-0", "decode"))
+        with pytest.raises(Overloaded):
+            backend.admit([prompt(10), prompt(10)])
+        assert all(
+            s.reserved_tokens == s.reserved_requests == 0
+            for s in backend.registry.services.values()
+        )
+        await backend.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_placement_whose_service_left_before_the_send_is_made_again():
+    async def scenario() -> None:
+        services = ("prefill-0", "prefill"), ("prefill-1", "prefill"), ("decode-0", "decode")
+        backend = gateway(*services)
+        (placement,) = backend.admit([prompt(100)]).placements
+        gone = placement.prefill.id
+        del backend.registry.services[gone]  # it stopped heartbeating
+        stream = await backend.submit(placement, prompt(100), SamplingParams(max_tokens=4))
+        assert stream.prefill_id not in (gone, "decode-0")
+        # with no prefill left at all, its decode prefills it
+        (placement,) = backend.admit([prompt(100)]).placements
+        for sid in ("prefill-0", "prefill-1"):
+            backend.registry.services.pop(sid, None)
+        stream = await backend.submit(placement, prompt(100), SamplingParams(max_tokens=4))
+        assert stream.prefill_id == stream.decode_id == "decode-0"
         await backend.close()
 
     asyncio.run(scenario())

@@ -86,14 +86,16 @@ def test_chat_max_completion_tokens_is_capped_too(client):
 
 
 def test_stream_with_no_service_left_ends_in_an_error_event(client):
-    """Streams start before a service is picked: a pool that emptied must end the stream with
-    an error event, not abort the connection mid-response."""
-    body = {"prompt": "hi", "max_tokens": 4, "stream": True}
-    r = client.post("/v1/completions", json=body, headers=AUTH)
+    """With no decode to place it on, a request is refused before it starts: 503, and a
+    stream's client, which reads events, gets it as one error event, as it would if the pool
+    emptied mid-response."""
+    body = {"prompt": "hi", "max_tokens": 4}
+    error(client.post("/v1/completions", json=body, headers=AUTH), 503, "no decode service")
+    r = client.post("/v1/completions", json={**body, "stream": True}, headers=AUTH)
     assert r.status_code == 200
     events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ")]
     assert events == [
-        {"error": {"message": "no prefill or no decode service is available",
+        {"error": {"message": "no decode service is available",
                    "type": "service_unavailable", "param": None, "code": 503}}
     ]  # fmt: skip
 

@@ -1,0 +1,202 @@
+"""The OpenAI response shapes: the pieces of a request's choices become response models
+(openai_types.py), as one JSON body or as server-sent events."""
+
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from fastapi.responses import Response
+from pydantic import BaseModel
+from transformers import PreTrainedTokenizerBase as Tokenizer
+
+from baton import protocol as P
+from baton.gateway.backend import ServiceFailed
+from baton.gateway.openai_types import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionResponse,
+    ChatCompletionStreamResponse,
+    ChatLogprob,
+    ChatLogprobs,
+    ChatRequest,
+    ChatStreamChoice,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    CompletionStreamResponse,
+    DeltaMessage,
+    TopLogprob,
+    Usage,
+    error_response,
+    now,
+)
+from baton.gateway.router import NoCapacity
+
+
+@dataclass
+class Piece:
+    """One step of one choice: new text, the token behind it, and the finish reason if any."""
+
+    index: int
+    text: str
+    token: P.TokenOutput
+    finish_reason: str | None
+
+
+def json_response(body: BaseModel) -> Response:
+    return Response(body.model_dump_json(), media_type="application/json")
+
+
+def sse(event: BaseModel) -> str:
+    return f"data: {event.model_dump_json()}\n\n"
+
+
+async def unavailable(e: NoCapacity) -> AsyncIterator[str]:
+    """A stream that ends for want of a service, before or after it started: one error event."""
+    yield sse(error_response(str(e), "service_unavailable", 503))
+
+
+class Shape(ABC):
+    """One response's id, and how its pieces become the OpenAI response models."""
+
+    id_prefix: str
+    response_model: type[CompletionResponse | ChatCompletionResponse]
+    chunk_model: type[CompletionStreamResponse | ChatCompletionStreamResponse]
+
+    def __init__(self, tokenizer: Tokenizer, model_name: str, req: CompletionRequest | ChatRequest):
+        self.tokenizer, self.model_name, self.req = tokenizer, model_name, req
+        self.id = f"{self.id_prefix}-{uuid.uuid4().hex}"
+        self.created = now()
+
+    @abstractmethod
+    def choice(
+        self, index: int, text: str, toks: list[P.TokenOutput], finish: str | None
+    ) -> CompletionChoice | ChatChoice:
+        """One choice of the whole response."""
+
+    @abstractmethod
+    def chunk_choice(self, p: Piece) -> CompletionChoice | ChatStreamChoice:
+        """One choice of a stream chunk: one piece of it."""
+
+    def head(self) -> dict:
+        return {"id": self.id, "created": self.created, "model": self.model_name}
+
+    def token_ids(self, toks: list[P.TokenOutput]) -> list[int] | None:
+        return [t.token_id for t in toks] if self.req.return_token_ids else None
+
+    def token(self, token_id: int) -> str:
+        return self.tokenizer.convert_ids_to_tokens(token_id)
+
+    async def sse(self, pieces: AsyncIterator[Piece], prompt_tokens: int) -> AsyncIterator[str]:
+        count = 0
+        try:
+            async for p in pieces:
+                count += 1
+                yield sse(self.chunk_model(**self.head(), choices=[self.chunk_choice(p)]))
+        except ServiceFailed as e:
+            yield sse(error_response(str(e), "server_error", 500))
+            return
+        except NoCapacity as e:  # a pool emptied after the response started
+            async for event in unavailable(e):
+                yield event
+            return
+        opts = self.req.stream_options
+        if opts is not None and opts.include_usage:
+            yield sse(
+                self.chunk_model(**self.head(), choices=[], usage=usage(prompt_tokens, count))
+            )
+        yield "data: [DONE]\n\n"
+
+    async def body(self, pieces: AsyncIterator[Piece], prompt_tokens: int, n: int) -> BaseModel:
+        texts = [""] * n
+        finish: list[str | None] = [None] * n
+        tokens: list[list[P.TokenOutput]] = [[] for _ in range(n)]
+        async for p in pieces:
+            texts[p.index] += p.text
+            tokens[p.index].append(p.token)
+            finish[p.index] = p.finish_reason or finish[p.index]
+        choices = [self.choice(i, texts[i], tokens[i], finish[i]) for i in range(n)]
+        completion_tokens = sum(map(len, tokens))
+        return self.response_model(
+            **self.head(), choices=choices, usage=usage(prompt_tokens, completion_tokens)
+        )
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
+    total = prompt_tokens + completion_tokens
+    return Usage(
+        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=total
+    )
+
+
+class CompletionShape(Shape):
+    id_prefix = "cmpl"
+    response_model = CompletionResponse
+    chunk_model = CompletionStreamResponse
+
+    def choice(
+        self, index: int, text: str, toks: list[P.TokenOutput], finish: str | None
+    ) -> CompletionChoice:
+        logprobs = None
+        if self.req.logprobs is not None:
+            logprobs = CompletionLogprobs(
+                tokens=[self.token(t.token_id) for t in toks],
+                token_logprobs=[t.logprob for t in toks],
+                top_logprobs=[{self.token(i): lp for i, lp in t.top_logprobs or []} for t in toks],
+            )
+        return CompletionChoice(
+            index=index,
+            text=text,
+            logprobs=logprobs,
+            finish_reason=finish,
+            token_ids=self.token_ids(toks),
+        )
+
+    def chunk_choice(self, p: Piece) -> CompletionChoice:
+        return self.choice(p.index, p.text, [p.token], p.finish_reason)
+
+
+class ChatShape(Shape):
+    id_prefix = "chatcmpl"
+    response_model = ChatCompletionResponse
+    chunk_model = ChatCompletionStreamResponse
+
+    def logprobs(self, toks: list[P.TokenOutput]) -> ChatLogprobs | None:
+        if not self.req.logprobs:
+            return None
+        return ChatLogprobs(
+            content=[
+                ChatLogprob(
+                    token=self.token(t.token_id),
+                    logprob=t.logprob,
+                    top_logprobs=[
+                        TopLogprob(token=self.token(i), logprob=lp)
+                        for i, lp in t.top_logprobs or []
+                    ],
+                )
+                for t in toks
+            ]
+        )
+
+    def choice(
+        self, index: int, text: str, toks: list[P.TokenOutput], finish: str | None
+    ) -> ChatChoice:
+        return ChatChoice(
+            index=index,
+            message=AssistantMessage(content=text),
+            logprobs=self.logprobs(toks),
+            finish_reason=finish,
+            token_ids=self.token_ids(toks),
+        )
+
+    def chunk_choice(self, p: Piece) -> ChatStreamChoice:
+        role = "assistant" if p.token.index == 0 else None  # a choice's first chunk says it
+        return ChatStreamChoice(
+            index=p.index,
+            delta=DeltaMessage(role=role, content=p.text),
+            logprobs=self.logprobs([p.token]),
+            finish_reason=p.finish_reason,
+            token_ids=self.token_ids([p.token]),
+        )

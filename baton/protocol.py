@@ -12,11 +12,18 @@ One transfer id, minted by the gateway, names a request on both legs and in ever
 """
 
 from collections.abc import Callable
-from enum import IntEnum
+from enum import IntEnum, StrEnum
 
 import msgspec
 
+from baton.request import FinishReason
 from baton.sampling_params import SamplingParams
+
+
+class Role(StrEnum):
+    PREFILL = "prefill"
+    DECODE = "decode"
+
 
 # --- gateway -> services ---------------------------------------------------------------
 
@@ -60,7 +67,7 @@ class Load(msgspec.Struct, frozen=True):
 
 class Heartbeat(msgspec.Struct, tag=True, frozen=True):
     service_id: str
-    role: str  # "prefill" | "decode"
+    role: Role
     kv_addr: str  # decode: where prefills connect to hand off KV; prefill: ""
     load: Load
     incarnation: str = ""  # new each process start: a restart under the same id is a death
@@ -73,7 +80,7 @@ class TokenOutput(msgspec.Struct, tag=True, frozen=True, gc=False):
     req_id: str
     index: int
     token_id: int
-    finish_reason: str | None = None  # "stop" | "length"; None while running
+    finish_reason: FinishReason | None = None  # None while running
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
 

@@ -89,7 +89,7 @@ class Heartbeats(threading.Thread):
         self.sock.setsockopt(zmq.IDENTITY, f"{loop.id}/heartbeats".encode())
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(gateway_addr)
-        self.loop, self.encode = loop, msgspec.msgpack.Encoder().encode
+        self.loop, self.encode = loop, P.Codec(P.ToService).encode
         self.wake = threading.Event()
         self.stopped = False
 
@@ -114,7 +114,7 @@ class ServiceLoop:
     token to `on_token` -> housekeeping -> heartbeat. Subclasses say which sockets to wait
     on, how to drain them, what a token means to them, and what their load is."""
 
-    role = ""
+    role: P.Role
     kv_addr = ""  # where prefills connect (decode only)
     kv_peers: KVPeers
 
@@ -219,7 +219,7 @@ class ServiceLoop:
                 seq.req_id,
                 seq.num_output_tokens - 1,
                 token.token_id,
-                seq.finish_reason.openai if finished else None,
+                seq.finish_reason if finished else None,
                 lp.logprob if lp else None,
                 lp.top if lp else None,
             )
@@ -255,15 +255,14 @@ class ServiceLoop:
         self.gateway.send(P.RequestError(req_id, message, retryable))
 
     def status(self) -> tuple[bool, dict]:
-        """/health, from the loop's latest snapshot (this runs on the probe's thread)."""
-        hb = self.heartbeat
-        if hb is None:
+        """/health: the load as it is now (the heartbeat's snapshot can be HEARTBEAT_S old)."""
+        if self.heartbeat is None:
             return False, {"service": self.id, "status": "starting"}
         ok = time.monotonic() - self.last_tick < STALL_S
         return ok, {
             "service": self.id,
             "role": self.role,
-            "load": msgspec.to_builtins(hb.load),
+            "load": msgspec.to_builtins(self.measured_load()),
             "kv": self.kv_peers.status(),
         }
 

@@ -36,7 +36,7 @@ log = logging.getLogger("baton.decode")
 
 
 class DecodeService(ServiceLoop):
-    role = "decode"
+    role = P.Role.DECODE
 
     def __init__(
         self,

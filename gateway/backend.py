@@ -9,7 +9,6 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-import msgspec
 import zmq
 import zmq.asyncio
 
@@ -74,8 +73,7 @@ class Backend:
         self.registry = router.registry  # fed by the heartbeats read here
         self.aggregated = aggregated  # no prefill pool is configured: decodes serve alone
         self.streams: dict[str, Stream] = {}
-        self.encode = msgspec.msgpack.Encoder().encode
-        self.decode = msgspec.msgpack.Decoder(P.ToGateway).decode
+        self.codec = P.Codec(P.ToGateway, self._count_bad)
         self.tasks: list[asyncio.Task] = []
         self.on_heartbeat = lambda hb: None
 
@@ -99,16 +97,17 @@ class Backend:
                 decode.local_tokens -= stream.num_prompt_tokens_on_decode
             stream.num_prompt_tokens_on_decode = 0
 
+    def _count_bad(self, e: Exception) -> None:
+        M.BAD_MESSAGES.inc()
+        log.warning("dropped a malformed message: %s", e)
+
     async def _read(self) -> None:
         while True:
             identity, *frames = await self.sock.recv_multipart()
-            try:
-                if len(frames) != 1:  # every message is one frame; anything else is garbage
-                    raise msgspec.DecodeError(f"{len(frames)} frames")
-                msg = self.decode(frames[0])
-            except msgspec.DecodeError as e:
-                M.BAD_MESSAGES.inc()
-                log.warning("dropped a malformed message from %r: %s", identity, e)
+            if len(frames) != 1:  # every message is one frame; anything else is garbage
+                self._count_bad(ValueError(f"{len(frames)} frames from {identity!r}"))
+                continue
+            if (msg := self.codec.try_decode(frames[0])) is None:
                 continue
             if isinstance(msg, P.Heartbeat):
                 if (previous := self.registry.heartbeat(msg)) is not None:
@@ -148,7 +147,7 @@ class Backend:
     async def _send(self, service_id: str, msg) -> bool:
         """False if the service is gone (the reaper fails its requests)."""
         try:
-            await self.sock.send_multipart([service_id.encode(), self.encode(msg)])
+            await self.sock.send_multipart([service_id.encode(), self.codec.encode(msg)])
         except zmq.ZMQError:
             return False
         return True

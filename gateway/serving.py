@@ -231,7 +231,10 @@ class Gateway:
                     async for token in stream.tokens(deadline):
                         streamed.append(token.token_id)
                         text, stopped = stops.feed(detok.add(token.token_id))
-                        finish = "stop" if stopped else token.finish_reason
+                        reason = token.finish_reason  # an IntEnum whose STOP is 0: not truthy
+                        finish = (
+                            "stop" if stopped else reason.openai if reason is not None else None
+                        )
                         if finish and not stopped:
                             text += stops.flush()
                         yield Piece(index, text, token, finish)

@@ -36,7 +36,7 @@ log = logging.getLogger("baton.prefill")
 
 
 class PrefillService(ServiceLoop):
-    role = "prefill"
+    role = P.Role.PREFILL
 
     def __init__(
         self,

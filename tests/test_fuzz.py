@@ -31,6 +31,7 @@ from stack import Stack
 from baton import protocol as P
 from baton.config import EngineConfig, load_config
 from baton.engine import Engine
+from baton.request import FinishReason
 from baton.sampling_params import SamplingParams
 
 # a 64-token context bounds every generation the fuzzers ask for
@@ -144,7 +145,7 @@ stray_tokens = st.builds(
     req_id=st.text(max_size=8),
     index=st.integers(-(2**63), 2**63 - 1),
     token_id=st.integers(-(2**63), 2**63 - 1),
-    finish_reason=st.sampled_from([None, "stop", "length", "?"]),
+    finish_reason=st.sampled_from([None, *FinishReason]),
 )
 stray_errors = st.builds(P.RequestError, st.text(max_size=8), st.text(max_size=16))
 # messages as (frames, is_bad): bad ones count in baton_gateway_bad_messages; the rest are valid

@@ -10,6 +10,7 @@ from prefill_harness import PrefillHarness
 from baton import protocol as P
 from baton.config import EngineConfig
 from baton.engine import Engine
+from baton.request import FinishReason
 from baton.sampling_params import SamplingParams
 
 PROMPT = [(7 * i) % 500 + 3 for i in range(100)]  # 100 tokens: chunks of 32, blocks of 16
@@ -72,7 +73,7 @@ def test_blocks_offered_mid_prefill_stay_pinned_after_an_abort_until_the_decode_
 def test_a_prompt_that_finishes_at_its_first_token_lets_its_decode_go(harness):
     h = harness
     h.request("short-lived", token_ids=PROMPT, params=SamplingParams(max_tokens=1))
-    assert h.wait(P.TokenOutput, "short-lived").finish_reason == "length"
+    assert h.wait(P.TokenOutput, "short-lived").finish_reason == FinishReason.LENGTH
     h.step_until(lambda: any(isinstance(m, P.KVAbort) for m in h.received))
     assert not any(o.final for o in offers(h, "short-lived"))
     assert used(h) == 6  # the 3 offers' blocks, pinned until the decode answers

@@ -206,6 +206,10 @@ class Scheduler:
         cap = chunk_cap(self.max_num_batched_tokens, self.max_chunk_tokens, competing)
         return min(seq.num_tokens - seq.num_computed_tokens, budget, cap)
 
+    def queued_tokens(self) -> int:
+        """Prompt tokens waiting or being computed."""
+        return sum(s.num_tokens - s.num_computed_tokens for s in (*self.running, *self.waiting))
+
     def ahead_tokens(self) -> int:
         """Prompt tokens computed before a prompt arriving now gets its first chunk."""
         left = [s.num_tokens - s.num_computed_tokens for s in (*self.running, *self.waiting)]

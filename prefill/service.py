@@ -130,11 +130,8 @@ class PrefillService(ServiceLoop):
 
     def load(self) -> P.Load:
         pool = self.engine.kv_manager.pool
-        queued = sum(
-            s.num_tokens - s.num_computed_tokens for s in (*self.sched.waiting, *self.sched.running)
-        )
         return P.Load(
-            queued,
+            self.sched.queued_tokens(),
             len(self.sched.running),
             pool.num_free,
             pool.num_blocks,

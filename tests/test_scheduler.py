@@ -3,7 +3,7 @@
 import pytest
 
 from baton.cache.kv_manager import KVCacheManager
-from baton.request import FinishReason, Sequence
+from baton.request import FinishReason, SeqStatus, Sequence
 from baton.sampling_params import SamplingParams
 from baton.scheduler import SampledToken, Scheduler
 
@@ -143,3 +143,31 @@ def test_when_blocks_run_out_the_least_urgent_is_preempted_not_the_newest():
     assert step(s)[0] == [("high", 1), ("low", 1)]  # both now fill their 2 blocks
     assert step(s)[0] == [("high", 1)]  # high needs a third block: low gives back its two
     assert s.num_preemptions == 1 and [q.req_id for q in s.waiting] == ["low"]
+
+
+def test_a_handed_off_prompt_waits_for_its_kv_then_runs_from_where_the_prefill_stopped():
+    s = make(num_blocks=7, budget=8)
+    s.add(Sequence("local", [10, 11, 12, 13, 14], SamplingParams(max_tokens=8)))
+    step(s)  # "local" runs and holds 2 blocks; 5 are free
+    remote = Sequence("remote", list(range(20, 31)), SamplingParams(max_tokens=4))
+    s.add_remote(remote)
+    assert remote.status == SeqStatus.WAITING_FOR_KV and not s.waiting
+    # all the blocks it asks for, and one block of headroom for each running sequence
+    assert s.reserve_remote(remote, 16) and remote.block_ids == [2, 3, 4, 5]
+    assert s.kv.pool.num_free == 1
+    s.kv_landed(remote, 10)  # the final offer covered 10 tokens: the spare block goes back
+    assert remote.block_ids == [2, 3, 4] and remote.num_computed_tokens == 10
+    assert list(s.waiting) == [remote] and s.kv.pool.num_free == 2
+    assert step(s) == ([("local", 1), ("remote", 1)], [])  # no prompt to compute: it decodes
+
+
+def test_a_reservation_keeps_a_block_of_headroom_per_running_sequence():
+    s = make(num_blocks=4, budget=8)
+    s.add(Sequence("local", [10, 11, 12], SamplingParams(max_tokens=8)))
+    step(s)  # 1 block held, 3 free
+    late = Sequence("late", list(range(20, 32)), SamplingParams(max_tokens=2))
+    s.add_remote(late)
+    assert not s.reserve_remote(late, 12) and late.block_ids == []  # 3 + 1 headroom > 3
+    s.drop_remote(late)
+    assert not s.waiting_for_kv and late.finish_reason is FinishReason.ABORT
+    assert s.kv.pool.num_used == 1

@@ -177,6 +177,10 @@ class Scheduler:
             self.kv.free(seq)
         seq.finish(FinishReason.ABORT)
 
+    def release_blocks(self, seq: Sequence) -> None:
+        """Free the blocks of a sequence dropped with `free=False`, once nothing writes them."""
+        self.kv.free(seq)
+
     # --- the prefill's side: a prompt handed off leaves, its KV pinned by the lease -------
     def hand_off(self, seq: Sequence) -> None:
         """`seq`'s first token is out and its KV is offered: it leaves this service; the

@@ -39,7 +39,7 @@ Send = Callable[[bytes, object], None]
 # the reader for a prefill's Hello (kvtransfer.handshake.choose), given how to send to it;
 # with why each transport tried before it was skipped; raises Refused
 ChooseReader = Callable[[P.Hello, Callable[[object], None]], tuple[Reader, list[str]]]
-MAX_ABORTED = 4096  # aborts remembered for offers that are still on their way
+MAX_ENDED = 4096  # hand-offs ended here, remembered for offers still on their way
 
 
 @dataclass
@@ -94,8 +94,11 @@ class KVReceiver:
         self.pending: dict[str, Pending] = {}
         self.peers: dict[bytes, PrefillPeer] = {}
         self.kv_peers = KVPeers(service_id, transport)
-        # req_id -> when the gateway aborted it before its offer came (bounded, expiring)
-        self.aborted: OrderedDict[str, float] = OrderedDict()
+        # req_id -> when its hand-off ended here (or the gateway aborted it before any offer
+        # came): a later offer of it, sent before the prefill heard, is let go (bounded, expiring)
+        self.ended: OrderedDict[str, float] = OrderedDict()
+        # req_id -> a sequence whose read could not be stopped: its blocks, once the read ends
+        self.stuck: dict[str, Sequence] = {}
         self._stops: list[Stop] = []
 
     # --- messages --------------------------------------------------------------------------
@@ -119,8 +122,8 @@ class KVReceiver:
         elif isinstance(msg, P.KVAbort):
             p = self.pending.get(msg.req_id)
             if p is not None and p.peer == peer_id:
-                failed = msg.end in (HandoffEnd.FAILED, HandoffEnd.EXPIRED)
-                self._end(msg.req_id, f"prefill aborted the hand-off: {msg.reason}", failed)
+                end = HandoffEnd.ABORTED if msg.end is HandoffEnd.ABORTED else HandoffEnd.FAILED
+                self._end(msg.req_id, f"prefill aborted the hand-off: {msg.reason}", end)
             else:  # nothing of it here (any more): the prefill may let go of its blocks
                 self._send(peer_id, P.KVRelease(msg.req_id))
 
@@ -151,10 +154,9 @@ class KVReceiver:
             self._send(peer_id, P.KVAbort(offer.req_id, f"handshake refused: {peer.refused}"))
             return
         p = self.pending.get(offer.req_id)
-        if p is None and offer.req_id in self.aborted:
-            # the gateway's Abort overtook the offer: nothing may run it
+        if p is None and offer.req_id in self.ended:
+            # it ended here (or the gateway's Abort overtook the offer): nothing may run it
             self._send(peer_id, P.KVRelease(offer.req_id))
-            count_end(self.id, HandoffEnd.ABORTED)
             return
         if p is not None and (p.peer != peer_id or p.final):
             self.on_bad(ValueError(f"a repeated offer of {offer.req_id}"))  # it would orphan blocks
@@ -189,19 +191,17 @@ class KVReceiver:
 
     # --- each loop ---------------------------------------------------------------------------
     def pull(self) -> None:
-        """Take in the reads that landed; then reserve blocks for offered requests, oldest
-        first, and read what was offered into them."""
-        for peer in list(self.peers.values()):
-            for landed in peer.reader.poll() if peer.reader else ():
-                self._on_landed(peer, landed)
+        """Take in the reads that landed; reserve blocks for offered requests, oldest first,
+        and read what was offered into them; then take in those that landed at once (a
+        shared-memory read copies as it starts), so they join before the next step."""
+        self._poll()
         for req_id, p in list(self.pending.items()):
             if p.reading_since is not None:
                 continue
             # all the KV it will hold: the prompt (a streamed offer's token_ids) or, once
             # final, what the prefill computed
-            if not self.sched.reserve_remote(
-                p.seq, p.num_computed if p.final else p.seq.num_tokens
-            ):
+            total = p.num_computed if p.final else p.seq.num_tokens
+            if not self.sched.reserve_remote(p.seq, total):
                 break
             if not p.unread:
                 if p.final:  # nothing (more) to read
@@ -210,17 +210,24 @@ class KVReceiver:
             p.reading_since = self.clock()
             first, p.num_started = p.num_started, len(p.src_block_ids)
             peer = self.peers[p.peer]
+            src, dst = p.src_block_ids[first:], p.seq.block_ids[first : p.num_started]
             try:
-                peer.reader.start(
-                    req_id, p.src_block_ids[first:], p.seq.block_ids[first : p.num_started]
-                )
+                peer.reader.start(req_id, src, dst)
             except TransferError as e:
                 self._end(req_id, f"cannot read prefill {peer.prefill_id}: {e}")
+        self._poll()
+
+    def _poll(self) -> None:
+        for peer in list(self.peers.values()):
+            for landed in peer.reader.poll() if peer.reader else ():
+                self._on_landed(peer, landed)
 
     def _on_landed(self, peer: PrefillPeer, landed: Landed) -> None:
         p = self.pending.get(landed.req_id)
-        if p is None:
-            return  # ended while in flight; its blocks were freed once that was safe
+        if p is None:  # ended while in flight: a stuck read's blocks are safe to free now
+            if (seq := self.stuck.pop(landed.req_id, None)) is not None:
+                self.sched.release_blocks(seq)
+            return
         if landed.error:
             self._end(landed.req_id, f"KV transfer from {peer.prefill_id} failed: {landed.error}")
             return
@@ -236,6 +243,7 @@ class KVReceiver:
         del self.pending[p.seq.req_id]
         self._send(p.peer, P.KVRelease(p.seq.req_id, p.num_bytes))
         self.sched.kv_landed(p.seq, p.num_computed)
+        self._remember_end(p.seq.req_id)  # a late repeat of its offer must not run it twice
         count_end(self.id, HandoffEnd.FINISHED)
 
     # --- endings -----------------------------------------------------------------------------
@@ -243,32 +251,38 @@ class KVReceiver:
         """The gateway ended the request: drop its hand-off, or remember the abort for an offer
         still on its way (an Abort may overtake it)."""
         if req_id in self.pending:
-            self._end(req_id, "aborted by the gateway", failed=False)
-            return
-        self.aborted[req_id] = self.clock()
-        while len(self.aborted) > MAX_ABORTED:
-            self.aborted.popitem(last=False)
+            self._end(req_id, "aborted by the gateway", HandoffEnd.ABORTED)
+        else:
+            self._remember_end(req_id)
 
-    def _end(self, req_id: str, why: str, failed: bool = True) -> None:
+    def _remember_end(self, req_id: str) -> None:
+        self.ended.pop(req_id, None)  # to the back: the front expires first
+        self.ended[req_id] = self.clock()
+        while len(self.ended) > MAX_ENDED:
+            self.ended.popitem(last=False)
+
+    def _end(self, req_id: str, why: str, end: HandoffEnd = HandoffEnd.FAILED) -> None:
         """Drop a hand-off that will not join the batch: stop its read, free our blocks once
-        nothing can write them, let the prefill free its own; a failed one stops the request
-        (retryable: the hand-off failed, not the request)."""
+        nothing can write them, let the prefill free its own; a failed or expired one stops the
+        request (retryable: the hand-off failed, not the request)."""
         p = self.pending.pop(req_id)
         reader = self.peers[p.peer].reader
         free = p.reading_since is None or reader is None or reader.cancel(req_id)
-        if not free:  # a transfer we cannot stop may still write them: never reuse them
+        if not free:  # a transfer we cannot stop may still write them: not until it ends
             log.error("a read into %s's blocks is stuck; they stay reserved", req_id)
+            self.stuck[req_id] = p.seq
         self.sched.drop_remote(p.seq, free)
         self._send(p.peer, P.KVRelease(req_id))
-        count_end(self.id, HandoffEnd.FAILED if failed else HandoffEnd.ABORTED)
-        if failed:
+        self._remember_end(req_id)
+        count_end(self.id, end)
+        if end is not HandoffEnd.ABORTED:
             self._stops.append(Stop(req_id, why))
 
     def forget(self, peer_id: bytes, why: str) -> None:
         """A prefill left (silent, or restarted): fail what waits on it, stop reading it."""
         peer = self.peers[peer_id]
         for req_id in [r for r, p in self.pending.items() if p.peer == peer_id]:
-            self._end(req_id, f"prefill {peer.prefill_id} {why}")
+            self._end(req_id, f"prefill {peer.prefill_id} {why}", HandoffEnd.EXPIRED)
         del self.peers[peer_id]
         if peer.reader is not None:
             peer.reader.close()
@@ -284,9 +298,9 @@ class KVReceiver:
             stuck = p.reading_since is not None and now - p.reading_since > self.transfer_timeout_s
             if silent or stuck:
                 why = "stopped answering" if silent else "did not send the KV in time"
-                self._end(req_id, f"prefill {peer.prefill_id} {why}")
-        while self.aborted and now - next(iter(self.aborted.values())) > self.peer_timeout_s:
-            self.aborted.popitem(last=False)
+                self._end(req_id, f"prefill {peer.prefill_id} {why}", HandoffEnd.EXPIRED)
+        while self.ended and now - next(iter(self.ended.values())) > self.peer_timeout_s:
+            self.ended.popitem(last=False)
 
     def keepalive(self) -> None:
         """Renews the prefills' leases on blocks they hold for us; forgets silent ones."""

@@ -148,7 +148,9 @@ class KVSender:
         elif isinstance(msg, P.KVRelease) and lease is not None:
             if self.routes.pop(msg.req_id, None) is not None:
                 self._stops.append(Stop(msg.req_id, None))  # it gave up mid-prefill
-            self._release(msg.req_id, HandoffEnd.ABORTED if lease.ended else HandoffEnd.FINISHED)
+            # bytes landed: the decode took it; none: it let go (it reports why, if it failed)
+            taken = msg.num_bytes > 0 and not lease.ended
+            self._release(msg.req_id, HandoffEnd.FINISHED if taken else HandoffEnd.ABORTED)
             if msg.num_bytes:
                 KV_BYTES_SENT.labels(self.id).inc(msg.num_bytes)
                 KV_TRANSPORT_BYTES.labels(self.id, peer.transport).inc(msg.num_bytes)

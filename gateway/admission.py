@@ -36,6 +36,8 @@ class Admission:
 
     def observe(self, admitted: Admitted, ttft_s: float) -> None:
         """A request's real TTFT: corrects the next predictions."""
+        if admitted.predicted_ttft_s:  # how far the prediction was off, as predicted
+            M.TTFT_PREDICTION_ERROR.observe(ttft_s / admitted.predicted_ttft_s)
         self.calibration.observe(admitted.predicted_ttft_s, ttft_s)
         M.TTFT_CALIBRATION.set(self.calibration.ratio)
 

@@ -41,6 +41,11 @@ TTFT_CALIBRATION = Gauge(
 PREDICTED_TTFT = Histogram(
     "baton_predicted_ttft_seconds", "TTFT predicted at admission", buckets=LATENCY_BUCKETS
 )
+TTFT_PREDICTION_ERROR = Histogram(
+    "baton_ttft_prediction_error",
+    "real TTFT / the TTFT admission predicted for it (1 = exact; before calibration scales it)",
+    buckets=(0.25, 0.5, 0.67, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0),
+)
 SERVICES = Gauge("baton_services", "live services per role", ["role"])
 BAD_MESSAGES = Counter("baton_gateway_bad_messages", "malformed service messages dropped")
 

@@ -131,5 +131,7 @@ def test_a_burst_beyond_capacity_gets_429_and_the_admitted_meet_ttft(slo_stack):
     assert slo_stack.metric("gateway", "baton_admission_rejected_total", reason="ttft_slo") == len(
         refused
     )
+    # each admitted request's real TTFT against its prediction (admission's error, recorded)
+    assert slo_stack.metric("gateway", "baton_ttft_prediction_error_count") >= len(admitted)
     time.sleep(max(int(h["retry-after"]) for _, h in refused))  # as a client would
     assert request(64)[0] == 200  # the load is gone: admitted again

@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml
 
 test: install
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	# -P: the checkout's top-level folders stay off sys.path (the tests import baton.*)
+	$(BIN)/python -P -m pytest -q $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

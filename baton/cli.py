@@ -172,7 +172,9 @@ class Stack:
     def spawn(self, name: str, argv: list[str], cpus: set[int] | None, **info) -> None:
         log = (self.log_dir / f"{name}.log").open("w")
         pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
-        cmd = [sys.executable, "-m", "baton.cli", *argv]
+        # -P: the working directory is not put on sys.path, so a checkout's top-level
+        # folders (kernels/, gateway/, ...) shadow nothing, theirs or another package's
+        cmd = [sys.executable, "-P", "-m", "baton.cli", *argv]
         self.procs[name] = subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=pin
         )

@@ -42,7 +42,7 @@ class Stack:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [
-            python, "-m", "baton.cli", "up", "--model", str(model), "--dtype", "float32",
+            python, "-P", "-m", "baton.cli", "up", "--model", str(model), "--dtype", "float32",
             "--port", str(self.port), "--log-dir", str(log_dir),
             "--prefill", str(prefill), "--decode", str(decode), *args,
         ]  # fmt: skip

@@ -126,7 +126,7 @@ def test_builtin_arms_share_model_dtype_limits_and_cores(tmp_path):
     script.touch()
     disagg, agg, vllm = resolve(["baton-disagg", "baton-agg", "vllm-cpu"], limits, 9000,
                                 tmp_path, script)  # fmt: skip
-    argv = disagg.start[4:]  # after `python -m baton.cli up`: flag, value, flag, value, ...
+    argv = disagg.start[5:]  # after `python -P -m baton.cli up`: flag, value, flag, value, ...
     flags = dict(zip(argv[::2], argv[1::2], strict=True))
     assert flags["--prefill-cpus"] == "0-1" and flags["--decode-cpus"] == "2-3"
     assert (flags["--model"], flags["--dtype"], flags["--max-num-seqs"]) == ("/m", "bfloat16", "64")
@@ -134,7 +134,7 @@ def test_builtin_arms_share_model_dtype_limits_and_cores(tmp_path):
     assert vllm.env["OMP_BIND"] == "0-3" and vllm.env["MODEL_DIR"] == "/m"
     assert vllm.env["EXTRA_ARGS"] == "--max-num-seqs 64 --max-num-batched-tokens 512"
     assert vllm.stop[-2:] == ["stop", "9002"]
-    argv = agg.start[4:]
+    argv = agg.start[5:]
     flags = dict(zip(argv[::2], argv[1::2], strict=True))  # one decode on every core
     assert (flags["--prefill"], flags["--decode"], flags["--decode-cpus"]) == ("0", "1", "0-3")
     missing = resolve(["vllm-cpu"], limits, 9000, tmp_path, tmp_path / "none.sh")
@@ -192,7 +192,7 @@ def test_bench_compare_measures_each_arm_and_writes_requests_and_plots(
     out = tmp_path / "out"
     cpus = ",".join(map(str, sorted(os.sched_getaffinity(0))))
     cmd = [
-        sys.executable, "-m", "baton.cli", "bench", "compare",
+        sys.executable, "-P", "-m", "baton.cli", "bench", "compare",
         "--arms", "baton-agg", f"fixture={stack.url}", "vllm-cpu",
         "--vllm-script", str(tmp_path / "missing.sh"), "--baseline", "fixture",
         "--model", str(tiny_text_model), "--dtype", "float32", "--cpus", cpus,

@@ -128,7 +128,7 @@ class Service:
         argv = [swaps.get(a, a) for a in command]
         argv[argv.index("--config") + 1] = str(COMPOSE_DIR / "baton.toml")
         self.log = log.open("w")
-        cmd = [sys.executable, "-m", "baton.cli", *argv, "--model", str(model)]
+        cmd = [sys.executable, "-P", "-m", "baton.cli", *argv, "--model", str(model)]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
 
     def stop(self) -> None:

@@ -12,7 +12,7 @@ from baton.config import BatonConfig, ConfigError, load_config, to_toml
 
 def baton(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "baton.cli", *args], capture_output=True, text=True, timeout=60
+        [sys.executable, "-P", "-m", "baton.cli", *args], capture_output=True, text=True, timeout=60
     )
 
 

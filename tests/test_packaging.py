@@ -84,7 +84,9 @@ def torch_mapped(pid: int) -> bool:
 
 
 def test_installed_beside_hugging_face_kernels_baton_up_serves(venv, tiny_text_model, tmp_path):
-    stack = Stack(tmp_path / "logs", tiny_text_model, python=str(venv / "bin" / "python"), cwd=venv)
+    # from the checkout's root, as `make up` runs it: its top-level kernels/ must not shadow
+    # Hugging Face's in any process `baton up` starts (they run `python -P`)
+    stack = Stack(tmp_path / "logs", tiny_text_model, python=str(venv / "bin" / "python"), cwd=REPO)
     try:
         body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5}
         r = httpx.post(f"{stack.url}/v1/chat/completions", json=body, timeout=60)

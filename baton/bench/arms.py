@@ -67,7 +67,7 @@ def baton_up(name: str, limits: Limits, port: int, log_dir: Path) -> Arm:
     else:
         pools = ["--prefill", "0", "--decode", "1", "--decode-cpus", cpu_spec(limits.cpus)]
     argv = [
-        sys.executable, "-m", "baton.cli", "up", "--model", limits.model,
+        sys.executable, "-P", "-m", "baton.cli", "up", "--model", limits.model,
         "--dtype", limits.dtype, "--port", str(port), "--log-dir", str(log_dir), *pools,
         "--max-num-seqs", str(limits.max_num_seqs),
         "--max-num-batched-tokens", str(limits.max_num_batched_tokens),

@@ -210,14 +210,16 @@ class Scheduler:
         cap = chunk_cap(self.max_num_batched_tokens, self.max_chunk_tokens, competing)
         return min(seq.num_tokens - seq.num_computed_tokens, budget, cap)
 
+    def _tokens_left(self) -> list[int]:
+        return [s.num_tokens - s.num_computed_tokens for s in (*self.running, *self.waiting)]
+
     def queued_tokens(self) -> int:
         """Prompt tokens waiting or being computed."""
-        return sum(s.num_tokens - s.num_computed_tokens for s in (*self.running, *self.waiting))
+        return sum(self._tokens_left())
 
     def ahead_tokens(self) -> int:
         """Prompt tokens computed before a prompt arriving now gets its first chunk."""
-        left = [s.num_tokens - s.num_computed_tokens for s in (*self.running, *self.waiting)]
-        return tokens_ahead(left, self.max_num_batched_tokens, self.max_chunk_tokens)
+        return tokens_ahead(self._tokens_left(), self.max_num_batched_tokens, self.max_chunk_tokens)
 
     def schedule(self) -> list[ScheduledSeq]:
         budget = self.max_num_batched_tokens

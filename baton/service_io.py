@@ -89,7 +89,7 @@ class Heartbeats(threading.Thread):
         self.sock.setsockopt(zmq.IDENTITY, f"{loop.id}/heartbeats".encode())
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(gateway_addr)
-        self.loop, self.encode = loop, P.Codec(P.ToService).encode
+        self.loop, self.encode = loop, msgspec.msgpack.Encoder().encode
         self.wake = threading.Event()
         self.stopped = False
 

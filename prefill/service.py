@@ -80,8 +80,9 @@ class PrefillService(ServiceLoop):
                 sock.close()
                 raise Unreachable(str(e)) from e
             self.socks[addr] = sock
-        # copy=False: frames point into the pool, pinned by the lease until the release
-        self.socks[addr].send_multipart([self.codec.encode(msg), *frames], copy=False)
+        # KVBlocks' frames go zero-copy (they point into the pool, pinned by the lease until
+        # the release); a lone control message is small enough that copying is cheaper
+        self.socks[addr].send_multipart([self.codec.encode(msg), *frames], copy=not frames)
 
     def sockets(self) -> list[zmq.Socket]:
         return [self.gateway.sock, *self.socks.values()]

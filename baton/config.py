@@ -108,10 +108,11 @@ class GatewayConfig(Section):
         int,
         Meta(ge=0),
         doc(
-            "prompts up to this many tokens prefill on a decode while its own queue of them "
-            "stays within a quarter of the shortest prefill queue (work stealing; 0: never)"
+            "prompts up to this many tokens prefill on a decode when its core, in the TPOT "
+            "slack beside its batch, would finish them before the least loaded prefill "
+            "(work stealing; 0: never)"
         ),
-    ] = 512
+    ] = 8192
 
 
 class SLOConfig(Section):

@@ -63,6 +63,9 @@ class Load(msgspec.Struct, frozen=True):
     chunk_tokens: int = 0  # prefill: a prompt's tokens per step while others wait
     # prompts received so far (PrefillRequests): the gateway counts those it sent since
     requests_seen: int = 0
+    # decode: prompt tokens a second it computes beside its batch within the TPOT target
+    # (baton.slo.prompt_rate; 0: not measured yet)
+    prompt_rate: float = 0.0
 
 
 class Heartbeat(msgspec.Struct, tag=True, frozen=True):

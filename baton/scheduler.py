@@ -98,6 +98,9 @@ class Scheduler:
         self.waiting_for_kv: dict[str, Sequence] = {}
         self.num_preemptions = 0  # sequences sent back to recompute, ever
         self.num_prefix_hit_tokens = 0  # prompt tokens whose KV the prefix cache gave, ever
+        # prompt tokens a step may take beside sequences that decode in it (None: the whole
+        # budget): the decode sets it from its TPOT slack (baton.slo.prompt_tokens_beside)
+        self.prompt_cap: int | None = None
 
     @property
     def has_work(self) -> bool:
@@ -205,10 +208,21 @@ class Scheduler:
         seq.status = SeqStatus.WAITING
         insert_by_priority(self.waiting, seq, ahead=True)  # it was running: first among equals
 
-    def _chunk(self, seq: Sequence, budget: int) -> int:
+    def _chunk(self, seq: Sequence, budget: int, prompt_room: int) -> int:
+        """Its tokens this step: a decode's one, or a prompt's next chunk (0: no room)."""
+        left = seq.num_tokens - seq.num_computed_tokens
+        if left == 1:
+            return 1
         competing = len(self.running) + len(self.waiting)
         cap = chunk_cap(self.max_num_batched_tokens, self.max_chunk_tokens, competing)
-        return min(seq.num_tokens - seq.num_computed_tokens, budget, cap)
+        return min(left, budget, cap, prompt_room)
+
+    def _prompt_room(self) -> int:
+        """Prompt tokens this step may take: `prompt_cap` while any running sequence decodes."""
+        decoding = any(s.num_tokens - s.num_computed_tokens == 1 for s in self.running)
+        if self.prompt_cap is None or not decoding:
+            return self.max_num_batched_tokens
+        return self.prompt_cap
 
     def _tokens_left(self) -> list[int]:
         return [s.num_tokens - s.num_computed_tokens for s in (*self.running, *self.waiting)]
@@ -222,12 +236,15 @@ class Scheduler:
         return tokens_ahead(self._tokens_left(), self.max_num_batched_tokens, self.max_chunk_tokens)
 
     def schedule(self) -> list[ScheduledSeq]:
-        budget = self.max_num_batched_tokens
+        budget, prompt_room = self.max_num_batched_tokens, self._prompt_room()
         out: list[ScheduledSeq] = []
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = self._chunk(seq, budget)
+            n = self._chunk(seq, budget, prompt_room)
+            if n == 0:  # a prompt with no room this step: the decodes beside it go on
+                i += 1
+                continue
             while not self.kv.can_allocate(seq, n):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -237,14 +254,16 @@ class Scheduler:
                 self.kv.allocate(seq, n)
                 out.append(ScheduledSeq(seq, n))
                 budget -= n
+                if seq.num_tokens - seq.num_computed_tokens > 1:  # a prompt's chunk
+                    prompt_room -= n
                 i += 1
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq, hit = self.waiting[0], 0
             if seq.num_computed_tokens == 0:  # else its KV came with it (a hand-off)
                 self.kv.match_prefix(seq)
                 hit = seq.num_computed_tokens
-            n = self._chunk(seq, budget)
-            if not self.kv.can_allocate(seq, n):
+            n = self._chunk(seq, budget, prompt_room)
+            if n == 0 or not self.kv.can_allocate(seq, n):
                 self.kv.free(seq)  # give back the prefix hit until it fits
                 seq.num_computed_tokens = 0
                 break
@@ -255,6 +274,8 @@ class Scheduler:
             insert_by_priority(self.running, seq, ahead=False)
             out.append(ScheduledSeq(seq, n))
             budget -= n
+            if seq.num_tokens - seq.num_computed_tokens > 1:
+                prompt_room -= n
         return out
 
     def postprocess(

@@ -163,7 +163,6 @@ class ServiceLoop:
             zmq.select(self.sockets(), [], [], self.idle_wait_s())
         t0 = time.perf_counter()
         self.drain()
-        units = 0
         batch = self.sched.schedule() if self.sched.has_work else []
         if batch:
             sampled = self.engine.runner.run(batch)
@@ -173,7 +172,6 @@ class ServiceLoop:
                     self.on_token(s.seq, token, s.seq in finished)
                 else:
                     self.on_chunk(s.seq)
-            units = self.step_units(batch)
         elif self.sched.has_work:  # nothing fits until a peer frees blocks: wait, don't spin
             zmq.select(self.sockets(), [], [], self.idle_wait_s())
         self.housekeeping()
@@ -187,7 +185,7 @@ class ServiceLoop:
             PREFIX_HITS.labels(self.id).inc(hits)
             self.prefix_hits_seen = self.sched.num_prefix_hit_tokens
         # the whole iteration, not just the forward: what a queued token really waits
-        self.step_times.observe(units, time.perf_counter() - t0)
+        self.observe_step(batch, time.perf_counter() - t0)
 
     def start_heartbeats(self) -> None:
         self.snapshot()
@@ -289,6 +287,10 @@ class ServiceLoop:
     def step_units(self, batch: list[ScheduledSeq]) -> int:
         """What a step's time scales with (baton.slo's units)."""
         raise NotImplementedError
+
+    def observe_step(self, batch: list[ScheduledSeq], seconds: float) -> None:
+        """A step's measured time, what the load's step-time model is fitted to."""
+        self.step_times.observe(self.step_units(batch) if batch else 0, seconds)
 
     def step_budget(self) -> int:
         """The units one step can take."""

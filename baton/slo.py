@@ -9,10 +9,11 @@ import math
 from collections import deque
 from dataclasses import dataclass
 
-# Work stealing (gateway.busy_prefill_tokens): a decode takes prompts to prefill itself while
-# its own queue of them stays within this share of the shortest prefill queue, in tokens. Its
-# core also decodes every running sequence, so it takes the smaller part of a burst (1:4).
-STEAL_SHARE = 0.25
+# A step that computes prompt tokens beside decoding sequences aims at this share of the TPOT
+# target: a request's TPOT averages its steps, and the fit's guess can run short.
+STEP_AIM = 0.8
+# The fewest prompt tokens such a step takes: a prompt always advances, however full the batch.
+MIN_PROMPT_CHUNK = 16
 
 
 class StepTimes:
@@ -55,6 +56,53 @@ def max_batch_for_tpot(fit: tuple[float, float] | None, tpot_s: float, limit: in
     if per_seq <= 0:
         return limit
     return max(1, min(limit, math.floor((tpot_s - fixed) / per_seq)))
+
+
+class PromptCost:
+    """Seconds one prompt token adds to a decode step: over the last `window` steps that
+    computed prompt tokens, what they took beyond the decode fit's time for their batch, per
+    prompt token."""
+
+    def __init__(self, window: int = 64):
+        self.samples: deque[tuple[int, float]] = deque(maxlen=window)
+
+    def observe(self, tokens: int, extra_s: float) -> None:
+        if tokens > 0:
+            self.samples.append((tokens, extra_s))
+
+    @property
+    def per_token_s(self) -> float:
+        """0.0 before a step with prompt tokens was seen."""
+        tokens = sum(n for n, _ in self.samples)
+        return max(sum(s for _, s in self.samples), 0.0) / tokens if tokens else 0.0
+
+
+def prompt_tokens_beside(
+    fit: tuple[float, float] | None, per_token_s: float, batch: int, tpot_s: float, limit: int
+) -> int:
+    """Prompt tokens a decode step may compute beside `batch` decoding sequences and still end
+    within STEP_AIM of the TPOT target (fit: the pure decode step, seconds ~= fixed + per_seq x
+    batch). With nothing decoding, the whole `limit`; before the cost of a prompt token is
+    known, MIN_PROMPT_CHUNK, whose step measures it."""
+    if batch == 0:
+        return limit
+    if per_token_s <= 0:
+        return MIN_PROMPT_CHUNK
+    fixed, per_seq = fit or (0.0, 0.0)
+    room = STEP_AIM * tpot_s - fixed - per_seq * batch
+    return max(MIN_PROMPT_CHUNK, int(min(limit, room / per_token_s)))
+
+
+def prompt_rate(
+    fit: tuple[float, float] | None, per_token_s: float, batch: int, tpot_s: float, limit: int
+) -> float:
+    """Prompt tokens a second a decode computes beside `batch` decoding sequences, each step
+    taking prompt_tokens_beside(...) of them; 0.0 while a prompt token's cost is unknown."""
+    if per_token_s <= 0:
+        return 0.0
+    fixed, per_seq = fit or (0.0, 0.0)
+    n = prompt_tokens_beside(fit, per_token_s, batch, tpot_s, limit)
+    return n / (fixed + per_seq * batch + per_token_s * n)
 
 
 class Calibration:

@@ -43,13 +43,16 @@ class Admission:
 
     def check(self, inflight: int, placements: list[Placement]) -> Admitted:
         """Takes a request placed so, or raises Overloaded. Prompts prefilled on their decode
-        count against the in-flight limit only."""
+        count against the in-flight limit, and stolen ones against the TTFT target too."""
         if inflight + len(placements) > self.max_inflight:
             M.REJECTED.labels("queue_full").inc()
             raise Overloaded(f"{inflight} requests in flight (limit {self.max_inflight})", 1)
-        remote = [p for p in placements if p.prefill is not None]
-        if not remote or self.policy != "slo":
+        if self.policy != "slo":
             return Admitted(placements)
+        stolen = self.check_stolen(placements)
+        remote = [p for p in placements if p.prefill is not None]
+        if not remote:
+            return Admitted(placements, stolen)
         # the least loaded of its prefills, with all of its prompts: a bound, not a split
         p = min((r.prefill for r in remote), key=prefill_cost)
         if p.load.step_fixed_s + p.load.step_per_unit_s <= 0:  # not measured yet
@@ -67,4 +70,20 @@ class Admission:
         if not decision.admitted:
             M.REJECTED.labels("ttft_slo").inc()
             raise Overloaded(decision.reason, decision.retry_after_s)
-        return Admitted(placements, decision.predicted_ttft_s)
+        return Admitted(placements, max(decision.predicted_ttft_s or 0.0, stolen or 0.0))
+
+    def check_stolen(self, placements: list[Placement]) -> float | None:
+        """The predicted TTFT of the prompts a decode's core steals, or Overloaded when it
+        misses the target behind other prompts there (the router stole them because every
+        prefill would be later still). A decode with no prompts of its own takes any."""
+        stolen = [p for p in placements if p.wait_s is not None]
+        if not stolen:
+            return None
+        worst = max(stolen, key=lambda p: p.wait_s or 0.0)
+        predicted = self.calibration.ratio * (worst.wait_s or 0.0)
+        M.PREDICTED_TTFT.observe(predicted)
+        if predicted > self.ttft_s and worst.decode.local_tokens > 0:
+            M.REJECTED.labels("ttft_slo").inc()
+            why = f"predicted time to first token {predicted:.1f}s exceeds the {self.ttft_s:.1f}s"
+            raise Overloaded(why + " target", max(1, int(predicted)))
+        return predicted

@@ -14,7 +14,7 @@ from enum import Enum
 
 from baton import protocol as P
 from baton.gateway.prefix_index import PrefixIndex
-from baton.slo import STEAL_SHARE
+from baton.slo import prefill_seconds
 
 
 class NoCapacity(RuntimeError):
@@ -67,6 +67,25 @@ def decode_cost(s: Service, placed: int = 0) -> float:
 def prefill_cost(s: Service, placed: int = 0) -> float:
     """The prompt tokens queued at a prefill, `placed` (just placed there) included."""
     return s.load.queued_tokens + s.inflight_tokens + placed
+
+
+def remote_wait_s(prefill: Service, tokens: float) -> float | None:
+    """Seconds a prefill takes to compute `tokens` prompt tokens, from its fitted step
+    times; None before they are measured."""
+    fit = (prefill.load.step_fixed_s, prefill.load.step_per_unit_s)
+    if sum(fit) <= 0:
+        return None
+    return prefill_seconds(int(tokens), fit, prefill.load.step_budget or int(tokens) or 1)
+
+
+def local_wait_s(decode: Service, tokens: int, prefill: Service) -> float | None:
+    """Seconds a decode's core takes to compute `tokens` prompt tokens beside its batch
+    (Load.prompt_rate). Before it has computed any, half a prefill core's speed is the guess
+    (the other half decodes); None with neither measured."""
+    rate = decode.load.prompt_rate
+    if rate <= 0 < prefill.load.step_per_unit_s:
+        rate = 0.5 / prefill.load.step_per_unit_s
+    return tokens / rate if rate > 0 else None
 
 
 class Registry:
@@ -125,6 +144,7 @@ class Placement:
     prefill: Service | None
     why: Why
     num_tokens: int
+    wait_s: float | None = None  # STOLEN: predicted seconds until its prompt is computed
 
     @property
     def prefiller(self) -> Service:
@@ -137,10 +157,10 @@ class Router:
     most `cached_prefill_tokens` of it are new: that computes only the new tokens and moves no
     KV. A prompt up to `local_prefill_tokens` costs less to prefill on its decode than to hand
     off; with no prefill left (aggregated, or all gone) every prompt does, rather than fail.
-    And work stealing: a prompt up to `busy_prefill_tokens` that would queue behind every
-    prefill goes to a decode whose own prompts to prefill, this one included, come to at most
-    STEAL_SHARE of the shortest prefill queue (its core also decodes: it gets the smaller
-    share)."""
+    And work stealing, so the cores follow the load: a prompt up to `busy_prefill_tokens`
+    prefills on its decode when that core, computing prompts only in the TPOT slack beside its
+    batch, would finish it (after its own queue of them) before the least loaded prefill
+    would."""
 
     def __init__(
         self,
@@ -189,11 +209,14 @@ class Router:
         prefills = [s for s in self.registry.pool("prefill") if s.id not in avoid]
         if n <= self.local_prefill_tokens or not prefills:
             return Placement(decode, None, Why.SHORT, n)
-        queued = min(map(prefill_load, prefills))
-        stolen = n + sum(p.num_tokens for p in before if p.why is Why.STOLEN)
-        if n <= self.busy_prefill_tokens and decode.local_tokens + stolen <= STEAL_SHARE * queued:
-            return Placement(decode, None, Why.STOLEN, n)
-        return Placement(decode, min(prefills, key=prefill_load), Why.REMOTE, n)
+        prefill = min(prefills, key=prefill_load)
+        if n <= self.busy_prefill_tokens:
+            stolen = n + sum(p.num_tokens for p in before if p.why is Why.STOLEN)
+            local_s = local_wait_s(decode, decode.local_tokens + stolen, prefill)
+            remote_s = remote_wait_s(prefill, prefill_load(prefill) + n)
+            if local_s is not None and remote_s is not None and local_s < remote_s:
+                return Placement(decode, None, Why.STOLEN, n, local_s)
+        return Placement(decode, prefill, Why.REMOTE, n)
 
     def reserve(self, placements: list[Placement]) -> None:
         """Count admitted placements on their services at once, so the next placement sees

@@ -12,9 +12,10 @@ from stack import Stack, free_port
 from transformers import AutoTokenizer
 
 from baton.bench.arms import Limits, cpu_spec, resolve
-from baton.bench.load import Bench, Load, arrival_times
+from baton.bench.load import Bench, Load, Run, arrival_times
 from baton.bench.metrics import SLO, RequestRecord, stats_ms, summarize
-from baton.bench.workloads import Dist, WorkloadSpec, build, vocabulary
+from baton.bench.report import matrix_markdown
+from baton.bench.workloads import MATRIX, Dist, WorkloadSpec, build, vocabulary
 
 
 def record(status="ok", ttft_s=0.1, e2e_s=0.5, output_tokens=5, **kw) -> RequestRecord:
@@ -57,6 +58,32 @@ def test_goodput_keeps_every_miss_in_the_denominator():
     assert s["itl_ms"]["p50"] == 62.5
     assert s["tpot_ms"]["mean"] == (7 * 62.5 + 125) / 8  # ok answers of 2+ tokens only
     assert summarize(records, 2.0, SLO(250, 62.5, attainment=0.5))["meets_attainment"]
+
+
+def test_the_matrix_table_gives_each_systems_goodput_and_429s_per_workload_and_rate():
+    slo = SLO(ttft_ms=250, tpot_ms=62.5, attainment=0.9)
+
+    def run(system: str, workload: str, rate: float, good: int, refused: int) -> Run:
+        records = [record(ttft_s=0.25, e2e_s=0.5)] * good + [record(ttft_s=1.0)] * (4 - good)
+        records += [record(status="http 429", ttft_s=None, e2e_s=None)] * refused
+        summary = summarize(records, 2.0, slo)
+        return Run(system, Load(rate), 0, records, 2.0, None, summary, workload)
+
+    runs = [
+        run("peer", "short", 2, good=4, refused=0),
+        run("peer", "long-prompt", 0.5, good=2, refused=0),
+        run("baton", "short", 2, good=3, refused=1),
+        run("baton", "long-prompt", 0.5, good=4, refused=0),
+    ]
+    assert matrix_markdown(runs, "peer").splitlines() == [
+        "| workload | load | peer goodput (429s) | baton goodput (429s) |",
+        "|---|---|---|---|",
+        "| short | 2 req/s | 2.00 (0) | 1.50 0.75x (1) |",
+        "| long-prompt | 0.5 req/s | 1.00 (0) | 2.00 2.00x (0) |",
+    ]
+    # the named workloads cover what the split must serve, each from light load up
+    assert set(MATRIX) == {"short", "mixed", "long-prompt", "long-output", "chat"}
+    assert all(list(rates) == sorted(rates) and len(rates) >= 3 for _, rates in MATRIX.values())
 
 
 @pytest.fixture(scope="module")

@@ -108,16 +108,27 @@ def test_slo_admission_refuses_a_prompt_whose_predicted_ttft_misses():
     assert [r.status for r in out.records] == ["ok", "http 429"]
 
 
-def test_a_busy_prefill_lends_a_short_prompt_to_the_decode():
-    # a 1000-token prompt holds the prefill for 2 x 10 ms + 1 s; a 50-token one at 0.1 s
-    # waits behind it there, or with stealing starts at once on the idle decode
-    arrivals = [Arrival(0.0, 1000, 1), Arrival(0.1, 50, 1)]
+def test_a_busy_prefill_lends_a_prompt_to_the_decode_that_would_finish_it_sooner():
+    # a 2000-token prompt holds the prefill for 4 steps (512 tokens: 0.522 s each); at 1.2 s
+    # it has fitted two, and 976 tokens are left: a 50-token prompt would wait ~1 s there.
+    # The idle decode, not measured yet, is taken at half the prefill's speed: ~0.1 s.
+    arrivals = [Arrival(0.0, 2000, 1), Arrival(1.2, 50, 1)]
     queued = simulate(SIMPLE, deployment(), arrivals).records[1]
-    assert queued.ttft_s == pytest.approx(1.020 + 0.010 + 0.050 - 0.1)
+    assert queued.ttft_s > 0.3
     stolen = simulate(SIMPLE, deployment(busy_prefill_tokens=64), arrivals).records[1]
     assert stolen.ttft_s == pytest.approx(0.010 + 0.050)  # one 50-token step, on the decode
     idle = simulate(SIMPLE, deployment(busy_prefill_tokens=64), [Arrival(0.0, 50, 2)])
     assert idle.records[0].ttft_s == pytest.approx(0.060)  # an idle prefill keeps its work
+
+
+def test_prompts_on_a_decode_advance_in_its_tpot_slack():
+    # aggregated: a 1000-token prompt arrives while another request decodes. Its chunks
+    # beside that decode are sized so a step stays within 0.8 x the 100 ms TPOT target
+    arrivals = [Arrival(0.0, 10, 6), Arrival(0.05, 1000, 1)]
+    capped = simulate(SIMPLE, deployment(0, 1, tpot_s=0.1), arrivals).records
+    free = simulate(SIMPLE, deployment(0, 1), arrivals).records
+    assert free[0].tpot_s > 0.1 > capped[0].tpot_s  # one 512-token step alone breaks it
+    assert capped[1].ttft_s > free[1].ttft_s  # paid for in the long prompt's TTFT
 
 
 def test_arrivals_are_the_send_times_baton_bench_draws():

@@ -12,13 +12,13 @@ from baton.gateway.admission import Admission, Overloaded
 from baton.gateway.backend import Backend, Stream
 from baton.gateway.router import NoCapacity, Router, Why, prefill_cost
 from baton.sampling_params import SamplingParams
-from baton.slo import STEAL_SHARE
 
 
 def heartbeat(
-    service_id: str, role: str, queued_tokens: int = 0, requests_seen: int = 0
+    service_id: str, role: str, queued_tokens: int = 0, requests_seen: int = 0, **load
 ) -> P.Heartbeat:
-    load = P.Load(queued_tokens, 0, 64, 64, requests_seen=requests_seen)
+    """`load`: more Load fields (step times, prompt_rate)."""
+    load = P.Load(queued_tokens, 0, 64, 64, requests_seen=requests_seen, **load)
     return P.Heartbeat(service_id, role, "tcp://127.0.0.1:1" if role == "decode" else "", load)
 
 
@@ -47,39 +47,54 @@ async def send(backend: Backend, ids: list[int]) -> Stream:
     return await backend.submit(placement, ids, SamplingParams(max_tokens=4))
 
 
-def test_a_busy_prefill_lends_short_prompts_to_a_decode_while_its_own_queue_is_shorter():
+# a prefill that computes 1,000 prompt tokens a second in steps of up to 512 (10 ms each
+# besides): 100 tokens behind an empty queue take 0.11 s
+PREFILL_STEPS = {"step_fixed_s": 0.01, "step_per_unit_s": 0.001, "step_budget": 512}
+
+
+def busy_prefill(queued_tokens: int) -> P.Heartbeat:
+    return heartbeat("prefill-0", "prefill", queued_tokens, **PREFILL_STEPS)
+
+
+def test_a_decode_core_takes_a_prompt_it_would_finish_before_every_prefill():
     async def scenario() -> None:
-        backend = gateway(("prefill-0", "prefill"), ("decode-0", "decode"), busy_prefill_tokens=64)
+        backend = gateway(("prefill-0", "prefill"), ("decode-0", "decode"), busy_prefill_tokens=800)
         registry = backend.registry
-        assert why(backend, prompt(10)) is Why.REMOTE  # an idle prefill takes it, as always
-        # the decode's own prompts to prefill may come to STEAL_SHARE of the prefill's queue
-        registry.heartbeat(heartbeat("prefill-0", "prefill", queued_tokens=200))
-        share = int(STEAL_SHARE * 200)
-        assert why(backend, prompt(20)) is Why.STOLEN  # it would queue: the decode's core takes it
-        assert why(backend, prompt(65)) is Why.REMOTE  # longer than the decode may take
-        # its prompts count until their first tokens come back (or they end)
-        stream = await send(backend, prompt(40))
+        # the decode computes 500 prompt tokens a second beside its batch: 100 take 0.2 s
+        registry.heartbeat(heartbeat("decode-0", "decode", prompt_rate=500.0))
+        registry.heartbeat(busy_prefill(0))
+        assert why(backend, prompt(100)) is Why.REMOTE  # 0.11 s at the idle prefill
+        registry.heartbeat(busy_prefill(200))  # 0.31 s there now
+        assert why(backend, prompt(100)) is Why.STOLEN
+        assert why(backend, prompt(801)) is Why.REMOTE  # longer than a decode may take
+        # its own prompts count until their first tokens come back (or they end)
+        stream = await send(backend, prompt(50))
         decode = registry.services["decode-0"]
         assert stream.prefill_id == stream.decode_id == "decode-0"
-        assert decode.local_tokens == 40
-        assert why(backend, prompt(share - 40)) is Why.STOLEN
-        assert why(backend, prompt(share - 39)) is Why.REMOTE
+        assert decode.local_tokens == 50
+        assert why(backend, prompt(100)) is Why.STOLEN  # 150 tokens: 0.30 s < 0.31 s
+        assert why(backend, prompt(120)) is Why.REMOTE  # 170 tokens: 0.34 s > 0.33 s
         await backend.finish(stream)
         assert decode.local_tokens == 0
-        assert why(backend, prompt(share)) is Why.STOLEN
+        # before the decode has computed a prompt, half the prefill's speed is assumed
+        registry.heartbeat(heartbeat("decode-0", "decode"))
+        assert why(backend, prompt(100)) is Why.STOLEN  # 0.2 s again
+        registry.heartbeat(busy_prefill(50))  # 0.16 s there
+        assert why(backend, prompt(100)) is Why.REMOTE
         await backend.close()
 
     asyncio.run(scenario())
 
 
-def test_stolen_prompts_of_one_request_share_one_allowance_and_a_restart_drops_them():
+def test_stolen_prompts_of_one_request_queue_on_one_core_and_a_restart_drops_them():
     async def scenario() -> None:
-        backend = gateway(("decode-0", "decode"), busy_prefill_tokens=64)
+        backend = gateway(("decode-0", "decode"), busy_prefill_tokens=800)
         registry = backend.registry
-        registry.heartbeat(heartbeat("prefill-0", "prefill", queued_tokens=200))
-        share = int(STEAL_SHARE * 200)
-        # a request of two prompts, each within the share, both together not
-        half = prompt(share // 2 + 1)
+        registry.heartbeat(heartbeat("decode-0", "decode", prompt_rate=500.0))
+        registry.heartbeat(busy_prefill(200))
+        # alone, each would be done sooner on the decode (0.2 s < 0.31 s); the second queues
+        # behind the first there (0.4 s) and goes to the prefill
+        half = prompt(100)
         placements = backend.admit([half, half]).placements
         assert [p.why for p in placements] == [Why.STOLEN, Why.REMOTE]
         assert placements[0].prefill is None and placements[1].prefill.id == "prefill-0"
@@ -91,6 +106,24 @@ def test_stolen_prompts_of_one_request_share_one_allowance_and_a_restart_drops_t
         backend.fail_requests(registry.heartbeat(restarted))
         await backend.finish(stream)
         assert registry.services["decode-0"].local_tokens == 0
+        await backend.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_stolen_prompt_that_would_miss_the_ttft_target_behind_others_is_refused():
+    async def scenario() -> None:
+        backend = gateway(("prefill-0", "prefill"), ("decode-0", "decode"), busy_prefill_tokens=800)
+        registry = backend.registry
+        registry.heartbeat(heartbeat("decode-0", "decode", prompt_rate=100.0))
+        registry.heartbeat(busy_prefill(5000))  # 5.8 s at the prefill
+        # alone on the decode it is taken, however late (an idle core takes any prompt)
+        stream = await send(backend, prompt(400))  # 4 s there
+        assert stream.prefill_id == "decode-0"
+        with pytest.raises(Overloaded, match="time to first token"):
+            backend.admit([prompt(100)])  # 5 s behind it: over 0.85 x 2 s, and still stolen
+        await backend.finish(stream)
+        assert backend.admit([prompt(100)]).placements[0].why is Why.STOLEN  # 1 s: in time
         await backend.close()
 
     asyncio.run(scenario())

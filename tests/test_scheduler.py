@@ -46,6 +46,24 @@ def test_chunk_cap_lets_short_prompts_in_beside_a_long_one():
     assert step(s)[0] == [("long", 4), ("short", 2)]
 
 
+def test_prompt_chunks_beside_decoding_sequences_stay_within_the_prompt_cap():
+    s = make(budget=16, chunk=16)
+    s.prompt_cap = 3  # what the decode's TPOT slack leaves for prompt tokens
+    s.add(Sequence("talk", [10, 11], SamplingParams(max_tokens=8)))
+    assert step(s)[0] == [("talk", 2)]  # nothing decodes yet: the whole budget
+    s.add(Sequence("long", list(range(10, 20)), SamplingParams(max_tokens=2)))
+    s.add(Sequence("next", [30, 31], SamplingParams(max_tokens=1)))
+    # talk decodes: the prompts beside it share 3 tokens a step, in order of arrival
+    assert step(s)[0] == [("talk", 1), ("long", 3)]
+    assert step(s)[0] == [("talk", 1), ("long", 3)]
+    assert step(s)[0] == [("talk", 1), ("long", 3)]
+    assert step(s)[0] == [("talk", 1), ("long", 1), ("next", 2)]
+    assert step(s)[0] == [("talk", 1), ("long", 1)]  # long's last prompt token, then decodes
+    s.prompt_cap = None
+    s.add(Sequence("late", list(range(40, 50)), SamplingParams(max_tokens=1)))
+    assert step(s)[0] == [("talk", 1), ("late", 10)]
+
+
 def test_a_prompt_alone_takes_the_budget_and_half_of_it_while_others_wait():
     s = make(budget=8)
     s.add(Sequence("long", list(range(10, 30)), SamplingParams(max_tokens=1)))

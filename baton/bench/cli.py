@@ -33,6 +33,10 @@ def add_parser(sub) -> None:
     w.add_argument("--tool-len", default="uniform:64:256", help="agent: tool result per turn")
     w.add_argument("--think-s", default="exp:1", help="agent: seconds between turns")
     w.add_argument("--seed", type=int, default=0, help="load i of a sweep uses seed + i")
+    w.add_argument("--matrix", nargs="+", metavar="NAME",
+                   help="named workloads (short, mixed, long-prompt, long-output, chat, or all), "
+                   "each at its own rates and --num-requests: one table of goodput ratios; "
+                   "replaces the workload and load flags")  # fmt: skip
 
     g = b.add_argument_group("load (one run per value; every system gets the same)")
     how = g.add_mutually_exclusive_group()

@@ -56,6 +56,7 @@ class Run:
     duration_s: float
     cpu_pressure: float | None  # /proc/pressure/cpu avg10 at the start: noise from others
     summary: dict
+    workload: str = ""  # its name in the matrix (workloads.MATRIX)
 
 
 async def drive(
@@ -149,6 +150,7 @@ class Bench:
     max_duration_s: float | None = None  # per run
     warmup: int = 2
     api_key: str | None = None
+    workload: str = ""  # its name in the matrix (workloads.MATRIX)
 
     def sweep(self, url: str, system: str) -> list[Run]:
         """Every load in turn. Load i uses seed + i: a server that stays up across the sweep
@@ -188,4 +190,4 @@ class Bench:
                 f"{system} {load.label}",
             )
         summary = summarize(records, duration_s, self.slo)
-        return Run(system, load, seed, records, duration_s, pressure, summary)
+        return Run(system, load, seed, records, duration_s, pressure, summary, self.workload)

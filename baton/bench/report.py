@@ -86,6 +86,27 @@ def markdown(runs: list[Run], slo: SLO, unavailable: dict[str, str], baseline: s
     return "\n".join(lines)
 
 
+def matrix_markdown(runs: list[Run], baseline: str | None) -> str:
+    """One row per (workload, load), a column per system: its goodput (and, with a baseline,
+    the ratio to the baseline's at the same workload and load) and the requests it refused."""
+    systems = list(dict.fromkeys(r.system for r in runs))
+    by = {(r.workload, r.load, r.system): r.summary for r in runs}
+    head = ["workload", "load", *(f"{s} goodput (429s)" for s in systems)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for workload, load in dict.fromkeys((r.workload, r.load) for r in runs):
+        ref = by.get((workload, load, baseline), {}).get("goodput")
+        row = [workload, load.label]
+        for system in systems:
+            s = by.get((workload, load, system))
+            if s is None:
+                row.append("-")
+                continue
+            ratio = f" {s['goodput'] / ref:.2f}x" if ref and system != baseline else ""
+            row.append(f"{fmt(s['goodput'])}{ratio} ({s['statuses'].get('http 429', 0)})")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def load_dict(run: Run) -> dict:
     rate = None if math.isinf(run.load.rate) else run.load.rate  # JSON has no inf
     return {**dataclasses.asdict(run.load), "rate": rate, "label": run.load.label}
@@ -97,6 +118,7 @@ def write_json(path: Path, runs: list[Run], meta: dict) -> None:
         "runs": [
             {
                 "system": r.system,
+                "workload": r.workload,
                 "load": load_dict(r),
                 "seed": r.seed,
                 "duration_s": r.duration_s,

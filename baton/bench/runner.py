@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -15,8 +16,8 @@ from transformers import AutoTokenizer
 from baton.bench.arms import Arm, Limits, load_arms, resolve, running
 from baton.bench.load import Bench, Load, Run
 from baton.bench.metrics import SLO
-from baton.bench.report import markdown, plot, write_json
-from baton.bench.workloads import Dist, WorkloadSpec, vocabulary
+from baton.bench.report import markdown, matrix_markdown, plot, write_json
+from baton.bench.workloads import MATRIX, Dist, WorkloadSpec, vocabulary
 from baton.cpus import parse_cpus
 from baton.model.files import resolve_model_dir
 
@@ -40,6 +41,17 @@ def workload_spec(args: argparse.Namespace) -> WorkloadSpec:
         raise SystemExit(str(e)) from e
 
 
+def matrix(args: argparse.Namespace) -> list[tuple[str, WorkloadSpec, list[Load]]]:
+    """The named workloads --matrix asks for, each with its rates."""
+    names = list(MATRIX) if "all" in args.matrix else args.matrix
+    if unknown := [n for n in names if n not in MATRIX]:
+        raise SystemExit(f"unknown workload {unknown[0]!r}; the matrix has {', '.join(MATRIX)}")
+    return [
+        (n, replace(MATRIX[n][0], num_requests=args.num_requests), [Load(r) for r in MATRIX[n][1]])
+        for n in names
+    ]
+
+
 def loads(args: argparse.Namespace) -> list[Load]:
     if args.concurrency:
         return [Load(concurrency=c) for c in args.concurrency]
@@ -47,9 +59,9 @@ def loads(args: argparse.Namespace) -> list[Load]:
 
 
 def compare(
-    args: argparse.Namespace, bench: Bench, out_dir: Path
+    args: argparse.Namespace, benches: list[Bench], out_dir: Path
 ) -> tuple[list[Run], dict[str, str], list[Arm]]:
-    """Each arm in turn: start, wait for ready, sweep the loads, stop."""
+    """Each arm in turn: start, wait for ready, sweep each bench's loads, stop."""
     limits = Limits(
         model=args.model or str(resolve_model_dir(None)),
         dtype=args.dtype,
@@ -73,7 +85,8 @@ def compare(
         print(f"{arm.name}: starting, then {arm.url}{arm.ready_path} ...", file=sys.stderr)
         try:
             with running(arm, logs / f"{arm.name}.log"):
-                runs += bench.sweep(arm.url, arm.name)
+                for bench in benches:
+                    runs += bench.sweep(arm.url, arm.name)
         except (RuntimeError, httpx.HTTPError) as e:
             unavailable[arm.name] = f"failed: {e}"
             print(f"{arm.name}: failed: {e}", file=sys.stderr)
@@ -89,26 +102,37 @@ def main(args: argparse.Namespace) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     spec = workload_spec(args)
     slo = SLO(args.slo_ttft_ms, args.slo_tpot_ms, args.slo_attainment)
-    bench = Bench(
-        spec, loads(args), slo, args.seed, tokenizer, vocabulary(tokenizer),
-        args.max_duration_s, args.warmup, args.api_key,
-    )  # fmt: skip
+    named = matrix(args) if args.matrix else [("", spec, loads(args))]
+    vocab = vocabulary(tokenizer)
+    extra = (args.max_duration_s, args.warmup, args.api_key)
+    benches = [Bench(w, ls, slo, args.seed, tokenizer, vocab, *extra, n) for n, w, ls in named]
     arms: list[Arm] = []
     if args.mode == "compare":
-        runs, unavailable, arms = compare(args, bench, out_dir)
+        runs, unavailable, arms = compare(args, benches, out_dir)
     else:
         url = args.url.rstrip("/")
-        runs, unavailable = bench.sweep(url, args.label or url.split("://")[-1]), {}
+        label = args.label or url.split("://")[-1]
+        runs, unavailable = [r for b in benches for r in b.sweep(url, label)], {}
     measured = list(dict.fromkeys(r.system for r in runs))
     baseline = args.baseline
     if baseline is None and args.mode == "compare" and measured:
         baseline = "vllm-cpu" if "vllm-cpu" in measured else measured[0]
-    table = markdown(runs, slo, unavailable, baseline)
-    print(f"\n{spec.describe()}, seed {args.seed}\n\n{table}")
+    tables = []
+    for name, spec, _ in named:
+        mine = [r for r in runs if r.workload == name]
+        tables.append(f"{name or 'workload'}: {spec.describe()}, seed {args.seed}\n\n")
+        tables[-1] += markdown(mine, slo, unavailable, baseline)
+    if args.matrix:
+        tables.append(matrix_markdown(runs, baseline))
+    table = "\n\n".join(tables)
+    print(f"\n{table}")
     (out_dir / "results.md").write_text(table + "\n")
     meta = {
         "command": sys.argv,
-        "workload": {k: str(v) if isinstance(v, Dist) else v for k, v in vars(spec).items()},
+        "workloads": {
+            name: {k: str(v) if isinstance(v, Dist) else v for k, v in vars(spec).items()}
+            for name, spec, _ in named
+        },
         "slo": vars(slo),
         "seed": args.seed,
         "tokenizer": str(tokenizer_dir),
@@ -118,5 +142,9 @@ def main(args: argparse.Namespace) -> None:
         "started": started,
     }
     write_json(out_dir / "results.json", runs, meta)
-    files = [out_dir / "results.json", *(plot(runs, slo, out_dir) if runs else [])]
+    files = [out_dir / "results.json"]
+    for name, _, _ in named:
+        if mine := [r for r in runs if r.workload == name]:
+            (out_dir / name).mkdir(exist_ok=True)
+            files += plot(mine, slo, out_dir / name)
     print("\n" + "\n".join(f"wrote {p}" for p in files))

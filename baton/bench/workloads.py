@@ -154,3 +154,25 @@ BUILDERS = {
     "mixed": mixed,
     "agent": agent,
 }
+
+
+def _spec(name: str, input_len: str, output_len: str, **more: str | float | int) -> WorkloadSpec:
+    dists = {k: Dist.parse(v) if isinstance(v, str) else v for k, v in more.items()}
+    return WorkloadSpec(name, 0, Dist.parse(input_len), Dist.parse(output_len), **dists)
+
+
+# `baton bench compare --matrix`: the traffic shapes a default deployment must serve, each
+# with rates from light load to past what 2 CPU cores sustain for SmolLM2-135M (sessions/s)
+MATRIX: dict[str, tuple[WorkloadSpec, tuple[float, ...]]] = {
+    "short": (_spec("random", "uniform:32:256", "uniform:32:128"), (2, 4, 8)),
+    "mixed": (
+        _spec("mixed", "uniform:64:256", "128", long_len="uniform:2048:4096", long_fraction=0.05),
+        (1, 2, 4),
+    ),
+    "long-prompt": (_spec("random", "uniform:300:2000", "100"), (0.25, 0.5, 1)),
+    "long-output": (_spec("random", "uniform:32:256", "uniform:300:700"), (0.25, 0.5, 1)),
+    "chat": (
+        _spec("agent", "uniform:64:512", "uniform:32:300", tool_len="uniform:16:128"),
+        (0.25, 0.5, 1),
+    ),
+}

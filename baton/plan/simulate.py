@@ -31,7 +31,15 @@ from baton.bench.workloads import Dist
 from baton.config import BatonConfig
 from baton.plan.profile import Profile, attention_pairs
 from baton.scheduler import chunk_cap, tokens_ahead
-from baton.slo import STEAL_SHARE, StepTimes, admit, max_batch_for_tpot
+from baton.slo import (
+    PromptCost,
+    StepTimes,
+    admit,
+    max_batch_for_tpot,
+    prefill_seconds,
+    prompt_rate,
+    prompt_tokens_beside,
+)
 
 
 @dataclass(frozen=True)
@@ -211,6 +219,15 @@ class _Decode(_Server):
         self.running: list[_Request] = []
         self.num_assigned = 0  # picked for it and not finished: the gateway's decode cost
         self.local_tokens = 0  # tokens of prompts it prefills itself, before their first token
+        self.prompt_cost = PromptCost()
+
+    def prompt_terms(self) -> tuple:
+        """As decode/service.py sizes the prompt tokens its steps take beside its batch."""
+        d = self.sim.deployment
+        decoding = sum(1 for r in self.running if not r.remaining)
+        tpot_s = d.tpot_s or float("inf")
+        fit, per_token = self.step_times.fit(), self.prompt_cost.per_token_s
+        return fit, per_token, decoding, tpot_s, d.decode_budget
 
     def enqueue(self, r: _Request) -> None:
         self.waiting.append(r)
@@ -223,18 +240,25 @@ class _Decode(_Server):
             cap = max_batch_for_tpot(self.step_times.fit(), d.tpot_s, cap)
         budget, batch = d.decode_budget, []
         chunk = chunk_cap(budget, d.decode_chunk, len(self.running) + len(self.waiting))
+        room = prompt_tokens_beside(*self.prompt_terms())  # the scheduler's prompt_cap
         for r in self.running:
             if budget == 0:
                 break
-            n = min(r.remaining, budget, chunk) or 1  # a prompt chunk, else one decode token
+            n = min(r.remaining, budget, chunk, room) or 1  # a prompt chunk, else a decode
+            if r.remaining and not room:
+                continue
             batch.append((r, n))
             budget -= n
+            room -= n if r.remaining else 0
         while self.waiting and budget > 0 and len(self.running) < cap:
-            r = self.waiting.popleft()
-            self.running.append(r)
-            n = min(r.remaining, budget, chunk) or 1
+            r = self.waiting[0]
+            n = min(r.remaining, budget, chunk, room) or 1
+            if r.remaining and not room:
+                break
+            self.running.append(self.waiting.popleft())
             batch.append((r, n))
             budget -= n
+            room -= n if r.remaining else 0
         if not batch:
             return None
         decodes = [r for r, _ in batch if r.remaining == 0]
@@ -249,6 +273,10 @@ class _Decode(_Server):
         def done() -> None:
             if not chunks:  # the service fits pure decode steps only
                 self.step_times.observe(len(decodes), seconds)
+            else:
+                fixed, per_seq = self.step_times.fit() or (0.0, 0.0)
+                tokens = sum(n for _, n in chunks)
+                self.prompt_cost.observe(tokens, seconds - fixed - per_seq * len(decodes))
             for r, n in batch:
                 if r.remaining:
                     r.remaining -= n
@@ -287,9 +315,8 @@ class _Simulation:
         n = r.arrival.prompt_tokens
         decode = min(self.decodes, key=lambda s: s.num_assigned)
         local = not self.prefills or n <= d.local_prefill_tokens
-        if not local and n <= d.busy_prefill_tokens:  # as gateway/backend.py steals work
-            queued = min(p.queued_tokens for p in self.prefills)
-            local = decode.local_tokens + n <= STEAL_SHARE * queued
+        if not local and n <= d.busy_prefill_tokens:  # as gateway/router.py steals work
+            local = self.steals(decode, n)
         prefill = None if local else min(self.prefills, key=lambda p: p.queued_tokens)
         if prefill is not None and d.admission_ttft_s is not None:
             decision = admit(
@@ -314,6 +341,17 @@ class _Simulation:
         else:
             prefill.queue.append(r)
             prefill.kick()
+
+    def steals(self, decode: _Decode, n: int) -> bool:
+        """Whether the decode's core, in its TPOT slack, computes the prompt sooner than the
+        least loaded prefill (gateway.router.local_wait_s and remote_wait_s)."""
+        prefill = min(self.prefills, key=lambda p: p.queued_tokens)
+        fit = prefill.step_times.fit()
+        if fit is None or sum(fit) <= 0:
+            return False
+        rate = prompt_rate(*decode.prompt_terms()) or 0.5 / max(fit[1], 1e-9)
+        remote_s = prefill_seconds(prefill.queued_tokens + n, fit, self.deployment.prefill_budget)
+        return (decode.local_tokens + n) / rate < remote_s
 
     def sample(self, r: _Request) -> None:
         """A token of `r` at `now`; the last one ends it."""

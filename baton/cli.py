@@ -34,6 +34,7 @@ def on_off(text: str) -> bool:
 ENGINE_FLAGS = {
     "--model": ("engine.model", str),
     "--dtype": ("engine.dtype", str),
+    "--kv-dtype": ("engine.kv_dtype", str),
     "--block-size": ("engine.block_size", int),
     "--num-blocks": ("engine.num_blocks", int),
     "--kv-cache-gib": ("engine.kv_cache_gib", float),
@@ -92,7 +93,8 @@ def cmd_prefill(args) -> None:
 
     config = config_from(args)
     engine = config.engine_for("prefill")
-    main(engine, config.transport, args.id, args.gateway, probe, config.stream_kv)
+    tpot_s = config.slo.tpot_ms / 1000
+    main(engine, config.transport, args.id, args.gateway, probe, config.stream_kv, tpot_s)
 
 
 def cmd_decode(args) -> None:

@@ -34,7 +34,14 @@ class EngineConfig(Section):
     model: Annotated[str | None, doc("HF directory or GGUF file; unset: SmolLM2-135M-Instruct")] = (
         None
     )
-    dtype: Annotated[Literal["float32", "bfloat16"], doc("weights and KV cache")] = "bfloat16"
+    dtype: Annotated[Literal["float32", "bfloat16"], doc("weights (and KV cache)")] = "bfloat16"
+    kv_dtype: Annotated[
+        Literal["auto", "int8"],
+        doc(
+            "auto: the weights' dtype; int8: 8-bit KV with a scale per token and head, "
+            "half the bytes each decode step reads and each hand-off moves"
+        ),
+    ] = "auto"
     block_size: Annotated[Positive, doc("tokens per KV block")] = 16
     num_blocks: Annotated[Positive | None, doc("KV pool in blocks; overrides kv_cache_gib")] = None
     kv_cache_gib: Annotated[float, Meta(gt=0), doc("KV pool size per service")] = 1.0

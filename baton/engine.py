@@ -46,20 +46,21 @@ class Engine:
             torch.set_num_threads(config.threads)
         model_dir = resolve_model_dir(config.model)
         dtype = DTYPES[config.dtype]
+        kv_dtype = torch.int8 if config.kv_dtype == "int8" else dtype
         model = load_model(model_dir, dtype)
         tokenizer = load_tokenizer(model_dir)
         eos = eos_token_ids(model_dir, tokenizer)
         args = model.args
         max_model_len = min(config.max_model_len or args.max_position, args.max_position)
-        num_blocks = config.num_blocks or max(
-            1, int(config.kv_cache_gib * 2**30) // block_nbytes(args, config.block_size, dtype)
-        )
-        nbytes = num_blocks * block_nbytes(args, config.block_size, dtype)
-        kv = KVCache(args, num_blocks, config.block_size, dtype, kv_storage and kv_storage(nbytes))
+        per_block = block_nbytes(args, config.block_size, kv_dtype)
+        num_blocks = config.num_blocks or max(1, int(config.kv_cache_gib * 2**30) // per_block)
+        storage = kv_storage and kv_storage(num_blocks * per_block)
+        kv = KVCache(args, num_blocks, config.block_size, kv_dtype, storage)
         log.info(
-            "model %s (%s), %d KV blocks of %d tokens (%.2f GiB)",
+            "model %s (%s, KV %s), %d KV blocks of %d tokens (%.2f GiB)",
             model_dir,
             config.dtype,
+            config.kv_dtype,
             num_blocks,
             config.block_size,
             num_blocks * kv.block_nbytes / 2**30,
@@ -92,7 +93,7 @@ class Engine:
         a = self.model.args
         return P.KVLayout(
             model=hashlib.blake2b(repr(a).encode(), digest_size=8).hexdigest(),
-            dtype=self.config.dtype,
+            dtype=str(self.kv.dtype).removeprefix("torch."),  # the cache's: int8 or the model's
             block_size=self.config.block_size,
             num_layers=a.num_layers,
             num_kv_heads=a.num_kv_heads,

@@ -64,7 +64,7 @@ class Load(msgspec.Struct, frozen=True):
     # prompts received so far (PrefillRequests): the gateway counts those it sent since
     requests_seen: int = 0
     # decode: prompt tokens a second it computes beside its batch within the TPOT target
-    # (baton.slo.prompt_rate; 0: not measured yet)
+    # (baton.slo.PromptPacer.rate; 0: not measured yet)
     prompt_rate: float = 0.0
 
 
@@ -106,7 +106,7 @@ class KVLayout(msgspec.Struct, frozen=True):
     """What both ends must agree on before any block moves; exchanged once per peer pair."""
 
     model: str  # a fingerprint of the model config
-    dtype: str
+    dtype: str  # the cache's: the model's, or int8 (an 8-bit cache: values, then scales)
     block_size: int
     num_layers: int
     num_kv_heads: int

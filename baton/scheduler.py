@@ -99,7 +99,7 @@ class Scheduler:
         self.num_preemptions = 0  # sequences sent back to recompute, ever
         self.num_prefix_hit_tokens = 0  # prompt tokens whose KV the prefix cache gave, ever
         # prompt tokens a step may take beside sequences that decode in it (None: the whole
-        # budget): the decode sets it from its TPOT slack (baton.slo.prompt_tokens_beside)
+        # budget): a service paces them to its TPOT target (baton.slo.PromptPacer)
         self.prompt_cap: int | None = None
 
     @property

@@ -19,7 +19,7 @@ from baton.kvtransfer.base import Stop
 from baton.kvtransfer.metrics import KVPeers
 from baton.request import Sequence
 from baton.scheduler import SampledToken, ScheduledSeq
-from baton.slo import StepTimes
+from baton.slo import PromptPacer, StepTimes
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,9 @@ class ServiceLoop:
     kv_addr = ""  # where prefills connect (decode only)
     kv_peers: KVPeers
 
-    def __init__(self, engine: Engine, service_id: str, gateway_addr: str):
+    def __init__(
+        self, engine: Engine, service_id: str, gateway_addr: str, tpot_s: float | None = None
+    ):
         self.engine, self.id = engine, service_id
         self.sched = engine.scheduler()
         self.ctx = zmq.Context()
@@ -128,8 +130,16 @@ class ServiceLoop:
         self.gateway_addr = gateway_addr
         self.snapshots = Every(HEARTBEAT_S)
         self.keepalives = Every(KEEPALIVE_S)
+        self.refits = Every(KEEPALIVE_S)  # decode_fit's
         self.last_tick = time.monotonic()
         self.step_times = StepTimes()
+        # Prompt tokens beside decoding sequences (a decode's stolen prompts, a prefill's
+        # kept requests) are paced to the TPOT target (baton.slo.PromptPacer), from the fit
+        # of pure decode steps
+        self.tpot_s = tpot_s
+        self.decode_times = StepTimes()  # seconds ~= fixed + per_seq x batch
+        self.decode_fit: tuple[float, float] | None = None  # refreshed each keepalive period
+        self.pacer = PromptPacer(tpot_s)
         self.draining = False
         self.requests_seen = 0  # PrefillRequests received (Load.requests_seen)
         self.prefix_hits_seen = 0
@@ -175,6 +185,7 @@ class ServiceLoop:
         elif self.sched.has_work:  # nothing fits until a peer frees blocks: wait, don't spin
             zmq.select(self.sockets(), [], [], self.idle_wait_s())
         self.housekeeping()
+        self.pace_prompts()
         if self.snapshots.due() or self.load_changed:
             self.snapshot()
             if self.load_changed:
@@ -289,8 +300,25 @@ class ServiceLoop:
         raise NotImplementedError
 
     def observe_step(self, batch: list[ScheduledSeq], seconds: float) -> None:
-        """A step's measured time, what the load's step-time model is fitted to."""
+        """A step's measured time: what the load's step-time model is fitted to, and the
+        pacer's (a pure decode step, or what its prompt tokens added to one)."""
         self.step_times.observe(self.step_units(batch) if batch else 0, seconds)
+        prompt = [s for s in batch if s.num_new_tokens > 1 or not s.samples]
+        decoding = len(batch) - len(prompt)
+        if batch and not prompt and self.decode_times is not self.step_times:
+            self.decode_times.observe(decoding, seconds)
+        if batch:
+            tokens = sum(s.num_new_tokens for s in prompt)
+            self.pacer.observe(self.decode_fit, decoding, tokens, seconds)
+
+    def decoding(self) -> int:
+        """Running sequences past their prompts."""
+        return sum(s.num_tokens - s.num_computed_tokens == 1 for s in self.sched.running)
+
+    def pace_prompts(self) -> None:
+        if self.refits.due():
+            self.decode_fit = self.decode_times.fit()
+        self.sched.prompt_cap = self.pacer.cap(self.decoding(), self.sched.max_num_batched_tokens)
 
     def step_budget(self) -> int:
         """The units one step can take."""

@@ -9,11 +9,12 @@ import math
 from collections import deque
 from dataclasses import dataclass
 
-# A step that computes prompt tokens beside decoding sequences aims at this share of the TPOT
-# target: a request's TPOT averages its steps, and the fit's guess can run short.
+# A decode aims its sequences' mean time per token at this share of the TPOT target: a
+# request's TPOT averages its steps, and the fits' predictions run short at times.
 STEP_AIM = 0.8
-# The fewest prompt tokens such a step takes: a prompt always advances, however full the batch.
-MIN_PROMPT_CHUNK = 16
+# The least share of a decode core's time prompts beside its batch get: they always advance.
+MIN_PROMPT_SHARE = 0.1
+FIRST_CHUNK = 16  # prompt tokens beside a batch before their cost there is known
 
 
 class StepTimes:
@@ -58,51 +59,68 @@ def max_batch_for_tpot(fit: tuple[float, float] | None, tpot_s: float, limit: in
     return max(1, min(limit, math.floor((tpot_s - fixed) / per_seq)))
 
 
-class PromptCost:
-    """Seconds one prompt token adds to a decode step: over the last `window` steps that
-    computed prompt tokens, what they took beyond the decode fit's time for their batch, per
-    prompt token."""
+def prompt_share(fit: tuple[float, float] | None, batch: int, tpot_s: float) -> float:
+    """The share of a core's time prompt tokens may take beside `batch` decoding sequences
+    with their mean time per token within STEP_AIM of the TPOT target (at least
+    MIN_PROMPT_SHARE). A step of pure decode
+    takes d = fixed + per_seq x batch; with a share u of the time on prompts, the mean is
+    d / (1 - u). (A request's TPOT is that mean: one long step among many short ones is
+    fine, so prompts go in whole chunks, not slivers of every step.)"""
+    if batch == 0:
+        return 1.0
+    fixed, per_seq = fit or (0.0, 0.0)
+    return max(MIN_PROMPT_SHARE, 1 - (fixed + per_seq * batch) / (STEP_AIM * tpot_s))
 
-    def __init__(self, window: int = 64):
+
+class PromptPacer:
+    """Paces the prompt tokens a core computes beside decoding sequences to prompt_share:
+    each step earns the share of its time in credit, up to the share of `horizon_s`, and the
+    time its prompt tokens added (beyond the pure decode step the fit predicts) is spent from
+    it. A step takes the prompt tokens the credit pays for: chunks grow while the decodes'
+    steps bank credit, and none run while it is spent, so one chunk never delays a young
+    request by more than the horizon allows. It learns a prompt token's cost beside the batch
+    as it goes (the first chunk is FIRST_CHUNK tokens), for `cap` and `rate`."""
+
+    def __init__(self, tpot_s: float | None, window: int = 64, horizon_s: float = 0.25):
+        self.tpot_s = tpot_s or math.inf  # no target: nothing to pace
         self.samples: deque[tuple[int, float]] = deque(maxlen=window)
-
-    def observe(self, tokens: int, extra_s: float) -> None:
-        if tokens > 0:
-            self.samples.append((tokens, extra_s))
+        self.credit_s, self.horizon_s = 0.0, horizon_s
 
     @property
     def per_token_s(self) -> float:
-        """0.0 before a step with prompt tokens was seen."""
+        """Seconds a prompt token adds to a decode step; 0.0 before one was seen."""
         tokens = sum(n for n, _ in self.samples)
         return max(sum(s for _, s in self.samples), 0.0) / tokens if tokens else 0.0
 
+    def observe(
+        self, fit: tuple[float, float] | None, decoding: int, tokens: int, seconds: float
+    ) -> None:
+        """A step of `decoding` sequences and `tokens` prompt tokens took `seconds`."""
+        fixed, per_seq = fit or (0.0, 0.0)
+        extra = seconds - fixed - per_seq * decoding
+        if tokens:
+            self.samples.append((tokens, extra))
+        if not decoding:  # prompts delayed no one: a fresh start
+            self.credit_s = max(self.credit_s, 0.0)
+            return
+        share = prompt_share(fit, decoding, self.tpot_s)
+        earned = self.credit_s + share * seconds - (max(extra, 0.0) if tokens else 0.0)
+        self.credit_s = min(earned, share * self.horizon_s)
 
-def prompt_tokens_beside(
-    fit: tuple[float, float] | None, per_token_s: float, batch: int, tpot_s: float, limit: int
-) -> int:
-    """Prompt tokens a decode step may compute beside `batch` decoding sequences and still end
-    within STEP_AIM of the TPOT target (fit: the pure decode step, seconds ~= fixed + per_seq x
-    batch). With nothing decoding, the whole `limit`; before the cost of a prompt token is
-    known, MIN_PROMPT_CHUNK, whose step measures it."""
-    if batch == 0:
-        return limit
-    if per_token_s <= 0:
-        return MIN_PROMPT_CHUNK
-    fixed, per_seq = fit or (0.0, 0.0)
-    room = STEP_AIM * tpot_s - fixed - per_seq * batch
-    return max(MIN_PROMPT_CHUNK, int(min(limit, room / per_token_s)))
+    def cap(self, decoding: int, budget: int) -> int:
+        """Prompt tokens the next step may take (Scheduler.prompt_cap)."""
+        if decoding == 0 or math.isinf(self.tpot_s):
+            return budget
+        if self.credit_s <= 0:
+            return 0
+        per_token = self.per_token_s
+        return min(budget, int(self.credit_s / per_token) if per_token else FIRST_CHUNK)
 
-
-def prompt_rate(
-    fit: tuple[float, float] | None, per_token_s: float, batch: int, tpot_s: float, limit: int
-) -> float:
-    """Prompt tokens a second a decode computes beside `batch` decoding sequences, each step
-    taking prompt_tokens_beside(...) of them; 0.0 while a prompt token's cost is unknown."""
-    if per_token_s <= 0:
-        return 0.0
-    fixed, per_seq = fit or (0.0, 0.0)
-    n = prompt_tokens_beside(fit, per_token_s, batch, tpot_s, limit)
-    return n / (fixed + per_seq * batch + per_token_s * n)
+    def rate(self, fit: tuple[float, float] | None, decoding: int) -> float:
+        """Prompt tokens a second this core computes beside `decoding` sequences; 0.0 before
+        a prompt token's cost is known."""
+        per_token = self.per_token_s
+        return prompt_share(fit, decoding, self.tpot_s) / per_token if per_token else 0.0
 
 
 class Calibration:

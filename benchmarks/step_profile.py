@@ -2,7 +2,10 @@
 prompts of `context` tokens, the step's wall time beside the time spent in each kernels/ op
 (wrapped and timed; the rest is the projections, the MLP's activation, sampling and Python).
 
-    python -m baton.benchmarks.step_profile [--dtype bfloat16] [--batch 32] [--context 128] [--threads 2]
+    python -m baton.benchmarks.step_profile [--dtype bfloat16] [--kv-dtypes auto int8]
+        [--batch 32] [--context 128] [--threads 2]
+
+With several --kv-dtypes, one row each, measured one after the other in one process.
 """
 
 import argparse
@@ -17,7 +20,13 @@ from baton.benchmarks.engine_bench import prompts
 from baton.model.files import resolve_model_dir
 from baton.request import Sequence
 
-OPS = ("paged_decode_attention", "add_rms_norm", "apply_rotary", "write_kv")
+# a column each; the 8-bit cache's ops count in its 16-bit twin's column
+OPS = {
+    "paged_decode_attention": ("paged_decode_attention", "paged_decode_attention_int8"),
+    "add_rms_norm": ("add_rms_norm",),
+    "apply_rotary": ("apply_rotary",),
+    "write_kv": ("write_kv", "write_kv_int8"),
+}
 
 
 def main() -> None:
@@ -27,26 +36,38 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--kv-dtypes", nargs="+", default=["auto"], choices=["auto", "int8"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    print(f"{args.dtype}, batch {args.batch}, context ~{args.context}, {args.threads} threads\n")
+    print("| KV | step ms | " + " | ".join(f"{n} ms" for n in OPS) + " | the rest ms |")
+    print("|---" * (len(OPS) + 3) + "|")
+    for kv_dtype in args.kv_dtypes:
+        profile(args, kv_dtype)
+
+
+def profile(args: argparse.Namespace, kv_dtype: str) -> None:
     llm = baton.LLM(
         str(resolve_model_dir(None)),
         dtype=args.dtype,
+        kv_dtype=kv_dtype,
         num_blocks=args.batch * (-(-(args.context + 2 * args.steps + 16) // 16)),
         max_num_seqs=args.batch,
         max_num_batched_tokens=2048,
     )
     spent: dict[str, float] = defaultdict(float)
-    for name in OPS:
-        op = getattr(kernels, name)
+    originals = {name: getattr(kernels, name) for names in OPS.values() for name in names}
+    for column, names in OPS.items():
+        for name in names:
+            op = getattr(kernels, name)
 
-        def timed(*a, _op=op, _name=name, **kw):
-            t = time.perf_counter()
-            out = _op(*a, **kw)
-            spent[_name] += time.perf_counter() - t
-            return out
+            def timed(*a, _op=op, _column=column, **kw):
+                t = time.perf_counter()
+                out = _op(*a, **kw)
+                spent[_column] += time.perf_counter() - t
+                return out
 
-        setattr(kernels, name, timed)  # callers look ops up on the module at call time
+            setattr(kernels, name, timed)  # callers look ops up on the module at call time
     params = baton.SamplingParams(max_tokens=2 * args.steps + 8, temperature=0, ignore_eos=True)
     vocab = llm.engine.model.args.vocab_size
     for i, ids in enumerate(prompts(args.batch, args.context, vocab)):
@@ -61,12 +82,11 @@ def main() -> None:
     for _ in range(args.steps):
         llm.step({})
     step_ms = (time.perf_counter() - t) / args.steps * 1e3
-    print(f"{args.dtype}, batch {args.batch}, context ~{args.context}, {args.threads} threads\n")
-    print("| step ms | " + " | ".join(f"{n} ms" for n in OPS) + " | the rest ms |")
-    print("|---" * (len(OPS) + 2) + "|")
+    for name, op in originals.items():  # unwrapped for the next kv dtype's engine
+        setattr(kernels, name, op)
     ops_ms = [spent[n] / args.steps * 1e3 for n in OPS]
     cells = " | ".join(f"{ms:.2f}" for ms in ops_ms)
-    print(f"| {step_ms:.2f} | {cells} | {step_ms - sum(ops_ms):.2f} |")
+    print(f"| {kv_dtype} | {step_ms:.2f} | {cells} | {step_ms - sum(ops_ms):.2f} |")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from baton.probe import Probe
 from baton.request import Sequence
 from baton.scheduler import SampledToken, ScheduledSeq
 from baton.service_io import BATCH_CAP, LOCAL_PREFILLS, RECOMPUTES, ServiceLoop, advertised
-from baton.slo import PromptCost, max_batch_for_tpot, prompt_rate, prompt_tokens_beside
+from baton.slo import max_batch_for_tpot
 
 log = logging.getLogger("baton.decode")
 
@@ -49,12 +49,9 @@ class DecodeService(ServiceLoop):
         peer_timeout_s: float = 30.0,
         tpot_s: float | None = None,
     ):
-        super().__init__(engine, service_id, gateway_addr)
-        self.tpot_s, self.max_batch = tpot_s, self.sched.max_num_seqs
-        # a prompt token's cost beside the batch, and the pure decode step's fit it is taken
-        # from: they size the prompt chunks this core computes within the TPOT target
-        self.prompt_cost = PromptCost()
-        self.decode_fit: tuple[float, float] | None = None
+        super().__init__(engine, service_id, gateway_addr, tpot_s)
+        self.max_batch = self.sched.max_num_seqs
+        self.decode_times = self.step_times  # its load's fit is of pure decode steps already
         self.kv_sock = self.ctx.socket(zmq.ROUTER)
         self.kv_sock.setsockopt(zmq.LINGER, 0)
         self.kv_sock.bind(kv_addr)
@@ -117,14 +114,11 @@ class DecodeService(ServiceLoop):
         self.receiver.check_timeouts()
         if self.keepalives.due():
             self.receiver.keepalive()
-            self.decode_fit = self.step_times.fit()
             if self.tpot_s:  # the batch that keeps a step within the TPOT target
                 # no guess from one batch size: a cap at that size would never see a larger one
                 fit = self.step_times.fit(extrapolate=False)
                 self.sched.max_num_seqs = max_batch_for_tpot(fit, self.tpot_s, self.max_batch)
                 BATCH_CAP.labels(self.id).set(self.sched.max_num_seqs)
-        if self.tpot_s:  # prompts (local, stolen, recomputed) advance within the TPOT slack
-            self.sched.prompt_cap = prompt_tokens_beside(*self.prompt_terms())
         self.apply(self.receiver.stops())
 
     def holds_work(self) -> bool:
@@ -140,23 +134,8 @@ class DecodeService(ServiceLoop):
         tokens = sum(s.num_new_tokens for s in batch)
         return len(batch) if tokens == len(batch) else 0
 
-    def observe_step(self, batch: list[ScheduledSeq], seconds: float) -> None:
-        super().observe_step(batch, seconds)
-        prompt = [s for s in batch if s.num_new_tokens > 1 or not s.samples]
-        if prompt:
-            fixed, per_seq = self.decode_fit or (0.0, 0.0)
-            decoding = len(batch) - len(prompt)
-            tokens = sum(s.num_new_tokens for s in prompt)
-            self.prompt_cost.observe(tokens, seconds - fixed - per_seq * decoding)
-
     def step_budget(self) -> int:
         return self.sched.max_num_seqs
-
-    def prompt_terms(self) -> tuple:
-        """What this core's room for prompt tokens beside its batch follows from."""
-        tpot_s = self.tpot_s or float("inf")  # no target: the budget is the only bound
-        per_token, batch = self.prompt_cost.per_token_s, len(self.sched.running)
-        return self.decode_fit, per_token, batch, tpot_s, self.sched.max_num_batched_tokens
 
     def load(self) -> P.Load:
         pool = self.engine.kv_manager.pool
@@ -165,7 +144,7 @@ class DecodeService(ServiceLoop):
             len(self.sched.running),
             pool.num_free,
             pool.num_blocks,
-            prompt_rate=prompt_rate(*self.prompt_terms()),
+            prompt_rate=self.pacer.rate(self.decode_fit, self.decoding()),
         )
 
 

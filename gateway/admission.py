@@ -43,7 +43,8 @@ class Admission:
 
     def check(self, inflight: int, placements: list[Placement]) -> Admitted:
         """Takes a request placed so, or raises Overloaded. Prompts prefilled on their decode
-        count against the in-flight limit, and stolen ones against the TTFT target too."""
+        count against the in-flight limit, and against the TTFT target where it was predicted
+        (Placement.wait_s)."""
         if inflight + len(placements) > self.max_inflight:
             M.REJECTED.labels("queue_full").inc()
             raise Overloaded(f"{inflight} requests in flight (limit {self.max_inflight})", 1)
@@ -73,9 +74,10 @@ class Admission:
         return Admitted(placements, max(decision.predicted_ttft_s or 0.0, stolen or 0.0))
 
     def check_stolen(self, placements: list[Placement]) -> float | None:
-        """The predicted TTFT of the prompts a decode's core steals, or Overloaded when it
-        misses the target behind other prompts there (the router stole them because every
-        prefill would be later still). A decode with no prompts of its own takes any."""
+        """The predicted TTFT of the prompts a decode's core computes (stolen, or with no
+        prefill to take them), or Overloaded when it misses the target behind other prompts
+        there (the router stole them because every prefill would be later still). A decode
+        with no prompts of its own takes any."""
         stolen = [p for p in placements if p.wait_s is not None]
         if not stolen:
             return None

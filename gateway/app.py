@@ -155,6 +155,7 @@ def create_app(model_dir: Path, config: BatonConfig) -> FastAPI:
             busy_prefill_tokens=gw.busy_prefill_tokens,
             cached_prefill_tokens=gw.cached_prefill_tokens,
             block_size=config.engine_for("decode").block_size,
+            tpot_s=config.slo.tpot_ms / 1000,
         )
         aggregated = config.prefill.count == 0
         backend = Backend(gw.zmq_addr, Admission(gw, config.slo), router, aggregated)

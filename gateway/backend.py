@@ -34,6 +34,7 @@ class Stream:
     decode_id: str
     first_index: int = 0  # a resumed stream continues from the tokens already streamed
     num_prompt_tokens_on_decode: int = 0  # in its decode's local_tokens until an answer comes
+    kept: bool = False  # it decodes on a prefill (Why.KEPT): counted in that one's `kept`
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     done: bool = False
 
@@ -187,6 +188,9 @@ class Backend:
             M.LOCAL_PREFILLS.labels(placement.why.value).inc()
             decode.local_tokens += len(token_ids)
             stream.num_prompt_tokens_on_decode = len(token_ids)
+        if placement.why is Why.KEPT:
+            decode.kept += 1
+            stream.kept = True
         self.streams[req_id] = stream
         prefill.requests.add(req_id)
         decode.requests.add(req_id)
@@ -201,9 +205,13 @@ class Backend:
         """Forget a stream; if it has not ended, abort it on both services. `token_ids`: its
         prompt and output, whose KV its decode now caches (a next turn may reuse it)."""
         self.streams.pop(stream.req_id, None)
-        if token_ids and (decode := self.registry.services.get(stream.decode_id)) is not None:
+        decode = self.registry.services.get(stream.decode_id)
+        if token_ids and decode is not None and decode.role == "decode":  # not a kept one's
             self.router.prefixes.add(decode.id, token_ids, decode.load.total_blocks)
         self._end_prefill_on_decode(stream)
+        if stream.kept and (prefill := self.registry.services.get(stream.decode_id)) is not None:
+            prefill.kept -= 1
+            stream.kept = False
         for sid in (stream.prefill_id, stream.decode_id):
             if (s := self.registry.services.get(sid)) is not None:
                 s.requests.discard(stream.req_id)

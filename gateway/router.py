@@ -14,7 +14,7 @@ from enum import Enum
 
 from baton import protocol as P
 from baton.gateway.prefix_index import PrefixIndex
-from baton.slo import prefill_seconds
+from baton.slo import STEP_AIM, prefill_seconds
 
 
 class NoCapacity(RuntimeError):
@@ -36,6 +36,7 @@ class Service:
     # (number, prompt tokens) of prompts sent that its last heartbeat did not count yet
     unreported: deque[tuple[int, int]] = field(default_factory=deque)
     local_tokens: int = 0  # decode: tokens of prompts it prefills itself, not answered yet
+    kept: int = 0  # prefill: requests it decodes itself (Why.KEPT), not finished yet
     requests: set[str] = field(default_factory=set)
 
     @property
@@ -69,6 +70,14 @@ def prefill_cost(s: Service, placed: int = 0) -> float:
     return s.load.queued_tokens + s.inflight_tokens + placed
 
 
+def decode_full(decode: Service, placed: int, tpot_s: float) -> bool:
+    """Whether one more sequence would take a decode's step past STEP_AIM of the TPOT target
+    (its fitted step times; never before they are measured)."""
+    fixed, per_seq = decode.load.step_fixed_s, decode.load.step_per_unit_s
+    batch = max(decode.load.running, len(decode.requests)) + decode.reserved_requests + placed
+    return fixed + per_seq > 0 and fixed + per_seq * (batch + 1) > STEP_AIM * tpot_s
+
+
 def remote_wait_s(prefill: Service, tokens: float) -> float | None:
     """Seconds a prefill takes to compute `tokens` prompt tokens, from its fitted step
     times; None before they are measured."""
@@ -78,12 +87,12 @@ def remote_wait_s(prefill: Service, tokens: float) -> float | None:
     return prefill_seconds(int(tokens), fit, prefill.load.step_budget or int(tokens) or 1)
 
 
-def local_wait_s(decode: Service, tokens: int, prefill: Service) -> float | None:
+def local_wait_s(decode: Service, tokens: int, prefill: Service | None) -> float | None:
     """Seconds a decode's core takes to compute `tokens` prompt tokens beside its batch
     (Load.prompt_rate). Before it has computed any, half a prefill core's speed is the guess
     (the other half decodes); None with neither measured."""
     rate = decode.load.prompt_rate
-    if rate <= 0 < prefill.load.step_per_unit_s:
+    if rate <= 0 and prefill is not None and prefill.load.step_per_unit_s > 0:
         rate = 0.5 / prefill.load.step_per_unit_s
     return tokens / rate if rate > 0 else None
 
@@ -132,6 +141,7 @@ class Why(Enum):
     CACHED = "cached"  # its decode holds its prefix (it served the turns before)
     SHORT = "short"  # cheaper on its decode than handed off, or no prefill is left to take it
     STOLEN = "stolen"  # it would queue behind every prefill: its decode's core takes it
+    KEPT = "kept"  # every decode is full: a prefill with room decodes it too (decode = it)
     REMOTE = "remote"  # a prefill computes it and hands its KV to the decode
 
 
@@ -144,7 +154,8 @@ class Placement:
     prefill: Service | None
     why: Why
     num_tokens: int
-    wait_s: float | None = None  # STOLEN: predicted seconds until its prompt is computed
+    # prefilled on its decode (SHORT, STOLEN): predicted seconds until its prompt is computed
+    wait_s: float | None = None
 
     @property
     def prefiller(self) -> Service:
@@ -160,7 +171,10 @@ class Router:
     And work stealing, so the cores follow the load: a prompt up to `busy_prefill_tokens`
     prefills on its decode when that core, computing prompts only in the TPOT slack beside its
     batch, would finish it (after its own queue of them) before the least loaded prefill
-    would."""
+    would. The other way round, when even the least loaded decode is full (one more sequence
+    would take its step past the TPOT target), a prefill with at most a step of prompts queued
+    and fewer requests of its own than that decode keeps the request: it decodes it beside its
+    prompts, which it then paces to the TPOT target too."""
 
     def __init__(
         self,
@@ -169,12 +183,14 @@ class Router:
         cached_prefill_tokens: int = 0,
         block_size: int = 16,
         service_timeout_s: float = 3.0,
+        tpot_s: float = 0.1,
     ):
         self.registry = Registry(service_timeout_s)
         self.prefixes = PrefixIndex(block_size)  # what each decode served (cached_prefill)
         self.local_prefill_tokens = local_prefill_tokens
         self.busy_prefill_tokens = busy_prefill_tokens
         self.cached_prefill_tokens = cached_prefill_tokens
+        self.tpot_s = tpot_s
 
     def place(self, prompts: list[list[int]], avoid: set[str] = frozenset()) -> list[Placement]:
         """Each prompt's placement, away from the services in `avoid` (suspects of a failure)
@@ -207,12 +223,22 @@ class Router:
         if decode is None:
             raise NoCapacity("no decode service is available")
         prefills = [s for s in self.registry.pool("prefill") if s.id not in avoid]
-        if n <= self.local_prefill_tokens or not prefills:
-            return Placement(decode, None, Why.SHORT, n)
-        prefill = min(prefills, key=prefill_load)
+        prefill = min(prefills, key=prefill_load, default=None)
+        # the prompts its core computes, this one included (before this request's)
+        local = n + sum(p.num_tokens for p in before if p.decode is decode and not p.prefill)
+        local_s = local_wait_s(decode, decode.local_tokens + local, prefill)
+        if n <= self.local_prefill_tokens or prefill is None:
+            return Placement(decode, None, Why.SHORT, n, local_s)
+        placed = sum(p.decode is decode for p in before)
+        if decode_full(decode, placed, self.tpot_s):
+            keepers = [
+                s for s in prefills
+                if prefill_load(s) + n <= (s.load.step_budget or n)
+                and s.kept + sum(p.decode is s for p in before) < len(decode.requests) + placed
+            ]  # fmt: skip
+            if keepers:
+                return Placement(min(keepers, key=lambda s: s.kept), None, Why.KEPT, n)
         if n <= self.busy_prefill_tokens:
-            stolen = n + sum(p.num_tokens for p in before if p.why is Why.STOLEN)
-            local_s = local_wait_s(decode, decode.local_tokens + stolen, prefill)
             remote_s = remote_wait_s(prefill, prefill_load(prefill) + n)
             if local_s is not None and remote_s is not None and local_s < remote_s:
                 return Placement(decode, None, Why.STOLEN, n, local_s)

@@ -23,6 +23,11 @@ import torch
 
 from baton.kernels import native
 from baton.kernels.greedy import argmax
+from baton.kernels.kv_int8 import (
+    extend_attention_varlen_int8,
+    paged_decode_attention_int8,
+    write_kv_int8,
+)
 from baton.kernels.kv_write import write_kv
 from baton.kernels.norm import add_rms_norm
 from baton.kernels.paged_attention import extend_attention_varlen, paged_decode_attention
@@ -35,6 +40,10 @@ _TORCH_OPS: dict[str, Callable] = {
     "apply_rotary": apply_rotary,
     "extend_attention_varlen": extend_attention_varlen,
     "paged_decode_attention": paged_decode_attention,
+    # the 8-bit cache: dequantize into scratch, then the ops above (kv_int8.py)
+    "write_kv_int8": write_kv_int8,
+    "extend_attention_varlen_int8": extend_attention_varlen_int8,
+    "paged_decode_attention_int8": paged_decode_attention_int8,
 }
 BACKEND = "torch"  # the names imported above; use() rebinds both
 _chosen = False  # use() was called: bind_default() leaves the choice alone
@@ -48,6 +57,7 @@ def _triton_ops() -> dict[str, Callable]:
     from baton.kernels import kv_write_triton, norm_triton, paged_attention_triton, rotary_triton
 
     return {
+        **_TORCH_OPS,
         "argmax": argmax,  # torch's own is fast on a GPU
         "write_kv": kv_write_triton.write_kv,
         "add_rms_norm": norm_triton.add_rms_norm,
@@ -70,9 +80,11 @@ def _native_ops() -> dict[str, Callable]:
         **_TORCH_OPS,
         "argmax": greedy_native.argmax,
         "write_kv": kv_write_native.write_kv,
+        "write_kv_int8": kv_write_native.write_kv_int8,
         "add_rms_norm": norm_native.add_rms_norm,
         "apply_rotary": rotary_native.apply_rotary,
         "paged_decode_attention": paged_attention_native.paged_decode_attention,
+        "paged_decode_attention_int8": paged_attention_native.paged_decode_attention_int8,
         "extend_attention_varlen": paged_attention_native.extend_attention_varlen,
     }
 

@@ -86,16 +86,19 @@ def load() -> ctypes.CDLL | None:
     i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
     decode = [ptr, ptr, ptr, i64, ptr, i64, ptr, i64, i64, i64, i64, i64, f32, ptr]
     extend = [ptr, ptr, ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, i64, i64, f32, ptr]
+    decode_i8 = [*[ptr] * 5, i64, i64, ptr, i64, ptr, i64, i64, i64, i64, i64, f32, ptr]
     rotary = [ptr, i64, i64, ptr, i64, i64, i64, ptr, ptr, ptr, i64, ptr, ptr]
     signatures = {
         ("paged_decode_bf16", "paged_decode_f32"): decode,
         ("paged_extend_bf16",): extend,
+        ("paged_decode_i8",): decode_i8,
         ("add_rms_norm_bf16",): [ptr, ptr, ptr, i64, i64, f32, ptr, ptr],
         ("apply_rotary_bf16", "apply_rotary_f32"): rotary,
         ("linear_bf16_pack",): [ptr, i64, i64, ptr],
         ("linear_bf16",): [ptr, i64, i64, ptr, i64, ptr, ptr],
         ("argmax_f32",): [ptr, i64, i64, ptr],
         ("write_kv",): [ptr, ptr, i64, i64, i64, ptr, i64, ptr, i64, i64, ptr, ptr, i64],
+        ("write_kv_i8_bf16",): [*[ptr] * 4, *[i64] * 4, ptr, i64, ptr, *[i64] * 3, ptr, ptr, i64],
     }
     for names, argtypes in signatures.items():
         for name in names:

@@ -9,7 +9,7 @@ prompt of a few thousand tokens (RESULTS.md, 2026-12-01)."""
 
 import torch
 
-from baton.kernels import native, paged_attention
+from baton.kernels import kv_int8, native, paged_attention
 
 _DECODE = {torch.bfloat16: "paged_decode_bf16", torch.float32: "paged_decode_f32"}
 
@@ -78,4 +78,38 @@ def extend_attention_varlen(
     )  # fmt: skip
     if rc != 0:  # no AVX-512 BF16, head_dim not in 32s or over 256, no memory: torch's turn
         return paged_attention.extend_attention_varlen(q, k_cache, v_cache, *args)
+    return out
+
+
+def paged_decode_attention_int8(
+    q: torch.Tensor,  # [B, q_heads, head_dim] bf16
+    kv: tuple[torch.Tensor, ...],  # (K, V, K scales, V scales) of one layer, 8-bit
+    block_tables: torch.Tensor,  # [B, max_blocks] int64
+    ctx_lens: torch.Tensor,  # [B] int64, the new token included
+    scale: float,
+) -> torch.Tensor:
+    """paged_decode_attention over the 8-bit cache (csrc/paged_decode_i8.c); fp32 queries, or
+    a CPU without AVX-512, take the torch op (kv_int8.py)."""
+    k_cache, v_cache, k_scale, v_scale = kv
+    if q.dtype != torch.bfloat16:
+        return kv_int8.paged_decode_attention_int8(q, kv, block_tables, ctx_lens, scale)
+    lib = native.load()
+    assert lib is not None, "kernels.use() binds these ops only where the library built"
+    _, block_size, kv_heads, head_dim = k_cache.shape
+    assert k_cache.stride()[1:] == (kv_heads * head_dim, head_dim, 1), "rows not contiguous"
+    assert k_scale.stride()[1:] == (kv_heads, 1) and v_scale.stride() == k_scale.stride()
+    assert v_cache.stride() == k_cache.stride()
+    b, q_heads, _ = q.shape
+    q = q.contiguous()
+    tables, lens = block_tables.contiguous(), ctx_lens.contiguous()
+    assert tables.dtype == lens.dtype == torch.int64
+    out = torch.empty_like(q)
+    rc = lib.paged_decode_i8(
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), k_scale.data_ptr(),
+        v_scale.data_ptr(), k_cache.stride(0), k_scale.stride(0), tables.data_ptr(),
+        tables.stride(0), lens.data_ptr(), b, q_heads, kv_heads, head_dim, block_size, scale,
+        out.data_ptr(),
+    )  # fmt: skip
+    if rc != 0:  # no AVX-512, head_dim not in 16s or over 256, no memory: torch's turn
+        return kv_int8.paged_decode_attention_int8(q, kv, tables, lens, scale)
     return out

@@ -4,6 +4,9 @@ drain the gateway and decode sockets -> schedule a token budget (chunked prefill
 cache) -> one forward -> send each finished prompt's first token to the gateway at once ->
 offer its KV blocks to the chosen decode.
 
+A request sent with no decode is kept: it decodes here, its prompts' chunks paced to the TPOT
+target beside it (ServiceLoop.pace_prompts), while every decode is full (gateway/router.py).
+
 The hand-off is PULL (the decode reads) and lives in kvtransfer.sender: offers under leases,
 pulls, releases, aborts and expiry. This service owns the sockets and the scheduler and
 applies what the sender says. Decode memory is never held while a prompt waits in this
@@ -47,9 +50,10 @@ class PrefillService(ServiceLoop):
         shm_region: P.ShmRegion | None = None,
         lease_s: float = 60.0,
         stream_kv: bool = True,
+        tpot_s: float | None = None,
     ):
         """shm_region: where the pool lives when it is in shared memory (kvtransfer.shm)."""
-        super().__init__(engine, service_id, gateway_addr)
+        super().__init__(engine, service_id, gateway_addr, tpot_s)
         pool = engine.kv.block_bytes()
         agent = start_nixl(transport, f"{service_id}-{os.getpid()}", pool)
         hello = P.Hello(
@@ -90,7 +94,8 @@ class PrefillService(ServiceLoop):
     def drain(self) -> None:
         for msg in self.gateway.recv_all():
             if isinstance(msg, P.PrefillRequest):
-                if self.accept(msg):
+                # with no decode to hand it to, it is kept: decoded here, beside the prompts
+                if self.accept(msg) and msg.decode_kv_addr:
                     self.sender.route(msg.req_id, msg.decode_kv_addr)
             elif isinstance(msg, P.Abort):
                 self.sched.abort(msg.req_id)
@@ -112,9 +117,11 @@ class PrefillService(ServiceLoop):
         self.apply(self.sender.stops())
 
     def on_token(self, seq: Sequence, token: SampledToken, finished: bool) -> None:
-        """Token 0 goes to the gateway now: TTFT never waits for the KV transfer."""
+        """Token 0 goes to the gateway now: TTFT never waits for the KV transfer. A kept
+        request's next tokens go the same way."""
         self.send_token(seq, token, finished)
-        self.load_changed = True  # a prompt left the queue: admission should know at once
+        if seq.num_output_tokens == 1:  # a prompt left the queue: admission should know now
+            self.load_changed = True
         if self.sender.hand_off(seq, finished):
             self.sched.hand_off(seq)
         self.apply(self.sender.stops())
@@ -148,6 +155,7 @@ def main(
     gateway_addr: str,
     probe: Probe | None,
     stream_kv: bool = True,
+    tpot_s: float | None = None,
 ) -> None:
     segment = (
         shm.Segment(required=transport == "shm") if kind(transport) in ("auto", "shm") else None
@@ -155,7 +163,7 @@ def main(
     engine = Engine.build(config, kv_storage=segment.create if segment else None)
     region = segment.region if segment else None
     service = PrefillService(
-        engine, service_id, gateway_addr, transport, region, stream_kv=stream_kv
+        engine, service_id, gateway_addr, transport, region, stream_kv=stream_kv, tpot_s=tpot_s
     )
     if probe:
         probe.status = service.status

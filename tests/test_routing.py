@@ -129,6 +129,35 @@ def test_a_stolen_prompt_that_would_miss_the_ttft_target_behind_others_is_refuse
     asyncio.run(scenario())
 
 
+def test_a_prefill_keeps_a_request_to_decode_while_every_decode_is_full():
+    async def scenario() -> None:
+        backend = gateway(("prefill-0", "prefill"), ("decode-0", "decode"))
+        registry = backend.registry
+        # a decode step of 19 ms + 2 ms a sequence: 30 take 79 ms, within 0.8 x the 100 ms
+        # TPOT target; 31 take 81 ms
+        steps = {"step_fixed_s": 0.019, "step_per_unit_s": 0.002}
+        registry.heartbeat(heartbeat("decode-0", "decode", **steps))
+        registry.heartbeat(busy_prefill(0))
+        streams = [await send(backend, prompt(8, 100 * i)) for i in range(29)]
+        assert why(backend, prompt(8)) is Why.REMOTE  # the 30th fits
+        streams.append(await send(backend, prompt(8)))
+        placement = backend.router.place([prompt(8)])[0]
+        assert placement.why is Why.KEPT and placement.decode.id == "prefill-0"
+        kept = await send(backend, prompt(8))
+        assert kept.prefill_id == kept.decode_id == "prefill-0"
+        assert registry.services["prefill-0"].kept == 1
+        # a prefill keeps requests only with at most a step of prompts queued
+        registry.heartbeat(busy_prefill(600))
+        assert why(backend, prompt(8)) is Why.REMOTE
+        await backend.finish(kept)
+        assert registry.services["prefill-0"].kept == 0
+        for stream in streams:
+            await backend.finish(stream)
+        await backend.close()
+
+    asyncio.run(scenario())
+
+
 def test_with_work_stealing_off_a_busy_prefill_still_takes_every_prompt():
     async def scenario() -> None:
         backend = gateway(("decode-0", "decode"))

@@ -10,7 +10,16 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from stack import Stack
 
-from baton.slo import Calibration, StepTimes, admit, max_batch_for_tpot
+from baton.slo import (
+    FIRST_CHUNK,
+    MIN_PROMPT_SHARE,
+    Calibration,
+    PromptPacer,
+    StepTimes,
+    admit,
+    max_batch_for_tpot,
+    prompt_share,
+)
 
 
 def test_step_times_recover_a_line():
@@ -73,6 +82,31 @@ def test_calibration_scales_predictions_by_how_far_reality_ran():
     fit = (0.0, 0.001)
     assert admit(100, 400, fit, 512, ttft_s=0.6).admitted
     assert not admit(100, 400, fit, 512, ttft_s=0.6, scale=cal.ratio).admitted
+
+
+def test_prompts_beside_a_batch_are_paced_to_keep_its_mean_tpot_on_target():
+    fit = (0.02, 0.002)  # a pure decode step: 20 ms + 2 ms a sequence
+    # 10 decoding: 40 ms of an 80 ms aim (0.8 x 100 ms): half the time may go to prompts
+    assert prompt_share(fit, 10, 0.1) == pytest.approx(0.5)
+    assert prompt_share(fit, 0, 0.1) == 1.0  # nobody to delay
+    assert prompt_share(fit, 40, 0.1) == MIN_PROMPT_SHARE  # full: prompts still advance
+    pacer = PromptPacer(tpot_s=0.1)
+    assert pacer.cap(decoding=10, budget=512) == 0  # nothing banked yet
+    assert pacer.cap(decoding=0, budget=512) == 512
+    pacer.observe(fit, 10, 0, 0.04)  # a pure decode step banks half its time
+    assert pacer.credit_s == pytest.approx(0.02)
+    assert pacer.cap(10, 512) == FIRST_CHUNK  # a prompt token's cost is not known yet
+    pacer.observe(fit, 10, 16, 0.056)  # 16 prompt tokens added 16 ms: 1 ms each
+    assert pacer.per_token_s == pytest.approx(0.001)
+    assert pacer.credit_s == pytest.approx(0.02 + 0.028 - 0.016)
+    assert pacer.cap(10, 512) == 32  # what 32 ms of credit pays for
+    for _ in range(100):
+        pacer.observe(fit, 10, 0, 0.04)
+    assert pacer.cap(10, 512) == 125  # banked up to half of the 0.25 s horizon
+    assert pacer.rate(fit, 10) == pytest.approx(500)  # half of 1,000 tokens a second
+    pacer.observe(fit, 10, 300, 0.34)  # a chunk overspends: prompts wait for the decodes
+    assert pacer.cap(10, 512) == 0
+    assert PromptPacer(tpot_s=None).cap(10, 512) == 512  # no target, nothing to pace
 
 
 def post(url: str, body: dict) -> tuple[int, float, dict]:

@@ -5,16 +5,28 @@ block-major, so every layer's K and V of block b are ONE contiguous range of `bl
 bytes starting at b * block_nbytes. A hand-off of n blocks is n ranges (fewer once contiguous
 runs are coalesced), never a per-layer gather. Layer l's K view is data[:, l, 0]:
 [num_blocks, block_size, kv_heads, head_dim] with a block stride of the whole block.
+
+8-bit (kv_dtype "int8"): each value is an int8 times a fp32 scale per (token, KV head),
+amax / 127 of that row, written once with the token (a block fills a token at a time, so a
+per-block scale would have to be fixed before the block's later rows are known). A block
+holds its int8 values, as above, then its scales [num_layers, 2, block_size, kv_heads]: still
+one range, so hand-offs move it unchanged. Layer l's views are (K, V, K scales, V scales).
 """
+
+import math
 
 import torch
 
 from baton.model.llama import ModelArgs
 
+SCALE_DTYPE = torch.float32
+
 
 def block_nbytes(args: ModelArgs, block_size: int, dtype: torch.dtype) -> int:
-    elem = torch.empty(0, dtype=dtype).element_size()
-    return args.num_layers * 2 * block_size * args.num_kv_heads * args.head_dim * elem
+    rows = args.num_layers * 2 * block_size * args.num_kv_heads
+    if dtype == torch.int8:
+        return rows * (args.head_dim + SCALE_DTYPE.itemsize)
+    return rows * args.head_dim * dtype.itemsize
 
 
 class KVCache:
@@ -26,16 +38,31 @@ class KVCache:
         dtype: torch.dtype,
         storage: torch.Tensor | None = None,
     ):
-        """storage: zeroed uint8 memory of num_blocks * block_nbytes to live in; None: new."""
+        """dtype: the cache's (the model's, or torch.int8); storage: zeroed uint8 memory of
+        num_blocks * block_nbytes to live in; None: new."""
         self.num_blocks, self.block_size, self.dtype = num_blocks, block_size, dtype
-        shape = (num_blocks, args.num_layers, 2, block_size, args.num_kv_heads, args.head_dim)
-        if storage is None:
-            self.data = torch.zeros(shape, dtype=dtype)
-        else:
-            self.data = storage.view(dtype).view(shape)
-        self.layers = [(self.data[:, i, 0], self.data[:, i, 1]) for i in range(args.num_layers)]
         self.block_nbytes = block_nbytes(args, block_size, dtype)
+        if storage is None:
+            storage = torch.zeros(num_blocks * self.block_nbytes, dtype=torch.uint8)
+        self.bytes = storage.view(num_blocks, self.block_nbytes)
+        rows = (args.num_layers, 2, block_size, args.num_kv_heads)
+        values = self.bytes[:, : math.prod(rows) * args.head_dim * dtype.itemsize]
+        self.data = _view(values, dtype, (*rows, args.head_dim))
+        self.layers: list[tuple[torch.Tensor, ...]] = [
+            (self.data[:, i, 0], self.data[:, i, 1]) for i in range(args.num_layers)
+        ]
+        if dtype == torch.int8:
+            scales = _view(self.bytes[:, values.shape[1] :], SCALE_DTYPE, rows)
+            self.layers = [
+                (*kv, scales[:, i, 0], scales[:, i, 1]) for i, kv in enumerate(self.layers)
+            ]
 
     def block_bytes(self) -> torch.Tensor:
         """The whole pool as [num_blocks, block_nbytes] uint8: row b is block b's bytes."""
-        return self.data.view(self.num_blocks, -1).view(torch.uint8)
+        return self.bytes
+
+
+def _view(columns: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """[num_blocks, *shape] of `dtype` over some byte columns of every block (a strided view:
+    the block stride stays block_nbytes)."""
+    return columns.view(dtype).unflatten(1, shape)

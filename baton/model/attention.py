@@ -60,17 +60,22 @@ class PagedAttention(nn.Module):
         q: torch.Tensor,  # [T, heads, head_dim], rope applied
         k: torch.Tensor,  # [T, kv_heads, head_dim]
         v: torch.Tensor,
-        kv: tuple[torch.Tensor, torch.Tensor],  # this layer's cache views
+        kv: tuple[torch.Tensor, ...],  # this layer's cache views (KVCache.layers)
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        k_cache, v_cache = kv
-        kernels.write_kv(k_cache, v_cache, k, v, meta.slot_blocks, meta.slot_offsets)
+        quantized = len(kv) == 4  # (K, V, K scales, V scales): 8-bit (baton.cache.kv_cache)
+        write = kernels.write_kv_int8 if quantized else kernels.write_kv
+        write(*kv, k, v, meta.slot_blocks, meta.slot_offsets)
         out = torch.empty_like(q)
         if meta.prefills:
-            out[: meta.decode_start] = kernels.extend_attention_varlen(
+            extend = (
+                kernels.extend_attention_varlen_int8
+                if quantized
+                else kernels.extend_attention_varlen
+            )
+            out[: meta.decode_start] = extend(
                 q[: meta.decode_start],
-                k_cache,
-                v_cache,
+                *((kv,) if quantized else kv),
                 meta.prefill_block_tables,
                 meta.prefill_cu_seqlens,
                 meta.prefill_ctx_lens,
@@ -78,10 +83,12 @@ class PagedAttention(nn.Module):
                 self.scale,
             )
         if meta.decode_block_tables is not None:
-            out[meta.decode_start :] = kernels.paged_decode_attention(
+            decode = (
+                kernels.paged_decode_attention_int8 if quantized else kernels.paged_decode_attention
+            )
+            out[meta.decode_start :] = decode(
                 q[meta.decode_start :],
-                k_cache,
-                v_cache,
+                *((kv,) if quantized else kv),
                 meta.decode_block_tables,
                 meta.decode_ctx_lens,
                 self.scale,

@@ -12,7 +12,7 @@ What it models, after the real services:
   decode/service.py does); a prompt prefilled locally (aggregated, or short) mixes its
   chunks into the decode steps.
 Not modelled: the KV pool's size (preemption), prefix-cache hits, the
-gateway's TTFT calibration, heartbeat staleness.
+gateway's TTFT calibration, heartbeat staleness, a prefill keeping requests to decode.
 
 Each request comes out as a baton.bench RequestRecord, so `summarize` gives the same
 figures `baton bench` reports, by the same definitions.
@@ -31,15 +31,7 @@ from baton.bench.workloads import Dist
 from baton.config import BatonConfig
 from baton.plan.profile import Profile, attention_pairs
 from baton.scheduler import chunk_cap, tokens_ahead
-from baton.slo import (
-    PromptCost,
-    StepTimes,
-    admit,
-    max_batch_for_tpot,
-    prefill_seconds,
-    prompt_rate,
-    prompt_tokens_beside,
-)
+from baton.slo import PromptPacer, StepTimes, admit, max_batch_for_tpot, prefill_seconds
 
 
 @dataclass(frozen=True)
@@ -219,15 +211,11 @@ class _Decode(_Server):
         self.running: list[_Request] = []
         self.num_assigned = 0  # picked for it and not finished: the gateway's decode cost
         self.local_tokens = 0  # tokens of prompts it prefills itself, before their first token
-        self.prompt_cost = PromptCost()
+        self.pacer = PromptPacer(sim.deployment.tpot_s)  # as a service paces prompts
 
-    def prompt_terms(self) -> tuple:
-        """As decode/service.py sizes the prompt tokens its steps take beside its batch."""
-        d = self.sim.deployment
-        decoding = sum(1 for r in self.running if not r.remaining)
-        tpot_s = d.tpot_s or float("inf")
-        fit, per_token = self.step_times.fit(), self.prompt_cost.per_token_s
-        return fit, per_token, decoding, tpot_s, d.decode_budget
+    @property
+    def decoding(self) -> int:
+        return sum(1 for r in self.running if not r.remaining)
 
     def enqueue(self, r: _Request) -> None:
         self.waiting.append(r)
@@ -240,7 +228,7 @@ class _Decode(_Server):
             cap = max_batch_for_tpot(self.step_times.fit(), d.tpot_s, cap)
         budget, batch = d.decode_budget, []
         chunk = chunk_cap(budget, d.decode_chunk, len(self.running) + len(self.waiting))
-        room = prompt_tokens_beside(*self.prompt_terms())  # the scheduler's prompt_cap
+        room = self.pacer.cap(self.decoding, budget)  # the scheduler's prompt_cap
         for r in self.running:
             if budget == 0:
                 break
@@ -273,10 +261,8 @@ class _Decode(_Server):
         def done() -> None:
             if not chunks:  # the service fits pure decode steps only
                 self.step_times.observe(len(decodes), seconds)
-            else:
-                fixed, per_seq = self.step_times.fit() or (0.0, 0.0)
-                tokens = sum(n for _, n in chunks)
-                self.prompt_cost.observe(tokens, seconds - fixed - per_seq * len(decodes))
+            tokens = sum(n for _, n in chunks)
+            self.pacer.observe(self.step_times.fit(), len(decodes), tokens, seconds)
             for r, n in batch:
                 if r.remaining:
                     r.remaining -= n
@@ -349,7 +335,9 @@ class _Simulation:
         fit = prefill.step_times.fit()
         if fit is None or sum(fit) <= 0:
             return False
-        rate = prompt_rate(*decode.prompt_terms()) or 0.5 / max(fit[1], 1e-9)
+        rate = decode.pacer.rate(decode.step_times.fit(), decode.decoding) or 0.5 / max(
+            fit[1], 1e-9
+        )
         remote_s = prefill_seconds(prefill.queued_tokens + n, fit, self.deployment.prefill_budget)
         return (decode.local_tokens + n) / rate < remote_s
 

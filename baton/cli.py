@@ -224,7 +224,8 @@ def cmd_up(args) -> None:
     stack.spawn("gateway", ["gateway", "--config", str(config_file)], None, role="gateway", url=url)
     for role in ("prefill", "decode"):
         pool = getattr(config, role)
-        cpus = parse_cpus(pool.cpus if pool.cpus is not None else default_cpus(role))
+        aggregated = config.prefill.count == 0
+        cpus = parse_cpus(pool.cpus if pool.cpus is not None else default_cpus(role, aggregated))
         threads = config.engine.threads or (len(cpus) if cpus else None)
         for i in range(pool.count):
             port = free_port()

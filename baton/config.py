@@ -12,6 +12,7 @@ effective values.
     [slo]       the targets the knobs serve: TTFT, TPOT, attainment
 """
 
+import os
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_type_hints
@@ -60,10 +61,28 @@ class EngineConfig(Section):
 POOL_ENGINE_KNOBS = ("max_num_seqs", "max_num_batched_tokens", "max_chunk_tokens")
 
 
+# `[prefill] count = "auto"`: below this many cores, no prefill pool (aggregated, every core
+# on one engine). Measured on 2 cores (benchmarks/RESULTS.md, 2026-12-06): one prefill core
+# computes a 1,150-token prompt in ~1.9 s, two in ~1.0 s, so the split's single prefill core
+# misses a 2 s TTFT where aggregated meets it, and aggregated was at or above vLLM-CPU on every
+# workload of the matrix while the split was not.
+AUTO_SPLIT_MIN_CPUS = 4
+
+
 class PoolConfig(Section):
-    count: Annotated[int, Meta(ge=0), doc("services `baton up` starts")] = 1
+    count: Annotated[
+        Annotated[int, Meta(ge=0)] | Literal["auto"],
+        doc(
+            "services `baton up` starts; prefill's 'auto': 1, or 0 (aggregated) on a machine "
+            f"of fewer than {AUTO_SPLIT_MIN_CPUS} cores"
+        ),
+    ] = 1
     cpus: Annotated[
-        str | None, doc("CPU list to pin to, e.g. '0' or '2-3'; unset: half the machine each")
+        str | None,
+        doc(
+            "CPU list to pin to, e.g. '0' or '2-3'; unset: half the machine each (all of it, "
+            "for decode with no prefill pool)"
+        ),
     ] = None
     max_num_seqs: Annotated[Positive | None, doc("batch cap (decode: bounds TPOT)")] = None
     max_num_batched_tokens: Annotated[
@@ -144,7 +163,7 @@ class BatonConfig(Section):
         ),
     ] = True
     engine: EngineConfig = msgspec.field(default_factory=EngineConfig)
-    prefill: PoolConfig = msgspec.field(default_factory=PoolConfig)
+    prefill: PoolConfig = msgspec.field(default_factory=lambda: PoolConfig(count="auto"))
     decode: PoolConfig = msgspec.field(default_factory=PoolConfig)
     gateway: GatewayConfig = msgspec.field(default_factory=GatewayConfig)
     slo: SLOConfig = msgspec.field(default_factory=SLOConfig)
@@ -181,9 +200,23 @@ def load_config(
             node = node.setdefault(p, {})
         node[leaf] = value
     try:
-        return msgspec.convert(table, BatonConfig)
+        config = msgspec.convert(table, BatonConfig)
     except msgspec.ValidationError as e:
         raise ConfigError(f"{where}{e}") from e
+    return resolve_counts(config)
+
+
+def resolve_counts(config: BatonConfig) -> BatonConfig:
+    """'auto' pool sizes as numbers, for the machine this runs on."""
+    pools = {}
+    for role in ("prefill", "decode"):
+        pool: PoolConfig = getattr(config, role)
+        if pool.count == "auto":
+            small = len(os.sched_getaffinity(0)) < AUTO_SPLIT_MIN_CPUS
+            pools[role] = msgspec.structs.replace(
+                pool, count=0 if small and role == "prefill" else 1
+            )
+    return msgspec.structs.replace(config, **pools)
 
 
 def to_toml(config: BatonConfig) -> str:

@@ -14,11 +14,11 @@ def parse_cpus(spec: str | None) -> set[int] | None:
     return cpus
 
 
-def default_cpus(role: str) -> str | None:
+def default_cpus(role: str, aggregated: bool = False) -> str | None:
     """On a machine with 2+ cores, prefill gets the first half and decode the rest, so
-    prefill never steals decode's cores."""
+    prefill never steals decode's cores; with no prefill pool, decode gets them all."""
     n = len(os.sched_getaffinity(0))
-    if n < 2:
+    if n < 2 or aggregated:
         return None
     half = n // 2
     return f"0-{half - 1}" if role == "prefill" else f"{half}-{n - 1}"

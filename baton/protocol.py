@@ -57,15 +57,16 @@ class Load(msgspec.Struct, frozen=True):
     step_fixed_s: float = 0.0
     step_per_unit_s: float = 0.0
     step_budget: int = 0  # units one step can take (prefill: its token budget)
-    # prefill: tokens computed before a new prompt gets its first chunk (its scheduler played
+    # prompt tokens computed before a new prompt gets its first chunk (its scheduler played
     # forward over the queue: baton.scheduler.tokens_ahead)
     ahead_tokens: int = 0
-    chunk_tokens: int = 0  # prefill: a prompt's tokens per step while others wait
+    chunk_tokens: int = 0  # a prompt's tokens per step while others wait
     # prompts received so far (PrefillRequests): the gateway counts those it sent since
     requests_seen: int = 0
     # decode: prompt tokens a second it computes beside its batch within the TPOT target
     # (baton.slo.PromptPacer.rate; 0: not measured yet)
     prompt_rate: float = 0.0
+    prompt_budget: int = 0  # decode: prompt tokens a step takes at most (its token budget)
 
 
 class Heartbeat(msgspec.Struct, tag=True, frozen=True):

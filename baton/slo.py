@@ -154,6 +154,24 @@ def prefill_seconds(tokens: int, fit: tuple[float, float], budget: int) -> float
     return math.ceil(tokens / budget) * fixed + tokens * per_token
 
 
+def tokens_until_done(
+    queued_tokens: int,
+    prompt_tokens: int,
+    budget: int,
+    ahead_tokens: int | None = None,
+    chunk_tokens: int = 0,
+) -> int:
+    """Prompt tokens a service computes until a new prompt's last one: those computed before
+    its first chunk (`ahead_tokens`; unset: the whole queue, first come first served), the
+    prompt itself, and what other prompts take beside its chunks of `chunk_tokens` a step."""
+    ahead = queued_tokens if ahead_tokens is None else min(ahead_tokens, queued_tokens)
+    beside = 0
+    if ahead_tokens is not None and 0 < chunk_tokens < budget:
+        steps = -(-prompt_tokens // chunk_tokens)
+        beside = min(queued_tokens - ahead, steps * (budget - chunk_tokens))
+    return ahead + prompt_tokens + beside
+
+
 def admit(
     queued_tokens: int,
     prompt_tokens: int,
@@ -164,20 +182,15 @@ def admit(
     ahead_tokens: int | None = None,
     chunk_tokens: int = 0,
 ) -> Admission:
-    """Predict TTFT from the prefill's fitted step times: the tokens this prompt waits for
-    (`ahead_tokens`; unset: the whole queue, first come first served), the prompt itself and
-    what other prompts take beside its chunks, times the calibration `scale`. Refuse when it
+    """Predict TTFT from the prefill's fitted step times over tokens_until_done, times the
+    calibration `scale`. Refuse when it
     misses the target; with no fit yet, admit. Retry-After is when the whole queue has
     drained. Steps all of one size fit as a fixed cost and no slope: the prediction is then
     steps x that cost."""
     if fit is None or fit[0] + fit[1] <= 0:
         return Admission(True)
-    ahead = queued_tokens if ahead_tokens is None else min(ahead_tokens, queued_tokens)
-    beside = 0  # once it runs, a prompt of `chunk_tokens` a step shares each step with others
-    if ahead_tokens is not None and 0 < chunk_tokens < budget:
-        steps = -(-prompt_tokens // chunk_tokens)
-        beside = min(queued_tokens - ahead, steps * (budget - chunk_tokens))
-    predicted = scale * prefill_seconds(ahead + prompt_tokens + beside, fit, budget)
+    tokens = tokens_until_done(queued_tokens, prompt_tokens, budget, ahead_tokens, chunk_tokens)
+    predicted = scale * prefill_seconds(tokens, fit, budget)
     if predicted <= ttft_s or queued_tokens == 0:  # an idle prefill takes even a long prompt
         return Admission(True, predicted)
     drain = scale * prefill_seconds(queued_tokens, fit, budget)  # when the queue has cleared

@@ -144,7 +144,10 @@ class DecodeService(ServiceLoop):
             len(self.sched.running),
             pool.num_free,
             pool.num_blocks,
+            ahead_tokens=self.sched.ahead_tokens(),
+            chunk_tokens=self.sched.max_chunk_tokens,
             prompt_rate=self.pacer.rate(self.decode_fit, self.decoding()),
+            prompt_budget=self.sched.max_num_batched_tokens,
         )
 
 

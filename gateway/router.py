@@ -14,7 +14,7 @@ from enum import Enum
 
 from baton import protocol as P
 from baton.gateway.prefix_index import PrefixIndex
-from baton.slo import STEP_AIM, prefill_seconds
+from baton.slo import STEP_AIM, prefill_seconds, tokens_until_done
 
 
 class NoCapacity(RuntimeError):
@@ -87,14 +87,22 @@ def remote_wait_s(prefill: Service, tokens: float) -> float | None:
     return prefill_seconds(int(tokens), fit, prefill.load.step_budget or int(tokens) or 1)
 
 
-def local_wait_s(decode: Service, tokens: int, prefill: Service | None) -> float | None:
-    """Seconds a decode's core takes to compute `tokens` prompt tokens beside its batch
-    (Load.prompt_rate). Before it has computed any, half a prefill core's speed is the guess
-    (the other half decodes); None with neither measured."""
+def local_wait_s(decode: Service, placed: int, n: int, prefill: Service | None) -> float | None:
+    """Seconds until a decode's core has computed a new prompt of `n` tokens beside its batch
+    (Load.prompt_rate), after its own prompts queued there and `placed` tokens just placed
+    there: its scheduler interleaves the newcomer's chunks with the queue's (tokens_until_done).
+    Before it has computed any, half a prefill core's speed is the guess (the other half
+    decodes); None with neither measured."""
     rate = decode.load.prompt_rate
     if rate <= 0 and prefill is not None and prefill.load.step_per_unit_s > 0:
         rate = 0.5 / prefill.load.step_per_unit_s
-    return tokens / rate if rate > 0 else None
+    if rate <= 0:
+        return None
+    load = decode.load
+    ahead = load.ahead_tokens + decode.inflight_tokens + placed
+    queued = decode.local_tokens + placed
+    budget = load.prompt_budget or queued + n
+    return tokens_until_done(queued, n, budget, ahead, load.chunk_tokens) / rate
 
 
 class Registry:
@@ -224,9 +232,9 @@ class Router:
             raise NoCapacity("no decode service is available")
         prefills = [s for s in self.registry.pool("prefill") if s.id not in avoid]
         prefill = min(prefills, key=prefill_load, default=None)
-        # the prompts its core computes, this one included (before this request's)
-        local = n + sum(p.num_tokens for p in before if p.decode is decode and not p.prefill)
-        local_s = local_wait_s(decode, decode.local_tokens + local, prefill)
+        # the prompts just placed on its core (this request's before this one)
+        local = sum(p.num_tokens for p in before if p.decode is decode and not p.prefill)
+        local_s = local_wait_s(decode, local, n, prefill)
         if n <= self.local_prefill_tokens or prefill is None:
             return Placement(decode, None, Why.SHORT, n, local_s)
         placed = sum(p.decode is decode for p in before)

@@ -1,5 +1,6 @@
 """The TOML config: defaults, overrides, per-pool knobs, and errors that name the key."""
 
+import os
 import subprocess
 import sys
 import tomllib
@@ -7,7 +8,7 @@ import tomllib
 import msgspec
 import pytest
 
-from baton.config import BatonConfig, ConfigError, load_config, to_toml
+from baton.config import AUTO_SPLIT_MIN_CPUS, BatonConfig, ConfigError, load_config, to_toml
 
 
 def baton(*args: str) -> subprocess.CompletedProcess:
@@ -23,8 +24,11 @@ def test_defaults_file_and_flags_layer_in_that_order(tmp_path):
     assert config.engine.dtype == "float32"  # from the file
     assert config.engine.block_size == 8  # the flag wins
     assert config.engine.max_model_len is None  # an unset flag leaves the file (default)
-    assert config.decode.count == 3 and config.prefill.count == 1
+    # prefill's default "auto": no prefill pool (aggregated) on a machine under 4 cores
+    auto = 0 if len(os.sched_getaffinity(0)) < AUTO_SPLIT_MIN_CPUS else 1
+    assert config.decode.count == 3 and config.prefill.count == auto
     assert config.slo.ttft_ms == 2000 and config.slo.tpot_ms == 100
+    assert load_config(None, {"prefill.count": 2}).prefill.count == 2  # a number is kept
 
 
 def test_pool_knobs_override_the_engine_for_that_pool_only():

@@ -72,6 +72,8 @@ def test_a_decode_core_takes_a_prompt_it_would_finish_before_every_prefill():
         decode = registry.services["decode-0"]
         assert stream.prefill_id == stream.decode_id == "decode-0"
         assert decode.local_tokens == 50
+        # its scheduler computes that one first (a prompt per step, as it reports)
+        registry.heartbeat(heartbeat("decode-0", "decode", prompt_rate=500.0, ahead_tokens=50))
         assert why(backend, prompt(100)) is Why.STOLEN  # 150 tokens: 0.30 s < 0.31 s
         assert why(backend, prompt(120)) is Why.REMOTE  # 170 tokens: 0.34 s > 0.33 s
         await backend.finish(stream)
@@ -120,9 +122,11 @@ def test_a_stolen_prompt_that_would_miss_the_ttft_target_behind_others_is_refuse
         # alone on the decode it is taken, however late (an idle core takes any prompt)
         stream = await send(backend, prompt(400))  # 4 s there
         assert stream.prefill_id == "decode-0"
+        registry.heartbeat(heartbeat("decode-0", "decode", prompt_rate=100.0, ahead_tokens=400))
         with pytest.raises(Overloaded, match="time to first token"):
             backend.admit([prompt(100)])  # 5 s behind it: over 0.85 x 2 s, and still stolen
         await backend.finish(stream)
+        registry.heartbeat(heartbeat("decode-0", "decode", prompt_rate=100.0))
         assert backend.admit([prompt(100)]).placements[0].why is Why.STOLEN  # 1 s: in time
         await backend.close()
 

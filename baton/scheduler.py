@@ -217,10 +217,13 @@ class Scheduler:
         cap = chunk_cap(self.max_num_batched_tokens, self.max_chunk_tokens, competing)
         return min(left, budget, cap, prompt_room)
 
+    def num_decoding(self) -> int:
+        """Running sequences past their prompts (one token to compute a step)."""
+        return sum(s.num_tokens - s.num_computed_tokens == 1 for s in self.running)
+
     def _prompt_room(self) -> int:
         """Prompt tokens this step may take: `prompt_cap` while any running sequence decodes."""
-        decoding = any(s.num_tokens - s.num_computed_tokens == 1 for s in self.running)
-        if self.prompt_cap is None or not decoding:
+        if self.prompt_cap is None or not self.num_decoding():
             return self.max_num_batched_tokens
         return self.prompt_cap
 

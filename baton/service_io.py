@@ -311,14 +311,12 @@ class ServiceLoop:
             tokens = sum(s.num_new_tokens for s in prompt)
             self.pacer.observe(self.decode_fit, decoding, tokens, seconds)
 
-    def decoding(self) -> int:
-        """Running sequences past their prompts."""
-        return sum(s.num_tokens - s.num_computed_tokens == 1 for s in self.sched.running)
-
     def pace_prompts(self) -> None:
         if self.refits.due():
             self.decode_fit = self.decode_times.fit()
-        self.sched.prompt_cap = self.pacer.cap(self.decoding(), self.sched.max_num_batched_tokens)
+        self.sched.prompt_cap = self.pacer.cap(
+            self.sched.num_decoding(), self.sched.max_num_batched_tokens
+        )
 
     def step_budget(self) -> int:
         """The units one step can take."""

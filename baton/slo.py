@@ -83,14 +83,15 @@ class PromptPacer:
 
     def __init__(self, tpot_s: float | None, window: int = 64, horizon_s: float = 0.25):
         self.tpot_s = tpot_s or math.inf  # no target: nothing to pace
-        self.samples: deque[tuple[int, float]] = deque(maxlen=window)
+        self.samples: deque[tuple[int, float]] = deque()
+        self.window = window
+        self.tokens, self.extra_s = 0, 0.0  # the samples' sums: cap() runs every step
         self.credit_s, self.horizon_s = 0.0, horizon_s
 
     @property
     def per_token_s(self) -> float:
         """Seconds a prompt token adds to a decode step; 0.0 before one was seen."""
-        tokens = sum(n for n, _ in self.samples)
-        return max(sum(s for _, s in self.samples), 0.0) / tokens if tokens else 0.0
+        return max(self.extra_s, 0.0) / self.tokens if self.tokens else 0.0
 
     def observe(
         self, fit: tuple[float, float] | None, decoding: int, tokens: int, seconds: float
@@ -100,6 +101,10 @@ class PromptPacer:
         extra = seconds - fixed - per_seq * decoding
         if tokens:
             self.samples.append((tokens, extra))
+            self.tokens, self.extra_s = self.tokens + tokens, self.extra_s + extra
+            if len(self.samples) > self.window:
+                gone, gone_s = self.samples.popleft()
+                self.tokens, self.extra_s = self.tokens - gone, self.extra_s - gone_s
         if not decoding:  # prompts delayed no one: a fresh start
             self.credit_s = max(self.credit_s, 0.0)
             return

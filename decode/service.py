@@ -146,7 +146,7 @@ class DecodeService(ServiceLoop):
             pool.num_blocks,
             ahead_tokens=self.sched.ahead_tokens(),
             chunk_tokens=self.sched.max_chunk_tokens,
-            prompt_rate=self.pacer.rate(self.decode_fit, self.decoding()),
+            prompt_rate=self.pacer.rate(self.decode_fit, self.sched.num_decoding()),
             prompt_budget=self.sched.max_num_batched_tokens,
         )
 

@@ -1,8 +1,9 @@
 """The 8-bit KV cache in torch (baton/cache/kv_cache.py): quantize and write, and attention
 that reads it. The attention ops dequantize the blocks a step reads into a bf16 scratch cache
 and call the bound 16-bit ops on it: the reference for the C decode kernel
-(paged_attention_native.paged_decode_attention_int8), and the extend path everywhere (prompts
-are compute-bound: the dequantized copy costs little beside them).
+(paged_attention_native.paged_decode_attention_int8, which also rounds the query to int8 as
+`quantize` does), and the extend path everywhere (prompts are compute-bound: the dequantized
+copy costs little beside them).
 
 Each row (token, KV head) is stored as int8 values and one fp32 scale, amax / 127 of the row:
 round to nearest, so a value is off by at most half a step, amax / 254.

@@ -31,7 +31,7 @@ FLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC"]
 OPENMP = ["-fopenmp"]  # where the compiler has no OpenMP (Apple's clang), the kernels run serial
 
 
-def _cpu_flags() -> str:
+def cpu_flags() -> str:
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -73,7 +73,7 @@ def load() -> ctypes.CDLL | None:
         log.warning("no C compiler found: the kernels run on the torch path")
         return None
     sources = b"".join(p.name.encode() + p.read_bytes() for p in sorted(CSRC.iterdir()))
-    key = hashlib.blake2b(sources + repr(FLAGS).encode() + _cpu_flags().encode()).hexdigest()
+    key = hashlib.blake2b(sources + repr(FLAGS).encode() + cpu_flags().encode()).hexdigest()
     path = _cache_dir() / f"kernels-{key[:16]}.so"
     try:
         if not path.exists():

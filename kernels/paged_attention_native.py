@@ -89,7 +89,7 @@ def paged_decode_attention_int8(
     scale: float,
 ) -> torch.Tensor:
     """paged_decode_attention over the 8-bit cache (csrc/paged_decode_i8.c); fp32 queries, or
-    a CPU without AVX-512, take the torch op (kv_int8.py)."""
+    a CPU without AVX-512 VNNI, take the torch op (kv_int8.py)."""
     k_cache, v_cache, k_scale, v_scale = kv
     if q.dtype != torch.bfloat16:
         return kv_int8.paged_decode_attention_int8(q, kv, block_tables, ctx_lens, scale)
@@ -110,6 +110,6 @@ def paged_decode_attention_int8(
         tables.stride(0), lens.data_ptr(), b, q_heads, kv_heads, head_dim, block_size, scale,
         out.data_ptr(),
     )  # fmt: skip
-    if rc != 0:  # no AVX-512, head_dim not in 16s or over 256, no memory: torch's turn
+    if rc != 0:  # no AVX-512 VNNI, head_dim not in 32s or over 256, no memory: torch's turn
         return kv_int8.paged_decode_attention_int8(q, kv, tables, lens, scale)
     return out

@@ -40,23 +40,40 @@ static inline void softmax(float *s, int64_t n) {
 #if defined(__AVX512F__)
 #include <immintrin.h>
 
-/* r[i] = the sum of v[i]'s lanes, for 16 vectors at once. */
-static inline __m512 sum16(const __m512 v[16]) {
-    __m512 w[8], u[4];
-    for (int i = 0; i < 8; i++) /* each 128-bit lane: 2 partial sums of tokens 2i, 2i + 1 */
-        w[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
-                             _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
-    for (int i = 0; i < 4; i++) { /* each 128-bit lane: tokens 4i .. 4i + 3, one partial each */
-        __m512d a = _mm512_castps_pd(w[2 * i]), b = _mm512_castps_pd(w[2 * i + 1]);
-        u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),
-                             _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+/* r[i] = the sum of v[i]'s lanes, for 16 vectors at once; ADD sums two vectors (fp32 lanes, or
+ * int32 lanes carried in __m512 bits: the shuffles only move them). */
+#define DEFINE_SUM16(NAME, ADD)                                                                 \
+    static inline __m512 NAME(const __m512 v[16]) {                                             \
+        __m512 w[8], u[4];                                                                      \
+        for (int i = 0; i < 8; i++) /* each 128-bit lane: 2 partials of tokens 2i, 2i + 1 */    \
+            w[i] = ADD(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),                               \
+                       _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));                              \
+        for (int i = 0; i < 4; i++) { /* each 128-bit lane: tokens 4i .. 4i + 3, one each */    \
+            __m512d a = _mm512_castps_pd(w[2 * i]), b = _mm512_castps_pd(w[2 * i + 1]);         \
+            u[i] = ADD(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),                               \
+                       _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));                              \
+        }                                                                                       \
+        /* 128-bit lanes 0 + 1 and 2 + 3 of a and b, as a's two then b's two */                 \
+        const __m512 lo = ADD(_mm512_shuffle_f32x4(u[0], u[1], 0x88),                            \
+                              _mm512_shuffle_f32x4(u[0], u[1], 0xDD));                           \
+        const __m512 hi = ADD(_mm512_shuffle_f32x4(u[2], u[3], 0x88),                            \
+                              _mm512_shuffle_f32x4(u[2], u[3], 0xDD));                           \
+        return ADD(_mm512_shuffle_f32x4(lo, hi, 0x88), /* lane i: tokens 4i .. 4i + 3 */        \
+                   _mm512_shuffle_f32x4(lo, hi, 0xDD));                                         \
     }
-    /* 128-bit lanes 0 + 1 and 2 + 3 of a and b, as a's two then b's two */
-#define ADD_LANE_PAIRS(a, b) \
-    _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x88), _mm512_shuffle_f32x4(a, b, 0xDD))
-    const __m512 lo = ADD_LANE_PAIRS(u[0], u[1]), hi = ADD_LANE_PAIRS(u[2], u[3]);
-    return ADD_LANE_PAIRS(lo, hi); /* lane i: tokens 4i .. 4i + 3, whole sums */
-#undef ADD_LANE_PAIRS
+
+static inline __m512 add_epi32_bits(__m512 a, __m512 b) {
+    return _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(a), _mm512_castps_si512(b)));
+}
+DEFINE_SUM16(sum16, _mm512_add_ps)
+DEFINE_SUM16(sum16_epi32, add_epi32_bits)
+
+/* Two tokens' values interleaved for a pairwise dot product (VDPBF16PS, VPDPWSSD) sum each 32
+ * dims in the order 0-3, 8-11, ... (lo) and 4-7, 12-15, ... (hi): back to 0-15 (a), 16-31 (b). */
+static inline void deinterleave(__m512 lo, __m512 hi, __m512 *a, __m512 *b) {
+    const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+    *a = _mm512_permutex2var_ps(lo, first, hi);
+    *b = _mm512_permutex2var_ps(lo, _mm512_add_epi32(first, _mm512_set1_epi32(8)), hi);
 }
 
 #endif

@@ -177,8 +177,6 @@ ALWAYS_INLINE void weigh_heads_bf16(float *p, int64_t p_stride, int64_t n,
             const __m256bh r = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, p + j * p_stride + t));
             _mm256_mask_storeu_epi16(pb + j * pb_stride + t, m, (__m256i)r);
         }
-    const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
-    const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
     const int64_t per_pass = heads_per_pass(head_dim);
     for (int64_t j0 = 0; j0 < n; j0 += per_pass) {
         const int64_t heads = n - j0 < per_pass ? n - j0 : per_pass;
@@ -199,9 +197,8 @@ ALWAYS_INLINE void weigh_heads_bf16(float *p, int64_t p_stride, int64_t n,
         for (int64_t j = 0; j < heads; j++) {
             uint16_t *o = out + (j0 + j) * head_dim;
             for (int64_t d = 0; d < head_dim; d += 32) {
-                const __m512 lo = acc[j][d / 16], hi = acc[j][d / 16 + 1];
-                const __m512 a = _mm512_permutex2var_ps(lo, first, hi);
-                const __m512 b = _mm512_permutex2var_ps(lo, second, hi);
+                __m512 a, b;
+                deinterleave(acc[j][d / 16], acc[j][d / 16 + 1], &a, &b);
                 _mm256_storeu_si256((__m256i *)(o + d), (__m256i)_mm512_cvtneps_pbh(a));
                 _mm256_storeu_si256((__m256i *)(o + d + 16), (__m256i)_mm512_cvtneps_pbh(b));
             }

@@ -1,114 +1,199 @@
 /* Paged decode attention over the 8-bit KV cache (baton/cache/kv_cache.py), bf16 queries and
- * outputs: what paged_decode.c does for a bf16 cache, reading half the bytes.
+ * outputs: what paged_decode.c does for a bf16 cache, reading half the bytes, in integer dot
+ * products (AVX-512 VNNI) so that it does not do more arithmetic than the bf16 kernel either.
  *
  * A value is int8 x the fp32 scale of its row (token t, KV head h), which sits at
  *   scales[b * scale_block_stride + t * kv_heads + h]
  * beside the values' layout of paged_decode.c. The scales factor out of both sums:
- *   score_j(t) = k_scale(t) * (q_j . k8_t),   out_j = sum_t (p_j(t) v_scale(t)) v8_t,
- * so each row is converted to fp32 once and met by every query head of its KV head: the keys
- * 16 rows at a time into a scratch tile that each query head's dot products read from L1
- * (summed 16 at once, sum16), the values row by row against that many running sums in
- * registers. Where this CPU has no AVX-512 or head_dim is not a multiple of 16, the function
- * refuses and the torch op (kernels/kv_int8.py) serves. */
+ *   score_j(t) = k_scale(t) * (q_j . k8_t),   out_j = sum_t (p_j(t) v_scale(t)) v8_t.
+ * Keys: each query head is rounded to int8 (its own scale, amax / 127, as the cache rows are)
+ * and meets 64 key bytes in one VPDPBUSD, which multiplies unsigned by signed bytes: the key
+ * bytes are flipped to k8 + 128 and 128 x sum(q8) taken off the sum, so the integer dot product
+ * is exact. Values: the weights p_j(t) v_scale(t) are rounded to int16 (each head's own scale)
+ * and meet two tokens' values, widened to int16 and interleaved, in one VPDPWSSD. Where this
+ * CPU has no AVX-512 VNNI or head_dim is not a multiple of 32, the function refuses and the
+ * torch op (kernels/kv_int8.py) serves. */
 #include <stdint.h>
+#include <string.h>
 
 #include "attend.h"
 #include "common.h"
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define HEADS_MAX 4 /* query heads weighed in one pass: 4 x 4 sums of a 64-dim row in registers */
+#define MAX_VECS (MAX_HEAD_DIM / 16)
 
-ALWAYS_INLINE __m512 load_i8(const int8_t *x) {
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)x)));
+/* The bytes of a row from d on, where a head_dim not in 64s ends inside a vector. */
+ALWAYS_INLINE __mmask64 row_mask(int64_t head_dim, int64_t d) {
+    return head_dim - d >= 64 ? ~(__mmask64)0 : ((__mmask64)1 << (head_dim - d)) - 1;
 }
 
-/* scores[j][t] for the `group` query heads of one KV head (qf: theirs, scaled, fp32). */
-ALWAYS_INLINE void score_heads_i8(const float *qf, int64_t group, const int8_t *k_cache,
-                                  const float *k_scale, int64_t block_stride,
-                                  int64_t scale_block_stride, int64_t h, int64_t kv_heads,
-                                  const int64_t *table, int64_t ctx, const int64_t head_dim,
-                                  int64_t block_size, float *tile, float *scores) {
+/* q8 = round(q / s) with s = amax / 127 (softmax's `scale` folded in); returns s, and in
+ * *bias the 128 x sum(q8) that the flipped key bytes add to each dot product. */
+ALWAYS_INLINE float quantize_query(const uint16_t *q, const int64_t head_dim, float scale,
+                                   int8_t *q8, int32_t *bias) {
+    float amax = 0.f;
+    for (int64_t d = 0; d < head_dim; d++) amax = fmaxf(amax, fabsf(from_bf16(q[d])));
+    const float s = amax > 0.f ? amax / 127.f : 1.f;
+    int32_t sum = 0;
+    for (int64_t d = 0; d < head_dim; d++) {
+        q8[d] = (int8_t)lrintf(from_bf16(q[d]) / s);
+        sum += q8[d];
+    }
+    *bias = 128 * sum;
+    return s * scale;
+}
+
+/* scores[j][t] for the `group` query heads of one KV head, from their int8 queries. */
+ALWAYS_INLINE void score_heads_i8(const int8_t *q8, const float *qs, const int32_t *bias,
+                                  int64_t group, const int8_t *k_cache, const float *k_scale,
+                                  int64_t block_stride, int64_t scale_block_stride, int64_t h,
+                                  int64_t kv_heads, const int64_t *table, int64_t ctx,
+                                  const int64_t head_dim, int64_t block_size, float *scores) {
     const int64_t row_stride = kv_heads * head_dim;
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
     for (int64_t t0 = 0; t0 < ctx; t0 += block_size) {
         const int64_t block = table[t0 / block_size], n = ctx - t0 < block_size ? ctx - t0 : block_size;
         const int8_t *kb = k_cache + block * block_stride + h * head_dim;
         const float *sb = k_scale + block * scale_block_stride + h;
-        if (t0 + block_size < ctx) prefetch(k_cache + table[t0 / block_size + 1] * block_stride, block_size * row_stride);
+        if (h == 0 && t0 + block_size < ctx)
+            prefetch(k_cache + table[t0 / block_size + 1] * block_stride, block_size * row_stride);
         for (int64_t i0 = 0; i0 < n; i0 += 16) {
             const int64_t m = n - i0 < 16 ? n - i0 : 16;
             float s[16] = {0};
-            for (int64_t i = 0; i < m; i++) {
-                s[i] = sb[(i0 + i) * kv_heads];
-                for (int64_t d = 0; d < head_dim; d += 16)
-                    _mm512_storeu_ps(tile + i * head_dim + d, load_i8(kb + (i0 + i) * row_stride + d));
-            }
+            for (int64_t i = 0; i < m; i++) s[i] = sb[(i0 + i) * kv_heads];
             const __m512 ks = _mm512_loadu_ps(s);
             for (int64_t j = 0; j < group; j++) {
-                const float *q = qf + j * head_dim;
-                __m512 acc[16];
+                const int8_t *q = q8 + j * head_dim;
+                __m512 acc[16]; /* int32 lanes */
                 _Pragma("GCC unroll 16") for (int i = 0; i < 16; i++) {
-                    acc[i] = _mm512_setzero_ps();
+                    __m512i a = _mm512_setzero_si512();
                     if (i < m)
-                        for (int64_t d = 0; d < head_dim; d += 16)
-                            acc[i] = _mm512_fmadd_ps(_mm512_loadu_ps(q + d),
-                                                     _mm512_loadu_ps(tile + i * head_dim + d), acc[i]);
+                        for (int64_t d = 0; d < head_dim; d += 64) {
+                            const __mmask64 r = row_mask(head_dim, d);
+                            const __m512i k = _mm512_maskz_loadu_epi8(r, kb + (i0 + i) * row_stride + d);
+                            a = _mm512_dpbusd_epi32(a, _mm512_xor_si512(k, flip),
+                                                    _mm512_maskz_loadu_epi8(r, q + d));
+                        }
+                    acc[i] = _mm512_castsi512_ps(a);
                 }
+                const __m512i dot = _mm512_sub_epi32(_mm512_castps_si512(sum16_epi32(acc)),
+                                                     _mm512_set1_epi32(bias[j]));
                 _mm512_mask_storeu_ps(scores + j * ctx + t0 + i0, (__mmask16)((1u << m) - 1),
-                                      _mm512_mul_ps(sum16(acc), ks));
+                                      _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), ks),
+                                                    _mm512_set1_ps(qs[j])));
             }
         }
     }
 }
 
-/* out[j] = sum_t p[j][t] v(t) for up to HEADS_MAX query heads of one KV head. */
-ALWAYS_INLINE void weigh_heads_i8(const float *p, int64_t heads, const int8_t *v_cache,
-                                  const float *v_scale, int64_t block_stride,
-                                  int64_t scale_block_stride, int64_t h, int64_t kv_heads,
-                                  const int64_t *table, int64_t ctx, const int64_t head_dim,
-                                  int64_t block_size, uint16_t *out) {
-    const int64_t row_stride = kv_heads * head_dim;
-    __m512 acc[HEADS_MAX][MAX_HEAD_DIM / 16];
-    for (int64_t j = 0; j < HEADS_MAX; j++)
-        for (int64_t v = 0; v < head_dim / 16; v++) acc[j][v] = _mm512_setzero_ps();
+/* Each head's weights p_j(t) v_scale(t), in place over its probabilities as int16, and the
+ * factor they were multiplied by: 32767 / max, or less where the int32 sums could overflow
+ * (127 x the sum of the rounded weights must stay under 2^30). */
+ALWAYS_INLINE float weights_i16(float *p, const float *v_scale, int64_t scale_block_stride,
+                                int64_t h, int64_t kv_heads, const int64_t *table, int64_t ctx,
+                                int64_t block_size) {
+    float wmax = 0.f, wsum = 0.f;
     for (int64_t t0 = 0; t0 < ctx; t0 += block_size) {
-        const int64_t block = table[t0 / block_size], n = ctx - t0 < block_size ? ctx - t0 : block_size;
-        const int8_t *vb = v_cache + block * block_stride + h * head_dim;
-        const float *sb = v_scale + block * scale_block_stride + h;
+        const float *sb = v_scale + table[t0 / block_size] * scale_block_stride + h;
+        const int64_t n = ctx - t0 < block_size ? ctx - t0 : block_size;
         for (int64_t i = 0; i < n; i++) {
-            __m512 x[MAX_HEAD_DIM / 16];
-            for (int64_t v = 0; v < head_dim / 16; v++) x[v] = load_i8(vb + i * row_stride + 16 * v);
-            const float vs = sb[i * kv_heads];
+            p[t0 + i] *= sb[i * kv_heads];
+            wmax = fmaxf(wmax, p[t0 + i]);
+            wsum += p[t0 + i];
+        }
+    }
+    if (wmax == 0.f) wmax = wsum = 1.f;
+    const float factor = fminf(32767.f / wmax, (1073741824.f / 127.f - 0.5f * ctx) / wsum);
+    int16_t *w = (int16_t *)p; /* 16 written over the first half of the 16 just read */
+    for (int64_t t = 0; t < ctx; t += 16) {
+        const __mmask16 m = ctx - t < 16 ? (__mmask16)((1u << (ctx - t)) - 1) : 0xFFFF;
+        const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, p + t), _mm512_set1_ps(factor));
+        _mm256_mask_storeu_epi16(w + t, m, _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(x)));
+    }
+    if (ctx % 2) w[ctx] = 0; /* the pair of a lone last row */
+    return factor;
+}
+
+/* out[j] = sum_t w_j(t) v8_t / factor_j for up to HEADS_MAX query heads of one KV head, whose
+ * int16 weights start at w[j * w_stride]: two rows at a time, widened and interleaved. Each
+ * next block is asked for ahead, as the keys are (unlike the bf16 kernel's values, int8 rows
+ * are read faster so: RESULTS.md, 2026-12-06 third session). */
+ALWAYS_INLINE void weigh_heads_i8(const int16_t *w, int64_t w_stride, const float *factor,
+                                  int64_t heads, const int8_t *v_cache, int64_t block_stride,
+                                  int64_t h, int64_t kv_heads, const int64_t *table, int64_t ctx,
+                                  const int64_t head_dim, int64_t block_size, uint16_t *out) {
+    const int64_t row_stride = kv_heads * head_dim;
+    __m512i acc[HEADS_MAX][MAX_VECS];
+    for (int64_t j = 0; j < HEADS_MAX; j++)
+        for (int64_t v = 0; v < head_dim / 16; v++) acc[j][v] = _mm512_setzero_si512();
+    for (int64_t t0 = 0; t0 < ctx; t0 += block_size) {
+        const int8_t *vb = v_cache + table[t0 / block_size] * block_stride + h * head_dim;
+        const int64_t rows = ctx - t0 < block_size ? ctx - t0 : block_size;
+        if (h == 0 && t0 + block_size < ctx) /* the first head reads them from DRAM */
+            prefetch(v_cache + table[t0 / block_size + 1] * block_stride, block_size * row_stride);
+        for (int64_t i = 0; i < rows; i += 2) {
+            const int8_t *x = vb + i * row_stride, *y = x + row_stride;
+            __m512i xy[MAX_VECS];
+            for (int64_t d = 0; d < head_dim; d += 32) {
+                const __m512i a = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(x + d)));
+                const __m512i b = i + 1 < rows
+                    ? _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(y + d)))
+                    : _mm512_setzero_si512();
+                xy[d / 16] = _mm512_unpacklo_epi16(a, b);
+                xy[d / 16 + 1] = _mm512_unpackhi_epi16(a, b);
+            }
             _Pragma("GCC unroll 4") for (int64_t j = 0; j < HEADS_MAX; j++) {
                 if (j >= heads) break;
-                const __m512 pv = _mm512_set1_ps(p[j * ctx + t0 + i] * vs);
-                for (int64_t v = 0; v < head_dim / 16; v++) acc[j][v] = _mm512_fmadd_ps(pv, x[v], acc[j][v]);
+                int32_t pair;
+                memcpy(&pair, w + j * w_stride + t0 + i, sizeof pair);
+                const __m512i wv = _mm512_set1_epi32(pair);
+                for (int64_t v = 0; v < head_dim / 16; v++)
+                    acc[j][v] = _mm512_dpwssd_epi32(acc[j][v], xy[v], wv);
             }
         }
     }
     for (int64_t j = 0; j < heads; j++) {
-        float o[MAX_HEAD_DIM];
-        for (int64_t v = 0; v < head_dim / 16; v++) _mm512_storeu_ps(o + 16 * v, acc[j][v]);
-        for (int64_t d = 0; d < head_dim; d++) out[j * head_dim + d] = to_bf16(o[d]);
+        const __m512 inv = _mm512_set1_ps(1.f / factor[j]);
+        for (int64_t d = 0; d < head_dim; d += 32) {
+            __m512 a, b;
+            deinterleave(_mm512_mul_ps(_mm512_cvtepi32_ps(acc[j][d / 16]), inv),
+                         _mm512_mul_ps(_mm512_cvtepi32_ps(acc[j][d / 16 + 1]), inv), &a, &b);
+            float o[32];
+            _mm512_storeu_ps(o, a);
+            _mm512_storeu_ps(o + 16, b);
+            for (int64_t e = 0; e < 32; e++) out[j * head_dim + d + e] = to_bf16(o[e]);
+        }
     }
 }
 
-/* One sequence, KV head by KV head. `work` holds group x (ctx + head_dim) + 16 x head_dim. */
+/* One sequence, KV head by KV head. `work` holds group x ctx floats of scores, then the
+ * int8 queries, their scales, biases and weight factors. */
 ALWAYS_INLINE void attend_i8(const uint16_t *q, const int8_t *k_cache, const int8_t *v_cache,
                              const float *k_scale, const float *v_scale, int64_t block_stride,
                              int64_t scale_block_stride, const int64_t *table, int64_t ctx,
                              int64_t q_heads, int64_t kv_heads, const int64_t head_dim,
                              int64_t block_size, float scale, float *work, uint16_t *out) {
-    const int64_t group = q_heads / kv_heads;
-    float *scores = work, *qf = scores + group * ctx, *tile = qf + group * head_dim;
+    const int64_t group = q_heads / kv_heads, stride = ctx;
+    float *scores = work, *qs = scores + group * stride, *factor = qs + group;
+    int32_t *bias = (int32_t *)(factor + group);
+    int8_t *q8 = (int8_t *)(bias + group);
     for (int64_t h = 0; h < kv_heads; h++) {
-        for (int64_t i = 0; i < group * head_dim; i++) qf[i] = from_bf16(q[h * group * head_dim + i]) * scale;
-        score_heads_i8(qf, group, k_cache, k_scale, block_stride, scale_block_stride, h, kv_heads,
-                       table, ctx, head_dim, block_size, tile, scores);
-        for (int64_t j = 0; j < group; j++) softmax(scores + j * ctx, ctx);
+        for (int64_t j = 0; j < group; j++)
+            qs[j] = quantize_query(q + (h * group + j) * head_dim, head_dim, scale,
+                                   q8 + j * head_dim, bias + j);
+        score_heads_i8(q8, qs, bias, group, k_cache, k_scale, block_stride, scale_block_stride,
+                       h, kv_heads, table, ctx, head_dim, block_size, scores);
+        for (int64_t j = 0; j < group; j++) {
+            softmax(scores + j * stride, ctx);
+            factor[j] = weights_i16(scores + j * stride, v_scale, scale_block_stride, h,
+                                    kv_heads, table, ctx, block_size);
+        }
         for (int64_t j0 = 0; j0 < group; j0 += HEADS_MAX)
-            weigh_heads_i8(scores + j0 * ctx, group - j0 < HEADS_MAX ? group - j0 : HEADS_MAX,
-                           v_cache, v_scale, block_stride, scale_block_stride, h, kv_heads, table,
-                           ctx, head_dim, block_size, out + (h * group + j0) * head_dim);
+            weigh_heads_i8((const int16_t *)(scores + j0 * stride), 2 * stride, factor + j0,
+                           group - j0 < HEADS_MAX ? group - j0 : HEADS_MAX, v_cache,
+                           block_stride, h, kv_heads, table, ctx, head_dim, block_size,
+                           out + (h * group + j0) * head_dim);
     }
 }
 #endif
@@ -119,15 +204,15 @@ int paged_decode_i8(const uint16_t *q, const int8_t *k_cache, const int8_t *v_ca
                     int64_t scale_block_stride, const int64_t *tables, int64_t table_stride,
                     const int64_t *ctx_lens, int64_t batch, int64_t q_heads, int64_t kv_heads,
                     int64_t head_dim, int64_t block_size, float scale, uint16_t *out) {
-#if defined(__AVX512F__)
-    if (head_dim > MAX_HEAD_DIM || head_dim % 16 || q_heads % kv_heads) return -1;
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+    if (head_dim > MAX_HEAD_DIM || head_dim % 32 || q_heads % kv_heads) return -1;
     const int64_t group = q_heads / kv_heads;
     int64_t max_ctx = 1;
     for (int64_t b = 0; b < batch; b++) max_ctx = ctx_lens[b] > max_ctx ? ctx_lens[b] : max_ctx;
     int failed = 0;
     _Pragma("omp parallel for schedule(dynamic)")
     for (int64_t b = 0; b < batch; b++) {
-        float *work = scratch(group * (max_ctx + head_dim) + 16 * head_dim);
+        float *work = scratch(group * (max_ctx + 3 + head_dim));
         if (work == NULL) {
             _Pragma("omp atomic write") failed = 1;
             continue;

@@ -19,6 +19,7 @@ from baton.model.loader import eos_token_ids, load_model, load_tokenizer
 from baton.runner import ModelRunner
 from baton.sampler import Sampler
 from baton.scheduler import Scheduler
+from baton.structured import Grammars
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ class Engine:
             max_model_len=max_model_len,
             kv=kv,
             kv_manager=KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching),
-            runner=ModelRunner(model, kv, Sampler(eos)),
+            runner=ModelRunner(model, kv, Sampler(eos, Grammars(tokenizer, args.vocab_size, eos))),
         )
 
     def scheduler(self) -> Scheduler:

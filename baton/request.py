@@ -51,6 +51,7 @@ class Sequence:
     finish_reason: FinishReason | None = None
     logprobs: list[Logprob] = field(default_factory=list)
     sampler_state: Any = None  # the runner's per-request RNG; opaque here
+    grammar: Any = None  # the sampler's grammar matcher (baton.structured); opaque here
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.token_ids)  # owned: it grows as tokens are sampled

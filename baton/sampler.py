@@ -1,8 +1,13 @@
 """Logits -> next tokens, each row by its own request's SamplingParams.
 
-Greedy rows take the argmax. Random rows apply temperature, top-k, top-p and min-p, then draw
-with the request's own torch.Generator (seeded from `seed`), so a seeded request gives the same
-tokens whatever else shares its batch. Logprobs come from the raw model distribution.
+Rows with a logit bias or a penalty are adjusted first (vLLM's order and math: the bias, then
+repetition, frequency and presence penalties). Greedy rows take the argmax. Random rows apply
+temperature, top-k, top-p and min-p, then draw with the request's own torch.Generator (seeded
+from `seed`), so a seeded request gives the same tokens whatever else shares its batch.
+Logprobs come from the raw model distribution, as vLLM's do by default.
+
+A sequence's token ids are its prompt then its output, on the prefill (no output yet) as on a
+decode or a resumed one, so the penalties see the same history wherever a token is sampled.
 """
 
 import torch
@@ -10,6 +15,7 @@ import torch
 from baton import kernels
 from baton.request import Logprob, Sequence
 from baton.scheduler import SampledToken
+from baton.structured import Grammars
 
 
 def _filter(logits: torch.Tensor, top_k: int | None, top_p: float, min_p: float) -> torch.Tensor:
@@ -28,6 +34,21 @@ def _filter(logits: torch.Tensor, top_k: int | None, top_p: float, min_p: float)
     return logits
 
 
+def adjust(row: torch.Tensor, seq: Sequence) -> None:
+    """Add `seq`'s logit bias and apply its penalties to its row of fp32 logits, in place."""
+    p = seq.params
+    if p.logit_bias:
+        ids, bias = zip(*p.logit_bias, strict=True)
+        row[list(ids)] += torch.tensor(bias)
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(seq.token_ids).unique()
+        x = row[seen]
+        row[seen] = torch.where(x > 0, x / p.repetition_penalty, x * p.repetition_penalty)
+    if (p.frequency_penalty or p.presence_penalty) and seq.num_output_tokens:
+        ids, counts = torch.tensor(seq.output_token_ids).unique(return_counts=True)
+        row[ids] -= p.frequency_penalty * counts + p.presence_penalty
+
+
 def _generator(seq: Sequence) -> torch.Generator | None:
     if seq.params.seed is None:
         return None
@@ -37,8 +58,9 @@ def _generator(seq: Sequence) -> torch.Generator | None:
 
 
 class Sampler:
-    def __init__(self, eos_token_ids: frozenset[int]):
+    def __init__(self, eos_token_ids: frozenset[int], grammars: Grammars | None = None):
         self.eos = torch.tensor(sorted(eos_token_ids), dtype=torch.long)
+        self.grammars = grammars
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampledToken]:
         logits = logits.float()
@@ -50,6 +72,14 @@ class Sampler:
                     logits = logits.clone()
                 banned = [*p.stop_token_ids, *([] if p.ignore_eos else self.eos.tolist())]
                 logits[i, banned] = float("-inf")
+        for i, seq in enumerate(seqs):
+            if seq.params.adjusts_logits or seq.params.grammar is not None:
+                if raw is logits:
+                    logits = logits.clone()
+                adjust(logits[i], seq)
+            if seq.params.grammar is not None:
+                assert self.grammars is not None, "a grammar reached a sampler without one"
+                logits[i].masked_fill_(~self.grammars.allowed(seq), float("-inf"))
         tokens = kernels.argmax(logits).tolist()
         for i, seq in enumerate(seqs):
             p = seq.params
@@ -59,6 +89,9 @@ class Sampler:
                 # exponential race: argmax(p / E) with E ~ Exp(1) draws from p
                 noise = torch.empty_like(probs).exponential_(generator=_generator(seq))
                 tokens[i] = int((probs / noise).argmax())
+        for seq, token in zip(seqs, tokens, strict=True):
+            if seq.grammar is not None:
+                seq.grammar.consume_token(token)
         out = [SampledToken(t) for t in tokens]
         wants = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         if wants:

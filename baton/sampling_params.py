@@ -10,6 +10,14 @@ class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=Tr
     top_p: float = 1.0
     top_k: int | None = None  # None: no top-k cut
     min_p: float = 0.0
+    # vLLM's math: repetition divides a positive logit (multiplies a negative one) of every
+    # token in the prompt or the output; frequency takes penalty x count in the output off,
+    # presence the penalty once; the bias is added first
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    grammar: str | None = None  # llguidance's, from response_format: output stays inside it
     seed: int | None = None  # per-request RNG: same seed, same output, whatever the batch
     stop: tuple[str, ...] = ()  # matched on detokenized text, never returned
     stop_token_ids: tuple[int, ...] = ()
@@ -35,6 +43,22 @@ class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=Tr
                 f"logprobs must be in [0, 20], got {self.logprobs}",
             ),
             (all(s for s in self.stop), "stop strings must be non-empty"),
+            (
+                -2 <= self.presence_penalty <= 2,
+                f"presence_penalty must be in [-2, 2], got {self.presence_penalty}",
+            ),
+            (
+                -2 <= self.frequency_penalty <= 2,
+                f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}",
+            ),
+            (
+                0 < self.repetition_penalty <= 2,
+                f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}",
+            ),
+            (
+                all(-100 <= b <= 100 for _, b in self.logit_bias),
+                "logit_bias values must be in [-100, 100]",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -43,3 +67,12 @@ class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=Tr
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether a bias or a penalty changes this request's logits before sampling."""
+        return bool(self.logit_bias) or (
+            self.presence_penalty,
+            self.frequency_penalty,
+            self.repetition_penalty,
+        ) != (0.0, 0.0, 1.0)

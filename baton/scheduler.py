@@ -131,6 +131,10 @@ class Scheduler:
         if self.vocab_size is not None and any(not 0 <= t < self.vocab_size for t in stops):
             # the sampler bans stop ids before min_tokens by indexing the logits
             raise ValueError(f"stop_token_ids must be in [0, {self.vocab_size})")
+        if self.vocab_size is not None and any(
+            not 0 <= t < self.vocab_size for t, _ in seq.params.logit_bias
+        ):  # the sampler adds the bias by indexing the logits too
+            raise ValueError(f"logit_bias token ids must be in [0, {self.vocab_size})")
         self.check_fits(seq.num_tokens, seq.params.max_tokens - seq.num_output_tokens)
 
     def add(self, seq: Sequence) -> None:

@@ -85,7 +85,10 @@ async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
 async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
     first = exc.errors()[0] if exc.errors() else {}
     param = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
-    message = f"{param}: {first.get('msg', 'invalid request')}" if param else "invalid request"
+    why = first.get("msg", "invalid request")
+    if first.get("type") == "extra_forbidden":  # a field this server does not implement
+        why = "not supported by this server (README: the OpenAI parameters)"
+    message = f"{param}: {why}" if param else "invalid request"
     M.REQUESTS.labels("400").inc()
     return error(message, "invalid_request_error", 400, param)
 
@@ -97,7 +100,7 @@ async def not_found(request: Request, exc: ModelNotFound) -> JSONResponse:
 
 async def bad(request: Request, exc: BadRequest) -> JSONResponse:
     M.REQUESTS.labels("400").inc()
-    return error(exc, "invalid_request_error", 400)
+    return error(exc, "invalid_request_error", 400, exc.param)
 
 
 async def overloaded(request: Request, exc: Overloaded) -> JSONResponse:

@@ -4,24 +4,63 @@ the serving code builds every OpenAI response from them, and /openapi.json docum
 import time
 from typing import Annotated, Literal, TypeVar
 
-from pydantic import BaseModel, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 # ints cross the service sockets as msgpack int64: a bigger one is a 400 here, not a 500 there;
 # strict, so `true` or `1.0` is no count (pydantic would read them as 1)
 Int64 = Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)]
 
 
-class StreamOptions(BaseModel):
+MAX_LOGIT_BIAS = 300  # entries in one request's logit_bias, OpenAI's cap
+
+
+class _Strict(BaseModel):
+    """A request shape: a field it does not declare is a 400 naming it, never dropped (the
+    README lists what is implemented, what is accepted as harmless, and what is refused)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class _Sampling(BaseModel):
+class JsonSchema(_Strict):
+    name: str
+    description: str | None = None
+    schema_: dict = Field(alias="schema")
+    strict: bool | None = None  # the output always follows the schema (Baton is always strict)
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchema | None = None
+
+
+class StructuredOutputs(_Strict):
+    """vLLM's extension: the output follows exactly one of these."""
+
+    json_: dict | str | None = Field(default=None, alias="json")  # a JSON schema
+    regex: str | None = None
+    choice: list[str] | None = Field(default=None, min_length=1)
+    grammar: str | None = None  # EBNF (GBNF) or Lark
+    json_object: bool | None = None
+
+
+class _Sampling(_Strict):
     model: str | None = None
-    max_tokens: StrictInt | None = Field(default=None, ge=1)
+    max_tokens: StrictInt | None = Field(default=None, ge=1)  # None: the rest of the context
     temperature: float = Field(default=1.0, ge=0)
     top_p: float = Field(default=1.0, gt=0, le=1)
     top_k: Int64 | None = None
     min_p: float = Field(default=0.0, ge=0, le=1)
+    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
+    repetition_penalty: float = Field(default=1.0, gt=0, le=2)  # vLLM's extension
+    # token id (a string, as JSON keys are) -> added to its logit
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        default=None, max_length=MAX_LOGIT_BIAS
+    )
     seed: Int64 | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[Int64] | None = None
@@ -30,9 +69,17 @@ class _Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     min_tokens: StrictInt = Field(default=0, ge=0)
-    user: str | None = None
     return_token_ids: bool = False  # vLLM's extension: each choice carries its token ids
     priority: Int64 = 0  # vLLM's extension: lower is scheduled sooner
+    # accepted and harmless: none of these changes what is generated
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: Literal[False] = False  # Baton keeps no completions
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None  # prefixes are cached whatever the key
+    safety_identifier: str | None = None
+    response_format: ResponseFormat | None = None  # json: the output follows it (grammar)
+    structured_outputs: StructuredOutputs | None = None
 
 
 class CompletionRequest(_Sampling):
@@ -42,9 +89,18 @@ class CompletionRequest(_Sampling):
     echo: bool = False
 
 
-class ChatMessage(BaseModel):
+class ContentPart(BaseModel):
+    """A part of a message's content: text parts are joined; any other type is a 400."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict] | None = None
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
 
 
 class ChatRequest(_Sampling):

@@ -194,6 +194,7 @@ class Router:
         tpot_s: float = 0.1,
     ):
         self.registry = Registry(service_timeout_s)
+        self.block_size = block_size
         self.prefixes = PrefixIndex(block_size)  # what each decode served (cached_prefill)
         self.local_prefill_tokens = local_prefill_tokens
         self.busy_prefill_tokens = busy_prefill_tokens

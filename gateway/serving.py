@@ -10,6 +10,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from llguidance import LLMatcher
+from llguidance.gbnf_to_lark import any_to_lark
+from msgspec.structs import replace
 from transformers import AutoTokenizer
 
 from baton.gateway import metrics as M
@@ -20,6 +23,8 @@ from baton.gateway.openai_types import (
     CompletionRequest,
     ModelCard,
     ModelList,
+    ResponseFormat,
+    StructuredOutputs,
     error_response,
 )
 from baton.gateway.router import NoCapacity, Placement
@@ -36,11 +41,17 @@ from baton.text import IncrementalDetokenizer, StopStringMatcher
 
 log = logging.getLogger("baton.gateway")
 
+# JSON outputs are written as json.dumps writes them: a small model free to put whitespace
+# between tokens may write nothing else until max_tokens
+JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
 RESUME_WAIT_S = 10.0  # how long a stream to resume waits for a live decode
 
 
 class BadRequest(ValueError):
-    pass
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class ModelNotFound(LookupError):
@@ -83,15 +94,25 @@ class Gateway:
         elif p and all(isinstance(x, list) for x in p):
             prompts = [list(x) for x in p]
         else:
-            raise BadRequest("prompt must be a string, a list of strings, or token ids")
+            raise BadRequest("prompt must be a string, a list of strings, or token ids", "prompt")
+        if req.echo and req.logprobs is not None:
+            raise BadRequest("echo with logprobs (the prompt's) is not supported", "echo")
         params = self.sampling(req, req.max_tokens, req.logprobs)
+        echoes = None  # echo: each choice's text starts with its prompt's
+        if req.echo:
+            texts = [p] if isinstance(p, str) else p if isinstance(p[0], str) else None
+            echoes = texts or [self.tokenizer.decode(ids) for ids in prompts]
         return await self.run(
-            prompts, params, req.stream, CompletionShape(self.tokenizer, self.model_name, req)
+            prompts,
+            params,
+            req.stream,
+            CompletionShape(self.tokenizer, self.model_name, req, echoes),
+            req.max_tokens is None,
         )
 
     async def chat(self, req: ChatRequest) -> Response:
         self.check_model(req.model)
-        messages = [m.model_dump(exclude_none=True) for m in req.messages]
+        messages = [flatten(i, m.model_dump(exclude_none=True)) for i, m in enumerate(req.messages)]
         try:
             ids = self.tokenizer.apply_chat_template(
                 messages, add_generation_prompt=True, tokenize=True, return_dict=True
@@ -99,10 +120,10 @@ class Gateway:
         except Exception as e:  # a template that rejects the conversation
             raise BadRequest(f"chat template failed: {e}") from e
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        params = self.sampling(req, req.max_completion_tokens or req.max_tokens, logprobs)
-        return await self.run(
-            [list(ids)], params, req.stream, ChatShape(self.tokenizer, self.model_name, req)
-        )
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        params = self.sampling(req, max_tokens, logprobs)
+        shape = ChatShape(self.tokenizer, self.model_name, req)
+        return await self.run([list(ids)], params, req.stream, shape, max_tokens is None)
 
     def sampling(
         self, req: CompletionRequest | ChatRequest, max_tokens: int | None, logprobs: int | None
@@ -110,16 +131,25 @@ class Gateway:
         stop = [req.stop] if isinstance(req.stop, str) else req.stop or []
         if max_tokens is not None and max_tokens > self.max_model_len:
             raise BadRequest(
-                f"max_tokens is {max_tokens}; this model's context is {self.max_model_len}"
+                f"max_tokens is {max_tokens}; this model's context is {self.max_model_len}",
+                "max_tokens",
             )
+        logit_bias = self.logit_bias(req.logit_bias or {})
+        grammar = output_grammar(req)
         try:
             return SamplingParams(
-                max_tokens=max_tokens or 16,
+                # absent: the rest of the context, set per prompt (run)
+                max_tokens=max_tokens or self.max_model_len,
                 min_tokens=req.min_tokens,
                 temperature=req.temperature,
                 top_p=req.top_p,
                 top_k=req.top_k if req.top_k and req.top_k > 0 else None,
                 min_p=req.min_p,
+                presence_penalty=req.presence_penalty,
+                frequency_penalty=req.frequency_penalty,
+                repetition_penalty=req.repetition_penalty,
+                logit_bias=logit_bias,
+                grammar=grammar,
                 seed=req.seed,
                 stop=tuple(stop),
                 stop_token_ids=tuple(req.stop_token_ids or ()),
@@ -127,8 +157,27 @@ class Gateway:
                 logprobs=logprobs,
                 priority=req.priority,
             )
+        except ValueError as e:  # each message starts with the field's name
+            raise BadRequest(str(e), str(e).split()[0]) from e
+
+    def logit_bias(self, bias: dict[str, float]) -> tuple[tuple[int, float], ...]:
+        """OpenAI's {"token id": bias} as (id, bias) pairs, every id in the vocabulary."""
+        try:
+            pairs = tuple((int(k), float(v)) for k, v in bias.items())
         except ValueError as e:
-            raise BadRequest(str(e)) from e
+            raise BadRequest(f"logit_bias keys must be token ids: {e}", "logit_bias") from e
+        if any(not 0 <= t < self.vocab_size for t, _ in pairs):
+            raise BadRequest(
+                f"logit_bias token ids must be in [0, {self.vocab_size})", "logit_bias"
+            )
+        return pairs
+
+    def context_tokens(self) -> int:
+        """The most tokens one request may hold: the model's context, or less where a decode's
+        whole KV pool holds fewer (such a request could never run there)."""
+        decodes = self.backend.registry.pool("decode")
+        pools = [d.load.total_blocks * self.backend.router.block_size for d in decodes]
+        return min([self.max_model_len, *pools])
 
     def check_model(self, model: str | None) -> None:
         if model and model != self.model_name:
@@ -140,11 +189,11 @@ class Gateway:
         self, ids: list[int], max_tokens: int, stop_token_ids: tuple[int, ...] = ()
     ) -> None:
         if not ids:
-            raise BadRequest("the prompt is empty")
+            raise BadRequest("the prompt is empty", "prompt")
         if min(ids) < 0 or max(ids) >= self.vocab_size:
-            raise BadRequest(f"prompt token ids must be in [0, {self.vocab_size})")
+            raise BadRequest(f"prompt token ids must be in [0, {self.vocab_size})", "prompt")
         if any(not 0 <= t < self.vocab_size for t in stop_token_ids):
-            raise BadRequest(f"stop_token_ids must be in [0, {self.vocab_size})")
+            raise BadRequest(f"stop_token_ids must be in [0, {self.vocab_size})", "stop_token_ids")
         if len(ids) >= self.max_model_len:
             raise BadRequest(
                 f"the prompt has {len(ids)} tokens; this model's context is {self.max_model_len}"
@@ -152,15 +201,28 @@ class Gateway:
         if len(ids) + max_tokens > self.max_model_len:
             raise BadRequest(
                 f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds this "
-                f"model's context of {self.max_model_len} tokens"
+                f"model's context of {self.max_model_len} tokens",
+                "max_tokens",
             )
 
     async def run(
-        self, prompts: list[list[int]], params: SamplingParams, stream: bool, shape: Shape
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        stream: bool,
+        shape: Shape,
+        rest_of_context: bool,
     ) -> Response:
-        """Drive the choices and shape the output as a JSON body or an SSE stream."""
-        for ids in prompts:
-            self.check_prompt(ids, params.max_tokens, params.stop_token_ids)
+        """Drive the choices and shape the output as a JSON body or an SSE stream. With
+        `rest_of_context` (no max_tokens given) each choice may take the rest of the context,
+        as in vLLM."""
+        limit = self.context_tokens()
+        each = [
+            replace(params, max_tokens=max(limit - len(ids), 1)) if rest_of_context else params
+            for ids in prompts
+        ]
+        for ids, p in zip(prompts, each, strict=True):
+            self.check_prompt(ids, p.max_tokens, p.stop_token_ids)
         try:
             admitted = self.backend.admit(prompts)  # a 429 comes now, before any response
         except NoCapacity as e:  # no decode: a 503, but a stream's client reads events
@@ -170,8 +232,10 @@ class Gateway:
             return StreamingResponse(unavailable(e), media_type="text/event-stream")
         start = time.perf_counter()
         gens = [
-            self.choice(i, ids, params, placement)
-            for i, (ids, placement) in enumerate(zip(prompts, admitted.placements, strict=True))
+            self.choice(i, ids, p, placement)
+            for i, (ids, p, placement) in enumerate(
+                zip(prompts, each, admitted.placements, strict=True)
+            )
         ]
         prompt_tokens = sum(map(len, prompts))
         pieces = self.measured(merged(gens), admitted, start, prompt_tokens)
@@ -306,3 +370,61 @@ async def merged(gens: list[AsyncIterator[Piece]]) -> AsyncIterator[Piece]:
     finally:
         for t in tasks:
             t.cancel()
+
+
+def flatten(index: int, message: dict) -> dict:
+    """A chat message whose content is a list of parts (what the OpenAI SDK and agent
+    frameworks send) with its text parts joined, as vLLM joins them, for the chat template."""
+    parts = message.get("content")
+    if not isinstance(parts, list):
+        return message
+    for part in parts:
+        if part["type"] != "text" or part.get("text") is None:
+            raise BadRequest(
+                f"a {part['type']!r} content part: this model takes text only",
+                f"messages.{index}.content",
+            )
+    return {**message, "content": "\n".join(part["text"] for part in parts)}
+
+
+def output_grammar(req: CompletionRequest | ChatRequest) -> str | None:
+    """The grammar (llguidance's) that keeps the output inside the request's
+    `response_format` or `structured_outputs`, checked here: a spec the services could not
+    compile is a 400 before any work."""
+    fmt, so = req.response_format, req.structured_outputs
+    if fmt is not None and fmt.type != "text" and so is not None:
+        raise BadRequest(
+            "give response_format or structured_outputs, not both", "structured_outputs"
+        )
+    param = "structured_outputs" if so is not None else "response_format"
+    try:
+        grammar = _grammar(fmt, so)
+    except ValueError as e:
+        raise BadRequest(f"{param}: {e}", param) from e
+    if grammar is not None and (error := LLMatcher.validate_grammar(grammar)):
+        raise BadRequest(f"{param}: {error}", param)
+    return grammar
+
+
+def _grammar(fmt: ResponseFormat | None, so: StructuredOutputs | None) -> str | None:
+    if so is not None:
+        given = {k: v for k, v in so.model_dump(by_alias=True).items() if v not in (None, False)}
+        if len(given) != 1:
+            raise ValueError("give exactly one of json, regex, choice, grammar, json_object")
+        if so.json_ is not None:
+            return LLMatcher.grammar_from_json_schema(so.json_, JSON_STYLE)
+        if so.regex is not None:
+            return LLMatcher.grammar_from_regex(so.regex)
+        if so.choice is not None:  # Lark string literals take JSON's escapes
+            alternatives = " | ".join(json.dumps(c, ensure_ascii=False) for c in so.choice)
+            return LLMatcher.grammar_from_lark(f"start: {alternatives}")
+        if so.grammar is not None:
+            return LLMatcher.grammar_from_lark(any_to_lark(so.grammar))
+        return LLMatcher.grammar_from_json_schema({"type": "object"}, JSON_STYLE)
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return LLMatcher.grammar_from_json_schema({"type": "object"}, JSON_STYLE)
+    if fmt.json_schema is None:
+        raise ValueError("json_schema wants its `json_schema`")
+    return LLMatcher.grammar_from_json_schema(fmt.json_schema.schema_, JSON_STYLE)

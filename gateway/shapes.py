@@ -136,6 +136,17 @@ class CompletionShape(Shape):
     response_model = CompletionResponse
     chunk_model = CompletionStreamResponse
 
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        model_name: str,
+        req: CompletionRequest,
+        echoes: list[str] | None = None,
+    ):
+        """echoes: with `echo`, each prompt's text, which its choice's text starts with."""
+        super().__init__(tokenizer, model_name, req)
+        self.echoes = echoes
+
     def choice(
         self, index: int, text: str, toks: list[P.TokenOutput], finish: str | None
     ) -> CompletionChoice:
@@ -148,14 +159,17 @@ class CompletionShape(Shape):
             )
         return CompletionChoice(
             index=index,
-            text=text,
+            text=text if self.echoes is None else self.echoes[index] + text,
             logprobs=logprobs,
             finish_reason=finish,
             token_ids=self.token_ids(toks),
         )
 
     def chunk_choice(self, p: Piece) -> CompletionChoice:
-        return self.choice(p.index, p.text, [p.token], p.finish_reason)
+        choice = self.choice(p.index, p.text, [p.token], p.finish_reason)
+        if self.echoes is not None and p.token.index:  # the prompt comes with the first only
+            choice.text = p.text
+        return choice
 
 
 class ChatShape(Shape):

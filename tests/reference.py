@@ -1,6 +1,8 @@
 """What the multi-process tests share: the engine flags their stacks run with, and
 transformers' greedy output, the reference every served token is compared with."""
 
+from collections import Counter
+
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -20,3 +22,18 @@ def hf_greedy(model_dir, prompts, new) -> list[list[int]]:
         y = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new, do_sample=False)
         out.append(y[0, len(ids) :].tolist())
     return out
+
+
+def adjusted(logits: list[float], prompt, out, bias=(), rep=1.0, freq=0.0, pres=0.0):
+    """vLLM's logit bias and penalties, written out one token at a time: the bias added;
+    repetition divides a positive logit (multiplies a negative one) of a token seen in the
+    prompt or the output; frequency takes penalty x count in the output off, presence the
+    penalty once."""
+    logits = list(logits)
+    for t, b in bias:
+        logits[t] += b
+    for t in set(prompt) | set(out):
+        logits[t] = logits[t] / rep if logits[t] > 0 else logits[t] * rep
+    for t, count in Counter(out).items():
+        logits[t] -= freq * count + pres
+    return logits

@@ -1,10 +1,15 @@
 """Sampling parameters on a tiny random model (fp32): each behaviour checked by its effect."""
 
+import random
+
 import pytest
 import torch
+from reference import adjusted
 from transformers import AutoModelForCausalLM
 
 import baton
+from baton.request import Sequence
+from baton.sampler import adjust
 from baton.sampling_params import SamplingParams
 
 
@@ -87,3 +92,33 @@ def test_stop_token_ids_and_min_tokens(llm):
 def test_bad_sampling_values_are_clear_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"repetition_penalty": 1.7},
+        {"repetition_penalty": 0.6},  # below 1 favours what was seen
+        {"frequency_penalty": 1.3},
+        {"presence_penalty": -0.8},
+        {"logit_bias": ((3, 100.0), (7, -100.0), (11, 2.5))},
+        {"repetition_penalty": 1.2, "frequency_penalty": 0.5, "presence_penalty": 0.3},
+    ],
+)
+def test_bias_and_penalties_follow_vllms_formulas_on_the_same_logits(kw):
+    seed = 812
+    print("seed", seed)
+    rng = random.Random(seed)
+    logits = [rng.gauss(0, 3) for _ in range(64)]  # both signs: repetition treats them apart
+    prompt = [rng.randrange(64) for _ in range(20)]
+    out = [rng.randrange(64) for _ in range(30)]  # repeats: counts above 1
+    seq = Sequence("r", prompt + out, SamplingParams(**kw), num_prompt_tokens=len(prompt))
+    row = torch.tensor(logits)
+    adjust(row, seq)
+    p = seq.params
+    want = adjusted(
+        logits, prompt, out, p.logit_bias, p.repetition_penalty, p.frequency_penalty,
+        p.presence_penalty,
+    )  # fmt: skip
+    assert torch.allclose(row, torch.tensor(want), atol=1e-5)
+    assert not torch.allclose(row, torch.tensor(logits))

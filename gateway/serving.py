@@ -399,7 +399,7 @@ def output_grammar(req: CompletionRequest | ChatRequest) -> str | None:
     param = "structured_outputs" if so is not None else "response_format"
     try:
         grammar = _grammar(fmt, so)
-    except ValueError as e:
+    except Exception as e:  # llguidance's converters raise plain exceptions for a bad spec
         raise BadRequest(f"{param}: {e}", param) from e
     if grammar is not None and (error := LLMatcher.validate_grammar(grammar)):
         raise BadRequest(f"{param}: {error}", param)

@@ -5,6 +5,7 @@ after its decode is killed mid-answer."""
 
 import asyncio
 import json
+import re
 
 import httpx
 import jsonschema
@@ -97,6 +98,25 @@ def test_json_object_gives_an_object(stack):
         assert r.choices[0].message.content.lstrip().startswith("{")
 
 
+@pytest.mark.parametrize(
+    ("spec", "follows"),
+    [
+        ({"regex": "[0-9]{3}-[a-z]{2,4}"}, lambda t: re.fullmatch("[0-9]{3}-[a-z]{2,4}", t)),
+        ({"choice": ["yes", "no", 'a "maybe"']}, lambda t: t in ("yes", "no", 'a "maybe"')),
+        ({"grammar": 'root ::= "A" | "B" ("C")+'}, lambda t: re.fullmatch("A|BC+", t)),
+        ({"json": SCORES}, lambda t: jsonschema.validate(json.loads(t), SCORES) is None),
+    ],
+    ids=["regex", "choice", "grammar", "json"],
+)
+def test_vllms_structured_outputs(stack, spec, follows):
+    r = client_of(stack).completions.create(
+        model="", prompt="Answer:", max_tokens=40, temperature=1.0, seed=5,
+        extra_body={"structured_outputs": spec},
+    )  # fmt: skip
+    text = r.choices[0].text
+    assert r.choices[0].finish_reason == "stop" and follows(text), text
+
+
 def test_the_prefill_samples_the_first_token_under_the_grammar(stack):
     client = client_of(stack)
     kw = {"model": "", "messages": MESSAGES, "max_tokens": 1, "temperature": 0}
@@ -120,6 +140,17 @@ def test_a_schema_that_cannot_compile_is_a_400_before_any_work(stack):
                 model="", messages=MESSAGES, max_tokens=4, response_format=bad
             )
         assert e.value.body["param"].startswith("response_format"), e.value.body
+    for bad in (
+        {"regex": "[0-9"},
+        {"regex": "a", "choice": ["b"]},
+        {"grammar": "root ::= missing"},
+        {"grammar": "start: foo"},
+    ):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(
+                model="", prompt="x", max_tokens=4, extra_body={"structured_outputs": bad}
+            )
+        assert e.value.body["param"] == "structured_outputs", e.value.body
 
 
 def test_split_aggregated_and_failed_over_answers_are_the_same(stack, tmp_path, tiny_text_model):

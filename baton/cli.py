@@ -49,6 +49,8 @@ GATEWAY_FLAGS = {
     "--port": ("gateway.port", int),
     "--api-key": ("gateway.api_key", str),
     "--busy-prefill-tokens": ("gateway.busy_prefill_tokens", int),
+    "--chat-template": ("gateway.chat_template", str),
+    "--tool-call-parser": ("gateway.tool_call_parser", str),
 }
 UP_FLAGS = {
     **ENGINE_FLAGS,

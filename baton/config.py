@@ -140,6 +140,15 @@ class GatewayConfig(Section):
         ),
     ] = 8192
 
+    chat_template: Annotated[
+        str | None,
+        doc("chat template: `hermes` (ours, with tools) or a Jinja file; unset: the model's"),
+    ] = None
+    tool_call_parser: Annotated[
+        Literal["hermes"] | None,
+        doc("how tool calls are read from the model's text (needs a template with tools)"),
+    ] = None
+
 
 class SLOConfig(Section):
     ttft_ms: Annotated[float, Meta(gt=0), doc("time-to-first-token target")] = 2000.0

@@ -22,17 +22,20 @@ from baton.gateway.admission import Admission, Overloaded
 from baton.gateway.backend import Backend
 from baton.gateway.limits import BodyLimit
 from baton.gateway.openai_types import (
+    BadRequest,
     ChatCompletionResponse,
     ChatRequest,
     CompletionRequest,
     CompletionResponse,
     ErrorResponse,
     ModelList,
+    ModelNotFound,
     error_response,
 )
 from baton.gateway.router import NoCapacity, Router
 from baton.gateway.serving import RESUME_WAIT_S as RESUME_WAIT_S  # tests/test_disagg.py's
-from baton.gateway.serving import BadRequest, Gateway, ModelNotFound
+from baton.gateway.serving import Gateway
+from baton.gateway.tools import load_template
 
 log = logging.getLogger("baton.gateway")
 
@@ -171,6 +174,8 @@ def create_app(model_dir: Path, config: BatonConfig) -> FastAPI:
             config.engine.max_model_len,
             gw.max_migrations,
             gw.request_timeout_s,
+            load_template(gw.chat_template),
+            gw.tool_call_parser,
         )
         log.info("gateway listening for services on %s", backend.addr)
         yield

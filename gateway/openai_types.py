@@ -97,10 +97,44 @@ class ContentPart(BaseModel):
     text: str | None = None
 
 
+class ToolCallFunction(_Strict):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's calls, rendered by the template
+    tool_call_id: str | None = None  # a tool's result: which call it answers
+
+
+class FunctionDefinition(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict | None = None  # a JSON schema; the arguments of a forced call follow it
+    strict: bool | None = None  # forced calls always follow it
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class ChatRequest(_Sampling):
@@ -108,11 +142,14 @@ class ChatRequest(_Sampling):
     max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: StrictInt | None = Field(default=None, ge=0, le=20)
+    tools: list[Tool] | None = Field(default=None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
 
 # --- responses (vLLM's entrypoints/openai/protocol.py, trimmed to what Baton answers) --------
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 def now() -> int:
@@ -184,12 +221,23 @@ class ChatLogprobs(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: Omitted[list[ToolCall]] = None
+
+
+class ToolCallDelta(BaseModel):
+    """A whole call in one stream chunk: OpenAI's clients join a call's deltas by `index`."""
+
+    index: int
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
 
 
 class DeltaMessage(BaseModel):
     role: Omitted[Literal["assistant"]] = None  # only on a choice's first chunk
-    content: str
+    content: Omitted[str] = None
+    tool_calls: Omitted[list[ToolCallDelta]] = None
 
 
 class ChatChoice(BaseModel):
@@ -245,3 +293,15 @@ class ErrorResponse(BaseModel):
 
 def error_response(message: str, type_: str, code: int, param: str | None = None) -> ErrorResponse:
     return ErrorResponse(error=ErrorDetail(message=message, type=type_, param=param, code=code))
+
+
+class BadRequest(ValueError):
+    """A request the server will not serve as asked: a 400 naming `param`."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class ModelNotFound(LookupError):
+    pass

@@ -10,21 +10,21 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from llguidance import LLMatcher
-from llguidance.gbnf_to_lark import any_to_lark
 from msgspec.structs import replace
 from transformers import AutoTokenizer
 
 from baton.gateway import metrics as M
 from baton.gateway.admission import Admitted
 from baton.gateway.backend import Backend, ServiceFailed, Stream
+from baton.gateway.grammars import output_grammar
 from baton.gateway.openai_types import (
+    BadRequest,
     ChatRequest,
     CompletionRequest,
     ModelCard,
     ModelList,
-    ResponseFormat,
-    StructuredOutputs,
+    ModelNotFound,
+    NamedToolChoice,
     error_response,
 )
 from baton.gateway.router import NoCapacity, Placement
@@ -41,21 +41,7 @@ from baton.text import IncrementalDetokenizer, StopStringMatcher
 
 log = logging.getLogger("baton.gateway")
 
-# JSON outputs are written as json.dumps writes them: a small model free to put whitespace
-# between tokens may write nothing else until max_tokens
-JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-
 RESUME_WAIT_S = 10.0  # how long a stream to resume waits for a live decode
-
-
-class BadRequest(ValueError):
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        self.param = param
-
-
-class ModelNotFound(LookupError):
-    pass
 
 
 class Gateway:
@@ -69,8 +55,14 @@ class Gateway:
         max_model_len: int | None,
         max_migrations: int,
         request_timeout_s: float,
+        chat_template: str | None = None,
+        tool_parser: str | None = None,
     ):
+        """chat_template: Jinja text, None for the tokenizer's; tool_parser: how tool calls
+        are read from the text (gateway.tools), None where they are not."""
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.chat_template = chat_template or self.tokenizer.chat_template or ""
+        self.tool_parser = tool_parser
         self.backend = backend
         self.model_name = model_name
         self.max_migrations = max_migrations
@@ -112,17 +104,25 @@ class Gateway:
 
     async def chat(self, req: ChatRequest) -> Response:
         self.check_model(req.model)
+        self.check_tools(req)
         messages = [flatten(i, m.model_dump(exclude_none=True)) for i, m in enumerate(req.messages)]
+        tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
         try:
             ids = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True, return_dict=True
+                messages,
+                tools=tools,
+                chat_template=self.chat_template,
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=True,
             )["input_ids"]
         except Exception as e:  # a template that rejects the conversation
             raise BadRequest(f"chat template failed: {e}") from e
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         max_tokens = req.max_completion_tokens or req.max_tokens
         params = self.sampling(req, max_tokens, logprobs)
-        shape = ChatShape(self.tokenizer, self.model_name, req)
+        calls = bool(req.tools) and req.tool_choice != "none"  # the answer may hold calls
+        shape = ChatShape(self.tokenizer, self.model_name, req, calls)
         return await self.run([list(ids)], params, req.stream, shape, max_tokens is None)
 
     def sampling(
@@ -159,6 +159,32 @@ class Gateway:
             )
         except ValueError as e:  # each message starts with the field's name
             raise BadRequest(str(e), str(e).split()[0]) from e
+
+    def check_tools(self, req: ChatRequest) -> None:
+        """Tools reach the model only through a template that renders them, and calls come
+        back only through a parser: a request that needs either where it is missing is a
+        400, never a silent answer without them."""
+        choice = req.tool_choice
+        if not req.tools and choice not in (None, "none"):
+            raise BadRequest("tool_choice wants `tools`", "tool_choice")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in {
+            t.function.name for t in req.tools or ()
+        }:
+            raise BadRequest(
+                f"tool_choice: no tool is named {choice.function.name!r}", "tool_choice"
+            )
+        hint = "start the gateway with --chat-template hermes --tool-call-parser hermes"
+        if req.tools and "tools" not in self.chat_template:
+            raise BadRequest(f"tools: this chat template does not show tools; {hint}", "tools")
+        if req.tools and choice != "none" and self.tool_parser is None:
+            raise BadRequest(f"tools: no tool call parser to read the calls; {hint}", "tools")
+        if "tool_calls" not in self.chat_template:
+            for i, m in enumerate(req.messages):
+                if m.tool_calls:
+                    raise BadRequest(
+                        f"this chat template does not show an assistant's tool calls; {hint}",
+                        f"messages.{i}.tool_calls",
+                    )
 
     def logit_bias(self, bias: dict[str, float]) -> tuple[tuple[int, float], ...]:
         """OpenAI's {"token id": bias} as (id, bias) pairs, every id in the vocabulary."""
@@ -385,46 +411,3 @@ def flatten(index: int, message: dict) -> dict:
                 f"messages.{index}.content",
             )
     return {**message, "content": "\n".join(part["text"] for part in parts)}
-
-
-def output_grammar(req: CompletionRequest | ChatRequest) -> str | None:
-    """The grammar (llguidance's) that keeps the output inside the request's
-    `response_format` or `structured_outputs`, checked here: a spec the services could not
-    compile is a 400 before any work."""
-    fmt, so = req.response_format, req.structured_outputs
-    if fmt is not None and fmt.type != "text" and so is not None:
-        raise BadRequest(
-            "give response_format or structured_outputs, not both", "structured_outputs"
-        )
-    param = "structured_outputs" if so is not None else "response_format"
-    try:
-        grammar = _grammar(fmt, so)
-    except Exception as e:  # llguidance's converters raise plain exceptions for a bad spec
-        raise BadRequest(f"{param}: {e}", param) from e
-    if grammar is not None and (error := LLMatcher.validate_grammar(grammar)):
-        raise BadRequest(f"{param}: {error}", param)
-    return grammar
-
-
-def _grammar(fmt: ResponseFormat | None, so: StructuredOutputs | None) -> str | None:
-    if so is not None:
-        given = {k: v for k, v in so.model_dump(by_alias=True).items() if v not in (None, False)}
-        if len(given) != 1:
-            raise ValueError("give exactly one of json, regex, choice, grammar, json_object")
-        if so.json_ is not None:
-            return LLMatcher.grammar_from_json_schema(so.json_, JSON_STYLE)
-        if so.regex is not None:
-            return LLMatcher.grammar_from_regex(so.regex)
-        if so.choice is not None:  # Lark string literals take JSON's escapes
-            alternatives = " | ".join(json.dumps(c, ensure_ascii=False) for c in so.choice)
-            return LLMatcher.grammar_from_lark(f"start: {alternatives}")
-        if so.grammar is not None:
-            return LLMatcher.grammar_from_lark(any_to_lark(so.grammar))
-        return LLMatcher.grammar_from_json_schema({"type": "object"}, JSON_STYLE)
-    if fmt is None or fmt.type == "text":
-        return None
-    if fmt.type == "json_object":
-        return LLMatcher.grammar_from_json_schema({"type": "object"}, JSON_STYLE)
-    if fmt.json_schema is None:
-        raise ValueError("json_schema wants its `json_schema`")
-    return LLMatcher.grammar_from_json_schema(fmt.json_schema.schema_, JSON_STYLE)

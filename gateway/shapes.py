@@ -33,6 +33,7 @@ from baton.gateway.openai_types import (
     now,
 )
 from baton.gateway.router import NoCapacity
+from baton.gateway.tools import ToolStream, parse
 
 
 @dataclass
@@ -177,6 +178,13 @@ class ChatShape(Shape):
     response_model = ChatCompletionResponse
     chunk_model = ChatCompletionStreamResponse
 
+    def __init__(self, tokenizer: Tokenizer, model_name: str, req: ChatRequest, calls: bool):
+        """calls: the answer may hold tool calls, which come out of its text (tools.parse);
+        streamed, text that may be a call is held back to the end (tools.ToolStream)."""
+        super().__init__(tokenizer, model_name, req)
+        self.calls = calls
+        self.streams: dict[int, ToolStream] = {}
+
     def logprobs(self, toks: list[P.TokenOutput]) -> ChatLogprobs | None:
         if not self.req.logprobs:
             return None
@@ -197,20 +205,28 @@ class ChatShape(Shape):
     def choice(
         self, index: int, text: str, toks: list[P.TokenOutput], finish: str | None
     ) -> ChatChoice:
+        content, calls = parse(text) if self.calls else (text, [])
         return ChatChoice(
             index=index,
-            message=AssistantMessage(content=text),
+            message=AssistantMessage(content=content, tool_calls=calls or None),
             logprobs=self.logprobs(toks),
-            finish_reason=finish,
+            finish_reason="tool_calls" if calls and finish == "stop" else finish,
             token_ids=self.token_ids(toks),
         )
 
     def chunk_choice(self, p: Piece) -> ChatStreamChoice:
         role = "assistant" if p.token.index == 0 else None  # a choice's first chunk says it
+        text, calls, finish = p.text, [], p.finish_reason
+        if self.calls:
+            stream = self.streams.setdefault(p.index, ToolStream())
+            text = stream.feed(p.text)
+            if finish is not None:
+                rest, calls = stream.finish()
+                text += rest
         return ChatStreamChoice(
             index=p.index,
-            delta=DeltaMessage(role=role, content=p.text),
+            delta=DeltaMessage(role=role, content=text, tool_calls=calls or None),
             logprobs=self.logprobs([p.token]),
-            finish_reason=p.finish_reason,
+            finish_reason="tool_calls" if calls and finish == "stop" else finish,
             token_ids=self.token_ids([p.token]),
         )

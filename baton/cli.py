@@ -51,6 +51,7 @@ GATEWAY_FLAGS = {
     "--busy-prefill-tokens": ("gateway.busy_prefill_tokens", int),
     "--chat-template": ("gateway.chat_template", str),
     "--tool-call-parser": ("gateway.tool_call_parser", str),
+    "--reasoning-parser": ("gateway.reasoning_parser", str),
 }
 UP_FLAGS = {
     **ENGINE_FLAGS,

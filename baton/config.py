@@ -116,6 +116,11 @@ class GatewayConfig(Section):
     request_timeout_s: Annotated[
         float, Meta(gt=0), doc("a request still running after this ends with an error")
     ] = 600.0
+    max_n: Annotated[
+        int,
+        Meta(ge=1),
+        doc("choices one request may ask for (`n`); their prompt is handed off once"),
+    ] = 8
     max_migrations: Annotated[
         int, Meta(ge=0), doc("times a stream resumes elsewhere after its service dies (0: off)")
     ] = 2
@@ -147,6 +152,10 @@ class GatewayConfig(Section):
     tool_call_parser: Annotated[
         Literal["hermes"] | None,
         doc("how tool calls are read from the model's text (needs a template with tools)"),
+    ] = None
+    reasoning_parser: Annotated[
+        Literal["think"] | None,
+        doc("think: an answer opening with <think> reasons until </think> (reasoning_content)"),
     ] = None
 
 

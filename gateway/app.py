@@ -176,6 +176,8 @@ def create_app(model_dir: Path, config: BatonConfig) -> FastAPI:
             gw.request_timeout_s,
             load_template(gw.chat_template),
             gw.tool_call_parser,
+            gw.max_n,
+            gw.reasoning_parser,
         )
         log.info("gateway listening for services on %s", backend.addr)
         yield

@@ -64,7 +64,7 @@ class _Sampling(_Strict):
     seed: Int64 | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[Int64] | None = None
-    n: StrictInt = Field(default=1, ge=1, le=1)  # n > 1 is not supported yet
+    n: StrictInt = Field(default=1, ge=1)  # at most [gateway] max_n
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
@@ -161,10 +161,15 @@ T = TypeVar("T")
 Omitted = Annotated[T | None, Field(exclude_if=lambda v: v is None)]
 
 
+class TokenDetails(BaseModel):
+    reasoning_tokens: int
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    completion_tokens_details: Omitted[TokenDetails] = None  # with a reasoning parser
 
 
 class CompletionLogprobs(BaseModel):
@@ -222,6 +227,7 @@ class ChatLogprobs(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    reasoning_content: Omitted[str] = None  # with a reasoning parser: the model's thinking
     tool_calls: Omitted[list[ToolCall]] = None
 
 
@@ -237,6 +243,7 @@ class ToolCallDelta(BaseModel):
 class DeltaMessage(BaseModel):
     role: Omitted[Literal["assistant"]] = None  # only on a choice's first chunk
     content: Omitted[str] = None
+    reasoning_content: Omitted[str] = None
     tool_calls: Omitted[list[ToolCallDelta]] = None
 
 

@@ -27,7 +27,7 @@ from baton.gateway.openai_types import (
     NamedToolChoice,
     error_response,
 )
-from baton.gateway.router import NoCapacity, Placement
+from baton.gateway.router import NoCapacity, Placement, Why
 from baton.gateway.shapes import (
     ChatShape,
     CompletionShape,
@@ -57,12 +57,16 @@ class Gateway:
         request_timeout_s: float,
         chat_template: str | None = None,
         tool_parser: str | None = None,
+        max_n: int = 1,
+        reasoning_parser: str | None = None,
     ):
         """chat_template: Jinja text, None for the tokenizer's; tool_parser: how tool calls
         are read from the text (gateway.tools), None where they are not."""
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.chat_template = chat_template or self.tokenizer.chat_template or ""
         self.tool_parser = tool_parser
+        self.max_n = max_n
+        self.reasoning_parser = reasoning_parser
         self.backend = backend
         self.model_name = model_name
         self.max_migrations = max_migrations
@@ -93,13 +97,14 @@ class Gateway:
         echoes = None  # echo: each choice's text starts with its prompt's
         if req.echo:
             texts = [p] if isinstance(p, str) else p if isinstance(p[0], str) else None
-            echoes = texts or [self.tokenizer.decode(ids) for ids in prompts]
+            echoes = [e for e in texts or map(self.tokenizer.decode, prompts) for _ in range(req.n)]
         return await self.run(
             prompts,
             params,
             req.stream,
             CompletionShape(self.tokenizer, self.model_name, req, echoes),
             req.max_tokens is None,
+            req.n,
         )
 
     async def chat(self, req: ChatRequest) -> Response:
@@ -122,8 +127,9 @@ class Gateway:
         max_tokens = req.max_completion_tokens or req.max_tokens
         params = self.sampling(req, max_tokens, logprobs)
         calls = bool(req.tools) and req.tool_choice != "none"  # the answer may hold calls
-        shape = ChatShape(self.tokenizer, self.model_name, req, calls)
-        return await self.run([list(ids)], params, req.stream, shape, max_tokens is None)
+        thinks = self.reasoning_parser is not None
+        shape = ChatShape(self.tokenizer, self.model_name, req, calls, thinks)
+        return await self.run([list(ids)], params, req.stream, shape, max_tokens is None, req.n)
 
     def sampling(
         self, req: CompletionRequest | ChatRequest, max_tokens: int | None, logprobs: int | None
@@ -238,10 +244,13 @@ class Gateway:
         stream: bool,
         shape: Shape,
         rest_of_context: bool,
+        n: int = 1,
     ) -> Response:
-        """Drive the choices and shape the output as a JSON body or an SSE stream. With
-        `rest_of_context` (no max_tokens given) each choice may take the rest of the context,
-        as in vLLM."""
+        """Drive the choices (`n` of each prompt: choice k * n + j is prompt k's j-th) and
+        shape the output as a JSON body or an SSE stream. With `rest_of_context` (no
+        max_tokens given) each choice may take the rest of the context, as in vLLM."""
+        if n > self.max_n:
+            raise BadRequest(f"n is {n}; at most {self.max_n} here ([gateway] max_n)", "n")
         limit = self.context_tokens()
         each = [
             replace(params, max_tokens=max(limit - len(ids), 1)) if rest_of_context else params
@@ -257,19 +266,20 @@ class Gateway:
             M.REQUESTS.labels("503").inc()
             return StreamingResponse(unavailable(e), media_type="text/event-stream")
         start = time.perf_counter()
-        gens = [
-            self.choice(i, ids, p, placement)
-            for i, (ids, p, placement) in enumerate(
-                zip(prompts, each, admitted.placements, strict=True)
-            )
-        ]
+        gens = []
+        for k, (ids, p, placement) in enumerate(
+            zip(prompts, each, admitted.placements, strict=True)
+        ):
+            lead = asyncio.get_running_loop().create_future()  # where the first one decodes
+            gens.append(self.choice(k * n, ids, p, placement, lead))
+            gens += [self.sibling(k * n + j, ids, nth(p, j), lead) for j in range(1, n)]
         prompt_tokens = sum(map(len, prompts))
         pieces = self.measured(merged(gens), admitted, start, prompt_tokens)
         if stream:
             body = shape.sse(pieces, prompt_tokens)
             return StreamingResponse(body, media_type="text/event-stream")
         try:
-            return json_response(await shape.body(pieces, prompt_tokens, len(prompts)))
+            return json_response(await shape.body(pieces, prompt_tokens, len(gens)))
         except ServiceFailed as e:
             return JSONResponse(error_response(str(e), "server_error", 500).model_dump(), 500)
 
@@ -308,8 +318,15 @@ class Gateway:
                     M.TPOT.observe((last - first) / (count - 1))
 
     async def choice(
-        self, index: int, ids: list[int], params: SamplingParams, placement: Placement
+        self,
+        index: int,
+        ids: list[int],
+        params: SamplingParams,
+        placement: Placement,
+        decoding: asyncio.Future | None = None,
     ) -> AsyncIterator[Piece]:
+        """One choice's pieces; `decoding` gets the id of the decode that takes its first
+        token after the prompt's (the prompt's KV is there then), or None where none does."""
         stream = await self.backend.submit(placement, ids, params)
         detok = IncrementalDetokenizer(self.tokenizer, ids)
         stops = StopStringMatcher(params.stop)
@@ -319,6 +336,8 @@ class Gateway:
             for migrations in itertools.count():
                 try:
                     async for token in stream.tokens(deadline):
+                        if decoding is not None and token.index and not decoding.done():
+                            decoding.set_result(stream.decode_id)
                         streamed.append(token.token_id)
                         text, stopped = stops.feed(detok.add(token.token_id))
                         reason = token.finish_reason  # an IntEnum whose STOP is 0: not truthy
@@ -335,9 +354,27 @@ class Gateway:
                         raise
                     stream = await self.resume(stream, ids, streamed, params, e)
         finally:
+            if decoding is not None and not decoding.done():
+                decoding.set_result(None)
             # aborts it on the services unless it ended; a decode that produced tokens of it
             # now caches its KV (token 0 comes from the prefill)
             await self.backend.finish(stream, ids + streamed if len(streamed) > 1 else None)
+
+    async def sibling(
+        self, index: int, ids: list[int], params: SamplingParams, lead: asyncio.Future
+    ) -> AsyncIterator[Piece]:
+        """A prompt's choice after its first: once the first decodes, its decode holds the
+        prompt's KV (published for prefix hits), so this one prefills there, computing only the
+        last partial block: the prompt is computed and handed off once for all n choices."""
+        decode_id = await lead
+        decode = self.backend.registry.services.get(decode_id) if decode_id else None
+        if decode is not None and self.backend.registry.live(decode):
+            placement = Placement(decode, None, Why.CACHED, len(ids))
+            self.backend.router.reserve([placement])
+        else:  # the first failed or ended before decoding: placed on its own
+            placement = self.backend.place(ids, set())
+        async for piece in self.choice(index, ids, params, placement):
+            yield piece
 
     async def resume(
         self,
@@ -411,3 +448,11 @@ def flatten(index: int, message: dict) -> dict:
                 f"messages.{index}.content",
             )
     return {**message, "content": "\n".join(part["text"] for part in parts)}
+
+
+def nth(params: SamplingParams, j: int) -> SamplingParams:
+    """The sampling of a prompt's j-th choice: a seeded request's choices draw from seeds
+    seed, seed + 1, ... (as vLLM's), so each is reproducible and they differ."""
+    if params.seed is None or j == 0:
+        return params
+    return replace(params, seed=(params.seed + j) % 2**63)

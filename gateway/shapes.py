@@ -27,11 +27,13 @@ from baton.gateway.openai_types import (
     CompletionResponse,
     CompletionStreamResponse,
     DeltaMessage,
+    TokenDetails,
     TopLogprob,
     Usage,
     error_response,
     now,
 )
+from baton.gateway.reasoning import ReasoningStream, split
 from baton.gateway.router import NoCapacity
 from baton.gateway.tools import ToolStream, parse
 
@@ -73,9 +75,9 @@ class Shape(ABC):
 
     @abstractmethod
     def choice(
-        self, index: int, text: str, toks: list[P.TokenOutput], finish: str | None
+        self, index: int, texts: list[str], toks: list[P.TokenOutput], finish: str | None
     ) -> CompletionChoice | ChatChoice:
-        """One choice of the whole response."""
+        """One choice of the whole response, from its pieces' texts."""
 
     @abstractmethod
     def chunk_choice(self, p: Piece) -> CompletionChoice | ChatStreamChoice:
@@ -106,30 +108,29 @@ class Shape(ABC):
         opts = self.req.stream_options
         if opts is not None and opts.include_usage:
             yield sse(
-                self.chunk_model(**self.head(), choices=[], usage=usage(prompt_tokens, count))
+                self.chunk_model(**self.head(), choices=[], usage=self.usage(prompt_tokens, count))
             )
         yield "data: [DONE]\n\n"
 
     async def body(self, pieces: AsyncIterator[Piece], prompt_tokens: int, n: int) -> BaseModel:
-        texts = [""] * n
+        texts: list[list[str]] = [[] for _ in range(n)]  # each choice's pieces' texts
         finish: list[str | None] = [None] * n
         tokens: list[list[P.TokenOutput]] = [[] for _ in range(n)]
         async for p in pieces:
-            texts[p.index] += p.text
+            texts[p.index].append(p.text)
             tokens[p.index].append(p.token)
             finish[p.index] = p.finish_reason or finish[p.index]
         choices = [self.choice(i, texts[i], tokens[i], finish[i]) for i in range(n)]
         completion_tokens = sum(map(len, tokens))
         return self.response_model(
-            **self.head(), choices=choices, usage=usage(prompt_tokens, completion_tokens)
+            **self.head(), choices=choices, usage=self.usage(prompt_tokens, completion_tokens)
         )
 
-
-def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
-    total = prompt_tokens + completion_tokens
-    return Usage(
-        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=total
-    )
+    def usage(self, prompt_tokens: int, completion_tokens: int) -> Usage:
+        total = prompt_tokens + completion_tokens
+        return Usage(
+            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=total
+        )
 
 
 class CompletionShape(Shape):
@@ -149,8 +150,9 @@ class CompletionShape(Shape):
         self.echoes = echoes
 
     def choice(
-        self, index: int, text: str, toks: list[P.TokenOutput], finish: str | None
+        self, index: int, texts: list[str], toks: list[P.TokenOutput], finish: str | None
     ) -> CompletionChoice:
+        text = "".join(texts)
         logprobs = None
         if self.req.logprobs is not None:
             logprobs = CompletionLogprobs(
@@ -167,7 +169,7 @@ class CompletionShape(Shape):
         )
 
     def chunk_choice(self, p: Piece) -> CompletionChoice:
-        choice = self.choice(p.index, p.text, [p.token], p.finish_reason)
+        choice = self.choice(p.index, [p.text], [p.token], p.finish_reason)
         if self.echoes is not None and p.token.index:  # the prompt comes with the first only
             choice.text = p.text
         return choice
@@ -178,12 +180,23 @@ class ChatShape(Shape):
     response_model = ChatCompletionResponse
     chunk_model = ChatCompletionStreamResponse
 
-    def __init__(self, tokenizer: Tokenizer, model_name: str, req: ChatRequest, calls: bool):
+    def __init__(
+        self, tokenizer: Tokenizer, model_name: str, req: ChatRequest, calls: bool, thinks: bool
+    ):
         """calls: the answer may hold tool calls, which come out of its text (tools.parse);
-        streamed, text that may be a call is held back to the end (tools.ToolStream)."""
+        streamed, text that may be a call is held back to the end (tools.ToolStream).
+        thinks: `<think>` opens reasoning_content (reasoning.py), before any call."""
         super().__init__(tokenizer, model_name, req)
-        self.calls = calls
+        self.calls, self.thinks = calls, thinks
         self.streams: dict[int, ToolStream] = {}
+        self.thoughts: dict[int, ReasoningStream] = {}
+        self.reasoning_tokens = 0
+
+    def usage(self, prompt_tokens: int, completion_tokens: int) -> Usage:
+        out = super().usage(prompt_tokens, completion_tokens)
+        if self.thinks:
+            out.completion_tokens_details = TokenDetails(reasoning_tokens=self.reasoning_tokens)
+        return out
 
     def logprobs(self, toks: list[P.TokenOutput]) -> ChatLogprobs | None:
         if not self.req.logprobs:
@@ -203,12 +216,18 @@ class ChatShape(Shape):
         )
 
     def choice(
-        self, index: int, text: str, toks: list[P.TokenOutput], finish: str | None
+        self, index: int, texts: list[str], toks: list[P.TokenOutput], finish: str | None
     ) -> ChatChoice:
+        reasoning, text = None, "".join(texts)
+        if self.thinks:
+            reasoning, text, count = split(texts)
+            self.reasoning_tokens += count
         content, calls = parse(text) if self.calls else (text, [])
         return ChatChoice(
             index=index,
-            message=AssistantMessage(content=content, tool_calls=calls or None),
+            message=AssistantMessage(
+                content=content, reasoning_content=reasoning, tool_calls=calls or None
+            ),
             logprobs=self.logprobs(toks),
             finish_reason="tool_calls" if calls and finish == "stop" else finish,
             token_ids=self.token_ids(toks),
@@ -216,16 +235,29 @@ class ChatShape(Shape):
 
     def chunk_choice(self, p: Piece) -> ChatStreamChoice:
         role = "assistant" if p.token.index == 0 else None  # a choice's first chunk says it
-        text, calls, finish = p.text, [], p.finish_reason
+        reasoning, text, calls, finish = "", p.text, [], p.finish_reason
+        if self.thinks:
+            thought = self.thoughts.setdefault(p.index, ReasoningStream())
+            before = thought.reasoning_tokens
+            reasoning, text = thought.feed(p.text)
+            if finish is not None:
+                more, rest = thought.finish()
+                reasoning, text = reasoning + more, text + rest
+            self.reasoning_tokens += thought.reasoning_tokens - before
         if self.calls:
             stream = self.streams.setdefault(p.index, ToolStream())
-            text = stream.feed(p.text)
+            text = stream.feed(text)
             if finish is not None:
                 rest, calls = stream.finish()
                 text += rest
         return ChatStreamChoice(
             index=p.index,
-            delta=DeltaMessage(role=role, content=text, tool_calls=calls or None),
+            delta=DeltaMessage(
+                role=role,
+                content=text if text or not reasoning else None,
+                reasoning_content=reasoning or None,
+                tool_calls=calls or None,
+            ),
             logprobs=self.logprobs([p.token]),
             finish_reason="tool_calls" if calls and finish == "stop" else finish,
             token_ids=self.token_ids([p.token]),

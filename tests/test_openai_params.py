@@ -97,7 +97,6 @@ def test_a_parameter_that_is_not_implemented_is_a_400_naming_it(client, stack):
         "functions": [{"name": "f", "parameters": {}}],  # the deprecated tools
         "reasoning_effort": "low",
         "store": True,
-        "n": 2,
         "frobnicate": 1,
     }
     for name, value in refused.items():
@@ -170,3 +169,54 @@ def test_echo_puts_the_prompt_before_the_completion(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(prompt="x", echo=True, logprobs=1, **kw)
     assert e.value.body["param"] == "echo"
+
+
+def kv_bytes(stack) -> float:
+    return stack.metric("decode-0", "baton_kv_bytes_received_total")
+
+
+def test_n_choices_share_one_hand_off_of_their_prompt(client, stack):
+    ids = prompt(70, SEED + 4)  # 4 full blocks and a part
+    before = kv_bytes(stack)
+    (one,) = client.completions.create(
+        model="", prompt=ids, max_tokens=8, temperature=0, extra_body={"ignore_eos": True}
+    ).choices
+    single = kv_bytes(stack) - before
+    ids = prompt(70, SEED + 5)  # as long, and new to the stack
+    before = kv_bytes(stack)
+    r = client.completions.create(
+        model="", prompt=ids, max_tokens=8, temperature=0, n=4, extra_body={"ignore_eos": True}
+    )
+    assert kv_bytes(stack) - before == single > 0  # the prompt's KV moved once, not 4 times
+    assert sorted(c.index for c in r.choices) == [0, 1, 2, 3]
+    assert len({c.text for c in r.choices}) == 1  # greedy: four times the same
+    assert r.usage.prompt_tokens == 70 and r.usage.completion_tokens == 32
+    assert (
+        r.choices[0].text
+        == client.completions.create(
+            model="", prompt=ids, max_tokens=8, temperature=0, extra_body={"ignore_eos": True}
+        )
+        .choices[0]
+        .text
+    )
+    assert one.text  # (the single run's own output, read)
+
+
+def test_seeded_choices_are_reproducible_and_streamed_alike(client):
+    kw = {"model": "", "prompt": "Once upon a time", "max_tokens": 10, "n": 3,
+          "temperature": 1.0, "seed": 41}  # fmt: skip
+    first = [c.text for c in sorted(client.completions.create(**kw).choices, key=lambda c: c.index)]
+    assert len(set(first)) == 3  # the choices draw from seeds 41, 42, 43
+    again = [c.text for c in sorted(client.completions.create(**kw).choices, key=lambda c: c.index)]
+    assert again == first
+    streamed = ["", "", ""]
+    for chunk in client.completions.create(**kw, stream=True):
+        for c in chunk.choices:
+            streamed[c.index] += c.text
+    assert streamed == first
+
+
+def test_n_over_the_cap_is_a_400(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="", prompt="x", max_tokens=2, n=9)
+    assert e.value.body["param"] == "n"

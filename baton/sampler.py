@@ -62,24 +62,23 @@ class Sampler:
         self.eos = torch.tensor(sorted(eos_token_ids), dtype=torch.long)
         self.grammars = grammars
 
+    @torch.inference_mode()  # the logits are the model's inference tensor: changed in place
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampledToken]:
         logits = logits.float()
-        raw = logits
+        # logprobs come from the model's own distribution: kept aside only when asked for
+        raw = logits.clone() if any(s.params.logprobs is not None for s in seqs) else logits
         for i, seq in enumerate(seqs):  # EOS and stop ids are banned until min_tokens
             p = seq.params
             if seq.num_output_tokens < p.min_tokens:
-                if raw is logits:
-                    logits = logits.clone()
                 banned = [*p.stop_token_ids, *([] if p.ignore_eos else self.eos.tolist())]
                 logits[i, banned] = float("-inf")
-        for i, seq in enumerate(seqs):
-            if seq.params.adjusts_logits or seq.params.grammar is not None:
-                if raw is logits:
-                    logits = logits.clone()
+            if p.adjusts_logits:
                 adjust(logits[i], seq)
-            if seq.params.grammar is not None:
-                assert self.grammars is not None, "a grammar reached a sampler without one"
-                logits[i].masked_fill_(~self.grammars.allowed(seq), float("-inf"))
+        ruled = [i for i, s in enumerate(seqs) if s.params.grammar is not None]
+        if ruled:
+            assert self.grammars is not None, "a grammar reached a sampler without one"
+            mask = self.grammars.bitmask([seqs[i] for i in ruled])
+            kernels.apply_token_bitmask(logits, mask, torch.tensor(ruled))
         tokens = kernels.argmax(logits).tolist()
         for i, seq in enumerate(seqs):
             p = seq.params

@@ -45,18 +45,28 @@ class Grammars:
             self.compiled.popitem(last=False)
         return matcher.deep_copy()
 
-    def allowed(self, seq: Sequence) -> torch.Tensor:
-        """[vocab] bool: the tokens `seq` may sample next under its grammar. One that fails
-        here (the gateway validated it) allows only ending, and says why in the log."""
-        allowed = torch.zeros(self.vocab_size, dtype=torch.bool)
-        if seq.grammar is None:
-            seq.grammar = self.compile(seq.params.grammar)
-            seq.grammar.consume_tokens(seq.output_token_ids)
-        if seq.grammar.is_error():
-            log.warning("%s: grammar error: %s", seq.req_id, seq.grammar.get_error())
-            allowed[self.eos] = True
-            return allowed
-        bias = torch.frombuffer(bytearray(seq.grammar.compute_logit_bias()), dtype=torch.uint8)
-        n = min(len(bias), self.vocab_size)
-        allowed[:n] = bias[:n] > 0
-        return allowed
+    def bitmask(self, seqs: list[Sequence]) -> torch.Tensor:
+        """[len(seqs), words] int32: bit t % 32 of word t // 32 set where the sequence may
+        sample token t next under its grammar (llguidance's bitmask). A grammar that fails here (the gateway validated it) allows only ending, and
+        says why in the log."""
+        for seq in seqs:
+            if seq.grammar is None:
+                seq.grammar = self.compile(seq.params.grammar)
+                seq.grammar.consume_tokens(seq.output_token_ids)
+        words = (self.vocab_size + 31) // 32
+        mask = torch.full((len(seqs), words), -1, dtype=torch.int32)
+        for i, seq in enumerate(seqs):  # ~5 us each; llguidance's thread pool would fight
+            # the engine's OpenMP threads for the cores (a batch of 32 decoded 1.26x slower)
+            seq.grammar.unsafe_compute_mask_ptr(mask[i].data_ptr(), words * 4)
+            if seq.grammar.is_error():
+                log.warning("%s: grammar error: %s", seq.req_id, seq.grammar.get_error())
+                ends = torch.zeros(words * 32, dtype=torch.bool)
+                ends[self.eos] = True
+                mask[i] = pack(ends)
+        return mask
+
+
+def pack(allowed: torch.Tensor) -> torch.Tensor:
+    """[words * 32] bool -> [words] int32 bitmask, bit i of word w for token 32w + i."""
+    bits = allowed.view(-1, 32).to(torch.int64) << torch.arange(32)
+    return bits.sum(-1).to(torch.int32)  # wraps bit 31 into the sign, as the words hold it

@@ -9,8 +9,8 @@ time, so `use()` rebinds every caller at once and model code never checks a devi
 Importing this module binds the torch ops and builds nothing; `use()` binds a backend, called
 when a model's weights load (baton.model.loader.load_model, from $BATON_KERNELS): `auto` (the default: Triton for a CUDA engine,
 `native` for a CPU one; the engine runs on CPU today), `triton`, `native` (the torch ops with
-the KV scatter, decode attention, bf16 extend attention, add + RMSNorm, rotary and the argmax
-in C, kernels/native.py; torch alone where no C compiler works; the model's bf16 projections
+the KV scatter, decode attention, bf16 extend attention, add + RMSNorm, rotary, the argmax
+and the token bitmask in C, kernels/native.py; torch alone where no C compiler works; the model's bf16 projections
 use its C linear layer too) or `torch`.
 Triton on a CPU needs TRITON_INTERPRET=1 set before `import triton` (its numpy interpreter:
 for tests, far too slow to serve).
@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 
 from baton.kernels import native
-from baton.kernels.greedy import argmax
+from baton.kernels.greedy import apply_token_bitmask, argmax
 from baton.kernels.kv_int8 import (
     extend_attention_varlen_int8,
     paged_decode_attention_int8,
@@ -35,6 +35,7 @@ from baton.kernels.rotary import apply_rotary
 
 _TORCH_OPS: dict[str, Callable] = {
     "argmax": argmax,
+    "apply_token_bitmask": apply_token_bitmask,
     "write_kv": write_kv,
     "add_rms_norm": add_rms_norm,
     "apply_rotary": apply_rotary,
@@ -79,6 +80,7 @@ def _native_ops() -> dict[str, Callable]:
     return {
         **_TORCH_OPS,
         "argmax": greedy_native.argmax,
+        "apply_token_bitmask": greedy_native.apply_token_bitmask,
         "write_kv": kv_write_native.write_kv,
         "write_kv_int8": kv_write_native.write_kv_int8,
         "add_rms_norm": norm_native.add_rms_norm,

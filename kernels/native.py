@@ -97,6 +97,7 @@ def load() -> ctypes.CDLL | None:
         ("linear_bf16_pack",): [ptr, i64, i64, ptr],
         ("linear_bf16",): [ptr, i64, i64, ptr, i64, ptr, ptr],
         ("argmax_f32",): [ptr, i64, i64, ptr],
+        ("apply_token_bitmask_f32",): [ptr, i64, ptr, i64, ptr, i64],
         ("write_kv",): [ptr, ptr, i64, i64, i64, ptr, i64, ptr, i64, i64, ptr, ptr, i64],
         ("write_kv_i8_bf16",): [*[ptr] * 4, *[i64] * 4, ptr, i64, ptr, *[i64] * 3, ptr, ptr, i64],
     }

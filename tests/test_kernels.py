@@ -25,6 +25,7 @@ from test_engine_exact import hf_greedy, prompts
 import baton
 from baton import kernels
 from baton.kernels import (
+    greedy,
     greedy_native,
     kv_write,
     kv_write_native,
@@ -318,6 +319,27 @@ def test_native_argmax_is_torch_argmax(cols):
     rows[8] = -0.0
     rows[8, cols // 2] = 0.0  # equal to -0.0: the first index stays
     assert torch.equal(greedy_native.argmax(rows), rows.argmax(-1))
+
+
+@pytest.mark.parametrize("vocab", [1, 31, 32, 33, 1000, 49152])
+def test_native_token_bitmask_is_the_torch_one(vocab):
+    torch.manual_seed(vocab)
+    logits = torch.randn(6, vocab)
+    words = (vocab + 31) // 32
+    mask = torch.randint(-(2**31), 2**31, (3, words), dtype=torch.int32)  # bit 31 in play
+    mask[1] = -1  # everything allowed
+    mask[2, : words // 2] = 0  # a run of words banned whole
+    rows = torch.tensor([4, 0, 2])
+    want = logits.clone()
+    greedy.apply_token_bitmask(want, mask, rows)
+    got = logits.clone()
+    greedy_native.apply_token_bitmask(got, mask, rows)
+    assert torch.equal(got, want)
+    assert torch.equal(want[[1, 3, 5]], logits[[1, 3, 5]])  # rows not named stay
+    assert torch.equal(want[0], logits[0])  # all allowed
+    short = logits.clone()  # a mask narrower than the vocabulary bans the tokens past it
+    greedy_native.apply_token_bitmask(short, mask[:, : max(words - 1, 0)], rows)
+    assert torch.isinf(short[4, (words - 1) * 32 :]).all()
 
 
 def packed_or_skip(weight: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-/* Greedy sampling's argmax over each row of fp32 logits, as torch.argmax gives it: the first
+/* Sampling's ops over fp32 logits. Greedy sampling's argmax over each row, as torch.argmax gives it: the first
  * index of the largest value, and the first NaN where a row has one. torch runs this
  * reduction one element at a time (~0.6 ns each: 0.9 ms for 32 rows of SmolLM2's 49,152
  * tokens, 3% of a decode step); here 16 lanes each keep their own largest value and its first
@@ -59,5 +59,25 @@ int argmax_f32(const float *x, int64_t rows, int64_t cols, int64_t *out) {
     if (cols < 1 || cols > INT32_MAX) return -1;
 #pragma omp parallel for if (rows * cols >= PARALLEL_MIN_ELEMENTS)
     for (int64_t r = 0; r < rows; r++) out[r] = argmax_row(x + r * cols, cols);
+    return 0;
+}
+
+/* A grammar's token bitmask (llguidance's: bit i of word w allows token 32w + i) applied to
+ * row rows[r] of the logits: each banned token to -inf, found a set bit at a time (a word of
+ * allowed tokens costs one test). Tokens past the mask's words are banned too. */
+int apply_token_bitmask_f32(float *logits, int64_t vocab, const int32_t *mask, int64_t words,
+                            const int64_t *rows, int64_t n) {
+#pragma omp parallel for if (n * vocab >= PARALLEL_MIN_ELEMENTS)
+    for (int64_t r = 0; r < n; r++) {
+        float *row = logits + rows[r] * vocab;
+        const uint32_t *m = (const uint32_t *)mask + r * words;
+        for (int64_t w = 0; 32 * w < vocab; w++) {
+            uint32_t banned = w < words ? ~m[w] : 0xFFFFFFFFu;
+            for (; banned; banned &= banned - 1) {
+                const int64_t t = 32 * w + __builtin_ctz(banned);
+                if (t < vocab) row[t] = -INFINITY;
+            }
+        }
+    }
     return 0;
 }

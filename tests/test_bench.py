@@ -96,7 +96,7 @@ def vocab(tokenizer) -> np.ndarray:
     return vocabulary(tokenizer)
 
 
-@pytest.mark.parametrize("name", ["random", "shared-prefix", "mixed", "agent"])
+@pytest.mark.parametrize("name", ["random", "shared-prefix", "mixed", "agent", "tools"])
 def test_workloads_are_reproducible_from_their_seed(vocab, name):
     spec = WorkloadSpec(name=name, num_requests=12, input_len=Dist.parse("uniform:5:50"),
                         prefix_len=30, long_len=Dist.parse("200"), tool_len=Dist.parse("7"))  # fmt: skip
@@ -171,7 +171,10 @@ def test_builtin_arms_share_model_dtype_limits_and_cores(tmp_path):
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, tiny_text_model):
-    s = Stack(tmp_path_factory.mktemp("bench") / "logs", tiny_text_model)
+    s = Stack(
+        tmp_path_factory.mktemp("bench") / "logs", tiny_text_model,
+        "--chat-template", "hermes", "--tool-call-parser", "hermes",  # the tools workload's
+    )  # fmt: skip
     yield s
     s.stop()
 
@@ -194,6 +197,15 @@ def test_agent_turns_send_the_last_answer_and_a_tool_result(stack, tokenizer, vo
         # each earlier turn: its new ids + its 4-token answer
         assert r.prompt_tokens == sum(len(t.new_ids) for t in turns) + 4 * r.turn
         assert r.output_tokens == 4 and len(r.itl_s) == 3
+
+
+def test_tools_turns_make_a_call_whose_tokens_are_timed(stack, tokenizer, vocab):
+    spec = WorkloadSpec(name="tools", num_requests=4, input_len=Dist.parse("20"),
+                        output_len=Dist.parse("300"))  # fmt: skip
+    run = run_measure(stack, tokenizer, vocab, spec, Load(concurrency=2))
+    assert [r.status for r in run.records] == ["ok"] * 4
+    for r in run.records:  # the call ended it (the grammar), not the cap
+        assert 10 < r.output_tokens < 300 and len(r.itl_s) == r.output_tokens - 1
 
 
 def test_rejected_and_aborted_requests_are_misses_not_dropped(stack, tokenizer, vocab):

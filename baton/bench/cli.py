@@ -20,8 +20,10 @@ def add_parser(sub) -> None:
 
     w = b.add_argument_group("workload (seeded; lengths are DIST: N, uniform:LO:HI, "
                              "normal:MEAN:STD, lognormal:MEDIAN:SIGMA, exp:MEAN)")  # fmt: skip
-    w.add_argument("--workload", choices=["random", "shared-prefix", "mixed", "agent"],
-                   default="random")  # fmt: skip
+    w.add_argument("--workload", choices=["random", "shared-prefix", "mixed", "agent", "tools"],
+                   default="random",
+                   help="tools: chat turns with tool_choice required (start Baton with "
+                   "--chat-template hermes --tool-call-parser hermes)")  # fmt: skip
     w.add_argument("--num-requests", type=int, default=64, help="per load (turns, for agent)")
     w.add_argument("--input-len", default="512", help="prompt; the short ones in mixed")
     w.add_argument("--output-len", default="128")

@@ -1,4 +1,5 @@
-"""One streamed /v1/completions request against any OpenAI-compatible server, timed."""
+"""One streamed request against any OpenAI-compatible server, timed: a completion, or a chat
+turn that must call a tool."""
 
 import json
 import time
@@ -15,6 +16,30 @@ async def served_model(client: httpx.AsyncClient) -> str:
     return r.json()["data"][0]["id"]
 
 
+# the tools workload's: two functions with bounded arguments, so a call ends
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "required": ["city", "days"], "additionalProperties": False,
+        "properties": {"city": {"type": "string", "maxLength": 24},
+                       "days": {"type": "integer", "minimum": 1, "maximum": 14}}}}},
+    {"type": "function", "function": {"name": "search", "parameters": {
+        "type": "object", "required": ["query"], "additionalProperties": False,
+        "properties": {"query": {"type": "string", "maxLength": 64}}}}},
+]  # fmt: skip
+
+
+def tool_call_body(text: str, max_tokens: int) -> dict:
+    """A chat turn whose answer must be a call of one of TOOLS (one call: its length is the
+    grammar's, max_tokens only a cap)."""
+    return {
+        "messages": [{"role": "user", "content": text}],
+        "tools": TOOLS,
+        "tool_choice": "required",
+        "parallel_tool_calls": False,
+        "max_tokens": max_tokens,
+    }
+
+
 async def complete(
     client: httpx.AsyncClient,
     model: str,
@@ -22,13 +47,15 @@ async def complete(
     rec: RequestRecord,
     t0: float,
     want_ids: bool,
+    tool_text: str | None = None,
 ) -> tuple[list[int], str]:
     """Streams one completion, filling `rec` as chunks arrive (a cancelled request keeps
     what it had). Returns the answer's text, and its token ids when `want_ids` and the
     server sends them (a later turn of a session needs the answer).
 
     The prompt goes as token ids and the length is forced with ignore_eos, so both counts
-    are exact on any server that accepts token-id prompts (Baton, vLLM).
+    are exact on any server that accepts token-id prompts (Baton, vLLM). With `tool_text`
+    the request is instead a chat turn of that text that must call a tool (tool_call_body).
     """
     body = {
         "model": model,
@@ -40,6 +67,11 @@ async def complete(
         "stream_options": {"include_usage": True},
         "return_token_ids": want_ids,  # vLLM's extension, served by Baton too
     }
+    path = "/v1/completions"
+    if tool_text is not None:
+        del body["prompt"], body["ignore_eos"]
+        body |= tool_call_body(tool_text, rec.max_tokens)
+        path = "/v1/chat/completions"
     start = time.perf_counter()
     rec.start_s = start - t0
     last = start
@@ -48,7 +80,7 @@ async def complete(
     num_chunks = 0
     usage_tokens = None
     try:
-        async with client.stream("POST", "/v1/completions", json=body) as r:
+        async with client.stream("POST", path, json=body) as r:
             if r.status_code != 200:
                 rec.status, rec.error = f"http {r.status_code}", (await r.aread()).decode()[:200]
                 return answer_ids, text

@@ -67,6 +67,7 @@ async def drive(
     encode: Callable[[str], list[int]],
     max_duration_s: float | None,
     label: str,
+    decode: Callable[[list[int]], str] = str,
 ) -> tuple[list[RequestRecord], float]:
     """Runs the sessions under `load`. At the time bound, requests in flight are aborted and
     kept (as misses); requests not yet sent are not issued and not counted."""
@@ -83,8 +84,10 @@ async def drive(
             rec = RequestRecord(i, k, len(context), turn.max_tokens)
             records.append(rec)
             has_next = k + 1 < len(session.turns)
+            # a tools turn's ids go as the user's text (a chat turn)
+            text = decode(context) if turn.tools else None
             try:
-                ids, text = await complete(client, model, context, rec, t0, has_next)
+                ids, text = await complete(client, model, context, rec, t0, has_next, text)
             except asyncio.CancelledError:
                 if rec.status == "pending":
                     rec.status = "aborted"
@@ -188,6 +191,7 @@ class Bench:
                 encode,
                 self.max_duration_s,
                 f"{system} {load.label}",
+                self.tokenizer.decode,
             )
         summary = summarize(records, duration_s, self.slo)
         return Run(system, load, seed, records, duration_s, pressure, summary, self.workload)

@@ -59,6 +59,9 @@ class Turn:
     new_ids: list[int]  # appended to the context; turn 0's are the whole first prompt
     max_tokens: int  # forced with ignore_eos, so it is also the output length
     think_s: float = 0.0  # pause after the previous answer before this turn is sent
+    # a chat turn that must call one of client.TOOLS (tool_choice "required"): its length is
+    # the call's, max_tokens only a cap
+    tools: bool = False
 
 
 @dataclass(frozen=True)
@@ -68,7 +71,7 @@ class Session:
 
 @dataclass(frozen=True)
 class WorkloadSpec:
-    name: str = "random"  # random | shared-prefix | mixed | agent
+    name: str = "random"  # random | shared-prefix | mixed | agent | tools
     num_requests: int = 64  # turns in all; agent sessions get num_requests // turns
     # the prompt; the short ones in mixed; what follows the prefix in shared-prefix
     input_len: Dist = Dist("fixed", (512,))
@@ -88,6 +91,7 @@ class WorkloadSpec:
             "shared-prefix": f", prefix {self.prefix_len}",
             "mixed": f", {self.long_fraction:.0%} long in {self.long_len} out {self.long_output_len}",
             "agent": f", {self.turns} turns, tool {self.tool_len}, think {self.think_s}s",
+            "tools": ", chat turns that must call a tool (output: its cap)",
         }[self.name]
         return f"{self.name} ({self.num_requests} requests, {io}{extra})"
 
@@ -148,7 +152,18 @@ def agent(spec: WorkloadSpec, rng: np.random.Generator, ids: Ids) -> list[Sessio
     return sessions
 
 
+def tools(spec: WorkloadSpec, rng: np.random.Generator, ids: Ids) -> list[Session]:
+    """Single chat turns (the prompt's ids as the user's text) that must call a tool."""
+    n = spec.num_requests
+    caps = spec.output_len.lengths(rng, n)
+    return [
+        Session([Turn(ids(k), cap, tools=True)])
+        for k, cap in zip(spec.input_len.lengths(rng, n), caps, strict=True)
+    ]
+
+
 BUILDERS = {
+    "tools": tools,
     "random": random_lengths,
     "shared-prefix": shared_prefix,
     "mixed": mixed,

@@ -147,11 +147,14 @@ class GatewayConfig(Section):
 
     chat_template: Annotated[
         str | None,
-        doc("chat template: `hermes` (ours, with tools) or a Jinja file; unset: the model's"),
+        doc(
+            "chat template: hermes, mistral or llama3_json (ours, with tools) or a Jinja "
+            "file; unset: the model's"
+        ),
     ] = None
     tool_call_parser: Annotated[
-        Literal["hermes"] | None,
-        doc("how tool calls are read from the model's text (needs a template with tools)"),
+        Literal["hermes", "mistral", "llama3_json"] | None,
+        doc("how tool calls are written and read: the chat template of the same name shows them"),
     ] = None
     reasoning_parser: Annotated[
         Literal["think"] | None,

@@ -20,20 +20,21 @@ from baton.gateway.openai_types import (
     ResponseFormat,
     StructuredOutputs,
 )
-from baton.gateway.tools import call_grammar, forced_tools
+from baton.gateway.tools import Format, forced_tools
 
 # JSON outputs are written as json.dumps writes them: a small model free to put whitespace
 # between tokens may write nothing else until max_tokens
 JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
-def output_grammar(req: CompletionRequest | ChatRequest) -> str | None:
+def output_grammar(req: CompletionRequest | ChatRequest, calls: Format | None) -> str | None:
     """The grammar (llguidance's) that keeps the output inside the request's
-    `response_format` or `structured_outputs`, checked here: a spec the services could not
+    `response_format`, `structured_outputs` or forced tool call (written as `calls`),
+    checked here: a spec the services could not
     compile is a 400 before any work."""
     fmt, so = req.response_format, req.structured_outputs
     forced = forced_tools(req) if isinstance(req, ChatRequest) else None
-    if forced is not None:
+    if forced is not None and calls is not None:
         if so is not None or (fmt is not None and fmt.type != "text"):
             raise BadRequest(
                 "a forced tool call (tool_choice) cannot also follow a response format",
@@ -42,7 +43,7 @@ def output_grammar(req: CompletionRequest | ChatRequest) -> str | None:
         try:
             # a named function: that one call; "required": as many as parallel_tool_calls allows
             parallel = req.parallel_tool_calls and req.tool_choice == "required"
-            grammar = call_grammar(forced, parallel)
+            grammar = calls.grammar(forced, parallel)
         except Exception as e:
             raise BadRequest(f"tools: {e}", "tools") from e
         if error := LLMatcher.validate_grammar(grammar):

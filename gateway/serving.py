@@ -16,7 +16,6 @@ from transformers import AutoTokenizer
 from baton.gateway import metrics as M
 from baton.gateway.admission import Admitted
 from baton.gateway.backend import Backend, ServiceFailed, Stream
-from baton.gateway.grammars import output_grammar
 from baton.gateway.openai_types import (
     BadRequest,
     ChatRequest,
@@ -24,9 +23,9 @@ from baton.gateway.openai_types import (
     ModelCard,
     ModelList,
     ModelNotFound,
-    NamedToolChoice,
     error_response,
 )
+from baton.gateway.params import check_tools, flatten, nth, sampling_params
 from baton.gateway.router import NoCapacity, Placement, Why
 from baton.gateway.shapes import (
     ChatShape,
@@ -36,6 +35,7 @@ from baton.gateway.shapes import (
     json_response,
     unavailable,
 )
+from baton.gateway.tools import FORMATS
 from baton.sampling_params import SamplingParams
 from baton.text import IncrementalDetokenizer, StopStringMatcher
 
@@ -64,7 +64,7 @@ class Gateway:
         are read from the text (gateway.tools), None where they are not."""
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.chat_template = chat_template or self.tokenizer.chat_template or ""
-        self.tool_parser = tool_parser
+        self.tool_format = FORMATS[tool_parser] if tool_parser else None
         self.max_n = max_n
         self.reasoning_parser = reasoning_parser
         self.backend = backend
@@ -93,7 +93,9 @@ class Gateway:
             raise BadRequest("prompt must be a string, a list of strings, or token ids", "prompt")
         if req.echo and req.logprobs is not None:
             raise BadRequest("echo with logprobs (the prompt's) is not supported", "echo")
-        params = self.sampling(req, req.max_tokens, req.logprobs)
+        params = sampling_params(
+            req, req.max_tokens, req.logprobs, self.max_model_len, self.vocab_size, self.tool_format
+        )
         echoes = None  # echo: each choice's text starts with its prompt's
         if req.echo:
             texts = [p] if isinstance(p, str) else p if isinstance(p[0], str) else None
@@ -109,7 +111,7 @@ class Gateway:
 
     async def chat(self, req: ChatRequest) -> Response:
         self.check_model(req.model)
-        self.check_tools(req)
+        check_tools(req, self.chat_template, self.tool_format)
         messages = [flatten(i, m.model_dump(exclude_none=True)) for i, m in enumerate(req.messages)]
         tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
         try:
@@ -125,84 +127,14 @@ class Gateway:
             raise BadRequest(f"chat template failed: {e}") from e
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         max_tokens = req.max_completion_tokens or req.max_tokens
-        params = self.sampling(req, max_tokens, logprobs)
-        calls = bool(req.tools) and req.tool_choice != "none"  # the answer may hold calls
+        params = sampling_params(
+            req, max_tokens, logprobs, self.max_model_len, self.vocab_size, self.tool_format
+        )
+        # the answer may hold calls, written as the parser reads them
+        calls = self.tool_format if req.tools and req.tool_choice != "none" else None
         thinks = self.reasoning_parser is not None
         shape = ChatShape(self.tokenizer, self.model_name, req, calls, thinks)
         return await self.run([list(ids)], params, req.stream, shape, max_tokens is None, req.n)
-
-    def sampling(
-        self, req: CompletionRequest | ChatRequest, max_tokens: int | None, logprobs: int | None
-    ) -> SamplingParams:
-        stop = [req.stop] if isinstance(req.stop, str) else req.stop or []
-        if max_tokens is not None and max_tokens > self.max_model_len:
-            raise BadRequest(
-                f"max_tokens is {max_tokens}; this model's context is {self.max_model_len}",
-                "max_tokens",
-            )
-        logit_bias = self.logit_bias(req.logit_bias or {})
-        grammar = output_grammar(req)
-        try:
-            return SamplingParams(
-                # absent: the rest of the context, set per prompt (run)
-                max_tokens=max_tokens or self.max_model_len,
-                min_tokens=req.min_tokens,
-                temperature=req.temperature,
-                top_p=req.top_p,
-                top_k=req.top_k if req.top_k and req.top_k > 0 else None,
-                min_p=req.min_p,
-                presence_penalty=req.presence_penalty,
-                frequency_penalty=req.frequency_penalty,
-                repetition_penalty=req.repetition_penalty,
-                logit_bias=logit_bias,
-                grammar=grammar,
-                seed=req.seed,
-                stop=tuple(stop),
-                stop_token_ids=tuple(req.stop_token_ids or ()),
-                ignore_eos=req.ignore_eos,
-                logprobs=logprobs,
-                priority=req.priority,
-            )
-        except ValueError as e:  # each message starts with the field's name
-            raise BadRequest(str(e), str(e).split()[0]) from e
-
-    def check_tools(self, req: ChatRequest) -> None:
-        """Tools reach the model only through a template that renders them, and calls come
-        back only through a parser: a request that needs either where it is missing is a
-        400, never a silent answer without them."""
-        choice = req.tool_choice
-        if not req.tools and choice not in (None, "none"):
-            raise BadRequest("tool_choice wants `tools`", "tool_choice")
-        if isinstance(choice, NamedToolChoice) and choice.function.name not in {
-            t.function.name for t in req.tools or ()
-        }:
-            raise BadRequest(
-                f"tool_choice: no tool is named {choice.function.name!r}", "tool_choice"
-            )
-        hint = "start the gateway with --chat-template hermes --tool-call-parser hermes"
-        if req.tools and "tools" not in self.chat_template:
-            raise BadRequest(f"tools: this chat template does not show tools; {hint}", "tools")
-        if req.tools and choice != "none" and self.tool_parser is None:
-            raise BadRequest(f"tools: no tool call parser to read the calls; {hint}", "tools")
-        if "tool_calls" not in self.chat_template:
-            for i, m in enumerate(req.messages):
-                if m.tool_calls:
-                    raise BadRequest(
-                        f"this chat template does not show an assistant's tool calls; {hint}",
-                        f"messages.{i}.tool_calls",
-                    )
-
-    def logit_bias(self, bias: dict[str, float]) -> tuple[tuple[int, float], ...]:
-        """OpenAI's {"token id": bias} as (id, bias) pairs, every id in the vocabulary."""
-        try:
-            pairs = tuple((int(k), float(v)) for k, v in bias.items())
-        except ValueError as e:
-            raise BadRequest(f"logit_bias keys must be token ids: {e}", "logit_bias") from e
-        if any(not 0 <= t < self.vocab_size for t, _ in pairs):
-            raise BadRequest(
-                f"logit_bias token ids must be in [0, {self.vocab_size})", "logit_bias"
-            )
-        return pairs
 
     def context_tokens(self) -> int:
         """The most tokens one request may hold: the model's context, or less where a decode's
@@ -433,26 +365,3 @@ async def merged(gens: list[AsyncIterator[Piece]]) -> AsyncIterator[Piece]:
     finally:
         for t in tasks:
             t.cancel()
-
-
-def flatten(index: int, message: dict) -> dict:
-    """A chat message whose content is a list of parts (what the OpenAI SDK and agent
-    frameworks send) with its text parts joined, as vLLM joins them, for the chat template."""
-    parts = message.get("content")
-    if not isinstance(parts, list):
-        return message
-    for part in parts:
-        if part["type"] != "text" or part.get("text") is None:
-            raise BadRequest(
-                f"a {part['type']!r} content part: this model takes text only",
-                f"messages.{index}.content",
-            )
-    return {**message, "content": "\n".join(part["text"] for part in parts)}
-
-
-def nth(params: SamplingParams, j: int) -> SamplingParams:
-    """The sampling of a prompt's j-th choice: a seeded request's choices draw from seeds
-    seed, seed + 1, ... (as vLLM's), so each is reproducible and they differ."""
-    if params.seed is None or j == 0:
-        return params
-    return replace(params, seed=(params.seed + j) % 2**63)

@@ -35,7 +35,7 @@ from baton.gateway.openai_types import (
 )
 from baton.gateway.reasoning import ReasoningStream, split
 from baton.gateway.router import NoCapacity
-from baton.gateway.tools import ToolStream, parse
+from baton.gateway.tools import Format, ToolStream, parse
 
 
 @dataclass
@@ -181,10 +181,16 @@ class ChatShape(Shape):
     chunk_model = ChatCompletionStreamResponse
 
     def __init__(
-        self, tokenizer: Tokenizer, model_name: str, req: ChatRequest, calls: bool, thinks: bool
+        self,
+        tokenizer: Tokenizer,
+        model_name: str,
+        req: ChatRequest,
+        calls: Format | None,
+        thinks: bool,
     ):
-        """calls: the answer may hold tool calls, which come out of its text (tools.parse);
-        streamed, text that may be a call is held back to the end (tools.ToolStream).
+        """calls: the answer may hold tool calls written so, which come out of its text
+        (tools.parse); streamed, text that may be a call is held back to the end
+        (tools.ToolStream).
         thinks: `<think>` opens reasoning_content (reasoning.py), before any call."""
         super().__init__(tokenizer, model_name, req)
         self.calls, self.thinks = calls, thinks
@@ -222,7 +228,7 @@ class ChatShape(Shape):
         if self.thinks:
             reasoning, text, count = split(texts)
             self.reasoning_tokens += count
-        content, calls = parse(text) if self.calls else (text, [])
+        content, calls = parse(self.calls, text) if self.calls else (text, [])
         return ChatChoice(
             index=index,
             message=AssistantMessage(
@@ -245,7 +251,7 @@ class ChatShape(Shape):
                 reasoning, text = reasoning + more, text + rest
             self.reasoning_tokens += thought.reasoning_tokens - before
         if self.calls:
-            stream = self.streams.setdefault(p.index, ToolStream())
+            stream = self.streams.setdefault(p.index, ToolStream(self.calls))
             text = stream.feed(text)
             if finish is not None:
                 rest, calls = stream.finish()

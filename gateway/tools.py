@@ -1,6 +1,10 @@
 """Tool calling: the chat template that shows the model its tools, the grammar that makes it
 call them (`tool_choice` "required" or a named function), and the parser that reads the calls
-back out of its text (Hermes style: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`).
+back out of its text. Three formats, each a template in templates/ and a parser of the same
+name (`--chat-template NAME --tool-call-parser NAME`):
+- hermes: `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`, one per call;
+- mistral: `[TOOL_CALLS] [{"name": ..., "arguments": {...}}, ...]`;
+- llama3_json: the answer is `{"name": ..., "parameters": {...}}`, calls joined by `; `.
 
 The grammar is llguidance's, like a `response_format`'s, so it holds on the prefill (the first
 token) and the decode alike; "auto" leaves the model free and parses what it writes.
@@ -23,12 +27,9 @@ from baton.gateway.openai_types import (
 )
 
 TEMPLATES = Path(__file__).parent / "templates"
-PARSERS = ("hermes",)
-OPEN, CLOSE = "<tool_call>", "</tool_call>"
 MAX_PARALLEL_CALLS = 8  # one answer's calls, where parallel_tool_calls lets it make several
-# JSON as json.dumps writes it (serving.JSON_STYLE), inside the grammar's %json blocks too
+# JSON as json.dumps writes it (grammars.JSON_STYLE), inside the grammar's %json blocks too
 X_GUIDANCE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-CALL = re.compile(re.escape(OPEN) + r"\s*(.*?)\s*" + re.escape(CLOSE), re.S)
 
 
 def load_template(name: str | None) -> str | None:
@@ -40,27 +41,99 @@ def load_template(name: str | None) -> str | None:
     return (ours if ours.exists() else Path(name)).read_text()
 
 
-def call_grammar(tools: list[Tool], parallel: bool) -> str:
-    """A Lark grammar whose sentences are Hermes tool calls of `tools`, each one's arguments
-    following its function's JSON schema: one call, or with `parallel` up to
-    MAX_PARALLEL_CALLS."""
-    calls = [
-        {
+@dataclass(frozen=True)
+class Format:
+    """How one model family writes its calls. `marker` begins the calls; `anywhere`: they may
+    follow some text (else they are the whole answer); `args`: the arguments' key."""
+
+    marker: str
+    anywhere: bool
+    args: str = "arguments"
+
+    def call_schema(self, tool: Tool) -> dict:
+        return {
             "type": "object",
             "properties": {
-                "name": {"const": t.function.name},
-                "arguments": t.function.parameters or {"type": "object"},
+                "name": {"const": tool.function.name},
+                self.args: tool.function.parameters or {"type": "object"},
             },
-            "required": ["name", "arguments"],
+            "required": ["name", self.args],
             "additionalProperties": False,
         }
-        for t in tools
-    ]
-    schema = json.dumps({"anyOf": calls, "x-guidance": X_GUIDANCE})
-    more = f' ("\\n" call)~0..{MAX_PARALLEL_CALLS - 1}' if parallel else ""
-    return LLMatcher.grammar_from_lark(
-        f'start: call{more}\ncall: "{OPEN}\\n" %json {schema} "\\n{CLOSE}"\n'
-    )
+
+    def grammar(self, tools: list[Tool], parallel: bool) -> str:
+        """A Lark grammar of answers that are calls of `tools` alone, each one's arguments
+        following its function's schema: one call, or with `parallel` up to
+        MAX_PARALLEL_CALLS."""
+        call = {"anyOf": [self.call_schema(t) for t in tools]}
+        most = MAX_PARALLEL_CALLS if parallel else 1
+        return LLMatcher.grammar_from_lark(self.lark(call, most))
+
+    def lark(self, call: dict, most: int) -> str:
+        """The grammar's Lark text; each %json block's top level carries X_GUIDANCE (llguidance
+        reads it there only)."""
+        raise NotImplementedError
+
+    def split(self, text: str) -> tuple[str, str] | None:
+        """(the text before the calls, the calls) where the answer makes calls."""
+        at = text.find(self.marker)
+        if at < 0 or (not self.anywhere and text[:at].strip()):
+            return None
+        return text[:at], text[at:]
+
+    def calls(self, body: str) -> list[dict]:
+        """The {"name", args} objects in the calls' text; ValueError where it is not that."""
+        raise NotImplementedError
+
+
+class Hermes(Format):
+    def lark(self, call: dict, most: int) -> str:
+        more = f' ("\\n" call)~0..{most - 1}' if most > 1 else ""
+        schema = json.dumps({**call, "x-guidance": X_GUIDANCE})
+        return f'start: call{more}\ncall: "<tool_call>\\n" %json {schema} "\\n</tool_call>"\n'
+
+    def calls(self, body: str) -> list[dict]:
+        blocks = re.findall(r"<tool_call>\s*(.*?)\s*</tool_call>", body, re.S)
+        if not blocks or re.sub(r"<tool_call>.*?</tool_call>", "", body, flags=re.S).strip():
+            raise ValueError("not only tool calls")
+        return [json.loads(b) for b in blocks]
+
+
+class Mistral(Format):
+    def lark(self, call: dict, most: int) -> str:
+        array = {"type": "array", "items": call, "minItems": 1, "maxItems": most}
+        return f'start: "[TOOL_CALLS] " %json {json.dumps({**array, "x-guidance": X_GUIDANCE})}\n'
+
+    def calls(self, body: str) -> list[dict]:
+        calls = json.loads(body[len(self.marker) :])
+        if not isinstance(calls, list):
+            raise ValueError("[TOOL_CALLS] wants a list")
+        return calls
+
+
+class Llama3Json(Format):
+    def lark(self, call: dict, most: int) -> str:
+        more = f' ("; " call)~0..{most - 1}' if most > 1 else ""
+        return f"start: call{more}\ncall: %json {json.dumps({**call, 'x-guidance': X_GUIDANCE})}\n"
+
+    def calls(self, body: str) -> list[dict]:
+        decoder, calls, at = json.JSONDecoder(), [], 0
+        while True:
+            call, at = decoder.raw_decode(body, at)
+            calls.append(call)
+            rest = body[at:].lstrip()
+            if not rest:
+                return calls
+            if not rest.startswith(";"):
+                raise ValueError("calls are joined by ;")
+            at = len(body) - len(rest[1:].lstrip())
+
+
+FORMATS: dict[str, Format] = {
+    "hermes": Hermes("<tool_call>", anywhere=True),
+    "mistral": Mistral("[TOOL_CALLS]", anywhere=True),
+    "llama3_json": Llama3Json("{", anywhere=False, args="parameters"),
+}
 
 
 def forced_tools(req: ChatRequest) -> list[Tool] | None:
@@ -74,51 +147,64 @@ def forced_tools(req: ChatRequest) -> list[Tool] | None:
     return [t for t in req.tools if t.function.name == choice.function.name]
 
 
-def parse(text: str) -> tuple[str | None, list[ToolCall]]:
-    """Hermes tool calls out of an answer: (the text before them, or None if blank; the
-    calls). A block that is not a JSON call with a name stays in the text, as vLLM does."""
-    calls: list[ToolCall] = []
-    for m in CALL.finditer(text):
-        try:
-            call = json.loads(m.group(1))
-            name, arguments = call["name"], call.get("arguments", {})
-        except (ValueError, TypeError, KeyError):
-            return text, []
-        if not isinstance(name, str):
-            return text, []
-        calls.append(
+def parse(fmt: Format, text: str) -> tuple[str | None, list[ToolCall]]:
+    """The calls in an answer: (the text before them, or None if blank; the calls). Calls
+    that do not parse as {"name", args} objects stay in the text, as vLLM's parsers leave
+    them."""
+    parts = fmt.split(text)
+    if parts is None:
+        return text, []
+    head, body = parts
+    try:
+        objects = fmt.calls(body)
+        calls = [
             ToolCall(
                 id=f"call_{uuid.uuid4().hex[:24]}",
-                function=ToolCallFunction(name=name, arguments=json.dumps(arguments)),
+                function=ToolCallFunction(
+                    name=o["name"], arguments=json.dumps(o.get(fmt.args, {}))
+                ),
             )
-        )
-    if not calls:
+            for o in objects
+            if isinstance(o["name"], str)
+        ]
+    except (ValueError, TypeError, KeyError):
         return text, []
-    head = text[: text.index(OPEN)].strip()
-    return head or None, calls
+    if len(calls) != len(objects):
+        return text, []
+    return head.strip() or None, calls
 
 
 @dataclass
 class ToolStream:
-    """One streamed choice's text split into content to send now and tool calls held to the
-    end: text that is or may become `<tool_call>` is held back."""
+    """One streamed choice's text split into content to send now and calls held to the end:
+    text that is or may become the format's marker is held back."""
 
+    fmt: Format
     held: str = ""
-    calling: bool = False  # a call has begun: everything from here is held
+    calling: bool = False  # the calls have begun: everything from here is held
+    sent: bool = False  # some text went out (a format whose calls are the whole answer: none)
 
     def feed(self, text: str) -> str:
         """The part of `text` that can go out as content now."""
         self.held += text
         if self.calling:
             return ""
-        if OPEN in self.held:
+        if (parts := self.fmt.split(self.held)) is not None and (
+            self.fmt.anywhere or not self.sent
+        ):
             self.calling = True
-            out, self.held = self.held.split(OPEN, 1)
-            self.held = OPEN + self.held
+            out, self.held = parts
             return out
+        if not self.fmt.anywhere:  # the calls can only open the answer
+            if self.sent or self.held.strip():
+                self.sent = True
+                out, self.held = self.held, ""
+                return out
+            return ""
+        marker = self.fmt.marker
         keep = next(
-            (k for k in range(min(len(OPEN) - 1, len(self.held)), 0, -1)
-             if OPEN.startswith(self.held[-k:])),
+            (k for k in range(min(len(marker) - 1, len(self.held)), 0, -1)
+             if marker.startswith(self.held[-k:])),
             0,
         )  # fmt: skip
         out = self.held[: len(self.held) - keep]
@@ -127,7 +213,7 @@ class ToolStream:
 
     def finish(self) -> tuple[str, list[ToolCallDelta]]:
         """At the end: the content still held, and the calls as OpenAI's stream deltas."""
-        content, calls = parse(self.held)
+        content, calls = parse(self.fmt, self.held)
         if not calls:
             return self.held, []
         deltas = [ToolCallDelta(index=i, id=c.id, function=c.function) for i, c in enumerate(calls)]

@@ -12,6 +12,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import openai
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -59,6 +61,10 @@ class Stack:
     def services(self, role: str | None = None) -> dict[str, dict]:
         manifest = json.loads((self.log_dir / "stack.json").read_text())
         return {n: s for n, s in manifest.items() if role in (None, s["role"])}
+
+    def client(self) -> openai.OpenAI:
+        """The official client on this stack's API; no retries: each call is one request."""
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0)
 
     def health(self, name: str) -> dict:
         _, body = get(f"{self.services()[name]['url']}/health")

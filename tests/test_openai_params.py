@@ -27,7 +27,7 @@ def stack(tmp_path_factory, tiny_text_model):
 
 @pytest.fixture(scope="module")
 def client(stack):
-    return openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0)
+    return stack.client()
 
 
 def prompt(n: int, seed: int = SEED) -> list[int]:

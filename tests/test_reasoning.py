@@ -4,7 +4,6 @@ rest is `content`; streamed deltas join to the same, wherever the tags fall in t
 
 import random
 
-import openai
 import pytest
 from reference import ENGINE
 from stack import Stack
@@ -36,7 +35,7 @@ def test_the_split_is_the_same_wherever_the_pieces_break(seed):
 def client(tmp_path_factory, tiny_text_model):
     root = tmp_path_factory.mktemp("reasoning")
     s = Stack(root / "logs", tiny_text_model, *ENGINE, "--reasoning-parser", "think")
-    yield openai.OpenAI(base_url=f"{s.url}/v1", api_key="unused", max_retries=0)
+    yield s.client()
     s.stop()
 
 

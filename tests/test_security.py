@@ -66,7 +66,7 @@ def test_body_over_the_cap_is_413(client):
         ({"prompt": [5] * CONTEXT}, f"prompt has {CONTEXT} tokens; this model's context is {CONTEXT}"),
         ({"prompt": "hi", "max_tokens": CONTEXT + 1}, f"max_tokens is {CONTEXT + 1}; .* is {CONTEXT}"),
         ({"prompt": "hi", "max_tokens": 10**30}, "max_tokens is"),
-        ({"prompt": "hi", "n": 2}, r"^n: Input should be less than or equal to 1"),
+        ({"prompt": "hi", "n": 9}, r"^n is 9; at most 8"),
         ({"prompt": [-1, 5]}, r"prompt token ids must be in \[0, \d+\)"),
         ({"prompt": [[5], [10**12]]}, r"prompt token ids must be in \[0, \d+\)"),
         ({"prompt": [True]}, "^prompt"),

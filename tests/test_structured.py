@@ -64,10 +64,6 @@ def stack(tmp_path_factory, tiny_text_model):
     s.stop()
 
 
-def client_of(stack: Stack) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0)
-
-
 def answer(client, schema: dict, stream: bool = False, **kw) -> str:
     args = {"model": "", "messages": MESSAGES, "max_tokens": 300, "response_format": fmt(schema)}
     r = client.chat.completions.create(**args, **kw, stream=stream)
@@ -81,14 +77,14 @@ def answer(client, schema: dict, stream: bool = False, **kw) -> str:
 @pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 1.0, "seed": 77}])
 def test_every_answer_parses_and_follows_its_schema(stack, schema, sampling):
     print("sampling", sampling)
-    client = client_of(stack)
+    client = stack.client()
     text = answer(client, schema, **sampling)
     jsonschema.validate(json.loads(text), schema)
     assert answer(client, schema, stream=True, **sampling) == text
 
 
 def test_json_object_gives_an_object(stack):
-    r = client_of(stack).chat.completions.create(
+    r = stack.client().chat.completions.create(
         model="", messages=MESSAGES, max_tokens=300, temperature=0,
         response_format={"type": "json_object"},
     )  # fmt: skip
@@ -109,7 +105,7 @@ def test_json_object_gives_an_object(stack):
     ids=["regex", "choice", "grammar", "json"],
 )
 def test_vllms_structured_outputs(stack, spec, follows):
-    r = client_of(stack).completions.create(
+    r = stack.client().completions.create(
         model="", prompt="Answer:", max_tokens=40, temperature=1.0, seed=5,
         extra_body={"structured_outputs": spec},
     )  # fmt: skip
@@ -118,7 +114,7 @@ def test_vllms_structured_outputs(stack, spec, follows):
 
 
 def test_the_prefill_samples_the_first_token_under_the_grammar(stack):
-    client = client_of(stack)
+    client = stack.client()
     kw = {"model": "", "messages": MESSAGES, "max_tokens": 1, "temperature": 0}
     free = client.chat.completions.create(**kw).choices[0].message.content
     first = client.chat.completions.create(**kw, response_format=fmt(SCORES))
@@ -128,7 +124,7 @@ def test_the_prefill_samples_the_first_token_under_the_grammar(stack):
 
 
 def test_a_schema_that_cannot_compile_is_a_400_before_any_work(stack):
-    client = client_of(stack)
+    client = stack.client()
     for bad in (
         fmt({"type": "nonsense"}),
         fmt({"$ref": "#/nowhere"}),
@@ -154,11 +150,11 @@ def test_a_schema_that_cannot_compile_is_a_400_before_any_work(stack):
 
 
 def test_split_aggregated_and_failed_over_answers_are_the_same(stack, tmp_path, tiny_text_model):
-    want = answer(client_of(stack), STORY, temperature=0)
+    want = answer(stack.client(), STORY, temperature=0)
     jsonschema.validate(json.loads(want), STORY)
     aggregated = Stack(tmp_path / "agg", tiny_text_model, *ENGINE, prefill=0, decode=1)
     try:
-        assert answer(client_of(aggregated), STORY, temperature=0) == want
+        assert answer(aggregated.client(), STORY, temperature=0) == want
     finally:
         aggregated.stop()
 

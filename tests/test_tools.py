@@ -1,7 +1,8 @@
-"""Tool calling through a 1P+1D stack started with `--chat-template hermes --tool-call-parser
-hermes`, with the official client: forced calls (a named function, "required") follow their
-functions' schemas; streamed deltas join to the same calls; "auto" parses a call the model
-writes; tool results render into the next turn's prompt."""
+"""Tool calling through a 1P+1D stack started with `--chat-template F --tool-call-parser F`
+for each format F (hermes, mistral, llama3_json), with the official client: forced calls (a
+named function, "required") follow their functions' schemas; streamed deltas join to the same
+calls; "auto" parses a call the model writes; tool results render into the next turn's
+prompt."""
 
 import json
 
@@ -38,11 +39,16 @@ SCHEMAS = {"get_weather": WEATHER, "get_time": TIME}
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
+@pytest.fixture(scope="module", params=["hermes", "mistral", "llama3_json"])
+def fmt(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, tiny_text_model):
+def stack(tmp_path_factory, tiny_text_model, fmt):
     s = Stack(
-        tmp_path_factory.mktemp("tools") / "logs", tiny_text_model, *ENGINE,
-        "--chat-template", "hermes", "--tool-call-parser", "hermes",
+        tmp_path_factory.mktemp(f"tools-{fmt}") / "logs", tiny_text_model, *ENGINE,
+        "--chat-template", fmt, "--tool-call-parser", fmt,
     )  # fmt: skip
     yield s
     s.stop()
@@ -50,7 +56,7 @@ def stack(tmp_path_factory, tiny_text_model):
 
 @pytest.fixture(scope="module")
 def client(stack):
-    return openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0)
+    return stack.client()
 
 
 def ask(client, stream=False, messages=ASK, **kw):
@@ -111,30 +117,43 @@ def test_one_call_when_parallel_calls_are_off(client):
     assert len(r.choices[0].message.tool_calls) == 1
 
 
-def test_auto_parses_the_call_the_model_writes(client):
+def written(fmt: str, call: dict) -> tuple[str, str | None, str]:
+    """An answer that makes `call` as `fmt` writes it, with some text before where the
+    format allows: (the answer, its content, its streamed content)."""
+    args = json.dumps(call["arguments"])
+    if fmt == "hermes":
+        body = f'<tool_call>\n{{"name": "{call["name"]}", "arguments": {args}}}\n</tool_call>'
+        return "Let me check.\n" + body, "Let me check.", "Let me check.\n"
+    if fmt == "mistral":
+        body = f'[TOOL_CALLS] [{{"name": "{call["name"]}", "arguments": {args}}}]'
+        return "Let me check." + body, "Let me check.", "Let me check."
+    return f'{{"name": "{call["name"]}", "parameters": {args}}}', None, ""
+
+
+def test_auto_parses_the_call_the_model_writes(client, fmt):
     call = {"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius", "days": 2}}
-    written = f"Let me check.\n<tool_call>\n{json.dumps(call)}\n</tool_call>"
-    force = {"structured_outputs": {"grammar": f"start: {json.dumps(written)}"}}  # this text
+    text, content, streamed = written(fmt, call)
+    force = {"structured_outputs": {"grammar": f"start: {json.dumps(text)}"}}  # this text
     r = ask(client, tool_choice="auto", temperature=0, extra_body=force)
     message = r.choices[0].message
-    assert message.content == "Let me check."
+    assert message.content == content
     assert r.choices[0].finish_reason == "tool_calls"
-    (call,) = message.tool_calls
-    assert call.function.name == "get_weather"
-    assert json.loads(call.function.arguments) == {"city": "Paris", "unit": "celsius", "days": 2}
-    content, calls, finish = joined(
-        ask(client, stream=True, tool_choice="auto", temperature=0, extra_body=force)
-    )
-    assert content == "Let me check.\n" and finish == "tool_calls"
+    (got,) = message.tool_calls
+    assert (got.function.name, json.loads(got.function.arguments)) == (
+        call["name"], call["arguments"]
+    )  # fmt: skip
+    chunks = ask(client, stream=True, tool_choice="auto", temperature=0, extra_body=force)
+    content, calls, finish = joined(chunks)
+    assert content == streamed and finish == "tool_calls"
     assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [
-        ("get_weather", {"city": "Paris", "unit": "celsius", "days": 2})
+        (call["name"], call["arguments"])
     ]
     # unforced, the tiny model writes text: it comes back as content, no calls
     r = ask(client, tool_choice="auto", temperature=0, max_tokens=8)
     assert r.choices[0].message.tool_calls is None and r.choices[0].message.content
 
 
-def test_tool_results_render_into_the_next_turn(client, tiny_text_model):
+def test_tool_results_render_into_the_next_turn(client, tiny_text_model, fmt):
     turns = [
         *ASK,
         {"role": "assistant", "content": None, "tool_calls": [{
@@ -142,15 +161,16 @@ def test_tool_results_render_into_the_next_turn(client, tiny_text_model):
             "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
         }]},
         {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"},
+        {"role": "user", "content": "And tomorrow?"},
     ]  # fmt: skip
     r = ask(client, messages=turns, tool_choice="none", temperature=0, max_tokens=4)
     tokenizer = AutoTokenizer.from_pretrained(tiny_text_model)
     text = tokenizer.apply_chat_template(
-        turns, tools=TOOLS, chat_template=load_template("hermes"), tokenize=False,
+        turns, tools=TOOLS, chat_template=load_template(fmt), tokenize=False,
         add_generation_prompt=True,
     )  # fmt: skip
-    assert "<tool_response>\nsunny, 21 C\n</tool_response>" in text
-    assert '{"name": "get_weather", "arguments": {"city": "Paris"}}' in text
+    assert "sunny, 21 C" in text and '"name": "get_weather"' in text
+    assert '{"city": "Paris"}' in text and "maxLength" in text  # the call, and the tools
     assert r.usage.prompt_tokens == len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 

@@ -123,13 +123,19 @@ def post(url: str, body: dict) -> tuple[int, float, dict]:
         return e.code, time.perf_counter() - t0, dict(e.headers)
 
 
+# long enough that the client's own delays (24 threads of HTTP on a loaded 2-core machine,
+# ~0.1-0.2 s) do not decide the test: at 0.4 s, one run in four missed 90% on an idle machine
+TTFT_S = 1.0
+BURST = 64  # requests of 700 tokens at once: past what the stack prefills in TTFT_S
+
+
 @pytest.fixture(scope="module")
 def slo_stack(tmp_path_factory, tiny_text_model):
     root = tmp_path_factory.mktemp("slo")
     config = root / "baton.toml"
     # a small prefill budget makes a long prompt take many steps: capacity is easy to exceed
     config.write_text(
-        "[slo]\nttft_ms = 400\n[prefill]\nmax_num_batched_tokens = 32\n"
+        f"[slo]\nttft_ms = {TTFT_S * 1000:g}\n[prefill]\nmax_num_batched_tokens = 32\n"
         # the client's clock adds HTTP on a shared 2-core machine: aim lower than the default
         '[gateway]\nadmission = "slo"\nadmission_margin = 0.7\n'
     )
@@ -146,22 +152,22 @@ def test_a_burst_beyond_capacity_gets_429_and_the_admitted_meet_ttft(slo_stack):
         ids = [rng.randrange(3, 40000) for _ in range(n)]
         return post(url, {"prompt": ids, "max_tokens": 1, "temperature": 0})
 
-    with ThreadPoolExecutor(24) as pool:
+    with ThreadPoolExecutor(BURST) as pool:
         # bursts within capacity: the prefill measures its step times under load, then the
         # gateway calibrates its predictions against the TTFTs it sees
         for _ in range(2):
             assert {r[0] for r in pool.map(request, [700, 300, 500, 100])} == {200}
             time.sleep(1.2)  # a heartbeat carries the fit to the gateway
-        results = list(pool.map(request, [700] * 24))
+        results = list(pool.map(request, [700] * BURST))
     admitted = [t for code, t, _ in results if code == 200]
     refused = [(t, h) for code, t, h in results if code == 429]
     print(f"admitted {len(admitted)}, refused {len(refused)}; admitted latencies", admitted)
     assert {code for code, _, _ in results} <= {200, 429}
     assert admitted and refused
     assert all(int(h["retry-after"]) >= 1 for _, h in refused)
-    assert max(t for t, _ in refused) < 0.4  # refused at once, not after a wait
-    met = sum(t <= 0.4 for t in admitted) / len(admitted)
-    assert met >= 0.9, f"only {met:.0%} of admitted requests met the 400 ms TTFT target"
+    assert max(t for t, _ in refused) < TTFT_S / 2  # refused at once, not after a wait
+    met = sum(t <= TTFT_S for t in admitted) / len(admitted)
+    assert met >= 0.9, f"only {met:.0%} of admitted requests met the {TTFT_S} s TTFT target"
     assert slo_stack.metric("gateway", "baton_admission_rejected_total", reason="ttft_slo") == len(
         refused
     )

@@ -38,6 +38,8 @@ def test_the_wheel_holds_baton_and_nothing_else(wheel):
     for folder in ("gateway", "prefill", "decode", "kvtransfer", "kernels", "benchmarks"):
         assert f"baton/{folder}/__init__.py" in names  # each folder, under the namespace
     assert {"baton/kernels/csrc/paged_decode.c", "baton/kernels/csrc/common.h"} <= set(names)
+    templates = {f"baton/gateway/templates/{t}.jinja" for t in ("hermes", "mistral", "llama3_json")}
+    assert templates <= set(names)  # --chat-template NAME reads them from the package
 
 
 @pytest.fixture(scope="module")

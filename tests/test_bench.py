@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 
 from baton.bench.arms import Limits, cpu_spec, resolve
 from baton.bench.load import Bench, Load, Run, arrival_times
-from baton.bench.metrics import SLO, RequestRecord, stats_ms, summarize
+from baton.bench.metrics import SLO, RequestRecord, buckets, quantiles, stats_ms, summarize
 from baton.bench.report import matrix_markdown
 from baton.bench.workloads import MATRIX, Dist, WorkloadSpec, build, vocabulary
 
@@ -84,6 +84,24 @@ def test_the_matrix_table_gives_each_systems_goodput_and_429s_per_workload_and_r
     # the named workloads cover what the split must serve, each from light load up
     assert set(MATRIX) == {"short", "mixed", "long-prompt", "long-output", "chat"}
     assert all(list(rates) == sorted(rates) and len(rates) >= 3 for _, rates in MATRIX.values())
+
+
+def test_prediction_error_quantiles_come_from_the_histograms_difference():
+    text = "\n".join([
+        "# HELP baton_ttft_prediction_error real TTFT / predicted",
+        'baton_ttft_prediction_error_bucket{le="0.5"} 2.0',
+        'baton_ttft_prediction_error_bucket{le="1.0"} 12.0',
+        'baton_ttft_prediction_error_bucket{le="2.0"} 20.0',
+        'baton_ttft_prediction_error_bucket{le="+Inf"} 22.0',
+        "baton_ttft_prediction_error_count 22.0",
+    ])  # fmt: skip
+    after = buckets(text, "baton_ttft_prediction_error")
+    assert after == {0.5: 2, 1.0: 12, 2.0: 20, float("inf"): 22}
+    before = {0.5: 2, 1.0: 2, 2.0: 2, float("inf"): 2}  # an earlier run's two requests
+    q = quantiles(before, after)  # this run: 10 in (0.5, 1], 8 in (1, 2], 2 beyond
+    assert q == {"count": 20, "p50": pytest.approx(1.0), "p90": pytest.approx(1.0 + 8 / 8)}
+    assert quantiles(after, after) is None and quantiles({}, {}) is None
+    assert buckets("vllm:num_requests_running 0", "baton_ttft_prediction_error") == {}
 
 
 @pytest.fixture(scope="module")

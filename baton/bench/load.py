@@ -15,7 +15,14 @@ import numpy as np
 from tqdm import tqdm
 
 from baton.bench.client import complete, served_model
-from baton.bench.metrics import SLO, RequestRecord, summarize
+from baton.bench.metrics import (
+    PREDICTION_ERROR,
+    SLO,
+    RequestRecord,
+    buckets,
+    quantiles,
+    summarize,
+)
 from baton.bench.workloads import Dist, Session, WorkloadSpec, build
 
 if TYPE_CHECKING:
@@ -129,6 +136,15 @@ async def drive(
     return records, time.perf_counter() - t0
 
 
+async def scrape(client: httpx.AsyncClient, histogram: str) -> dict[float, float]:
+    """The server's `histogram` buckets now ({} where it has no /metrics or no such one)."""
+    try:
+        r = await client.get("/metrics")
+    except httpx.HTTPError:
+        return {}
+    return buckets(r.text, histogram) if r.status_code == 200 else {}
+
+
 def cpu_pressure() -> float | None:
     try:
         some = Path("/proc/pressure/cpu").read_text().split("\n")[0]
@@ -183,6 +199,7 @@ class Bench:
                     client, warm, Load(concurrency=self.warmup), rng, encode, None, "warm-up"
                 )
             pressure = cpu_pressure()
+            before = await scrape(client, PREDICTION_ERROR)
             records, duration_s = await drive(
                 client,
                 build(self.spec, self.vocab, seed),
@@ -193,5 +210,7 @@ class Bench:
                 f"{system} {load.label}",
                 self.tokenizer.decode,
             )
+            after = await scrape(client, PREDICTION_ERROR)
         summary = summarize(records, duration_s, self.slo)
+        summary["ttft_prediction_error"] = quantiles(before, after)
         return Run(system, load, seed, records, duration_s, pressure, summary, self.workload)

@@ -9,6 +9,8 @@ Definitions (the same as vLLM's `bench serve`, so figures compare):
   is in the denominator: rejected (429/503), failed and aborted ones count as misses.
 """
 
+import math
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -87,3 +89,35 @@ def summarize(records: list[RequestRecord], duration_s: float, slo: SLO) -> dict
         "meets_attainment": attainment >= slo.attainment,
         "goodput": num_good / duration_s,
     }
+
+
+# Baton's admission records each request's real TTFT over the TTFT it predicted (a histogram)
+PREDICTION_ERROR = "baton_ttft_prediction_error"
+
+
+def buckets(metrics_text: str, name: str) -> dict[float, float]:
+    """A Prometheus histogram's cumulative bucket counts, by upper bound, from /metrics text
+    ({} where the server has no such histogram, as vLLM has not)."""
+    found = re.findall(rf'^{name}_bucket{{[^}}]*le="([^"]+)"[^}}]*}} (\S+)$', metrics_text, re.M)
+    return {float(le): float(count) for le, count in found}
+
+
+def quantiles(before: dict[float, float], after: dict[float, float]) -> dict | None:
+    """p50 and p90 of what a histogram counted between two scrapes, interpolated inside each
+    bucket as Prometheus' histogram_quantile does (the first bucket from 0); None if nothing."""
+    bounds = sorted(after)
+    counts = [after[b] - before.get(b, 0.0) for b in bounds]
+    total = counts[-1] if counts else 0.0
+    if total <= 0:
+        return None
+    out: dict[str, float] = {"count": total}
+    for q in (50, 90):
+        rank = total * q / 100
+        i = next(i for i, c in enumerate(counts) if c >= rank)
+        if math.isinf(bounds[i]):  # beyond the last finite bound: that bound is the answer
+            out[f"p{q}"] = bounds[i - 1] if i else 0.0
+            continue
+        lo, below = (bounds[i - 1], counts[i - 1]) if i else (0.0, 0.0)
+        inside = counts[i] - below
+        out[f"p{q}"] = lo + (bounds[i] - lo) * ((rank - below) / inside if inside else 1.0)
+    return out

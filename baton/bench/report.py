@@ -81,6 +81,12 @@ def markdown(runs: list[Run], slo: SLO, unavailable: dict[str, str], baseline: s
             else "no load met it"
         )
         lines.append(f"- {system}, goodput at {slo.attainment:.0%} SLO attainment: {verdict}")
+    for run in runs:  # how far admission's TTFT predictions were off (Baton's metric)
+        if err := run.summary.get("ttft_prediction_error"):
+            lines.append(
+                f"- {run.system}, {run.load.label}: real / predicted TTFT at admission, p50 "
+                f"{err['p50']:.2f}, p90 {err['p90']:.2f} ({err['count']:g} predicted requests)"
+            )
     for system, why in unavailable.items():
         lines.append(f"- {system}: not measured: {why}")
     return "\n".join(lines)

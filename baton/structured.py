@@ -29,7 +29,7 @@ class Grammars:
         self, tokenizer: PreTrainedTokenizerBase | None, vocab_size: int, eos: frozenset[int]
     ):
         self.hf, self.vocab_size, self.eos = tokenizer, vocab_size, sorted(eos)
-        self.tokenizer: llguidance.LLTokenizer | None = None  # made at the first grammar (~1 s)
+        self.tokenizer: llguidance.LLTokenizer | None = None  # made at the first grammar (~0.3 s)
         self.compiled: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
 
     def compile(self, grammar: str) -> llguidance.LLMatcher:

@@ -1,12 +1,16 @@
 """Per-request sampling settings: a msgspec Struct, so the same object crosses every socket."""
 
+import math
+
 import msgspec
+
+GREEDY_BELOW = 1e-5
 
 
 class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=True):
     max_tokens: int = 16
     min_tokens: int = 0
-    temperature: float = 1.0  # 0 means greedy
+    temperature: float = 1.0  # 0 (or below GREEDY_BELOW) means greedy
     top_p: float = 1.0
     top_k: int | None = None  # None: no top-k cut
     min_p: float = 0.0
@@ -34,7 +38,10 @@ class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=Tr
                 0 <= self.min_tokens <= self.max_tokens,
                 f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}",
             ),
-            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
+            (
+                0 <= self.temperature < math.inf,
+                f"temperature must be >= 0 and finite, got {self.temperature}",
+            ),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (self.top_k is None or self.top_k >= 1, f"top_k must be >= 1, got {self.top_k}"),
             (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
@@ -66,7 +73,8 @@ class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=Tr
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # below this, logits / T overflows to NaN: it is greedy in all but name (vLLM's eps)
+        return self.temperature < GREEDY_BELOW
 
     @property
     def adjusts_logits(self) -> bool:

@@ -2,6 +2,7 @@
 health and metrics, with errors in the OpenAI shape. The serving itself is serving.py's;
 this process never imports torch or the model."""
 
+import hmac
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -72,10 +73,12 @@ class ApiKey(BaseHTTPMiddleware):
 
     def __init__(self, app: ASGIApp, api_key: str):
         super().__init__(app)
-        self.expected = f"Bearer {api_key}"
+        self.expected = f"Bearer {api_key}".encode()
 
     async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
-        if request.url.path != "/health" and request.headers.get("authorization") != self.expected:
+        given = request.headers.get("authorization", "").encode()
+        # in constant time: how long a wrong key takes says nothing of the right one
+        if request.url.path != "/health" and not hmac.compare_digest(given, self.expected):
             return error("invalid or missing API key", "authentication_error", 401)
         return await call_next(request)
 

@@ -12,6 +12,9 @@ Int64 = Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)]
 
 
 MAX_LOGIT_BIAS = 300  # entries in one request's logit_bias, OpenAI's cap
+# the gateway matches stop strings on every token and the services scan stop ids every step:
+# bounded, so one request cannot slow every stream (OpenAI allows 4 strings)
+MAX_STOPS, MAX_STOP_CHARS, MAX_STOP_TOKEN_IDS = 16, 256, 256
 
 
 class _Strict(BaseModel):
@@ -50,7 +53,7 @@ class StructuredOutputs(_Strict):
 class _Sampling(_Strict):
     model: str | None = None
     max_tokens: StrictInt | None = Field(default=None, ge=1)  # None: the rest of the context
-    temperature: float = Field(default=1.0, ge=0)
+    temperature: float = Field(default=1.0, ge=0, allow_inf_nan=False)
     top_p: float = Field(default=1.0, gt=0, le=1)
     top_k: Int64 | None = None
     min_p: float = Field(default=0.0, ge=0, le=1)
@@ -62,8 +65,8 @@ class _Sampling(_Strict):
         default=None, max_length=MAX_LOGIT_BIAS
     )
     seed: Int64 | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[Int64] | None = None
+    stop: str | list[str] | None = None  # at most MAX_STOPS of MAX_STOP_CHARS (params.py)
+    stop_token_ids: list[Int64] | None = Field(default=None, max_length=MAX_STOP_TOKEN_IDS)
     n: StrictInt = Field(default=1, ge=1)  # at most [gateway] max_n
     stream: bool = False
     stream_options: StreamOptions | None = None

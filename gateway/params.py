@@ -6,6 +6,8 @@ from msgspec.structs import replace
 
 from baton.gateway.grammars import output_grammar
 from baton.gateway.openai_types import (
+    MAX_STOP_CHARS,
+    MAX_STOPS,
     BadRequest,
     ChatRequest,
     CompletionRequest,
@@ -26,6 +28,10 @@ def sampling_params(
     """What the services run a request with; max_tokens absent: the model's context (run
     sets it per prompt); `calls`: how a forced tool call is written."""
     stop = [req.stop] if isinstance(req.stop, str) else req.stop or []
+    if len(stop) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in stop):
+        raise BadRequest(
+            f"stop: at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters", "stop"
+        )
     if max_tokens is not None and max_tokens > max_model_len:
         raise BadRequest(
             f"max_tokens is {max_tokens}; this model's context is {max_model_len}",

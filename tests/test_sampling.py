@@ -81,7 +81,7 @@ def test_stop_token_ids_and_min_tokens(llm):
     ("kwargs", "message"),
     [
         ({"max_tokens": 0}, "max_tokens must be >= 1, got 0"),
-        ({"temperature": -1}, "temperature must be >= 0, got -1"),
+        ({"temperature": -1}, "temperature must be >= 0 and finite, got -1"),
         ({"top_p": 0}, r"top_p must be in \(0, 1\], got 0"),
         ({"top_k": 0}, "top_k must be >= 1, got 0"),
         ({"min_p": 2}, r"min_p must be in \[0, 1\], got 2"),
@@ -122,3 +122,9 @@ def test_bias_and_penalties_follow_vllms_formulas_on_the_same_logits(kw):
     )  # fmt: skip
     assert torch.allclose(row, torch.tensor(want), atol=1e-5)
     assert not torch.allclose(row, torch.tensor(logits))
+
+
+def test_a_temperature_too_small_to_divide_by_is_greedy(llm):
+    # logits / 1e-30 overflow to NaN: sampling them gave token 0 at every step
+    greedy = tokens(llm, [PROMPT], SamplingParams(max_tokens=8, temperature=0))
+    assert tokens(llm, [PROMPT], SamplingParams(max_tokens=8, temperature=1e-30)) == greedy

@@ -73,10 +73,21 @@ def test_body_over_the_cap_is_413(client):
         ({"prompt": "hi", "seed": 2**64}, "^seed: Input should be less than or equal"),
         ({"prompt": "hi", "stop_token_ids": [-(2**70)]}, "^stop_token_ids.0: Input should be"),
         ({"prompt": ""}, "the prompt is empty"),
+        ({"prompt": "hi", "stop": ["x"] * 17}, "^stop: at most 16 strings"),
+        ({"prompt": "hi", "stop": "y" * 257}, "of at most 256 characters"),
+        ({"prompt": "hi", "stop_token_ids": [5] * 257}, "^stop_token_ids: .*at most 256"),
     ],
 )  # fmt: skip
 def test_sizes_a_client_controls_are_capped_with_400(client, body, match):
     error(client.post("/v1/completions", json=body, headers=AUTH), 400, match)
+
+
+def test_an_infinite_temperature_is_a_400(client):
+    body = b'{"prompt": "hi", "temperature": 1e999}'  # json.loads reads it as inf
+    headers = {**AUTH, "content-type": "application/json"}
+    error(
+        client.post("/v1/completions", content=body, headers=headers), 400, "^temperature: .*finite"
+    )
 
 
 def test_chat_max_completion_tokens_is_capped_too(client):

@@ -47,8 +47,8 @@ class Grammars:
 
     def bitmask(self, seqs: list[Sequence]) -> torch.Tensor:
         """[len(seqs), words] int32: bit t % 32 of word t // 32 set where the sequence may
-        sample token t next under its grammar (llguidance's bitmask). A grammar that fails here (the gateway validated it) allows only ending, and
-        says why in the log."""
+        sample token t next under its grammar (llguidance's bitmask). A grammar that fails
+        here (the gateway validated it) allows only ending, and says why in the log."""
         for seq in seqs:
             if seq.grammar is None:
                 seq.grammar = self.compile(seq.params.grammar)

@@ -34,7 +34,6 @@ class StopStringMatcher:
 
     def __init__(self, stop: tuple[str, ...] | list[str]):
         self.stop = tuple(stop)
-        self.hold = max((len(s) for s in self.stop), default=1) - 1
         self.pending = ""
 
     def feed(self, delta: str) -> tuple[str, bool]:
@@ -51,13 +50,19 @@ class StopStringMatcher:
         return out, False
 
     def _partial_match(self) -> int:
-        """Length of the longest tail of `pending` that begins some stop string."""
-        for n in range(min(self.hold, len(self.pending)), 0, -1):
-            if any(s.startswith(self.pending[-n:]) for s in self.stop):
-                return n
-        return 0
+        return held_back(self.pending, self.stop)
 
     def flush(self) -> str:
         """The held-back tail, once the stream ends without a stop string."""
         out, self.pending = self.pending, ""
         return out
+
+
+def held_back(text: str, tags: tuple[str, ...]) -> int:
+    """Length of the longest tail of `text` that begins one of `tags` and is shorter than it:
+    what a stream holds back until it is the whole tag or cannot become one."""
+    longest = max((len(t) for t in tags), default=1) - 1
+    for n in range(min(longest, len(text)), 0, -1):
+        if any(t.startswith(text[-n:]) for t in tags):
+            return n
+    return 0

@@ -8,14 +8,9 @@ service sampled which token (the prefill's first one may open the tag).
 
 from dataclasses import dataclass
 
+from baton.text import held_back
+
 START, END = "<think>", "</think>"
-
-
-def held_back(text: str, tag: str) -> int:
-    """How many characters at the end of `text` could be the start of `tag`."""
-    return next(
-        (k for k in range(min(len(tag) - 1, len(text)), 0, -1) if tag.startswith(text[-k:])), 0
-    )
 
 
 @dataclass
@@ -45,7 +40,7 @@ class ReasoningStream:
                 reasoning, self.held = self.held.split(END, 1)
                 self.state = "answering"
             else:
-                keep = held_back(self.held, END)
+                keep = held_back(self.held, (END,))
                 reasoning, self.held = (
                     self.held[: len(self.held) - keep],
                     self.held[len(self.held) - keep :],

@@ -25,6 +25,7 @@ from baton.gateway.openai_types import (
     ToolCallDelta,
     ToolCallFunction,
 )
+from baton.text import held_back
 
 TEMPLATES = Path(__file__).parent / "templates"
 MAX_PARALLEL_CALLS = 8  # one answer's calls, where parallel_tool_calls lets it make several
@@ -201,12 +202,7 @@ class ToolStream:
                 out, self.held = self.held, ""
                 return out
             return ""
-        marker = self.fmt.marker
-        keep = next(
-            (k for k in range(min(len(marker) - 1, len(self.held)), 0, -1)
-             if marker.startswith(self.held[-k:])),
-            0,
-        )  # fmt: skip
+        keep = held_back(self.held, (self.fmt.marker,))
         out = self.held[: len(self.held) - keep]
         self.held = self.held[len(out) :]
         return out

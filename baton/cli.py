@@ -38,6 +38,8 @@ ENGINE_FLAGS = {
     "--block-size": ("engine.block_size", int),
     "--num-blocks": ("engine.num_blocks", int),
     "--kv-cache-gib": ("engine.kv_cache_gib", float),
+    "--kv-tier-dir": ("engine.kv_tier_dir", str),
+    "--kv-tier-gib": ("engine.kv_tier_gib", float),
     "--max-num-seqs": ("engine.max_num_seqs", int),
     "--max-num-batched-tokens": ("engine.max_num_batched_tokens", int),
     "--max-chunk-tokens": ("engine.max_chunk_tokens", int),

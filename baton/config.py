@@ -54,6 +54,14 @@ class EngineConfig(Section):
     ] = None
     max_model_len: Annotated[Positive | None, doc("context limit; unset: the model's")] = None
     enable_prefix_caching: Annotated[bool, doc("reuse KV blocks of shared prefixes")] = True
+    kv_tier_dir: Annotated[
+        str | None,
+        doc(
+            "a directory for KV blocks the pool evicts, read back on a prefix hit (services "
+            "on one host may share it); unset: no tier"
+        ),
+    ] = None
+    kv_tier_gib: Annotated[float, Meta(gt=0), doc("the KV tier's size cap per service")] = 16.0
     threads: Annotated[Positive | None, doc("torch threads; unset: one per pinned CPU")] = None
 
 
@@ -121,6 +129,20 @@ class GatewayConfig(Section):
         Meta(ge=1),
         doc("choices one request may ask for (`n`); their prompt is handed off once"),
     ] = 8
+    session_ttl_s: Annotated[
+        float,
+        Meta(ge=0),
+        doc(
+            "a request with an x-session-id header keeps its KV cached this long after it "
+            "ends (evicted last, then to the KV tier); x-session-ttl-s asks for another span"
+        ),
+    ] = 300.0
+    max_session_ttl_s: Annotated[
+        float, Meta(ge=0), doc("the longest retention x-session-ttl-s may ask for")
+    ] = 3600.0
+    session_from_user: Annotated[
+        bool, doc("the body's `user` names a session too, where no x-session-id does")
+    ] = False
     max_migrations: Annotated[
         int, Meta(ge=0), doc("times a stream resumes elsewhere after its service dies (0: off)")
     ] = 2

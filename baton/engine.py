@@ -12,6 +12,7 @@ import torch
 from baton import protocol as P
 from baton.cache.kv_cache import KVCache, block_nbytes
 from baton.cache.kv_manager import KVCacheManager
+from baton.cache.tier import DiskTier
 from baton.config import EngineConfig
 from baton.model.files import resolve_model_dir
 from baton.model.llama import CausalLM
@@ -66,6 +67,10 @@ class Engine:
             config.block_size,
             num_blocks * kv.block_nbytes / 2**30,
         )
+        tier = None
+        if config.kv_tier_dir:
+            cap = int(config.kv_tier_gib * 2**30)
+            tier = DiskTier(config.kv_tier_dir, cap, fingerprint(model, kv), kv.bytes.numpy())
         return cls(
             config=config,
             model=model,
@@ -73,7 +78,9 @@ class Engine:
             eos_token_ids=eos,
             max_model_len=max_model_len,
             kv=kv,
-            kv_manager=KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching),
+            kv_manager=KVCacheManager(
+                num_blocks, config.block_size, config.enable_prefix_caching, tier
+            ),
             runner=ModelRunner(model, kv, Sampler(eos, Grammars(tokenizer, args.vocab_size, eos))),
         )
 
@@ -89,6 +96,11 @@ class Engine:
             vocab_size=self.model.args.vocab_size,
         )
 
+    def close(self) -> None:
+        """Let the KV tier finish its queued writes."""
+        if self.kv_manager.tier is not None:
+            self.kv_manager.tier.close()
+
     def layout(self) -> P.KVLayout:
         """What a KV peer must match: block bytes mean the same thing at both ends."""
         a = self.model.args
@@ -101,3 +113,16 @@ class Engine:
             head_dim=a.head_dim,
             block_nbytes=self.kv.block_nbytes,
         )
+
+
+def fingerprint(model: CausalLM, kv: KVCache) -> bytes:
+    """Which weights and which block layout KV bytes belong to (the KV tier's files carry it):
+    the model's shape, the cache's dtype and block size, and a sample of every weight tensor
+    (two random-weight models of one config differ there)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(repr((model.args, kv.dtype, kv.block_size, kv.block_nbytes)).encode())
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            h.update(name.encode())
+            h.update(t.detach().flatten()[:64].float().numpy().tobytes())
+    return h.digest()

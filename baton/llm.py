@@ -5,6 +5,7 @@ It is the correctness reference and the aggregated baseline for benchmarks.
 """
 
 import itertools
+import time
 from dataclasses import dataclass, field
 
 import msgspec
@@ -114,6 +115,9 @@ class LLM:
     def step(self, texts: dict[str, _Text]) -> list[Sequence]:
         """One engine step; returns the sequences that finished in it."""
         batch = self.scheduler.schedule()
+        if not batch:  # prefixes on their way from the KV tier
+            time.sleep(0.001)
+            return []
         sampled = self.engine.runner.run(batch)
         finished = self.scheduler.postprocess(batch, sampled)
         for s, token in zip(batch, sampled, strict=True):

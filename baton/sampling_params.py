@@ -30,9 +30,16 @@ class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=Tr
     # scheduling, not sampling, but it must reach both schedulers: lower runs sooner (vLLM's
     # convention); equal priorities go first come first served
     priority: int = 0
+    # cache retention, not sampling, likewise for both: an agent session's blocks stay cached
+    # (the last evicted) this long after the request ends (x-session-ttl-s)
+    session_ttl_s: float = 0.0
 
     def __post_init__(self) -> None:
         checks = [
+            (
+                0 <= self.session_ttl_s < math.inf,
+                f"session_ttl_s must be >= 0 and finite, got {self.session_ttl_s}",
+            ),
             (self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}"),
             (
                 0 <= self.min_tokens <= self.max_tokens,

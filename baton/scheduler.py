@@ -96,6 +96,9 @@ class Scheduler:
         self.running: list[Sequence] = []
         # handed off by a prefill, their KV on its way (WAITING_FOR_KV), in order of offer
         self.waiting_for_kv: dict[str, Sequence] = {}
+        # prompts whose prefix blocks are being read from the KV tier, by request id
+        self.loading: dict[str, Sequence] = {}
+        self.num_tier_hit_tokens = 0  # prompt tokens whose KV the tier gave, ever
         self.num_preemptions = 0  # sequences sent back to recompute, ever
         self.num_prefix_hit_tokens = 0  # prompt tokens whose KV the prefix cache gave, ever
         # prompt tokens a step may take beside sequences that decode in it (None: the whole
@@ -104,7 +107,7 @@ class Scheduler:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.loading)
 
     def check_fits(self, num_tokens: int, max_new_tokens: int) -> None:
         """Raise a ValueError naming the numbers if a request can never be served here."""
@@ -196,6 +199,11 @@ class Scheduler:
         self.kv.free(seq)
 
     def abort(self, req_id: str) -> Sequence | None:
+        if (seq := self.loading.get(req_id)) is not None:  # its blocks free once read
+            if seq.is_finished:
+                return None
+            seq.finish(FinishReason.ABORT)
+            return seq
         for queue in (self.running, self.waiting):
             for seq in queue:
                 if seq.req_id == req_id:
@@ -242,7 +250,41 @@ class Scheduler:
         """Prompt tokens computed before a prompt arriving now gets its first chunk."""
         return tokens_ahead(self._tokens_left(), self.max_num_batched_tokens, self.max_chunk_tokens)
 
+    # --- the KV tier: a prompt's prefix the pool lost, read back instead of computed ------
+    def _load_from_tier(self, seq: Sequence) -> bool:
+        """After its pool prefix hit: if the tier holds more of the prompt and there are
+        blocks for it, `seq` leaves the queue until they are read (`_tier_landed`)."""
+        hashes = self.kv.tier_prefix(seq)
+        if not hashes or len(hashes) + len(self.running) > self.kv.pool.num_free:
+            return False
+        blocks = self.kv.pool.allocate(len(hashes))
+        seq.block_ids.extend(blocks)
+        self.waiting.popleft()
+        seq.status = SeqStatus.WAITING_FOR_KV
+        self.loading[seq.req_id] = seq
+        self.kv.tier.load(seq.req_id, list(zip(blocks, hashes, strict=True)))
+        return True
+
+    def _tier_landed(self) -> None:
+        """Loads that finished: their sequences queue first among equals (they were next)."""
+        for req_id, n in self.kv.tier.landed():
+            seq = self.loading.pop(req_id)
+            keep = seq.num_cached_blocks + n  # the pool's hit, then what was read
+            self.kv.pool.release(seq.block_ids[keep:][::-1])
+            del seq.block_ids[keep:]
+            pool_hit, seq.num_computed_tokens = seq.num_computed_tokens, keep * self.kv.block_size
+            self.kv.cache_computed(seq)  # what was read serves later prompts in any case
+            if seq.is_finished:  # aborted meanwhile
+                self.kv.free(seq)
+                continue
+            self.num_prefix_hit_tokens += pool_hit
+            self.num_tier_hit_tokens += n * self.kv.block_size
+            seq.status = SeqStatus.WAITING
+            insert_by_priority(self.waiting, seq, ahead=True)
+
     def schedule(self) -> list[ScheduledSeq]:
+        if self.loading:
+            self._tier_landed()
         budget, prompt_room = self.max_num_batched_tokens, self._prompt_room()
         out: list[ScheduledSeq] = []
         i = 0
@@ -268,6 +310,8 @@ class Scheduler:
             seq, hit = self.waiting[0], 0
             if seq.num_computed_tokens == 0:  # else its KV came with it (a hand-off)
                 self.kv.match_prefix(seq)
+                if self._load_from_tier(seq):
+                    continue
                 hit = seq.num_computed_tokens
             n = self._chunk(seq, budget, prompt_room)
             if n == 0 or not self.kv.can_allocate(seq, n):

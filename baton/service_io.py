@@ -8,10 +8,14 @@ import signal
 import socket
 import threading
 import time
+import weakref
+from typing import ClassVar
 
 import msgspec
 import zmq
-from prometheus_client import Counter, Gauge
+from prometheus_client import REGISTRY, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from baton import protocol as P
 from baton.engine import Engine
@@ -39,6 +43,50 @@ REQUEST_ERRORS = Counter("baton_request_errors", "requests failed by this servic
 LOCAL_PREFILLS = Counter("baton_local_prefills", "prompts prefilled on a decode", ["service"])
 BATCH_CAP = Gauge("baton_decode_batch_cap", "decode batch cap from the TPOT target", ["service"])
 BAD_MESSAGES = Counter("baton_bad_messages", "malformed messages dropped", ["service"])
+
+
+class TierMetrics(Collector):
+    """The KV tier's and the sessions' figures, read from each live loop at every scrape."""
+
+    COUNTERS: ClassVar = {  # TierStats field -> (metric, help)
+        "read_bytes": ("baton_kv_tier_read_bytes", "bytes read back from the KV tier"),
+        "written_bytes": ("baton_kv_tier_written_bytes", "bytes written to the KV tier"),
+        "corrupt_files": ("baton_kv_tier_corrupt_files", "torn or foreign tier files deleted"),
+        "dropped_writes": ("baton_kv_tier_dropped_writes", "evictions not written: queue full"),
+        "deleted_files": ("baton_kv_tier_deleted_files", "tier files deleted over the size cap"),
+    }
+
+    def __init__(self):
+        self.loops: weakref.WeakSet[ServiceLoop] = weakref.WeakSet()
+
+    def collect(self):
+        def family(kind, name, doc, value_of):
+            metric = kind(name, doc, labels=["service"])
+            for loop in list(self.loops):
+                metric.add_metric([loop.id], value_of(loop))
+            return metric
+
+        yield family(
+            CounterMetricFamily, "baton_kv_tier_hit_tokens", "prompt tokens whose KV the tier gave",
+            lambda loop: loop.sched.num_tier_hit_tokens,
+        )  # fmt: skip
+        yield family(
+            GaugeMetricFamily, "baton_kv_retained_blocks", "cached blocks kept for live sessions",
+            lambda loop: loop.sched.kv.pool.num_retained,
+        )  # fmt: skip
+        yield family(
+            GaugeMetricFamily, "baton_kv_tier_bytes", "bytes the KV tier holds",
+            lambda loop: loop.sched.kv.tier.size_bytes if loop.sched.kv.tier else 0,
+        )  # fmt: skip
+        for field, (name, doc) in self.COUNTERS.items():
+            yield family(
+                CounterMetricFamily, name, doc,
+                lambda loop, f=field: getattr(loop.sched.kv.tier.stats, f) if loop.sched.kv.tier else 0,
+            )  # fmt: skip
+
+
+TIER_METRICS = TierMetrics()
+REGISTRY.register(TIER_METRICS)
 
 
 class GatewayLink:
@@ -149,6 +197,7 @@ class ServiceLoop:
         KV_BLOCKS_TOTAL.labels(self.id).set(engine.kv_manager.pool.num_blocks)
         for counter in (REQUEST_ERRORS, RECOMPUTES, BAD_MESSAGES, PREFIX_HITS):  # from zero
             counter.labels(self.id)
+        TIER_METRICS.loops.add(self)
 
     def run_forever(self, drain_s: float = 30.0) -> None:
         """Until SIGTERM, then drain: heartbeats say so at once (the gateway routes new work
@@ -164,6 +213,7 @@ class ServiceLoop:
         while (self.sched.has_work or self.holds_work()) and time.monotonic() < deadline:
             self.step()
         self.step()  # the messages of what just finished
+        self.engine.close()  # the KV tier's queued writes
         log.info("drained; exiting")
         exit_now()
 
@@ -289,8 +339,9 @@ class ServiceLoop:
         """A prompt advanced by a chunk and is not finished yet."""
 
     def idle_wait_s(self) -> float:
-        """How long an idle loop waits for a message before looking around again."""
-        return 0.05
+        """How long an idle loop waits for a message before looking around again; a read
+        from the KV tier lands with no message to wake it: poll it often."""
+        return 0.001 if self.sched.loading else 0.05
 
     def housekeeping(self) -> None:
         raise NotImplementedError

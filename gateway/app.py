@@ -33,6 +33,7 @@ from baton.gateway.openai_types import (
     ModelNotFound,
     error_response,
 )
+from baton.gateway.params import session_ttl
 from baton.gateway.router import NoCapacity, Router
 from baton.gateway.serving import RESUME_WAIT_S as RESUME_WAIT_S  # tests/test_disagg.py's
 from baton.gateway.serving import Gateway
@@ -145,12 +146,14 @@ async def models(gw: Serving) -> ModelList:
     return gw.models()
 
 
-async def completions(req: CompletionRequest, gw: Serving) -> Response:
-    return await gw.completions(req)
+async def completions(req: CompletionRequest, gw: Serving, request: Request) -> Response:
+    return await gw.completions(
+        req, session_ttl(request.headers, req.user, request.app.state.config)
+    )
 
 
-async def chat(req: ChatRequest, gw: Serving) -> Response:
-    return await gw.chat(req)
+async def chat(req: ChatRequest, gw: Serving, request: Request) -> Response:
+    return await gw.chat(req, session_ttl(request.headers, req.user, request.app.state.config))
 
 
 def create_app(model_dir: Path, config: BatonConfig) -> FastAPI:
@@ -187,6 +190,7 @@ def create_app(model_dir: Path, config: BatonConfig) -> FastAPI:
         await backend.close()
 
     app = FastAPI(title="Baton", version="0.1.0", lifespan=lifespan, exception_handlers=HANDLERS)
+    app.state.config = gw
     app.add_middleware(BodyLimit)
     if gw.api_key:  # outermost: a request without the key gets no further
         app.add_middleware(ApiKey, api_key=gw.api_key)

@@ -78,7 +78,7 @@ class Gateway:
     def models(self) -> ModelList:
         return ModelList(data=[ModelCard(id=self.model_name)])
 
-    async def completions(self, req: CompletionRequest) -> Response:
+    async def completions(self, req: CompletionRequest, session_ttl_s: float = 0.0) -> Response:
         self.check_model(req.model)
         p = req.prompt
         if isinstance(p, str):
@@ -94,8 +94,9 @@ class Gateway:
         if req.echo and req.logprobs is not None:
             raise BadRequest("echo with logprobs (the prompt's) is not supported", "echo")
         params = sampling_params(
-            req, req.max_tokens, req.logprobs, self.max_model_len, self.vocab_size, self.tool_format
-        )
+            req, req.max_tokens, req.logprobs, self.max_model_len, self.vocab_size,
+            self.tool_format, session_ttl_s,
+        )  # fmt: skip
         echoes = None  # echo: each choice's text starts with its prompt's
         if req.echo:
             texts = [p] if isinstance(p, str) else p if isinstance(p[0], str) else None
@@ -109,7 +110,7 @@ class Gateway:
             req.n,
         )
 
-    async def chat(self, req: ChatRequest) -> Response:
+    async def chat(self, req: ChatRequest, session_ttl_s: float = 0.0) -> Response:
         self.check_model(req.model)
         check_tools(req, self.chat_template, self.tool_format)
         messages = [flatten(i, m.model_dump(exclude_none=True)) for i, m in enumerate(req.messages)]
@@ -128,8 +129,9 @@ class Gateway:
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         max_tokens = req.max_completion_tokens or req.max_tokens
         params = sampling_params(
-            req, max_tokens, logprobs, self.max_model_len, self.vocab_size, self.tool_format
-        )
+            req, max_tokens, logprobs, self.max_model_len, self.vocab_size, self.tool_format,
+            session_ttl_s,
+        )  # fmt: skip
         # the answer may hold calls, written as the parser reads them
         calls = self.tool_format if req.tools and req.tool_choice != "none" else None
         thinks = self.reasoning_parser is not None

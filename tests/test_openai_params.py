@@ -220,3 +220,24 @@ def test_n_over_the_cap_is_a_400(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="", prompt="x", max_tokens=2, n=9)
     assert e.value.body["param"] == "n"
+
+
+def test_session_headers_keep_the_kv_and_bad_ones_are_a_400(client, stack):
+    chat = {"model": "", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for headers in (
+        {"x-session-id": "a", "x-session-ttl-s": "soon"},
+        {"x-session-id": "a", "x-session-ttl-s": "-1"},
+        {"x-session-id": "a", "x-session-ttl-s": "inf"},
+        {"x-session-ttl-s": "60"},  # a retention with no session to keep
+    ):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(**chat, extra_headers=headers)
+        assert e.value.body["param"] == "x-session-ttl-s", e.value.body
+    before = stack.metric("decode-0", "baton_kv_retained_blocks")
+    client.completions.create(
+        model="",
+        prompt=prompt(70, seed=SEED + 9),
+        max_tokens=2,
+        extra_headers={"x-session-id": "a"},
+    )
+    assert stack.metric("decode-0", "baton_kv_retained_blocks") > before

@@ -2,14 +2,19 @@
 
 A full block's hash chains over its parent's hash and its token ids, so equal hashes mean equal
 prefixes. A prefix hit never covers the whole prompt: the last prompt token is always computed,
-because its logits give the first output token.
+because its logits give the first output token. Below the pool, an optional KV tier
+(baton.cache.tier) keeps what the pool evicts; `tier_prefix` says how much further it reaches.
 """
 
 import hashlib
 from array import array
+from typing import TYPE_CHECKING
 
 from baton.cache.block_pool import BlockPool, OutOfBlocks
 from baton.request import Sequence
+
+if TYPE_CHECKING:
+    from baton.cache.tier import DiskTier
 
 
 def chain_hash(parent: bytes | None, tokens: list[int]) -> bytes:
@@ -19,8 +24,15 @@ def chain_hash(parent: bytes | None, tokens: list[int]) -> bytes:
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
-        self.pool = BlockPool(num_blocks)
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        tier: "DiskTier | None" = None,
+    ):
+        self.tier = tier if enable_prefix_caching else None
+        self.pool = BlockPool(num_blocks, on_evict=tier.save if self.tier else None)
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
 
@@ -48,6 +60,17 @@ class KVCacheManager:
         seq.num_cached_blocks = len(seq.block_ids)
         seq.num_computed_tokens = seq.num_cached_blocks * self.block_size
 
+    def tier_prefix(self, seq: Sequence) -> list[bytes]:
+        """After `match_prefix`: the hashes of the prompt's next blocks that the tier holds."""
+        if self.tier is None:
+            return []
+        out = []
+        for h in seq.block_hashes[len(seq.block_ids) :]:
+            if not self.tier.holds(h):
+                break
+            out.append(h)
+        return out
+
     def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
         need = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_ids)
         return need <= self.pool.num_free
@@ -66,10 +89,15 @@ class KVCacheManager:
         self._update_hashes(seq, full * self.block_size)
         for i in range(seq.num_cached_blocks, full):
             self.pool.register(seq.block_ids[i], seq.block_hashes[i])
+            if self.tier is not None and seq.params.session_ttl_s:  # written through
+                self.tier.save(seq.block_ids[i], seq.block_hashes[i])
         seq.num_cached_blocks = max(seq.num_cached_blocks, full)
 
     def free(self, seq: Sequence) -> None:
-        self.pool.release(seq.block_ids[::-1])
+        """Release its blocks; a live session's stay cached longest (SamplingParams.session_ttl_s)."""
+        ttl = seq.params.session_ttl_s
+        keep_until = self.pool.clock() + ttl if ttl else None
+        self.pool.release(seq.block_ids[::-1], keep_until)
         seq.block_ids = []
         seq.num_cached_blocks = 0
 

@@ -48,6 +48,7 @@ async def complete(
     t0: float,
     want_ids: bool,
     tool_text: str | None = None,
+    session: str | None = None,
 ) -> tuple[list[int], str]:
     """Streams one completion, filling `rec` as chunks arrive (a cancelled request keeps
     what it had). Returns the answer's text, and its token ids when `want_ids` and the
@@ -80,7 +81,9 @@ async def complete(
     num_chunks = 0
     usage_tokens = None
     try:
-        async with client.stream("POST", path, json=body) as r:
+        # a session's turns name it: Baton keeps its KV between them (ignored elsewhere)
+        headers = {"x-session-id": session} if session else None
+        async with client.stream("POST", path, json=body, headers=headers) as r:
             if r.status_code != 200:
                 rec.status, rec.error = f"http {r.status_code}", (await r.aread()).decode()[:200]
                 return answer_ids, text

@@ -5,6 +5,7 @@ import asyncio
 import dataclasses
 import math
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,8 +84,11 @@ async def drive(
     bar = tqdm(total=sum(len(s.turns) for s in sessions), desc=label, unit="req")
     t0 = time.perf_counter()
 
+    run = uuid.uuid4().hex[:8]
+
     async def run_session(i: int, session: Session) -> None:
         context: list[int] = []
+        name = f"bench-{run}-{i}" if len(session.turns) > 1 else None  # x-session-id
         for k, turn in enumerate(session.turns):
             await asyncio.sleep(turn.think_s)
             context = context + turn.new_ids
@@ -94,7 +98,7 @@ async def drive(
             # a tools turn's ids go as the user's text (a chat turn)
             text = decode(context) if turn.tools else None
             try:
-                ids, text = await complete(client, model, context, rec, t0, has_next, text)
+                ids, text = await complete(client, model, context, rec, t0, has_next, text, name)
             except asyncio.CancelledError:
                 if rec.status == "pending":
                     rec.status = "aborted"

@@ -85,6 +85,13 @@ def summarize(records: list[RequestRecord], duration_s: float, slo: SLO) -> dict
         "tpot_ms": stats_ms([t for r in done if (t := r.tpot_s) is not None]),
         "itl_ms": stats_ms([gap for r in done for gap in r.itl_s]),
         "e2e_ms": stats_ms([r.e2e_s for r in done]),
+        # sessions of several turns (agent): a follow-up's TTFT is what a KV cache kept
+        # between turns saves, or not
+        "ttft_by_turn_ms": {
+            turn: stats_ms([r.ttft_s for r in done if r.turn == turn])
+            for turn in sorted({r.turn for r in done})
+        },
+        "ttft_followup_ms": stats_ms([r.ttft_s for r in done if r.turn > 0]),
         "slo_attainment": attainment,
         "meets_attainment": attainment >= slo.attainment,
         "goodput": num_good / duration_s,

@@ -81,6 +81,15 @@ def markdown(runs: list[Run], slo: SLO, unavailable: dict[str, str], baseline: s
             else "no load met it"
         )
         lines.append(f"- {system}, goodput at {slo.attainment:.0%} SLO attainment: {verdict}")
+    for run in runs:  # sessions of several turns: TTFT by turn index
+        by_turn = run.summary.get("ttft_by_turn_ms", {})
+        if len(by_turn) > 1:
+            cells = ", ".join(f"{t}: {fmt(v['p50'])} / {fmt(v['p90'])}" for t, v in by_turn.items())
+            follow = run.summary["ttft_followup_ms"]
+            lines.append(
+                f"- {run.system}, {run.load.label}: TTFT p50 / p90 ms by turn {cells}; "
+                f"every follow-up turn {fmt(follow['p50'])} / {fmt(follow['p90'])}"
+            )
     for run in runs:  # how far admission's TTFT predictions were off (Baton's metric)
         if err := run.summary.get("ttft_prediction_error"):
             lines.append(

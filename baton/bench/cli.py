@@ -56,8 +56,9 @@ def add_parser(sub) -> None:
     s.add_argument("--slo-attainment", type=float, default=0.9, help="share that must meet both")
 
     c = b.add_argument_group("compare: the arms and the limits they share")
-    c.add_argument("--arms", nargs="+", default=["baton-disagg", "baton-agg", "vllm-cpu"],
-                   help="built-in names (baton-disagg, baton-agg, vllm-cpu) or NAME=URL")  # fmt: skip
+    c.add_argument("--arms", nargs="*", default=["baton-disagg", "baton-agg", "vllm-cpu"],
+                   help="built-in names (baton-disagg, baton-agg, vllm-cpu) or NAME=URL; "
+                   "none: only --arms-file's")  # fmt: skip
     c.add_argument("--arms-file", help="TOML of [[arm]] tables: name, url, start, stop, env, "
                    "ready_path, ready_timeout_s (run after --arms)")  # fmt: skip
     c.add_argument("--baseline", help="ratios are to this arm (default: vllm-cpu if measured, "

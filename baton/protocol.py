@@ -67,6 +67,7 @@ class Load(msgspec.Struct, frozen=True):
     # (baton.slo.PromptPacer.rate; 0: not measured yet)
     prompt_rate: float = 0.0
     prompt_budget: int = 0  # decode: prompt tokens a step takes at most (its token budget)
+    tier_blocks: int = 0  # blocks its KV tier holds (baton.cache.tier), beyond the pool's
 
 
 class Heartbeat(msgspec.Struct, tag=True, frozen=True):

@@ -268,6 +268,7 @@ class ServiceLoop:
             step_per_unit_s=per_unit,
             step_budget=self.step_budget(),
             requests_seen=self.requests_seen,
+            tier_blocks=tier.num_blocks if (tier := self.sched.kv.tier) else 0,
         )
 
     def send_token(self, seq: Sequence, token: SampledToken, finished: bool) -> None:

@@ -199,6 +199,8 @@ class Backend:
         )
         if await self._send(prefill.id, request):  # it counts what reaches it (Load)
             prefill.sent_prompt(len(token_ids))
+            if prefill is not decode:  # its prefix cache now holds the prompt
+                self.router.prefixes.add(prefill.id, token_ids, held_blocks(prefill))
         return stream
 
     async def finish(self, stream: Stream, token_ids: list[int] | None = None) -> None:
@@ -207,7 +209,7 @@ class Backend:
         self.streams.pop(stream.req_id, None)
         decode = self.registry.services.get(stream.decode_id)
         if token_ids and decode is not None and decode.role == "decode":  # not a kept one's
-            self.router.prefixes.add(decode.id, token_ids, decode.load.total_blocks)
+            self.router.prefixes.add(decode.id, token_ids, held_blocks(decode))
         self._end_prefill_on_decode(stream)
         if stream.kept and (prefill := self.registry.services.get(stream.decode_id)) is not None:
             prefill.kept -= 1
@@ -218,3 +220,8 @@ class Backend:
         if not stream.done:
             for sid in {stream.prefill_id, stream.decode_id}:
                 await self._send(sid, P.Abort(stream.req_id))
+
+
+def held_blocks(service: Service) -> int:
+    """Blocks a service's prefix cache can hold: its pool's, and its KV tier's."""
+    return service.load.total_blocks + service.load.tier_blocks

@@ -1,9 +1,10 @@
-"""Which decode likely still holds a prompt's prefix in its KV cache.
+"""Which service likely still holds a prompt's prefix in its KV cache.
 
-The gateway's own record of the token sequences each decode served (prompt + output), as
-chained block hashes (baton.cache.kv_manager.chain_hash: equal hashes, equal prefixes), LRU
-per decode and bounded by its pool. An estimate: the decode may have evicted blocks since,
-and then it simply computes more of the prompt itself.
+The gateway's own record of the token sequences each decode served (prompt + output) and each
+prefill computed (prompts), as chained block hashes (baton.cache.kv_manager.chain_hash: equal
+hashes, equal prefixes), LRU per service and bounded by its pool. An estimate: the service may
+have evicted blocks since (to its KV tier, if it has one, which reads them back), and then it
+simply computes more of the prompt itself.
 """
 
 from collections import OrderedDict
@@ -14,7 +15,7 @@ from baton.cache.kv_manager import chain_hash
 class PrefixIndex:
     def __init__(self, block_size: int):
         self.block_size = block_size
-        self.held: dict[str, OrderedDict[bytes, None]] = {}  # decode id -> its blocks, LRU
+        self.held: dict[str, OrderedDict[bytes, None]] = {}  # service id -> its blocks, LRU
 
     def hashes(self, token_ids: list[int]) -> list[bytes]:
         """The chained hash of each full block of `token_ids`."""
@@ -24,8 +25,8 @@ class PrefixIndex:
             out.append(parent)
         return out
 
-    def add(self, decode_id: str, token_ids: list[int], capacity_blocks: int) -> None:
-        blocks = self.held.setdefault(decode_id, OrderedDict())
+    def add(self, service_id: str, token_ids: list[int], capacity_blocks: int) -> None:
+        blocks = self.held.setdefault(service_id, OrderedDict())
         for h in self.hashes(token_ids):
             blocks[h] = None
             blocks.move_to_end(h)
@@ -33,20 +34,20 @@ class PrefixIndex:
             blocks.popitem(last=False)
 
     def cached_tokens(self, token_ids: list[int]) -> dict[str, int]:
-        """Per decode holding some of it, the leading tokens of the prompt `token_ids` it
+        """Per service holding some of it, the leading tokens of the prompt `token_ids` it
         holds (the last prompt token never counts: its logits must be computed)."""
         if not self.held:  # nothing served yet: no need to hash the prompt
             return {}
         hashes = self.hashes(token_ids[:-1])
         out = {}
-        for decode_id, blocks in self.held.items():
+        for service_id, blocks in self.held.items():
             n = 0
             while n < len(hashes) and hashes[n] in blocks:
                 n += 1
             if n:
-                out[decode_id] = n * self.block_size
+                out[service_id] = n * self.block_size
         return out
 
-    def forget(self, decode_id: str) -> None:
-        """A decode died or restarted: its cache is gone."""
-        self.held.pop(decode_id, None)
+    def forget(self, service_id: str) -> None:
+        """A service died or restarted: its cache is gone."""
+        self.held.pop(service_id, None)

@@ -3,8 +3,10 @@
 Services register by heartbeat and are dropped when silent for `timeout_s`, so pools grow
 and shrink while running. Routing is one decision per prompt, decode first: the decode with
 the most free KV blocks per running sequence (or the one that holds the prompt's prefix), then
-whether that decode prefills it itself, else the prefill with the fewest outstanding prompt
-tokens.
+whether that decode prefills it itself, else the prefill with the fewest prompt tokens to
+compute before this one's first token: its queue, and the part of this prompt its prefix cache
+does not hold (the gateway's record of what each computed lately: a shared system prompt, an
+agent's earlier turns).
 """
 
 import time
@@ -195,7 +197,8 @@ class Router:
     ):
         self.registry = Registry(service_timeout_s)
         self.block_size = block_size
-        self.prefixes = PrefixIndex(block_size)  # what each decode served (cached_prefill)
+        # what each decode served (cached_prefill) and each prefill computed
+        self.prefixes = PrefixIndex(block_size)
         self.local_prefill_tokens = local_prefill_tokens
         self.busy_prefill_tokens = busy_prefill_tokens
         self.cached_prefill_tokens = cached_prefill_tokens
@@ -219,10 +222,10 @@ class Router:
             return prefill_cost(s, sum(p.num_tokens for p in before if p.prefill is s))
 
         n = len(ids)
+        hits = self.prefixes.cached_tokens(ids)  # per service, of what it served or computed
         decodes = self.registry.pool("decode")
         spared = [s for s in decodes if s.id not in avoid]
         if self.cached_prefill_tokens and spared:
-            hits = self.prefixes.cached_tokens(ids)
             if held := [s for s in spared if s.id in hits]:
                 # the most of it held; among equals (a shared system prompt) the least loaded
                 best = max(held, key=lambda s: (hits[s.id], -decode_load(s)))
@@ -232,7 +235,9 @@ class Router:
         if decode is None:
             raise NoCapacity("no decode service is available")
         prefills = [s for s in self.registry.pool("prefill") if s.id not in avoid]
-        prefill = min(prefills, key=prefill_load, default=None)
+        # the prefill with the least to compute before this prompt's first token: its queue,
+        # and the part of the prompt its prefix cache does not hold (it computed it lately)
+        prefill = min(prefills, key=lambda s: prefill_load(s) - hits.get(s.id, 0), default=None)
         # the prompts just placed on its core (this request's before this one)
         local = sum(p.num_tokens for p in before if p.decode is decode and not p.prefill)
         local_s = local_wait_s(decode, local, n, prefill)
@@ -248,7 +253,7 @@ class Router:
             if keepers:
                 return Placement(min(keepers, key=lambda s: s.kept), None, Why.KEPT, n)
         if n <= self.busy_prefill_tokens:
-            remote_s = remote_wait_s(prefill, prefill_load(prefill) + n)
+            remote_s = remote_wait_s(prefill, prefill_load(prefill) + n - hits.get(prefill.id, 0))
             if local_s is not None and remote_s is not None and local_s < remote_s:
                 return Placement(decode, None, Why.STOLEN, n, local_s)
         return Placement(decode, prefill, Why.REMOTE, n)

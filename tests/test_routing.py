@@ -15,10 +15,15 @@ from baton.sampling_params import SamplingParams
 
 
 def heartbeat(
-    service_id: str, role: str, queued_tokens: int = 0, requests_seen: int = 0, **load
+    service_id: str,
+    role: str,
+    queued_tokens: int = 0,
+    requests_seen: int = 0,
+    blocks: int = 64,
+    **load,
 ) -> P.Heartbeat:
-    """`load`: more Load fields (step times, prompt_rate)."""
-    load = P.Load(queued_tokens, 0, 64, 64, requests_seen=requests_seen, **load)
+    """`blocks`: its pool, all free; `load`: more Load fields (step times, prompt_rate)."""
+    load = P.Load(queued_tokens, 0, blocks, blocks, requests_seen=requests_seen, **load)
     return P.Heartbeat(service_id, role, "tcp://127.0.0.1:1" if role == "decode" else "", load)
 
 
@@ -295,5 +300,48 @@ def test_a_placement_whose_service_left_before_the_send_is_made_again():
         stream = await backend.submit(placement, prompt(100), SamplingParams(max_tokens=4))
         assert stream.prefill_id == stream.decode_id == "decode-0"
         await backend.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_prompt_goes_to_the_prefill_holding_its_prefix_while_its_queue_allows():
+    async def scenario() -> None:
+        services = ("prefill-0", "prefill"), ("prefill-1", "prefill"), ("decode-0", "decode")
+        backend = gateway(*services, cached_prefill_tokens=0, block_size=16)
+        registry = backend.registry
+        ctx = zmq.Context()
+        links = [ctx.socket(zmq.DEALER) for _ in range(2)]
+        for sid, link in zip(("prefill-0", "prefill-1"), links, strict=True):
+            link.setsockopt(zmq.IDENTITY, sid.encode())  # its end of the gateway link
+            link.connect(backend.addr)
+            async with asyncio.timeout(10):
+                while not await backend._send(sid, P.Abort("probe")):
+                    await asyncio.sleep(0.05)
+        for sid in ("prefill-0", "prefill-1"):  # pools of 256 blocks of 16
+            registry.heartbeat(heartbeat(sid, "prefill", blocks=256))
+        system = prompt(1024, 100)  # a long shared prefix, computed on one prefill
+        first = await send(backend, [*system, *prompt(40, 5000)])
+        holder = first.prefill_id
+        other = next(s for s in ("prefill-0", "prefill-1") if s != holder)
+
+        def placed_on(queued: dict[str, int]) -> str:
+            for sid, tokens in queued.items():
+                seen = int(sid == holder)
+                registry.heartbeat(heartbeat(sid, "prefill", tokens, seen, blocks=256))
+            (placement,) = backend.router.place([[*system, *prompt(60, 7000)]])
+            return placement.prefill.id
+
+        # the prefix saves 1,024 tokens of the 1,084: it goes there while the holder's queue
+        # is shorter than the other's by less than that
+        assert placed_on({holder: 0, other: 0}) == holder
+        assert placed_on({holder: 900, other: 0}) == holder
+        assert placed_on({holder: 1100, other: 0}) == other
+        # a prompt sharing none of it goes by queue alone
+        (placement,) = backend.router.place([prompt(1084, 20000)])
+        assert placement.prefill.id == other
+        backend.fail_requests(registry.services[holder])  # its cache died with it
+        assert placed_on({holder: 10, other: 0}) == other
+        await backend.close()
+        ctx.destroy(linger=0)
 
     asyncio.run(scenario())

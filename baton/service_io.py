@@ -43,6 +43,27 @@ REQUEST_ERRORS = Counter("baton_request_errors", "requests failed by this servic
 LOCAL_PREFILLS = Counter("baton_local_prefills", "prompts prefilled on a decode", ["service"])
 BATCH_CAP = Gauge("baton_decode_batch_cap", "decode batch cap from the TPOT target", ["service"])
 BAD_MESSAGES = Counter("baton_bad_messages", "malformed messages dropped", ["service"])
+SENDS_DROPPED = Counter(
+    "baton_sends_dropped",
+    "messages dropped: the peer took none (its queue full)",
+    ["service", "peer"],
+)
+# messages queued to the gateway at most (a token message is ~100 bytes): a gateway that is
+# slow for a moment loses nothing, one that is gone costs a bounded queue, never a stuck loop
+GATEWAY_HWM = 100_000
+
+
+def send_nowait(
+    sock: zmq.Socket, frames: list, service_id: str, peer: str, copy: bool = True
+) -> bool:
+    """Send without ever blocking a service loop; False (counted) where the peer's queue is
+    full: a peer that went away, or stopped reading."""
+    try:
+        sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=copy)
+    except zmq.Again:
+        SENDS_DROPPED.labels(service_id, peer).inc()
+        return False
+    return True
 
 
 class TierMetrics(Collector):
@@ -96,11 +117,12 @@ class GatewayLink:
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, service_id.encode())
         self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SNDHWM, GATEWAY_HWM)
         self.sock.connect(gateway_addr)
-        self.codec = codec
+        self.codec, self.id = codec, service_id
 
     def send(self, msg) -> None:
-        self.sock.send(self.codec.encode(msg))
+        send_nowait(self.sock, [self.codec.encode(msg)], self.id, "gateway")
 
     def recv_all(self) -> list:
         out = []
@@ -144,7 +166,7 @@ class Heartbeats(threading.Thread):
     def run(self) -> None:
         while not self.stopped:
             if time.monotonic() - self.loop.last_tick < STALL_S:
-                self.sock.send(self.encode(self.loop.heartbeat))
+                send_nowait(self.sock, [self.encode(self.loop.heartbeat)], self.loop.id, "gateway")
             self.wake.wait(HEARTBEAT_S)
             self.wake.clear()
         self.sock.close()

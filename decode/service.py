@@ -29,7 +29,14 @@ from baton.kvtransfer.zmq import ZmqReader
 from baton.probe import Probe
 from baton.request import Sequence
 from baton.scheduler import SampledToken, ScheduledSeq
-from baton.service_io import BATCH_CAP, LOCAL_PREFILLS, RECOMPUTES, ServiceLoop, advertised
+from baton.service_io import (
+    BATCH_CAP,
+    LOCAL_PREFILLS,
+    RECOMPUTES,
+    ServiceLoop,
+    advertised,
+    send_nowait,
+)
 from baton.slo import max_batch_for_tpot
 
 log = logging.getLogger("baton.decode")
@@ -82,7 +89,7 @@ class DecodeService(ServiceLoop):
         shm.sweep()  # segments of prefills that died while nobody watched
 
     def send_kv(self, peer_id: bytes, msg) -> None:
-        self.kv_sock.send_multipart([peer_id, self.codec.encode(msg)])
+        send_nowait(self.kv_sock, [peer_id, self.codec.encode(msg)], self.id, "prefill")
 
     def sockets(self) -> list[zmq.Socket]:
         return [self.gateway.sock, self.kv_sock]

@@ -146,10 +146,12 @@ class Backend:
                 stream.queue.put_nowait(P.RequestError(req_id, why, retryable=True))
 
     async def _send(self, service_id: str, msg) -> bool:
-        """False if the service is gone (the reaper fails its requests)."""
+        """False if the service is gone (the reaper fails its requests) or takes no more
+        (its queue full: it stopped reading); never waits."""
         try:
-            await self.sock.send_multipart([service_id.encode(), self.codec.encode(msg)])
-        except zmq.ZMQError:
+            frames = [service_id.encode(), self.codec.encode(msg)]
+            await self.sock.send_multipart(frames, flags=zmq.NOBLOCK)
+        except zmq.ZMQError:  # EHOSTUNREACH (ROUTER_MANDATORY), or EAGAIN
             return False
         return True
 

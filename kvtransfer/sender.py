@@ -84,12 +84,14 @@ class KVSender:
         lease_s: float = 60.0,  # a dead decode is caught sooner by the gateway, which aborts
         stream: bool = True,
         clock: Callable[[], float] = time.monotonic,
+        forget: Callable[[str], None] = lambda addr: None,
     ):
         """pool: the blocks the leases pin; pool_bytes: the same pool as [num_blocks,
-        block_nbytes] bytes, for ZeroMQ frames. stream: offer each chunk's full blocks."""
+        block_nbytes] bytes, for ZeroMQ frames. stream: offer each chunk's full blocks.
+        forget(addr): a decode is dropped (its socket can go)."""
         self.id, self.hello, self.pool, self.pool_bytes = service_id, hello, pool, pool_bytes
         self.block_size, self._send, self.lease_s = block_size, send, lease_s
-        self.stream, self.clock = stream, clock
+        self.stream, self.clock, self._forget = stream, clock, forget
         self.routes: dict[str, str] = {}  # req_id -> decode address, until handed off
         self.leases: dict[str, Lease] = {}
         self.peers: dict[str, DecodePeer] = {}
@@ -161,7 +163,8 @@ class KVSender:
 
     def expire(self) -> None:
         """End the leases of decodes silent for `lease_s`, and of requests ended that long ago
-        (a decode that never knew of one would keep it alive with its keep-alives)."""
+        (a decode that never knew of one would keep it alive with its keep-alives); forget
+        decodes silent that long that hold no lease."""
         now = self.clock()
         for req_id, lease in list(self.leases.items()):
             since = lease.ended_at if lease.ended else self.peers[lease.peer].last_seen
@@ -170,6 +173,15 @@ class KVSender:
                 LEASES_EXPIRED.labels(self.id).inc()
                 why = f"decode {lease.peer} stopped answering"
                 self._end_lease(req_id, why, HandoffEnd.EXPIRED)
+        # a decode silent that long with nothing leased to it is gone (scaled down, or
+        # restarted on another port): keep-alives to it would only fill its socket's queue
+        leased = {lease.peer for lease in self.leases.values()}
+        for addr, peer in list(self.peers.items()):
+            if addr not in leased and now - peer.last_seen > self.lease_s:
+                log.info("decode %s silent for %.0f s: forgotten", addr, now - peer.last_seen)
+                del self.peers[addr]
+                self.kv_peers.set(addr, None)
+                self._forget(addr)
 
     def keepalive(self) -> None:
         """Tells the decodes we are alive while they wait to pull."""

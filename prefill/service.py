@@ -33,7 +33,7 @@ from baton.kvtransfer.sender import KVSender
 from baton.probe import Probe
 from baton.request import Sequence
 from baton.scheduler import SampledToken, ScheduledSeq
-from baton.service_io import ServiceLoop
+from baton.service_io import ServiceLoop, send_nowait
 
 log = logging.getLogger("baton.prefill")
 
@@ -69,8 +69,9 @@ class PrefillService(ServiceLoop):
         self.socks: dict[str, zmq.Socket] = {}  # a DEALER to each decode's KV socket
         kv = engine.kv_manager
         self.sender = KVSender(
-            service_id, hello, kv.pool, pool, kv.block_size, self.send_kv, lease_s, stream_kv
-        )
+            service_id, hello, kv.pool, pool, kv.block_size, self.send_kv, lease_s, stream_kv,
+            forget=self.forget_kv,
+        )  # fmt: skip
         self.kv_peers = self.sender.kv_peers
 
     def send_kv(self, addr: str, msg, frames: list) -> None:
@@ -85,8 +86,15 @@ class PrefillService(ServiceLoop):
                 raise Unreachable(str(e)) from e
             self.socks[addr] = sock
         # KVBlocks' frames go zero-copy (they point into the pool, pinned by the lease until
-        # the release); a lone control message is small enough that copying is cheaper
-        self.socks[addr].send_multipart([self.codec.encode(msg), *frames], copy=not frames)
+        # the release); a lone control message is small enough that copying is cheaper. A
+        # decode that stops reading loses messages, never stalls this loop: its lease expires
+        frames = [self.codec.encode(msg), *frames]
+        send_nowait(self.socks[addr], frames, self.id, "decode", copy=len(frames) == 1)
+
+    def forget_kv(self, addr: str) -> None:
+        """The sender dropped a decode silent for a lease with nothing leased to it."""
+        if (sock := self.socks.pop(addr, None)) is not None:
+            sock.close(linger=0)
 
     def sockets(self) -> list[zmq.Socket]:
         return [self.gateway.sock, *self.socks.values()]

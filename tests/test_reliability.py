@@ -1,0 +1,53 @@
+"""The reliability review's findings (shared/research/review-reliability-2026-12.md), each as
+the test it proposes: a routine operation never hangs a service."""
+
+import socket
+import threading
+
+from prefill_harness import PrefillHarness
+from prometheus_client import REGISTRY
+
+from baton import protocol as P
+from baton.config import EngineConfig
+from baton.engine import Engine
+from baton.service_io import Every
+
+
+def closed_address() -> str:
+    """A tcp address nothing listens on (a decode scaled down, or restarted elsewhere)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_h1_a_decode_that_went_away_never_blocks_a_prefill_and_is_forgotten(tiny_text_model):
+    """H1: a prefill sent a keep-alive a second, blocking, to every decode it ever handed off
+    to; ~1,000 queued to one that went away and the next send blocked the loop for good."""
+    config = EngineConfig(model=str(tiny_text_model), dtype="float32", num_blocks=32)
+    h = PrefillHarness(Engine.build(config), "prefill-h1")
+    service, gone = h.service, closed_address()
+    try:
+        h.request("r", decode_kv_addr=gone)
+        h.wait(P.TokenOutput, "r")  # token 0 out; its KV offered to a decode that is not there
+        service.keepalives = Every(0)  # one a step: the ~1,000 of 17 minutes at once
+
+        def housekeep() -> None:
+            for _ in range(1500):
+                service.housekeeping()
+
+        loop = threading.Thread(target=housekeep, daemon=True)
+        loop.start()
+        loop.join(60)
+        assert not loop.is_alive(), "the prefill blocked sending to a decode that went away"
+        labels = {"service": "prefill-h1", "peer": "decode"}
+        assert REGISTRY.get_sample_value("baton_sends_dropped_total", labels) > 0
+
+        # silent for a lease: the request fails (retryable), and the decode is forgotten
+        service.sender.lease_s = 0.1
+        error = h.wait(P.RequestError, "r")
+        assert error.retryable and "stopped answering" in error.message
+        h.step_until(lambda: gone not in service.socks)
+        assert gone not in service.sender.peers
+        assert h.settle() == 0  # its KV blocks are free
+    finally:
+        h.close()

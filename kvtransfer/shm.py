@@ -20,6 +20,7 @@ import logging
 import mmap
 import os
 import secrets
+import stat
 
 import torch
 
@@ -56,14 +57,27 @@ def segments() -> list[str]:
     return sorted(f"{SHM_DIR}/{n}" for n in os.listdir(SHM_DIR) if n.startswith(PREFIX))
 
 
+def open_own(path: str, flags: int) -> int:
+    """Open a segment only if it is a regular file of ours: never a FIFO (whose open would
+    block), a symlink, or another user's file (two users' stacks on one host). Raises
+    OSError, or ValueError for a file that is not ours."""
+    fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOFOLLOW)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+        os.close(fd)
+        raise ValueError(f"{path} is not a regular file of this user")
+    return fd
+
+
 def sweep() -> list[str]:
-    """Unlink the segments of dead owners; returns their paths."""
+    """Unlink the segments of dead owners; returns their paths. What is not a segment of
+    ours is left alone."""
     removed = []
     for path in segments():
         try:
             pid = int(os.path.basename(path)[len(PREFIX) :].split("-")[0])
-            fd = os.open(path, os.O_RDONLY)
-        except (ValueError, FileNotFoundError):
+            fd = open_own(path, os.O_RDONLY)
+        except (ValueError, OSError):
             continue
         try:
             # the pid check covers the moment between an owner's create and its flock
@@ -122,12 +136,13 @@ class ShmReader:
 
     def __init__(self, region: P.ShmRegion, pool: torch.Tensor):
         """pool: our [num_blocks, block_nbytes] uint8 pool. Raises OSError if the file is not
-        here (another host) and ValueError if its size is not what the peer announced."""
+        here (another host) and ValueError if it is not a regular file of this user or its
+        size is not what the peer announced."""
         if os.path.dirname(region.path) != SHM_DIR or not os.path.basename(region.path).startswith(
             PREFIX
         ):  # a peer names the file: only ever a baton KV segment
             raise ValueError(f"{region.path!r} is not a baton KV segment in {SHM_DIR}")
-        fd = os.open(region.path, os.O_RDWR)
+        fd = open_own(region.path, os.O_RDWR)
         try:
             size = os.fstat(fd).st_size
             if size != region.nbytes or size % pool.shape[1]:

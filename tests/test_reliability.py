@@ -1,15 +1,20 @@
 """The reliability review's findings (shared/research/review-reliability-2026-12.md), each as
 the test it proposes: a routine operation never hangs a service."""
 
+import os
 import socket
+import subprocess
 import threading
 
+import pytest
+import torch
 from prefill_harness import PrefillHarness
 from prometheus_client import REGISTRY
 
 from baton import protocol as P
 from baton.config import EngineConfig
 from baton.engine import Engine
+from baton.kvtransfer import shm
 from baton.service_io import Every
 
 
@@ -51,3 +56,35 @@ def test_h1_a_decode_that_went_away_never_blocks_a_prefill_and_is_forgotten(tiny
         assert h.settle() == 0  # its KV blocks are free
     finally:
         h.close()
+
+
+def test_h5_what_is_not_our_segment_in_the_shm_dir_is_left_alone_and_never_blocks(
+    tmp_path, monkeypatch
+):
+    """H5: sweep() opened every /dev/shm/baton-kv-* blocking and caught too little: a FIFO of
+    that name hung every service on the host, another user's segment crashed them."""
+    monkeypatch.setattr(shm, "SHM_DIR", str(tmp_path))
+    fifo = tmp_path / "baton-kv-1-fifo"
+    os.mkfifo(fifo)
+    (tmp_path / "baton-kv-1-dir").mkdir()
+    (tmp_path / "baton-kv-1-link").symlink_to("/etc/hostname")
+    others = tmp_path / "baton-kv-1-others"
+    others.write_bytes(bytes(64))
+    if os.geteuid() == 0:  # as root (CI), the file can belong to another user
+        os.chown(others, 65534, 65534)
+    gone = subprocess.Popen(["true"])  # a pid now gone: its segment is a dead owner's
+    gone.wait()
+    dead = tmp_path / f"baton-kv-{gone.pid}-dead"
+    dead.write_bytes(bytes(64))
+
+    removed: list[str] = []
+    sweeper = threading.Thread(target=lambda: removed.extend(shm.sweep()), daemon=True)
+    sweeper.start()
+    sweeper.join(10)
+    assert not sweeper.is_alive(), "sweep() blocked on a FIFO"
+    assert removed == [str(dead)]
+    assert all(p.exists() or p.is_symlink() for p in (fifo, others, tmp_path / "baton-kv-1-link"))
+    pool = torch.zeros(1, 64, dtype=torch.uint8)
+    for path in (fifo, tmp_path / "baton-kv-1-link", tmp_path / "baton-kv-1-dir"):
+        with pytest.raises((OSError, ValueError)):  # a peer's Hello naming it is refused
+            shm.ShmReader(P.ShmRegion(str(path), 64), pool)

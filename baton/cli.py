@@ -9,19 +9,25 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 
 from baton.config import BatonConfig, ConfigError, load_config, to_toml
 from baton.cpus import default_cpus, parse_cpus
 from baton.probe import Probe, serve_probe
+
+if TYPE_CHECKING:
+    from baton.plane import Keys
 
 
 def on_off(text: str) -> bool:
@@ -31,6 +37,7 @@ def on_off(text: str) -> bool:
 
 
 # flag -> dotted config key; a flag given on the command line overrides the --config file
+PLANE_FLAGS = {"--key-dir": ("key_dir", str)}
 ENGINE_FLAGS = {
     "--model": ("engine.model", str),
     "--dtype": ("engine.dtype", str),
@@ -56,6 +63,7 @@ GATEWAY_FLAGS = {
     "--reasoning-parser": ("gateway.reasoning_parser", str),
 }
 UP_FLAGS = {
+    **PLANE_FLAGS,
     **ENGINE_FLAGS,
     **GATEWAY_FLAGS,
     "--prefill": ("prefill.count", int),
@@ -99,7 +107,8 @@ def cmd_prefill(args) -> None:
     config = config_from(args)
     engine = config.engine_for("prefill")
     tpot_s = config.slo.tpot_ms / 1000
-    main(engine, config.transport, args.id, args.gateway, probe, config.stream_kv, tpot_s)
+    keys = plane_keys(config)
+    main(engine, config.transport, args.id, args.gateway, probe, config.stream_kv, tpot_s, keys)
 
 
 def cmd_decode(args) -> None:
@@ -116,7 +125,28 @@ def cmd_decode(args) -> None:
         args.kv_addr,
         probe,
         tpot_s,
+        plane_keys(config),
     )
+
+
+def plane_keys(config: BatonConfig) -> "Keys | None":
+    """The service plane's keys, or None: plain sockets."""
+    from baton.plane import Keys
+
+    return Keys(config.key_dir) if config.key_dir else None
+
+
+def cmd_keys(args) -> None:
+    """Once: a directory that holds keys keeps them (compose runs this at every start)."""
+    from baton.plane import generate
+
+    root = Path(args.dir)
+    if (root / "server.key").exists():
+        print(f"service-plane keys already in {root}: kept")
+        return
+    if root.exists() and any(root.iterdir()):
+        raise SystemExit(f"{root} is not empty: keys go into a new directory")
+    print(f"service-plane keys in {generate(root)}: pass --key-dir {root}")
 
 
 def cmd_gateway(args) -> None:
@@ -167,14 +197,13 @@ class Stack:
         log_dir.mkdir(parents=True, exist_ok=True)
         self.procs: dict[str, subprocess.Popen] = {}
         self.manifest: dict[str, dict] = {}
-        self.socket_files: list[Path] = []
+        # the stack's socket files, where no other user can open them (0700)
+        self.run_dir = Path(tempfile.mkdtemp(prefix=f"baton-{os.getpid()}-"))
 
     def ipc_addr(self, name: str) -> str:
-        """A zmq endpoint that is a file, not a port another process could take first; the
-        file goes when the stack stops."""
-        path = Path(f"/tmp/baton-{os.getpid()}-{name}.sock")
-        self.socket_files.append(path)
-        return f"ipc://{path}"
+        """A zmq endpoint that is a file, not a port another process could take first, nor
+        one another user could connect to; the files go when the stack stops."""
+        return f"ipc://{self.run_dir / name}.sock"
 
     def spawn(self, name: str, argv: list[str], cpus: set[int] | None, **info) -> None:
         log = (self.log_dir / f"{name}.log").open("w")
@@ -203,8 +232,7 @@ class Stack:
                 p.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 p.kill()
-        for path in self.socket_files:
-            path.unlink(missing_ok=True)
+        shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
 def cmd_up(args) -> None:
@@ -214,6 +242,10 @@ def cmd_up(args) -> None:
     print("preparing the model (the first run converts a GGUF once) ...", flush=True)
     model_dir = resolve_model_dir(config.engine.model)
     gw = config.gateway
+    if config.key_dir and not (Path(config.key_dir) / "server.key").exists():
+        from baton.plane import generate
+
+        print(f"service-plane keys made in {generate(config.key_dir)}", flush=True)
     stack = Stack(Path(args.log_dir))
     zmq_addr = gw.zmq_addr or stack.ipc_addr("gateway")
     config = msgspec.structs.replace(
@@ -239,9 +271,11 @@ def cmd_up(args) -> None:
             if threads:
                 argv += ["--threads", str(threads)]
             if role == "decode":
-                kv_addr = "tcp://127.0.0.1:*"  # the port is chosen at bind: no race
-                if config.transport == "zmq-ipc":
-                    kv_addr = stack.ipc_addr(f"{role}-{i}-kv")
+                # one host: a socket file in the 0700 run directory, but where the KV itself
+                # is to cross TCP (transport zmq-tcp: its test and benchmark)
+                kv_addr = stack.ipc_addr(f"{role}-{i}-kv")
+                if config.transport == "zmq-tcp":
+                    kv_addr = "tcp://127.0.0.1:*"  # the port is chosen at bind: no race
                 argv += ["--kv-addr", kv_addr]
             probe = f"http://127.0.0.1:{port}"
             stack.spawn(f"{role}-{i}", argv, cpus, role=role, url=probe)
@@ -305,13 +339,14 @@ def parser() -> argparse.ArgumentParser:
             **GATEWAY_FLAGS,
             "--model-name": ("gateway.model_name", str),
             "--zmq-addr": ("gateway.zmq_addr", str),
+            **PLANE_FLAGS,
         },
     )
     gw.set_defaults(func=cmd_gateway)
 
     for role, func in (("prefill", cmd_prefill), ("decode", cmd_decode)):
         s = sub.add_parser(role, help=f"a {role} service")
-        add_config_args(s, ENGINE_FLAGS)
+        add_config_args(s, {**PLANE_FLAGS, **ENGINE_FLAGS})
         s.add_argument("--id", default=f"{role}-{socket.gethostname()}-{os.getpid()}")
         s.add_argument("--gateway", required=True, help="the gateway's ZeroMQ address")
         s.add_argument("--http-port", type=int, default=None, help="health + metrics port")
@@ -319,6 +354,10 @@ def parser() -> argparse.ArgumentParser:
         if role == "decode":
             s.add_argument("--kv-addr", default="tcp://127.0.0.1:*", help="KV socket to bind")
         s.set_defaults(func=func)
+
+    keys = sub.add_parser("keys", help="make the service plane's CURVE keys (once) in a directory")
+    keys.add_argument("dir", help="made 0700; pass it to every service as --key-dir")
+    keys.set_defaults(func=cmd_keys)
 
     prepare = sub.add_parser("prepare", help="convert the model once into the cache; print its dir")
     add_config_args(prepare, {"--model": ENGINE_FLAGS["--model"]})

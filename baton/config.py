@@ -205,6 +205,14 @@ class BatonConfig(Section):
             "rest computes (false: one hand-off after the whole prompt)"
         ),
     ] = True
+    key_dir: Annotated[
+        str | None,
+        doc(
+            "the service plane's CURVE keys (`baton keys DIR`): every ZeroMQ socket is "
+            "authenticated and encrypted; unset: plain sockets (`baton up` binds them to files "
+            "in a 0700 directory)"
+        ),
+    ] = None
     engine: EngineConfig = msgspec.field(default_factory=EngineConfig)
     prefill: PoolConfig = msgspec.field(default_factory=lambda: PoolConfig(count="auto"))
     decode: PoolConfig = msgspec.field(default_factory=PoolConfig)

@@ -13,6 +13,7 @@ One transfer id, minted by the gateway, names a request on both legs and in ever
 
 from collections.abc import Callable
 from enum import IntEnum, StrEnum
+from typing import Annotated
 
 import msgspec
 
@@ -47,27 +48,33 @@ ToService = PrefillRequest | Abort
 # --- services -> gateway -----------------------------------------------------------------
 
 
+# What a load may say: a negative or absurd figure would win (or lose) every routing choice,
+# so one that is out of these bounds fails the heartbeat's decoding (counted, dropped)
+Count = Annotated[int, msgspec.Meta(ge=0, le=2**40)]
+Seconds = Annotated[float, msgspec.Meta(ge=0, le=3600)]
+
+
 class Load(msgspec.Struct, frozen=True):
-    queued_tokens: int  # prompt tokens waiting or being prefilled
-    running: int  # sequences in the decode batch (prefill: in progress)
-    free_blocks: int
-    total_blocks: int
+    queued_tokens: Count  # prompt tokens waiting or being prefilled
+    running: Count  # sequences in the decode batch (prefill: in progress)
+    free_blocks: Count
+    total_blocks: Count
     # the service's fitted step time, seconds ~= fixed + per_unit * units (baton.slo): units
     # are prompt tokens on a prefill, sequences on a decode; 0 before it is measured
-    step_fixed_s: float = 0.0
-    step_per_unit_s: float = 0.0
-    step_budget: int = 0  # units one step can take (prefill: its token budget)
+    step_fixed_s: Seconds = 0.0
+    step_per_unit_s: Seconds = 0.0
+    step_budget: Count = 0  # units one step can take (prefill: its token budget)
     # prompt tokens computed before a new prompt gets its first chunk (its scheduler played
     # forward over the queue: baton.scheduler.tokens_ahead)
-    ahead_tokens: int = 0
-    chunk_tokens: int = 0  # a prompt's tokens per step while others wait
+    ahead_tokens: Count = 0
+    chunk_tokens: Count = 0  # a prompt's tokens per step while others wait
     # prompts received so far (PrefillRequests): the gateway counts those it sent since
-    requests_seen: int = 0
+    requests_seen: Count = 0
     # decode: prompt tokens a second it computes beside its batch within the TPOT target
     # (baton.slo.PromptPacer.rate; 0: not measured yet)
-    prompt_rate: float = 0.0
-    prompt_budget: int = 0  # decode: prompt tokens a step takes at most (its token budget)
-    tier_blocks: int = 0  # blocks its KV tier holds (baton.cache.tier), beyond the pool's
+    prompt_rate: Annotated[float, msgspec.Meta(ge=0, le=1e9)] = 0.0
+    prompt_budget: Count = 0  # decode: prompt tokens a step takes at most (its token budget)
+    tier_blocks: Count = 0  # blocks its KV tier holds (baton.cache.tier), beyond the pool's
 
 
 class Heartbeat(msgspec.Struct, tag=True, frozen=True):

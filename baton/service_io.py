@@ -21,6 +21,7 @@ from baton import protocol as P
 from baton.engine import Engine
 from baton.kvtransfer.base import Stop
 from baton.kvtransfer.metrics import KVPeers
+from baton.plane import Keys
 from baton.request import Sequence
 from baton.scheduler import SampledToken, ScheduledSeq
 from baton.slo import PromptPacer, StepTimes
@@ -48,6 +49,7 @@ SENDS_DROPPED = Counter(
     "messages dropped: the peer took none (its queue full)",
     ["service", "peer"],
 )
+MAX_REQUEST_BYTES = 64 << 20  # a message from the gateway: a request's prompt, at most
 # messages queued to the gateway at most (a token message is ~100 bytes): a gateway that is
 # slow for a moment loses nothing, one that is gone costs a bounded queue, never a stuck loop
 GATEWAY_HWM = 100_000
@@ -113,11 +115,22 @@ REGISTRY.register(TIER_METRICS)
 class GatewayLink:
     """DEALER to the gateway's ROUTER: tokens and heartbeats up, requests and aborts down."""
 
-    def __init__(self, ctx: zmq.Context, gateway_addr: str, service_id: str, codec: P.Codec):
+    def __init__(
+        self,
+        ctx: zmq.Context,
+        gateway_addr: str,
+        service_id: str,
+        codec: P.Codec,
+        keys: Keys | None,
+        role: str,
+    ):
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, service_id.encode())
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.SNDHWM, GATEWAY_HWM)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)
+        if keys is not None:
+            keys.connect_as(self.sock, role)
         self.sock.connect(gateway_addr)
         self.codec, self.id = codec, service_id
 
@@ -158,6 +171,8 @@ class Heartbeats(threading.Thread):
         self.sock = ctx.socket(zmq.DEALER)  # zmq sockets are per thread
         self.sock.setsockopt(zmq.IDENTITY, f"{loop.id}/heartbeats".encode())
         self.sock.setsockopt(zmq.LINGER, 0)
+        if loop.keys is not None:
+            loop.keys.connect_as(self.sock, loop.role)
         self.sock.connect(gateway_addr)
         self.loop, self.encode = loop, msgspec.msgpack.Encoder().encode
         self.wake = threading.Event()
@@ -189,14 +204,19 @@ class ServiceLoop:
     kv_peers: KVPeers
 
     def __init__(
-        self, engine: Engine, service_id: str, gateway_addr: str, tpot_s: float | None = None
+        self,
+        engine: Engine,
+        service_id: str,
+        gateway_addr: str,
+        tpot_s: float | None = None,
+        keys: Keys | None = None,
     ):
-        self.engine, self.id = engine, service_id
+        """keys: the service plane's (baton.plane); None: plain sockets."""
+        self.engine, self.id, self.keys = engine, service_id, keys
         self.sched = engine.scheduler()
         self.ctx = zmq.Context()
-        self.gateway = GatewayLink(
-            self.ctx, gateway_addr, service_id, P.Codec(P.ToService, self.count_bad)
-        )
+        codec = P.Codec(P.ToService, self.count_bad)
+        self.gateway = GatewayLink(self.ctx, gateway_addr, service_id, codec, keys, self.role)
         self.gateway_addr = gateway_addr
         self.snapshots = Every(HEARTBEAT_S)
         self.keepalives = Every(KEEPALIVE_S)

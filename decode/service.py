@@ -26,6 +26,7 @@ from baton.kvtransfer import shm
 from baton.kvtransfer.handshake import choose, start_nixl
 from baton.kvtransfer.receiver import KVReceiver
 from baton.kvtransfer.zmq import ZmqReader
+from baton.plane import Authenticator, Keys, peer_role
 from baton.probe import Probe
 from baton.request import Sequence
 from baton.scheduler import SampledToken, ScheduledSeq
@@ -55,12 +56,19 @@ class DecodeService(ServiceLoop):
         transfer_timeout_s: float = 30.0,
         peer_timeout_s: float = 30.0,
         tpot_s: float | None = None,
+        keys: Keys | None = None,
     ):
-        super().__init__(engine, service_id, gateway_addr, tpot_s)
+        super().__init__(engine, service_id, gateway_addr, tpot_s, keys)
         self.max_batch = self.sched.max_num_seqs
         self.decode_times = self.step_times  # its load's fit is of pure decode steps already
         self.kv_sock = self.ctx.socket(zmq.ROUTER)
         self.kv_sock.setsockopt(zmq.LINGER, 0)
+        # the largest message: KVBlocks of the whole pool (its frames count one by one)
+        self.kv_sock.setsockopt(zmq.MAXMSGSIZE, engine.kv.block_bytes().numel() + (1 << 20))
+        self.authenticator = None
+        if keys is not None:  # only prefills with a key of their role hand KV off here
+            self.authenticator = Authenticator(self.ctx, keys)
+            keys.serve(self.kv_sock)
         self.kv_sock.bind(kv_addr)
         self.kv_addr = advertised(self.kv_sock.getsockopt_string(zmq.LAST_ENDPOINT))
         zmq_transport = "zmq-ipc" if self.kv_addr.startswith("ipc://") else "zmq-tcp"
@@ -107,6 +115,8 @@ class DecodeService(ServiceLoop):
             identity, *frames = self.kv_sock.recv_multipart(copy=False)
             if not frames:
                 self.count_bad(ValueError("an empty message"))
+            elif self.keys is not None and (role := peer_role(frames[0])) != "prefill":
+                self.count_bad(ValueError(f"a KV message from a {role} key"))
             elif (msg := self.codec.try_decode(frames[0].buffer)) is not None:
                 self.receiver.on_message(identity.bytes, msg, [f.buffer for f in frames[1:]])
         self.receiver.pull()
@@ -166,10 +176,12 @@ def main(
     kv_addr: str,
     probe: Probe | None,
     tpot_s: float | None = None,
+    keys: Keys | None = None,
 ) -> None:
     service = DecodeService(
-        Engine.build(config), service_id, gateway_addr, kv_addr, transport, tpot_s=tpot_s
-    )
+        Engine.build(config), service_id, gateway_addr, kv_addr, transport, tpot_s=tpot_s,
+        keys=keys,
+    )  # fmt: skip
     if probe:
         probe.status = service.status
     service.run_forever()

@@ -38,6 +38,7 @@ from baton.gateway.router import NoCapacity, Router
 from baton.gateway.serving import RESUME_WAIT_S as RESUME_WAIT_S  # tests/test_disagg.py's
 from baton.gateway.serving import Gateway
 from baton.gateway.tools import load_template
+from baton.plane import Keys
 
 log = logging.getLogger("baton.gateway")
 
@@ -170,7 +171,8 @@ def create_app(model_dir: Path, config: BatonConfig) -> FastAPI:
             tpot_s=config.slo.tpot_ms / 1000,
         )
         aggregated = config.prefill.count == 0
-        backend = Backend(gw.zmq_addr, Admission(gw, config.slo), router, aggregated)
+        keys = Keys(config.key_dir) if config.key_dir else None
+        backend = Backend(gw.zmq_addr, Admission(gw, config.slo), router, aggregated, keys)
         backend.on_heartbeat = M.observe_heartbeat
         backend.start()
         app.state.gateway = Gateway(

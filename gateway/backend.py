@@ -16,9 +16,12 @@ from baton import protocol as P
 from baton.gateway import metrics as M
 from baton.gateway.admission import Admission, Admitted
 from baton.gateway.router import Placement, Router, Service, Why
+from baton.plane import Authenticator, Keys, peer_role
 from baton.sampling_params import SamplingParams
 
 log = logging.getLogger("baton.gateway")
+
+MAX_MESSAGE_BYTES = 4 << 20  # what a service sends the gateway: tokens, heartbeats, errors
 
 
 class ServiceFailed(RuntimeError):
@@ -62,11 +65,24 @@ class Stream:
 
 
 class Backend:
-    def __init__(self, zmq_addr: str, admission: Admission, router: Router, aggregated: bool):
+    def __init__(
+        self,
+        zmq_addr: str,
+        admission: Admission,
+        router: Router,
+        aggregated: bool,
+        keys: Keys | None = None,
+    ):
+        """keys: the service plane's (baton.plane); None: a plain socket."""
         self.ctx = zmq.asyncio.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        self.authenticator = None
+        if keys is not None:
+            self.authenticator = Authenticator(zmq.Context.shadow(self.ctx), keys)
+            keys.serve(self.sock)
         self.sock.bind(zmq_addr)
         self.addr = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.admission = admission
@@ -85,6 +101,8 @@ class Backend:
         for t in self.tasks:
             t.cancel()
         self.sock.close()
+        if self.authenticator is not None:
+            self.authenticator.stop()
         self.ctx.term()
 
     @property
@@ -104,18 +122,25 @@ class Backend:
 
     async def _read(self) -> None:
         while True:
-            identity, *frames = await self.sock.recv_multipart()
+            identity, *frames = await self.sock.recv_multipart(copy=False)
+            sender = identity.bytes.decode(errors="replace")
             if len(frames) != 1:  # every message is one frame; anything else is garbage
-                self._count_bad(ValueError(f"{len(frames)} frames from {identity!r}"))
+                self._count_bad(ValueError(f"{len(frames)} frames from {sender!r}"))
                 continue
-            if (msg := self.codec.try_decode(frames[0])) is None:
+            if (msg := self.codec.try_decode(frames[0].buffer)) is None:
                 continue
             if isinstance(msg, P.Heartbeat):
+                if (why := self._untrusted(msg, sender, peer_role(frames[0]))) is not None:
+                    self._count_bad(ValueError(why))
+                    continue
                 if (previous := self.registry.heartbeat(msg)) is not None:
                     log.error("service %s restarted", previous.id)
                     self.fail_requests(previous)
                 self.on_heartbeat(msg)
             elif (stream := self.streams.get(msg.req_id)) is not None:
+                if sender not in (stream.prefill_id, stream.decode_id):
+                    self._count_bad(ValueError(f"{sender!r} answered for {msg.req_id}"))
+                    continue
                 stream.queue.put_nowait(msg)
                 self._end_prefill_on_decode(stream)  # any answer ends its prompt's prefill
                 if (
@@ -126,6 +151,15 @@ class Backend:
                     # prefill's part is done; from here a dead decode, not prefill, fails it
                     if (prefill := self.registry.services.get(stream.prefill_id)) is not None:
                         prefill.requests.discard(msg.req_id)
+
+    def _untrusted(self, hb: P.Heartbeat, sender: str, role: str | None) -> str | None:
+        """Why a heartbeat is refused, or None: it comes from its service's heartbeat socket,
+        and, on an authenticated plane, from a key of the role it claims."""
+        if sender != f"{hb.service_id}/heartbeats":
+            return f"{sender!r} sent {hb.service_id}'s heartbeat"
+        if self.authenticator is not None and role != hb.role:
+            return f"{hb.service_id} claims to be a {hb.role} with a {role} key"
+        return None
 
     async def _reap(self) -> None:
         while True:

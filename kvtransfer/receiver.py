@@ -134,7 +134,16 @@ class KVReceiver:
         reader, refused, skipped = None, "", []
         try:
             if hello.layout != self.layout:
-                raise Refused(f"KV layout {hello.layout} != ours {self.layout}")
+                # the peer learns which fields differ, never our values (the log has them)
+                log.error(
+                    "prefill %s: KV layout %s != ours %s",
+                    hello.prefill_id,
+                    hello.layout,
+                    self.layout,
+                )
+                fields = [f for f in self.layout.__struct_fields__
+                          if getattr(hello.layout, f) != getattr(self.layout, f)]  # fmt: skip
+                raise Refused(f"KV layout differs in {', '.join(fields)}")
             reader, skipped = self.choose_reader(hello, lambda m: self._send(peer_id, m))
         except Refused as e:
             refused = str(e)

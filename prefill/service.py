@@ -30,6 +30,7 @@ from baton.kvtransfer import shm
 from baton.kvtransfer.base import Unreachable
 from baton.kvtransfer.handshake import kind, start_nixl
 from baton.kvtransfer.sender import KVSender
+from baton.plane import Keys
 from baton.probe import Probe
 from baton.request import Sequence
 from baton.scheduler import SampledToken, ScheduledSeq
@@ -51,9 +52,10 @@ class PrefillService(ServiceLoop):
         lease_s: float = 60.0,
         stream_kv: bool = True,
         tpot_s: float | None = None,
+        keys: Keys | None = None,
     ):
         """shm_region: where the pool lives when it is in shared memory (kvtransfer.shm)."""
-        super().__init__(engine, service_id, gateway_addr, tpot_s)
+        super().__init__(engine, service_id, gateway_addr, tpot_s, keys)
         pool = engine.kv.block_bytes()
         agent = start_nixl(transport, f"{service_id}-{os.getpid()}", pool)
         hello = P.Hello(
@@ -79,6 +81,8 @@ class PrefillService(ServiceLoop):
             sock = self.ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.IDENTITY, self.id.encode())
             sock.setsockopt(zmq.LINGER, 0)
+            if self.keys is not None:
+                self.keys.connect_as(sock, self.role)
             try:
                 sock.connect(addr)
             except zmq.ZMQError as e:
@@ -164,6 +168,7 @@ def main(
     probe: Probe | None,
     stream_kv: bool = True,
     tpot_s: float | None = None,
+    keys: Keys | None = None,
 ) -> None:
     segment = (
         shm.Segment(required=transport == "shm") if kind(transport) in ("auto", "shm") else None
@@ -171,8 +176,9 @@ def main(
     engine = Engine.build(config, kv_storage=segment.create if segment else None)
     region = segment.region if segment else None
     service = PrefillService(
-        engine, service_id, gateway_addr, transport, region, stream_kv=stream_kv, tpot_s=tpot_s
-    )
+        engine, service_id, gateway_addr, transport, region, stream_kv=stream_kv, tpot_s=tpot_s,
+        keys=keys,
+    )  # fmt: skip
     if probe:
         probe.status = service.status
     service.run_forever()  # exits after SIGTERM and a drain, unlinking the segment

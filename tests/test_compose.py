@@ -58,10 +58,22 @@ def published(service: dict) -> list[tuple[str, str]]:
 def test_compose_validates_and_declares_the_stack(compose):
     stack = json.loads(compose("config", "--format", "json"))
     services = stack["services"]
-    assert set(services) == {"model", "gateway", "prefill", "decode"}
-    assert "models" in stack["volumes"]
+    assert set(services) == {"keys", "model", "gateway", "prefill", "decode"}
+    assert {"models", "keys"} <= set(stack["volumes"])
+    keys = services["keys"]  # makes the plane's keys into their volume, once
+    assert keys["command"] == ["keys", "/keys"] and keys["restart"] == "no"
+    assert [(v["target"], v["source"], v.get("read_only")) for v in keys["volumes"]] == [
+        ("/keys", "keys", None)
+    ]
     for name, s in services.items():
-        mounts = {v["target"]: v["source"] for v in s["volumes"]}
+        if name == "keys":
+            continue
+        mounts = {v["target"]: (v["source"], v.get("read_only")) for v in s["volumes"]}
+        assert mounts["/keys"] == ("keys", True)  # every other service only reads them
+        if name != "model":
+            assert s["command"][s["command"].index("--key-dir") + 1] == "/keys"
+            assert s["depends_on"]["keys"]["condition"] == "service_completed_successfully"
+        mounts = {target: source for target, (source, _) in mounts.items()}
         assert mounts["/models"] == "models"  # the model is converted once, shared by all
         assert Path(mounts[CONFIG_IN_CONTAINER]) == COMPOSE_DIR / "baton.toml"
         assert s["environment"]["BATON_CACHE"] == "/models"
@@ -149,7 +161,11 @@ def test_scaled_replicas_register_and_export_every_dashboard_metric(
     services = json.loads(compose("config", "--format", "json"))["services"]
     http, zmq = free_port(), free_port()
     gateway_url = f"http://127.0.0.1:{http}"
-    common = {"tcp://gateway:5555": f"tcp://127.0.0.1:{zmq}", "0.0.0.0": "127.0.0.1"}
+    keys = tmp_path / "keys"  # what the keys service makes into its volume
+    subprocess.run([sys.executable, "-P", "-m", "baton.cli", *services["keys"]["command"][:1],
+                    str(keys)], check=True)  # fmt: skip
+    common = {"tcp://gateway:5555": f"tcp://127.0.0.1:{zmq}", "0.0.0.0": "127.0.0.1",
+              "/keys": str(keys)}  # fmt: skip
     running: list[Service] = []
 
     def start(name: str, i: int) -> str:

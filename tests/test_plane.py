@@ -1,0 +1,124 @@
+"""The service plane under CURVE keys (baton.plane): a stack started with `--key-dir` serves as
+before, KV over TCP included; a peer without the keys gets nothing from the gateway or a
+decode; a key is bound to its role; a heartbeat whose load is out of bounds is refused."""
+
+import json
+import os
+import stat
+import time
+
+import msgspec
+import psutil
+import pytest
+import zmq
+from reference import ENGINE
+from stack import Stack, get
+
+from baton import plane
+from baton import protocol as P
+from baton.config import load_config
+
+PROMPT = [1, 17, 42, 99, 7]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, tiny_text_model):
+    root = tmp_path_factory.mktemp("plane")
+    keys = root / "keys"  # `baton up` makes them there
+    s = Stack(
+        root / "logs", tiny_text_model, *ENGINE, "--transport", "zmq-tcp", "--key-dir", str(keys)
+    )
+    yield s, keys
+    s.stop()
+
+
+def complete(stack: Stack) -> list[int]:
+    r = stack.client().completions.create(
+        model="", prompt=PROMPT, max_tokens=8, temperature=0,
+        extra_body={"ignore_eos": True, "return_token_ids": True},
+    )  # fmt: skip
+    return r.choices[0].token_ids
+
+
+def pools(stack: Stack) -> dict:
+    return json.loads(get(f"{stack.url}/health")[1])
+
+
+def bad_messages(stack: Stack) -> float:
+    body = get(f"{stack.url}/metrics")[1].decode()
+    line = next(x for x in body.splitlines() if x.startswith("baton_gateway_bad_messages_total"))
+    return float(line.split()[-1])
+
+
+def test_keys_are_private_and_the_stack_serves_over_them(stack):
+    s, keys = stack
+    assert stat.S_IMODE(os.stat(keys).st_mode) == 0o700
+    for secret in keys.glob("*.key_secret"):
+        assert stat.S_IMODE(os.stat(secret).st_mode) == 0o600
+    assert len(complete(s)) == 8  # prefill -> decode over CURVE TCP, tokens back over CURVE
+
+
+def heartbeat(service_id: str, role: str, queued: int = 0) -> bytes:
+    load = msgspec.structs.replace(P.Load(0, 0, 64, 64), queued_tokens=queued)
+    return msgspec.msgpack.encode(P.Heartbeat(service_id, role, "", load))
+
+
+def peer(ctx: zmq.Context, addr: str, identity: str, keys=None, role: str = "prefill"):
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.IDENTITY, identity.encode())
+    if keys is not None:
+        plane.Keys(keys).connect_as(sock, role)
+    sock.connect(addr)
+    return sock
+
+
+def test_a_peer_without_the_keys_gets_nothing_and_a_key_is_bound_to_its_role(stack):
+    s, keys = stack
+    gateway_addr = load_config(s.log_dir / "config.toml").gateway.zmq_addr
+    ctx = zmq.Context()
+    try:
+        before, bad = pools(s), bad_messages(s)
+        # no key: the handshake fails, the gateway never sees a byte (not even as garbage)
+        plain = peer(ctx, gateway_addr, "plain/heartbeats")
+        for _ in range(5):
+            plain.send(heartbeat("plain", "prefill"))
+        # a key of its own, with the server's public key (which is no secret): ZAP says no
+        stranger_keys = plane.Keys(plane.generate(keys.parent / "stranger"))
+        stranger_keys.server_public = plane.Keys(keys).server_public
+        stranger = ctx.socket(zmq.DEALER)
+        stranger.setsockopt(zmq.LINGER, 0)
+        stranger.setsockopt(zmq.IDENTITY, b"stranger/heartbeats")
+        stranger_keys.connect_as(stranger, "prefill")
+        stranger.connect(gateway_addr)
+        stranger.send(heartbeat("stranger", "prefill"))
+        # a decode's key claiming to be a prefill, and a prefill's key with an absurd load:
+        # both arrive, and both are refused (counted)
+        liar = peer(ctx, gateway_addr, "liar/heartbeats", keys, role="decode")
+        liar.send(heartbeat("liar", "prefill"))
+        greedy = peer(ctx, gateway_addr, "greedy/heartbeats", keys, role="prefill")
+        greedy.send(heartbeat("greedy", "prefill", -(10**9)))
+        deadline = time.monotonic() + 10
+        while bad_messages(s) < bad + 2:
+            assert time.monotonic() < deadline, "the keyed lies never arrived"
+            time.sleep(0.2)
+        time.sleep(1)  # the keyless heartbeats had every chance to arrive
+        assert bad_messages(s) == bad + 2
+        assert pools(s) == before  # nobody joined
+        assert len(complete(s)) == 8
+
+        # a decode's KV socket (tcp, the only port it listens on besides its probe): a
+        # keyless Hello gets no answer, and a keyed peer of the wrong role is counted
+        decode = s.services("decode")["decode-0"]
+        probe_port = int(decode["url"].rsplit(":", 1)[1])
+        (kv_port,) = {
+            c.laddr.port for c in psutil.Process(decode["pid"]).net_connections("tcp")
+            if c.status == psutil.CONN_LISTEN and c.laddr.port != probe_port
+        }  # fmt: skip
+        hello = msgspec.msgpack.encode(P.KeepAlive())
+        intruder = peer(ctx, f"tcp://127.0.0.1:{kv_port}", "intruder")
+        intruder.send(hello)
+        assert not intruder.poll(2000)
+        assert len(complete(s)) == 8
+    finally:
+        ctx.destroy(linger=0)

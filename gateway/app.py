@@ -33,10 +33,10 @@ from baton.gateway.openai_types import (
     ModelNotFound,
     error_response,
 )
-from baton.gateway.params import session_ttl
 from baton.gateway.router import NoCapacity, Router
 from baton.gateway.serving import RESUME_WAIT_S as RESUME_WAIT_S  # tests/test_disagg.py's
 from baton.gateway.serving import Gateway
+from baton.gateway.sessions import LiveSessions, session_ttl
 from baton.gateway.tools import load_template
 from baton.plane import Keys
 
@@ -137,9 +137,10 @@ async def health(gw: Serving) -> JSONResponse:
     return JSONResponse({"healthy": backend.healthy, **pools}, 200 if backend.healthy else 503)
 
 
-async def metrics(gw: Serving) -> Response:
+async def metrics(gw: Serving, request: Request) -> Response:
     for role in ("prefill", "decode"):
         M.SERVICES.labels(role).set(len(gw.backend.registry.pool(role)))
+    M.SESSIONS.set(request.app.state.sessions.count())
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -147,14 +148,19 @@ async def models(gw: Serving) -> ModelList:
     return gw.models()
 
 
+def session_of(req: CompletionRequest | ChatRequest, request: Request) -> float:
+    """How long this turn's KV stays cached (gateway.sessions); the session counts as live."""
+    session, ttl_s = session_ttl(request.headers, req.user, request.app.state.config)
+    request.app.state.sessions.seen(session, ttl_s)
+    return ttl_s
+
+
 async def completions(req: CompletionRequest, gw: Serving, request: Request) -> Response:
-    return await gw.completions(
-        req, session_ttl(request.headers, req.user, request.app.state.config)
-    )
+    return await gw.completions(req, session_of(req, request))
 
 
 async def chat(req: ChatRequest, gw: Serving, request: Request) -> Response:
-    return await gw.chat(req, session_ttl(request.headers, req.user, request.app.state.config))
+    return await gw.chat(req, session_of(req, request))
 
 
 def create_app(model_dir: Path, config: BatonConfig) -> FastAPI:
@@ -193,6 +199,7 @@ def create_app(model_dir: Path, config: BatonConfig) -> FastAPI:
 
     app = FastAPI(title="Baton", version="0.1.0", lifespan=lifespan, exception_handlers=HANDLERS)
     app.state.config = gw
+    app.state.sessions = LiveSessions()
     app.add_middleware(BodyLimit)
     if gw.api_key:  # outermost: a request without the key gets no further
         app.add_middleware(ApiKey, api_key=gw.api_key)

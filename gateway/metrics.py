@@ -13,6 +13,7 @@ TPOT = Histogram(
 )
 E2E = Histogram("baton_e2e_seconds", "request latency, end to end", buckets=LATENCY_BUCKETS)
 INFLIGHT = Gauge("baton_inflight_requests", "requests in flight at the gateway")
+SESSIONS = Gauge("baton_live_sessions", "agent sessions whose KV is kept (seen within their TTL)")
 SERVICE_QUEUE = Gauge(
     "baton_service_queued_tokens", "prompt tokens queued per service", ["service", "role"]
 )

@@ -1,14 +1,9 @@
 """A request's fields checked against this model and turned into what the services run:
 SamplingParams (penalties, bias, grammar, ...), the chat messages a template takes, and the
-tools it can show, and how long an agent session's KV is kept. A field that cannot be served as
-asked is a BadRequest naming it."""
-
-import math
-from collections.abc import Mapping
+tools it can show. A field that cannot be served as asked is a BadRequest naming it."""
 
 from msgspec.structs import replace
 
-from baton.config import GatewayConfig
 from baton.gateway.grammars import output_grammar
 from baton.gateway.openai_types import (
     MAX_STOP_CHARS,
@@ -129,22 +124,3 @@ def nth(params: SamplingParams, j: int) -> SamplingParams:
     if params.seed is None or j == 0:
         return params
     return replace(params, seed=(params.seed + j) % 2**63)
-
-
-def session_ttl(headers: Mapping[str, str], user: str | None, config: GatewayConfig) -> float:
-    """Seconds an agent session's KV stays cached after this turn: x-session-id (or the body's
-    `user`, with session_from_user) keeps it session_ttl_s, or what x-session-ttl-s asks, up
-    to max_session_ttl_s; no session: 0."""
-    session = headers.get("x-session-id") or (user if config.session_from_user else None)
-    raw = headers.get("x-session-ttl-s")
-    if raw is None:
-        return config.session_ttl_s if session else 0.0
-    if not session:
-        raise BadRequest("x-session-ttl-s needs an x-session-id", "x-session-ttl-s")
-    try:
-        ttl = float(raw)
-    except ValueError:
-        ttl = math.nan
-    if not 0 <= ttl < math.inf:
-        raise BadRequest(f"x-session-ttl-s must be seconds >= 0, got {raw!r}", "x-session-ttl-s")
-    return min(ttl, config.max_session_ttl_s)

@@ -19,6 +19,7 @@ import baton
 from baton.cache.block_pool import BlockPool
 from baton.cache.kv_manager import KVCacheManager, chain_hash
 from baton.cache.tier import HEADER, DiskTier
+from baton.gateway.sessions import LiveSessions
 from baton.request import Sequence
 from baton.sampling_params import SamplingParams
 from baton.scheduler import Scheduler
@@ -87,6 +88,19 @@ def test_session_blocks_are_evicted_last_until_their_ttl():
     assert pool.lookup(b"k") is None and pool.lookup(b"l") == later[0]
     assert pool.num_retained == 0
     pool.check_invariants()
+
+
+def test_the_gateway_counts_a_session_live_until_its_ttl_passes():
+    clock = Clock()
+    live = LiveSessions(clock)
+    live.seen("a", 10.0)
+    live.seen("b", 100.0)
+    live.seen(None, 100.0)  # a request of no session
+    assert live.count() == 2
+    clock.now += 11
+    assert live.count() == 1
+    live.seen("a", 10.0)  # a next turn: live again
+    assert live.count() == 2
 
 
 def test_evicted_bytes_are_copied_before_reuse_and_load_back(tmp_path):

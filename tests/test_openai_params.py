@@ -241,3 +241,4 @@ def test_session_headers_keep_the_kv_and_bad_ones_are_a_400(client, stack):
         extra_headers={"x-session-id": "a"},
     )
     assert stack.metric("decode-0", "baton_kv_retained_blocks") > before
+    assert stack.metric("gateway", "baton_live_sessions") == 1  # "a", within its 300 s

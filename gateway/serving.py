@@ -42,6 +42,9 @@ from baton.text import IncrementalDetokenizer, StopStringMatcher
 log = logging.getLogger("baton.gateway")
 
 RESUME_WAIT_S = 10.0  # how long a stream to resume waits for a live decode
+# a token is rarely longer than this: text of more characters per context token cannot fit,
+# and is refused before it is tokenized (an 8 MB prompt took the tokenizer 7 s)
+MAX_CHARS_PER_TOKEN = 16
 
 
 class Gateway:
@@ -74,6 +77,7 @@ class Gateway:
         config = json.loads((model_dir / "config.json").read_text())
         self.max_model_len = max_model_len or config.get("max_position_embeddings", 1 << 30)
         self.vocab_size = config.get("vocab_size") or len(self.tokenizer)
+        self.tokenizing = asyncio.Lock()
 
     def models(self) -> ModelList:
         return ModelList(data=[ModelCard(id=self.model_name)])
@@ -82,11 +86,11 @@ class Gateway:
         self.check_model(req.model)
         p = req.prompt
         if isinstance(p, str):
-            prompts = [self.tokenizer.encode(p)]
+            prompts = [await self.tokenize(len(p), "prompt", self.tokenizer.encode, p)]
         elif p and all(isinstance(x, int) for x in p):
             prompts = [list(p)]
         elif p and all(isinstance(x, str) for x in p):
-            prompts = [self.tokenizer.encode(x) for x in p]
+            prompts = [await self.tokenize(len(x), "prompt", self.tokenizer.encode, x) for x in p]
         elif p and all(isinstance(x, list) for x in p):
             prompts = [list(x) for x in p]
         else:
@@ -115,15 +119,16 @@ class Gateway:
         check_tools(req, self.chat_template, self.tool_format)
         messages = [flatten(i, m.model_dump(exclude_none=True)) for i, m in enumerate(req.messages)]
         tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+        chars = sum(len(str(m.get("content", ""))) for m in messages) + len(str(tools or ""))
         try:
-            ids = self.tokenizer.apply_chat_template(
-                messages,
-                tools=tools,
-                chat_template=self.chat_template,
-                add_generation_prompt=True,
-                tokenize=True,
+            ids = await self.tokenize(
+                chars, "messages", self.tokenizer.apply_chat_template, messages, tools=tools,
+                chat_template=self.chat_template, add_generation_prompt=True, tokenize=True,
                 return_dict=True,
-            )["input_ids"]
+            )  # fmt: skip
+            ids = ids["input_ids"]
+        except BadRequest:
+            raise
         except Exception as e:  # a template that rejects the conversation
             raise BadRequest(f"chat template failed: {e}") from e
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
@@ -137,6 +142,18 @@ class Gateway:
         thinks = self.reasoning_parser is not None
         shape = ChatShape(self.tokenizer, self.model_name, req, calls, thinks)
         return await self.run([list(ids)], params, req.stream, shape, max_tokens is None, req.n)
+
+    async def tokenize(self, chars: int, param: str, fn, *args, **kwargs):
+        """Tokenize beside the event loop, one at a time (a fast tokenizer is not safe to
+        share between threads), so other streams never wait on it; text too long to fit the
+        context whatever its tokens is refused before the tokenizer spends seconds on it."""
+        if chars > (most := self.max_model_len * MAX_CHARS_PER_TOKEN):
+            raise BadRequest(
+                f"{param} has {chars} characters; at most {most} can fit this model's "
+                f"context of {self.max_model_len} tokens", param,
+            )  # fmt: skip
+        async with self.tokenizing:
+            return await asyncio.to_thread(fn, *args, **kwargs)
 
     def context_tokens(self) -> int:
         """The most tokens one request may hold: the model's context, or less where a decode's

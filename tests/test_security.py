@@ -76,6 +76,9 @@ def test_body_over_the_cap_is_413(client):
         ({"prompt": "hi", "stop": ["x"] * 17}, "^stop: at most 16 strings"),
         ({"prompt": "hi", "stop": "y" * 257}, "of at most 256 characters"),
         ({"prompt": "hi", "stop_token_ids": [5] * 257}, "^stop_token_ids: .*at most 256"),
+        # refused before the tokenizer spends seconds on it: no 1,025 characters fit 64 tokens
+        ({"prompt": "x" * (CONTEXT * 16 + 1)}, f"^prompt has {CONTEXT * 16 + 1} characters"),
+        ({"prompt": ["hi", "x" * 10**6]}, "^prompt has 1000000 characters; at most 1024"),
     ],
 )  # fmt: skip
 def test_sizes_a_client_controls_are_capped_with_400(client, body, match):
@@ -88,6 +91,13 @@ def test_an_infinite_temperature_is_a_400(client):
     error(
         client.post("/v1/completions", content=body, headers=headers), 400, "^temperature: .*finite"
     )
+
+
+def test_a_chat_too_long_to_fit_is_refused_before_it_is_tokenized(client):
+    body = {"messages": [{"role": "user", "content": "hi " * 4000}]}
+    r = client.post("/v1/chat/completions", json=body, headers=AUTH)
+    error(r, 400, "^messages has 12000 characters; at most 1024")
+    assert r.json()["error"]["param"] == "messages"
 
 
 def test_chat_max_completion_tokens_is_capped_too(client):

@@ -61,6 +61,7 @@ GATEWAY_FLAGS = {
     "--chat-template": ("gateway.chat_template", str),
     "--tool-call-parser": ("gateway.tool_call_parser", str),
     "--reasoning-parser": ("gateway.reasoning_parser", str),
+    "--write-timeout-s": ("gateway.write_timeout_s", float),
 }
 UP_FLAGS = {
     **PLANE_FLAGS,

@@ -124,6 +124,11 @@ class GatewayConfig(Section):
     request_timeout_s: Annotated[
         float, Meta(gt=0), doc("a request still running after this ends with an error")
     ] = 600.0
+    write_timeout_s: Annotated[
+        float,
+        Meta(gt=0),
+        doc("a client that takes none of its response for this long is dropped, its request ended"),
+    ] = 30.0
     max_n: Annotated[
         int,
         Meta(ge=1),

@@ -21,7 +21,7 @@ from baton.config import BatonConfig
 from baton.gateway import metrics as M
 from baton.gateway.admission import Admission, Overloaded
 from baton.gateway.backend import Backend
-from baton.gateway.limits import BodyLimit
+from baton.gateway.limits import BodyLimit, WriteTimeout
 from baton.gateway.openai_types import (
     BadRequest,
     ChatCompletionResponse,
@@ -201,6 +201,7 @@ def create_app(model_dir: Path, config: BatonConfig) -> FastAPI:
     app.state.config = gw
     app.state.sessions = LiveSessions()
     app.add_middleware(BodyLimit)
+    app.add_middleware(WriteTimeout, timeout_s=gw.write_timeout_s)
     if gw.api_key:  # outermost: a request without the key gets no further
         app.add_middleware(ApiKey, api_key=gw.api_key)
     app.add_api_route("/health", health)

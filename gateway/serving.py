@@ -228,7 +228,7 @@ class Gateway:
         pieces = self.measured(merged(gens), admitted, start, prompt_tokens)
         if stream:
             body = shape.sse(pieces, prompt_tokens)
-            return StreamingResponse(body, media_type="text/event-stream")
+            return ClosingStream(body, media_type="text/event-stream")
         try:
             return json_response(await shape.body(pieces, prompt_tokens, len(gens)))
         except ServiceFailed as e:
@@ -256,10 +256,11 @@ class Gateway:
         except ServiceFailed:
             status = "500"
             raise
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):  # the client left, or was dropped
             status = "499"
             raise
         finally:
+            await pieces.aclose()  # the choices end (and their requests with them) now
             M.INFLIGHT.dec()
             M.GENERATION_TOKENS.inc(count)
             M.REQUESTS.labels(status).inc()
@@ -354,11 +355,27 @@ class Gateway:
         return stream
 
 
+class ClosingStream(StreamingResponse):
+    """A stream whose pieces are closed however its response ends: a client dropped for not
+    reading (limits.WriteTimeout) leaves the generators suspended, not cancelled, and their
+    cleanup (aborting the request on the services, the metrics) must run now, not whenever
+    the garbage collector gets to them."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
 async def merged(gens: list[AsyncIterator[Piece]]) -> AsyncIterator[Piece]:
     """Pieces of several choices as they come; errors propagate; all cancelled on exit."""
     if len(gens) == 1:
-        async for p in gens[0]:
-            yield p
+        try:
+            async for p in gens[0]:
+                yield p
+        finally:
+            await gens[0].aclose()
         return
     queue: asyncio.Queue[Piece | Exception | None] = asyncio.Queue()
 

@@ -105,6 +105,8 @@ class Shape(ABC):
             async for event in unavailable(e):
                 yield event
             return
+        finally:
+            await pieces.aclose()  # closed here too when the response is (ClosingStream)
         opts = self.req.stream_options
         if opts is not None and opts.include_usage:
             yield sse(

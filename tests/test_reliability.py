@@ -1,15 +1,18 @@
 """The reliability review's findings (shared/research/review-reliability-2026-12.md), each as
 the test it proposes: a routine operation never hangs a service."""
 
+import json
 import os
 import socket
 import subprocess
 import threading
+import time
 
 import pytest
 import torch
 from prefill_harness import PrefillHarness
 from prometheus_client import REGISTRY
+from stack import Stack
 
 from baton import protocol as P
 from baton.config import EngineConfig
@@ -88,3 +91,34 @@ def test_h5_what_is_not_our_segment_in_the_shm_dir_is_left_alone_and_never_block
     for path in (fifo, tmp_path / "baton-kv-1-link", tmp_path / "baton-kv-1-dir"):
         with pytest.raises((OSError, ValueError)):  # a peer's Hello naming it is refused
             shm.ShmReader(P.ShmRegion(str(path), 64), pool)
+
+
+def test_h4_a_client_that_stops_reading_is_dropped_and_its_request_ends(tmp_path, tiny_text_model):
+    """H4: a client that read the headers and then nothing held its admission slot (and its
+    request ran on) for as long as it kept the connection open."""
+    flags = ["--num-blocks", "640", "--write-timeout-s", "2"]  # 8 choices x ~1,000 tokens
+    stack = Stack(tmp_path / "logs", tiny_text_model, *flags, prefill=0)
+    body = json.dumps({
+        "model": "", "prompt": [1, 5, 9, 13], "max_tokens": 1000, "n": 8, "logprobs": 20,
+        "stream": True, "ignore_eos": True,
+    }).encode()  # fmt: skip
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and it never reads
+    try:
+        client.connect(("127.0.0.1", stack.port))
+        head = "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        client.sendall(f"{head}content-length: {len(body)}\r\n\r\n".encode() + body)
+        # ~12 MB of events: more than the socket buffers hold, so the gateway's writes stall
+        deadline = time.monotonic() + 60
+        while stack.metric("gateway", "baton_inflight_requests") == 0:
+            assert time.monotonic() < deadline, "the request never started"
+            time.sleep(0.1)
+        while stack.metric("gateway", "baton_inflight_requests") > 0:
+            assert time.monotonic() < deadline, "the stalled client still holds its request"
+            time.sleep(0.2)
+        assert stack.wait_blocks_free(timeout=30) == {"decode-0": 0}
+        r = stack.client().completions.create(model="", prompt=[1, 5, 9], max_tokens=4)
+        assert r.choices[0].finish_reason == "length"
+    finally:
+        client.close()
+        stack.stop()

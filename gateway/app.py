@@ -2,9 +2,11 @@
 health and metrics, with errors in the OpenAI shape. The serving itself is serving.py's;
 this process never imports torch or the model."""
 
+import asyncio
+import contextlib
 import hmac
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated
@@ -155,12 +157,37 @@ def session_of(req: CompletionRequest | ChatRequest, request: Request) -> float:
     return ttl_s
 
 
+async def answered(request: Request, work: Awaitable[Response]) -> Response:
+    """The response, unless the client leaves first: then the work is cancelled, and with it
+    its request on the services (a non-streamed answer would otherwise run to max_tokens for
+    nobody, and the openai client's retries would triple it). A stream's response returns at
+    once and watches its client itself."""
+    task = asyncio.ensure_future(work)
+
+    async def left() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(left())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:  # this handler cancelled too (the server stopping): neither outlives it
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    if task.cancelled():
+        return Response(status_code=499)  # nobody is there to read it
+    return task.result()
+
+
 async def completions(req: CompletionRequest, gw: Serving, request: Request) -> Response:
-    return await gw.completions(req, session_of(req, request))
+    return await answered(request, gw.completions(req, session_of(req, request)))
 
 
 async def chat(req: ChatRequest, gw: Serving, request: Request) -> Response:
-    return await gw.chat(req, session_of(req, request))
+    return await answered(request, gw.chat(req, session_of(req, request)))
 
 
 def create_app(model_dir: Path, config: BatonConfig) -> FastAPI:

@@ -93,32 +93,53 @@ def test_h5_what_is_not_our_segment_in_the_shm_dir_is_left_alone_and_never_block
             shm.ShmReader(P.ShmRegion(str(path), 64), pool)
 
 
-def test_h4_a_client_that_stops_reading_is_dropped_and_its_request_ends(tmp_path, tiny_text_model):
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, tiny_text_model):
+    flags = ["--num-blocks", "640", "--write-timeout-s", "2"]  # 8 choices x ~1,000 tokens
+    s = Stack(tmp_path_factory.mktemp("reliability") / "logs", tiny_text_model, *flags, prefill=0)
+    yield s
+    s.stop()
+
+
+def send_raw(stack: Stack, **body) -> socket.socket:
+    """A completion request over a raw socket with a small receive buffer, never read."""
+    data = json.dumps({"model": "", "prompt": [1, 5, 9, 13], "ignore_eos": True, **body}).encode()
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.connect(("127.0.0.1", stack.port))
+    head = "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+    client.sendall(f"{head}content-length: {len(data)}\r\n\r\n".encode() + data)
+    return client
+
+
+def wait_inflight(stack: Stack, busy: bool, why: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while (stack.metric("gateway", "baton_inflight_requests") > 0) != busy:
+        assert time.monotonic() < deadline, why
+        time.sleep(0.1)
+
+
+def test_h4_a_client_that_stops_reading_is_dropped_and_its_request_ends(stack):
     """H4: a client that read the headers and then nothing held its admission slot (and its
     request ran on) for as long as it kept the connection open."""
-    flags = ["--num-blocks", "640", "--write-timeout-s", "2"]  # 8 choices x ~1,000 tokens
-    stack = Stack(tmp_path / "logs", tiny_text_model, *flags, prefill=0)
-    body = json.dumps({
-        "model": "", "prompt": [1, 5, 9, 13], "max_tokens": 1000, "n": 8, "logprobs": 20,
-        "stream": True, "ignore_eos": True,
-    }).encode()  # fmt: skip
-    client = socket.socket()
-    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and it never reads
+    # ~12 MB of events: more than the socket buffers hold, so the gateway's writes stall
+    client = send_raw(stack, max_tokens=1000, n=8, logprobs=20, stream=True)
     try:
-        client.connect(("127.0.0.1", stack.port))
-        head = "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-        client.sendall(f"{head}content-length: {len(body)}\r\n\r\n".encode() + body)
-        # ~12 MB of events: more than the socket buffers hold, so the gateway's writes stall
-        deadline = time.monotonic() + 60
-        while stack.metric("gateway", "baton_inflight_requests") == 0:
-            assert time.monotonic() < deadline, "the request never started"
-            time.sleep(0.1)
-        while stack.metric("gateway", "baton_inflight_requests") > 0:
-            assert time.monotonic() < deadline, "the stalled client still holds its request"
-            time.sleep(0.2)
+        wait_inflight(stack, True, "the request never started")
+        wait_inflight(stack, False, "the stalled client still holds its request")
         assert stack.wait_blocks_free(timeout=30) == {"decode-0": 0}
         r = stack.client().completions.create(model="", prompt=[1, 5, 9], max_tokens=4)
         assert r.choices[0].finish_reason == "length"
     finally:
         client.close()
-        stack.stop()
+
+
+def test_m2_a_non_streamed_request_ends_when_its_client_leaves(stack):
+    """M2: a non-streamed answer ran to max_tokens after its client had gone."""
+    left = stack.metric("gateway", "baton_requests_total", status="499")
+    client = send_raw(stack, max_tokens=1000, n=8)
+    wait_inflight(stack, True, "the request never started")
+    client.close()
+    wait_inflight(stack, False, "the request outlived its client")
+    assert stack.metric("gateway", "baton_requests_total", status="499") == left + 1
+    assert stack.wait_blocks_free(timeout=30) == {"decode-0": 0}

@@ -148,6 +148,13 @@ class GatewayConfig(Section):
     session_from_user: Annotated[
         bool, doc("the body's `user` names a session too, where no x-session-id does")
     ] = False
+    allow_priority: Annotated[
+        bool,
+        doc(
+            "honour a request's `priority` (it jumps queues and preempts others); off: a "
+            "non-zero priority is a 400 (vLLM's --scheduling-policy priority)"
+        ),
+    ] = False
     max_migrations: Annotated[
         int, Meta(ge=0), doc("times a stream resumes elsewhere after its service dies (0: off)")
     ] = 2

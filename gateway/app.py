@@ -35,6 +35,7 @@ from baton.gateway.openai_types import (
     ModelNotFound,
     error_response,
 )
+from baton.gateway.params import check_priority
 from baton.gateway.router import NoCapacity, Router
 from baton.gateway.serving import RESUME_WAIT_S as RESUME_WAIT_S  # tests/test_disagg.py's
 from baton.gateway.serving import Gateway
@@ -151,7 +152,9 @@ async def models(gw: Serving) -> ModelList:
 
 
 def session_of(req: CompletionRequest | ChatRequest, request: Request) -> float:
-    """How long this turn's KV stays cached (gateway.sessions); the session counts as live."""
+    """How long this turn's KV stays cached (gateway.sessions); the session counts as live.
+    (And whether it may ask for a priority.)"""
+    check_priority(req, request.app.state.config.allow_priority)
     session, ttl_s = session_ttl(request.headers, req.user, request.app.state.config)
     request.app.state.sessions.seen(session, ttl_s)
     return ttl_s

@@ -124,3 +124,12 @@ def nth(params: SamplingParams, j: int) -> SamplingParams:
     if params.seed is None or j == 0:
         return params
     return replace(params, seed=(params.seed + j) % 2**63)
+
+
+def check_priority(req: CompletionRequest | ChatRequest, allowed: bool) -> None:
+    """Any client could jump every queue and preempt everyone else's requests: a non-zero
+    priority is served only where the operator allows it."""
+    if req.priority and not allowed:
+        raise BadRequest(
+            "priority is not enabled on this server ([gateway] allow_priority)", "priority"
+        )

@@ -85,6 +85,13 @@ def test_sizes_a_client_controls_are_capped_with_400(client, body, match):
     error(client.post("/v1/completions", json=body, headers=AUTH), 400, match)
 
 
+def test_a_priority_is_a_400_unless_the_operator_allows_it(client):
+    """Reliability review M8: any client could jump every queue and preempt the others."""
+    r = client.post("/v1/completions", json={"prompt": "hi", "priority": -(2**63)}, headers=AUTH)
+    error(r, 400, r"^priority is not enabled on this server \(\[gateway\] allow_priority\)")
+    assert r.json()["error"]["param"] == "priority"
+
+
 def test_an_infinite_temperature_is_a_400(client):
     body = b'{"prompt": "hi", "temperature": 1e999}'  # json.loads reads it as inf
     headers = {**AUTH, "content-type": "application/json"}

@@ -267,7 +267,11 @@ class ServiceLoop:
         self.drain()
         batch = self.sched.schedule() if self.sched.has_work else []
         if batch:
-            sampled = self.engine.runner.run(batch)
+            try:
+                sampled = self.engine.runner.run(batch)
+            except Exception as e:
+                self.fail_batch(batch, e)
+                batch, sampled = [], []
             finished = set(self.sched.postprocess(batch, sampled))
             for s, token in zip(batch, sampled, strict=True):
                 if token is not None:
@@ -346,6 +350,19 @@ class ServiceLoop:
             self.sched.abort(stop.req_id)
             if stop.why is not None:
                 self.fail(stop.req_id, stop.why, stop.retryable)
+
+    def fail_batch(self, batch: list[ScheduledSeq], e: Exception) -> None:
+        """A step raised (a bug one input triggers, an allocation that failed): the requests
+        in it fail, not retryable (failover would take them to the next service, and down it
+        goes too), their blocks free; the service goes on with the rest."""
+        log.exception("a step of %d requests failed; they fail, the service goes on", len(batch))
+        why = f"the engine failed on a step holding this request ({type(e).__name__}: {e})"
+        for s in batch:
+            self.end_request(s.seq.req_id, why)
+
+    def end_request(self, req_id: str, why: str) -> None:
+        """End a request here with an error the gateway passes on (not retryable)."""
+        self.apply([Stop(req_id, why, retryable=False)])
 
     def count_bad(self, e: Exception) -> None:
         """A malformed message was dropped (protocol.Codec.try_decode)."""

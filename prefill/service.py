@@ -138,6 +138,10 @@ class PrefillService(ServiceLoop):
             self.sched.hand_off(seq)
         self.apply(self.sender.stops())
 
+    def end_request(self, req_id: str, why: str) -> None:
+        self.sender.end(req_id, why)  # what its decode was offered goes too
+        super().end_request(req_id, why)
+
     def holds_work(self) -> bool:
         return self.sender.holds_work()
 

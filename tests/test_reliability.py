@@ -20,6 +20,34 @@ from baton.engine import Engine
 from baton.kvtransfer import shm
 from baton.service_io import Every
 
+POISON = 4242  # a token id the broken runner below cannot take
+
+
+def test_m12_a_step_that_raises_fails_its_requests_and_the_service_goes_on(tiny_text_model):
+    """M12: any exception in a step ended the process with every stream in it, and failover
+    took the request that caused it to the next service, and the next."""
+    config = EngineConfig(model=str(tiny_text_model), dtype="float32", num_blocks=32)
+    h = PrefillHarness(Engine.build(config), "prefill-m12")
+    runner = h.service.engine.runner
+    real_run = runner.run
+
+    def broken_run(batch):  # as a kernel bug on one input would
+        if any(POISON in s.seq.token_ids for s in batch):
+            raise RuntimeError("a kernel bug")
+        return real_run(batch)
+
+    runner.run = broken_run
+    try:
+        h.request("poison", token_ids=[1, POISON, 9])
+        error = h.wait(P.RequestError, "poison")
+        assert not error.retryable and "the engine failed" in error.message
+        assert "a kernel bug" in error.message
+        h.request("fine")
+        assert h.wait(P.TokenOutput, "fine").index == 0
+        assert h.settle() == 0  # the failed step's blocks are free too
+    finally:
+        h.close()
+
 
 def closed_address() -> str:
     """A tcp address nothing listens on (a decode scaled down, or restarted elsewhere)."""

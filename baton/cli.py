@@ -6,6 +6,7 @@ CPUs, waits until the stack is healthy, and stops everything on Ctrl-C or SIGTER
 """
 
 import argparse
+import ctypes
 import json
 import logging
 import os
@@ -37,6 +38,7 @@ def on_off(text: str) -> bool:
 
 
 # flag -> dotted config key; a flag given on the command line overrides the --config file
+PR_SET_PDEATHSIG = 1  # prctl(2)
 PLANE_FLAGS = {"--key-dir": ("key_dir", str)}
 ENGINE_FLAGS = {
     "--model": ("engine.model", str),
@@ -208,12 +210,18 @@ class Stack:
 
     def spawn(self, name: str, argv: list[str], cpus: set[int] | None, **info) -> None:
         log = (self.log_dir / f"{name}.log").open("w")
-        pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+        libc = ctypes.CDLL(None, use_errno=True)  # loaded before the fork
+
+        def setup() -> None:  # in the child, before it runs
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)  # `baton up` killed: its stack goes too
+            if cpus:
+                os.sched_setaffinity(0, cpus)
+
         # -P: the working directory is not put on sys.path, so a checkout's top-level
         # folders (kernels/, gateway/, ...) shadow nothing, theirs or another package's
         cmd = [sys.executable, "-P", "-m", "baton.cli", *argv]
         self.procs[name] = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=pin
+            cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=setup
         )
         pid = self.procs[name].pid
         self.manifest[name] = {"pid": pid, "cpus": sorted(cpus or []), "argv": cmd, **info}
@@ -305,7 +313,10 @@ def cmd_up(args) -> None:
     print(f"  OpenAI API: {url}/v1   (logs and config.toml in {log_dir}/)", flush=True)
     while True:
         time.sleep(1)
-        if dead := stack.dead():
+        if "gateway" in (dead := stack.dead()):  # nothing serves without it: say so, loudly
+            stack.stop()
+            sys.exit(f"the gateway exited: the stack is stopped; see {log_dir}/")
+        if dead:  # a service: its streams fail over, the pool serves on
             print(f"warning: {', '.join(dead)} exited; see {log_dir}/", flush=True)
             for name in dead:
                 stack.procs.pop(name)

@@ -155,6 +155,11 @@ class GatewayConfig(Section):
             "non-zero priority is a 400 (vLLM's --scheduling-policy priority)"
         ),
     ] = False
+    service_timeout_s: Annotated[
+        float,
+        Meta(gt=0),
+        doc("a service silent (no heartbeat) this long is dead: its requests fail over"),
+    ] = 3.0
     max_migrations: Annotated[
         int, Meta(ge=0), doc("times a stream resumes elsewhere after its service dies (0: off)")
     ] = 2

@@ -204,6 +204,7 @@ def create_app(model_dir: Path, config: BatonConfig) -> FastAPI:
             busy_prefill_tokens=gw.busy_prefill_tokens,
             cached_prefill_tokens=gw.cached_prefill_tokens,
             block_size=config.engine_for("decode").block_size,
+            service_timeout_s=gw.service_timeout_s,
             tpot_s=config.slo.tpot_ms / 1000,
         )
         aggregated = config.prefill.count == 0

@@ -15,6 +15,7 @@ import zmq.asyncio
 from baton import protocol as P
 from baton.gateway import metrics as M
 from baton.gateway.admission import Admission, Admitted
+from baton.gateway.openai_types import BadRequest
 from baton.gateway.router import Placement, Router, Service, Why
 from baton.plane import Authenticator, Keys, peer_role
 from baton.sampling_params import SamplingParams
@@ -193,6 +194,11 @@ class Backend:
         """Where each prompt goes, counted on its services at once (the next admission sees
         it); raises Overloaded (a 429) when the request should not be taken now, NoCapacity
         when no decode is there to take it."""
+        if len(prompts) > (most := self.admission.max_inflight):  # a 429 would say "retry"
+            raise BadRequest(
+                f"{len(prompts)} prompts in one request; at most {most} are served at once "
+                "([gateway] max_queued_requests)", "prompt",
+            )  # fmt: skip
         admitted = self.admission.check(len(self.streams), self.router.place(prompts))
         self.router.reserve(admitted.placements)
         return admitted

@@ -171,3 +171,36 @@ def test_m2_a_non_streamed_request_ends_when_its_client_leaves(stack):
     wait_inflight(stack, False, "the request outlived its client")
     assert stack.metric("gateway", "baton_requests_total", status="499") == left + 1
     assert stack.wait_blocks_free(timeout=30) == {"decode-0": 0}
+
+
+def _gone(pid: int, timeout_s: float = 30) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                if "zombie" in f.read():
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_l2_baton_up_stops_with_its_gateway_and_its_stack_dies_with_it(tmp_path, tiny_text_model):
+    """L2: `baton up` ran on after its gateway died (a dead stack a supervisor sees alive),
+    and a `baton up` killed -9 left its services running, ports and segments held."""
+    first = Stack(tmp_path / "a", tiny_text_model, prefill=0)
+    try:
+        first.kill("gateway")
+        first.proc.wait(30)
+        assert first.proc.returncode != 0
+        assert "the gateway exited" in (tmp_path / "a-up.log").read_text()
+        assert _gone(first.pid("decode-0"))
+    finally:
+        first.stop()
+    second = Stack(tmp_path / "b", tiny_text_model, prefill=0)
+    try:
+        second.proc.kill()  # -9: no chance to stop anything itself
+        assert _gone(second.pid("gateway")) and _gone(second.pid("decode-0"))
+    finally:
+        second.stop()

@@ -10,6 +10,7 @@ from baton import protocol as P
 from baton.config import GatewayConfig, SLOConfig
 from baton.gateway.admission import Admission, Overloaded
 from baton.gateway.backend import Backend, Stream
+from baton.gateway.openai_types import BadRequest
 from baton.gateway.router import NoCapacity, Router, Why, prefill_cost
 from baton.sampling_params import SamplingParams
 
@@ -269,12 +270,15 @@ def test_a_request_is_placed_once_decode_first_and_counted_until_it_is_sent():
 
 def test_with_no_decode_nothing_is_placed_and_a_429_reserves_nothing():
     async def scenario() -> None:
-        backend = gateway(("prefill-0", "prefill"), max_queued=1)
+        backend = gateway(("prefill-0", "prefill"), max_queued=2)
         with pytest.raises(NoCapacity, match="no decode service"):
             backend.admit([prompt(10)])
         backend.registry.heartbeat(heartbeat("decode-0", "decode"))
+        backend.streams["before"] = Stream("before", "prefill-0", "decode-0")  # one in flight
         with pytest.raises(Overloaded):
             backend.admit([prompt(10), prompt(10)])
+        with pytest.raises(BadRequest, match="3 prompts in one request; at most 2"):
+            backend.admit([prompt(10)] * 3)  # never servable: not a 429
         assert all(
             s.reserved_tokens == s.reserved_requests == 0
             for s in backend.registry.services.values()

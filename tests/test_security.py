@@ -79,6 +79,8 @@ def test_body_over_the_cap_is_413(client):
         # refused before the tokenizer spends seconds on it: no 1,025 characters fit 64 tokens
         ({"prompt": "x" * (CONTEXT * 16 + 1)}, f"^prompt has {CONTEXT * 16 + 1} characters"),
         ({"prompt": ["hi", "x" * 10**6]}, "^prompt has 1000000 characters; at most 1024"),
+        # more prompts than are ever served at once: never servable, so not a 429 (L6)
+        ({"prompt": [[5]] * 257}, r"^257 prompts in one request; at most 256 are served at once"),
     ],
 )  # fmt: skip
 def test_sizes_a_client_controls_are_capped_with_400(client, body, match):

@@ -265,7 +265,10 @@ def cmd_up(args) -> None:
     log_dir = stack.log_dir
     # every child reads the one effective config, so no setting is passed twice
     config_file = log_dir / "config.toml"
-    config_file.write_text(to_toml(config))
+    # it may hold the API key: readable by this user only (reliability review M9)
+    config_file.unlink(missing_ok=True)
+    with os.fdopen(os.open(config_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+        f.write(to_toml(config))
     url = f"http://{gw.host}:{gw.port}"
     stack.spawn("gateway", ["gateway", "--config", str(config_file)], None, role="gateway", url=url)
     for role in ("prefill", "decode"):

@@ -56,6 +56,8 @@ def test_keys_are_private_and_the_stack_serves_over_them(stack):
     for secret in keys.glob("*.key_secret"):
         assert stat.S_IMODE(os.stat(secret).st_mode) == 0o600
     assert len(complete(s)) == 8  # prefill -> decode over CURVE TCP, tokens back over CURVE
+    # the effective config every child reads may hold the API key: this user's only (M9)
+    assert stat.S_IMODE(os.stat(s.log_dir / "config.toml").st_mode) == 0o600
 
 
 def heartbeat(service_id: str, role: str, queued: int = 0) -> bytes:

@@ -171,13 +171,18 @@ class Scheduler:
     def kv_landed(self, seq: Sequence, num_computed: int) -> None:
         """Its KV up to `num_computed` is in its blocks: it joins the queue to run."""
         del self.waiting_for_kv[seq.req_id]
-        keep = self.kv.blocks_needed(num_computed)  # more were reserved for a prompt cut short
+        self._keep_landed(seq, num_computed)
+        seq.status = SeqStatus.WAITING
+        insert_by_priority(self.waiting, seq, ahead=False)
+
+    def _keep_landed(self, seq: Sequence, num_computed: int) -> None:
+        """KV up to `num_computed` landed in `seq`'s blocks (from a peer, or the KV tier): the
+        blocks reserved beyond it go back, the ones it fills are published for prefix hits."""
+        keep = self.kv.blocks_needed(num_computed)  # more were reserved than landed
         self.kv.pool.release(seq.block_ids[keep:])
         del seq.block_ids[keep:]
         seq.num_computed_tokens = num_computed
         self.kv.cache_computed(seq)
-        seq.status = SeqStatus.WAITING
-        insert_by_priority(self.waiting, seq, ahead=False)
 
     def drop_remote(self, seq: Sequence, free: bool = True) -> None:
         """The hand-off ended before the KV landed. `free=False`: a transfer that cannot be
@@ -269,11 +274,9 @@ class Scheduler:
         """Loads that finished: their sequences queue first among equals (they were next)."""
         for req_id, n in self.kv.tier.landed():
             seq = self.loading.pop(req_id)
-            keep = seq.num_cached_blocks + n  # the pool's hit, then what was read
-            self.kv.pool.release(seq.block_ids[keep:][::-1])
-            del seq.block_ids[keep:]
-            pool_hit, seq.num_computed_tokens = seq.num_computed_tokens, keep * self.kv.block_size
-            self.kv.cache_computed(seq)  # what was read serves later prompts in any case
+            pool_hit = seq.num_computed_tokens
+            # the pool's hit, then what was read; that serves later prompts in any case
+            self._keep_landed(seq, (seq.num_cached_blocks + n) * self.kv.block_size)
             if seq.is_finished:  # aborted meanwhile
                 self.kv.free(seq)
                 continue

@@ -163,8 +163,7 @@ class KVSender:
 
     def expire(self) -> None:
         """End the leases of decodes silent for `lease_s`, and of requests ended that long ago
-        (a decode that never knew of one would keep it alive with its keep-alives); forget
-        decodes silent that long that hold no lease."""
+        (a decode that never knew of one would keep it alive with its keep-alives)."""
         now = self.clock()
         for req_id, lease in list(self.leases.items()):
             since = lease.ended_at if lease.ended else self.peers[lease.peer].last_seen
@@ -173,8 +172,12 @@ class KVSender:
                 LEASES_EXPIRED.labels(self.id).inc()
                 why = f"decode {lease.peer} stopped answering"
                 self._end_lease(req_id, why, HandoffEnd.EXPIRED)
-        # a decode silent that long with nothing leased to it is gone (scaled down, or
-        # restarted on another port): keep-alives to it would only fill its socket's queue
+
+    def keepalive(self) -> None:
+        """Tells the decodes we are alive while they wait to pull. A decode silent for a lease
+        with nothing leased to it is gone (scaled down, or restarted on another port) and is
+        forgotten first: keep-alives to it would only fill its socket's queue."""
+        now = self.clock()
         leased = {lease.peer for lease in self.leases.values()}
         for addr, peer in list(self.peers.items()):
             if addr not in leased and now - peer.last_seen > self.lease_s:
@@ -182,9 +185,6 @@ class KVSender:
                 del self.peers[addr]
                 self.kv_peers.set(addr, None)
                 self._forget(addr)
-
-    def keepalive(self) -> None:
-        """Tells the decodes we are alive while they wait to pull."""
         for addr in self.peers:
             self._send(addr, P.KeepAlive(), [])
 

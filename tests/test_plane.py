@@ -65,12 +65,13 @@ def heartbeat(service_id: str, role: str, queued: int = 0) -> bytes:
     return msgspec.msgpack.encode(P.Heartbeat(service_id, role, "", load))
 
 
-def peer(ctx: zmq.Context, addr: str, identity: str, keys=None, role: str = "prefill"):
+def peer(ctx: zmq.Context, addr: str, identity: str, keys: plane.Keys | None = None, role=""):
+    """A DEALER as `identity`, with `role`'s key from `keys` (None: no key at all)."""
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.IDENTITY, identity.encode())
     if keys is not None:
-        plane.Keys(keys).connect_as(sock, role)
+        keys.connect_as(sock, role)
     sock.connect(addr)
     return sock
 
@@ -88,17 +89,13 @@ def test_a_peer_without_the_keys_gets_nothing_and_a_key_is_bound_to_its_role(sta
         # a key of its own, with the server's public key (which is no secret): ZAP says no
         stranger_keys = plane.Keys(plane.generate(keys.parent / "stranger"))
         stranger_keys.server_public = plane.Keys(keys).server_public
-        stranger = ctx.socket(zmq.DEALER)
-        stranger.setsockopt(zmq.LINGER, 0)
-        stranger.setsockopt(zmq.IDENTITY, b"stranger/heartbeats")
-        stranger_keys.connect_as(stranger, "prefill")
-        stranger.connect(gateway_addr)
+        stranger = peer(ctx, gateway_addr, "stranger/heartbeats", stranger_keys, "prefill")
         stranger.send(heartbeat("stranger", "prefill"))
         # a decode's key claiming to be a prefill, and a prefill's key with an absurd load:
         # both arrive, and both are refused (counted)
-        liar = peer(ctx, gateway_addr, "liar/heartbeats", keys, role="decode")
+        liar = peer(ctx, gateway_addr, "liar/heartbeats", plane.Keys(keys), "decode")
         liar.send(heartbeat("liar", "prefill"))
-        greedy = peer(ctx, gateway_addr, "greedy/heartbeats", keys, role="prefill")
+        greedy = peer(ctx, gateway_addr, "greedy/heartbeats", plane.Keys(keys), "prefill")
         greedy.send(heartbeat("greedy", "prefill", -(10**9)))
         deadline = time.monotonic() + 10
         while bad_messages(s) < bad + 2:

@@ -238,7 +238,7 @@ def test_rejected_and_aborted_requests_are_misses_not_dropped(stack, tokenizer, 
     spec = WorkloadSpec(num_requests=4, input_len=Dist.parse("8"), output_len=Dist.parse("400"))
     run = run_measure(stack, tokenizer, vocab, spec, Load(), max_duration_s=0.3)
     assert run.summary["statuses"] == {"aborted": 4} and run.summary["goodput"] == 0
-    assert run.duration_s == pytest.approx(0.3, abs=0.1)
+    assert 0.3 <= run.duration_s < 5  # ended at the bound, not when 400 tokens were done
 
 
 def test_bench_compare_measures_each_arm_and_writes_requests_and_plots(

@@ -24,6 +24,7 @@ class Overloaded(RuntimeError):
 class Admitted:
     placements: list[Placement]  # one per prompt
     predicted_ttft_s: float | None = None
+    released: bool = False  # its prompts no longer count as in flight (Backend.release)
 
 
 class Admission:

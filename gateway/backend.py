@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -23,6 +24,7 @@ from baton.sampling_params import SamplingParams
 log = logging.getLogger("baton.gateway")
 
 MAX_MESSAGE_BYTES = 4 << 20  # what a service sends the gateway: tokens, heartbeats, errors
+MAX_ABORTED = 4096  # aborted req_ids remembered, so trailing tokens are not aborted again
 
 
 class ServiceFailed(RuntimeError):
@@ -91,6 +93,11 @@ class Backend:
         self.registry = router.registry  # fed by the heartbeats read here
         self.aggregated = aggregated  # no prefill pool is configured: decodes serve alone
         self.streams: dict[str, Stream] = {}
+        # prompts admitted and not yet answered: what admission counts. Not len(streams): a
+        # stream exists once its response starts, after the handler returned, so a burst of
+        # streaming requests all saw the same count (reliability review M3)
+        self.inflight = 0
+        self.aborted: OrderedDict[str, None] = OrderedDict()  # the latest, at most MAX_ABORTED
         self.codec = P.Codec(P.ToGateway, self._count_bad)
         self.tasks: list[asyncio.Task] = []
         self.on_heartbeat = lambda hb: None
@@ -152,6 +159,20 @@ class Backend:
                     # prefill's part is done; from here a dead decode, not prefill, fails it
                     if (prefill := self.registry.services.get(stream.prefill_id)) is not None:
                         prefill.requests.discard(msg.req_id)
+            elif isinstance(msg, P.TokenOutput) and msg.finish_reason is None:
+                await self._abort_orphan(sender, msg.req_id)
+
+    async def _abort_orphan(self, sender: str, req_id: str) -> None:
+        """Tokens of a request nobody here waits for: one of an earlier gateway on this
+        address (restarted: its services were never told) or one aborted moments ago. Aborted
+        once, so nothing runs to max_tokens for nobody (reliability review M11)."""
+        if req_id in self.aborted:
+            return
+        self.aborted[req_id] = None
+        if len(self.aborted) > MAX_ABORTED:
+            self.aborted.popitem(last=False)
+        if await self._send(sender, P.Abort(req_id)):
+            M.ORPHANS_ABORTED.inc()
 
     def _untrusted(self, hb: P.Heartbeat, sender: str, role: str | None) -> str | None:
         """Why a heartbeat is refused, or None: it comes from its service's heartbeat socket,
@@ -199,9 +220,17 @@ class Backend:
                 f"{len(prompts)} prompts in one request; at most {most} are served at once "
                 "([gateway] max_queued_requests)", "prompt",
             )  # fmt: skip
-        admitted = self.admission.check(len(self.streams), self.router.place(prompts))
+        admitted = self.admission.check(self.inflight, self.router.place(prompts))
         self.router.reserve(admitted.placements)
+        self.inflight += len(admitted.placements)
         return admitted
+
+    def release(self, admitted: Admitted) -> None:
+        """An admitted request has ended (or never started): its slots are free. Idempotent:
+        both the response's end and its generators' cleanup call it."""
+        if not admitted.released:
+            admitted.released = True
+            self.inflight -= len(admitted.placements)
 
     def place(self, token_ids: list[int], avoid: set[str]) -> Placement:
         """A stream to resume: placed away from `avoid`, with no admission (it was admitted)."""
@@ -260,6 +289,7 @@ class Backend:
             if (s := self.registry.services.get(sid)) is not None:
                 s.requests.discard(stream.req_id)
         if not stream.done:
+            self.aborted[stream.req_id] = None  # its trailing tokens are not orphans
             for sid in {stream.prefill_id, stream.decode_id}:
                 await self._send(sid, P.Abort(stream.req_id))
 

@@ -49,6 +49,9 @@ TTFT_PREDICTION_ERROR = Histogram(
 )
 SERVICES = Gauge("baton_services", "live services per role", ["role"])
 BAD_MESSAGES = Counter("baton_gateway_bad_messages", "malformed service messages dropped")
+ORPHANS_ABORTED = Counter(
+    "baton_orphans_aborted", "requests aborted on their service because no client waits for them"
+)
 
 
 def observe_heartbeat(hb: P.Heartbeat) -> None:

@@ -119,7 +119,7 @@ class Registry:
         if s is None or s.incarnation != hb.incarnation:
             self.services[hb.service_id] = Service(
                 hb.service_id, hb.role, hb.kv_addr, hb.load, time.monotonic(), hb.incarnation,
-                hb.draining,
+                hb.draining, num_sent=hb.load.requests_seen,  # it counts from its own start
             )  # fmt: skip
             return s
         s.last_seen, s.kv_addr, s.draining = time.monotonic(), hb.kv_addr, hb.draining

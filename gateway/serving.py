@@ -2,11 +2,12 @@
 failover), detokenize, and hand the pieces to their response shape (shapes.py)."""
 
 import asyncio
+import functools
 import itertools
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -226,13 +227,16 @@ class Gateway:
             gens += [self.sibling(k * n + j, ids, nth(p, j), lead) for j in range(1, n)]
         prompt_tokens = sum(map(len, prompts))
         pieces = self.measured(merged(gens), admitted, start, prompt_tokens)
+        release = functools.partial(self.backend.release, admitted)
         if stream:
             body = shape.sse(pieces, prompt_tokens)
-            return ClosingStream(body, media_type="text/event-stream")
+            return ClosingStream(body, release, media_type="text/event-stream")
         try:
             return json_response(await shape.body(pieces, prompt_tokens, len(gens)))
         except ServiceFailed as e:
             return JSONResponse(error_response(str(e), "server_error", 500).model_dump(), 500)
+        finally:  # also when cancelled before the pieces started (their cleanup never runs)
+            release()
 
     async def measured(
         self, pieces: AsyncIterator[Piece], admitted: Admitted, start: float, prompt_tokens: int
@@ -261,6 +265,7 @@ class Gateway:
             raise
         finally:
             await pieces.aclose()  # the choices end (and their requests with them) now
+            self.backend.release(admitted)
             M.INFLIGHT.dec()
             M.GENERATION_TOKENS.inc(count)
             M.REQUESTS.labels(status).inc()
@@ -359,12 +364,18 @@ class ClosingStream(StreamingResponse):
     """A stream whose pieces are closed however its response ends: a client dropped for not
     reading (limits.WriteTimeout) leaves the generators suspended, not cancelled, and their
     cleanup (aborting the request on the services, the metrics) must run now, not whenever
-    the garbage collector gets to them."""
+    the garbage collector gets to them. `release` frees its admission slots, which a stream
+    whose client left before its first byte never reaches from its generators."""
+
+    def __init__(self, content, release: Callable[[], None], **kwargs):
+        super().__init__(content, **kwargs)
+        self.release = release
 
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
+            self.release()
             await self.body_iterator.aclose()
 
 

@@ -3,16 +3,21 @@ the test it proposes: a routine operation never hangs a service."""
 
 import json
 import os
+import re
 import socket
 import subprocess
+import sys
 import threading
 import time
+import urllib.error
+import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
 from prefill_harness import PrefillHarness
 from prometheus_client import REGISTRY
-from stack import Stack
+from stack import Stack, free_port, get
 
 from baton import protocol as P
 from baton.config import EngineConfig
@@ -21,6 +26,7 @@ from baton.kvtransfer import shm
 from baton.service_io import Every
 
 POISON = 4242  # a token id the broken runner below cannot take
+MAX_QUEUED = 8  # the reliability stack's [gateway] max_queued_requests
 
 
 def test_m12_a_step_that_raises_fails_its_requests_and_the_service_goes_on(tiny_text_model):
@@ -123,18 +129,21 @@ def test_h5_what_is_not_our_segment_in_the_shm_dir_is_left_alone_and_never_block
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, tiny_text_model):
-    flags = ["--num-blocks", "640", "--write-timeout-s", "2"]  # 8 choices x ~1,000 tokens
-    s = Stack(tmp_path_factory.mktemp("reliability") / "logs", tiny_text_model, *flags, prefill=0)
+    root = tmp_path_factory.mktemp("reliability")
+    config = root / "baton.toml"
+    config.write_text(f'[gateway]\nadmission = "queue-limit"\nmax_queued_requests = {MAX_QUEUED}\n')
+    flags = ["--num-blocks", "640", "--write-timeout-s", "2", "--config", str(config)]
+    s = Stack(root / "logs", tiny_text_model, *flags, prefill=0)  # 640: 8 x ~1,000 tokens
     yield s
     s.stop()
 
 
-def send_raw(stack: Stack, **body) -> socket.socket:
+def send_raw(port: int, **body) -> socket.socket:
     """A completion request over a raw socket with a small receive buffer, never read."""
     data = json.dumps({"model": "", "prompt": [1, 5, 9, 13], "ignore_eos": True, **body}).encode()
     client = socket.socket()
     client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    client.connect(("127.0.0.1", stack.port))
+    client.connect(("127.0.0.1", port))
     head = "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
     client.sendall(f"{head}content-length: {len(data)}\r\n\r\n".encode() + data)
     return client
@@ -151,7 +160,7 @@ def test_h4_a_client_that_stops_reading_is_dropped_and_its_request_ends(stack):
     """H4: a client that read the headers and then nothing held its admission slot (and its
     request ran on) for as long as it kept the connection open."""
     # ~12 MB of events: more than the socket buffers hold, so the gateway's writes stall
-    client = send_raw(stack, max_tokens=1000, n=8, logprobs=20, stream=True)
+    client = send_raw(stack.port, max_tokens=1000, n=8, logprobs=20, stream=True)
     try:
         wait_inflight(stack, True, "the request never started")
         wait_inflight(stack, False, "the stalled client still holds its request")
@@ -165,7 +174,7 @@ def test_h4_a_client_that_stops_reading_is_dropped_and_its_request_ends(stack):
 def test_m2_a_non_streamed_request_ends_when_its_client_leaves(stack):
     """M2: a non-streamed answer ran to max_tokens after its client had gone."""
     left = stack.metric("gateway", "baton_requests_total", status="499")
-    client = send_raw(stack, max_tokens=1000, n=8)
+    client = send_raw(stack.port, max_tokens=1000, n=8)
     wait_inflight(stack, True, "the request never started")
     client.close()
     wait_inflight(stack, False, "the request outlived its client")
@@ -204,3 +213,99 @@ def test_l2_baton_up_stops_with_its_gateway_and_its_stack_dies_with_it(tmp_path,
         assert _gone(second.pid("gateway")) and _gone(second.pid("decode-0"))
     finally:
         second.stop()
+
+
+def test_m3_a_burst_of_streams_is_admitted_only_up_to_the_limit(stack):
+    """M3: admission counted a stream only once its response started, after the handler had
+    returned, so a burst of streaming requests all saw the same count and all got in."""
+    body = json.dumps(
+        {"model": "", "prompt": [1, 5, 9], "max_tokens": 1000, "ignore_eos": True, "stream": True}
+    ).encode()
+    statuses: list[int] = []
+    answered: list[float] = []  # when each got its status
+    ended: list[float] = []  # when each admitted stream ended: an ended one frees its slot
+
+    def one() -> None:
+        req = urllib.request.Request(
+            f"{stack.url}/v1/completions", body, {"content-type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                statuses.append(r.status)
+                answered.append(time.monotonic())
+                r.read()
+                ended.append(time.monotonic())
+        except urllib.error.HTTPError as e:
+            statuses.append(e.code)
+            answered.append(time.monotonic())
+
+    threads = [threading.Thread(target=one) for _ in range(64)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert len(statuses) == 64 and set(statuses) == {200, 429}
+    freed = sum(t < max(answered) for t in ended)  # slots that came free during the burst
+    print(f"admitted {statuses.count(200)} of 64, {freed} ended during the burst")
+    assert statuses.count(200) <= MAX_QUEUED + freed
+    assert stack.wait_blocks_free(timeout=30) == {"decode-0": 0}
+
+
+def baton(log: Path, *argv: str) -> subprocess.Popen:
+    """One service started by hand, as a deployment does (`baton up` ends with its gateway)."""
+    cmd = [sys.executable, "-P", "-m", "baton.cli", *argv]
+    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def test_m11_a_restarted_gateway_aborts_what_its_predecessor_left_running(
+    tmp_path, tiny_text_model
+):
+    """M11: a gateway that died left its requests running on the services to max_tokens, for
+    nobody; the next gateway on the address aborts them at their first token it sees."""
+    http, plane, probe = free_port(), free_port(), free_port()
+    model = ["--model", str(tiny_text_model)]
+    gateway = ["gateway", *model, "--port", str(http), "--zmq-addr", f"tcp://127.0.0.1:{plane}"]
+    first = baton(tmp_path / "gateway-0.log", *gateway)
+    decode = baton(tmp_path / "decode.log", "decode", *model, "--dtype", "float32",
+                   "--gateway", f"tcp://127.0.0.1:{plane}", "--http-port", str(probe))  # fmt: skip
+    url = f"http://127.0.0.1:{http}"
+
+    def load(where: str) -> dict:
+        try:
+            code, body = get(f"{where}/health")
+        except OSError:  # not listening (yet, or any more)
+            return {}
+        return json.loads(body) if code in (200, 503) else {}
+
+    def wait(what, why: str) -> None:
+        deadline = time.monotonic() + 120
+        while not what():
+            assert time.monotonic() < deadline, why
+            time.sleep(0.2)
+
+    def blocks_used() -> int:
+        used = load(f"http://127.0.0.1:{probe}")["load"]
+        return used["total_blocks"] - used["free_blocks"]
+
+    clients: list[socket.socket] = []
+    second = None
+    try:
+        wait(lambda: load(url).get("decode") == 1, "the decode never registered")
+        for _ in range(16):  # 16 x 1,000 tokens: far longer than the restart takes
+            clients.append(send_raw(http, max_tokens=1000, stream=True))
+        wait(lambda: blocks_used() > 0, "the requests never started")
+        first.kill()
+        first.wait(10)
+        second = baton(tmp_path / "gateway-1.log", *gateway)
+        wait(lambda: load(url).get("decode") == 1, "the decode never came back")
+        wait(lambda: blocks_used() == 0, "the orphaned requests still run")
+        _, body = get(f"{url}/metrics")
+        aborted = re.search(r"^baton_orphans_aborted_total (\S+)$", body.decode(), re.M)
+        assert aborted and float(aborted.group(1)) == 16
+    finally:
+        for c in clients:
+            c.close()
+        for proc in (first, decode, second):
+            if proc is not None:
+                proc.kill()
+                proc.wait(10)

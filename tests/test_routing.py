@@ -274,15 +274,20 @@ def test_with_no_decode_nothing_is_placed_and_a_429_reserves_nothing():
         with pytest.raises(NoCapacity, match="no decode service"):
             backend.admit([prompt(10)])
         backend.registry.heartbeat(heartbeat("decode-0", "decode"))
-        backend.streams["before"] = Stream("before", "prefill-0", "decode-0")  # one in flight
+        before = backend.admit([prompt(10)])  # one in flight
+        reserved = [
+            (s.reserved_tokens, s.reserved_requests) for s in backend.registry.services.values()
+        ]
         with pytest.raises(Overloaded):
             backend.admit([prompt(10), prompt(10)])
         with pytest.raises(BadRequest, match="3 prompts in one request; at most 2"):
             backend.admit([prompt(10)] * 3)  # never servable: not a 429
-        assert all(
-            s.reserved_tokens == s.reserved_requests == 0
-            for s in backend.registry.services.values()
-        )
+        assert reserved == [
+            (s.reserved_tokens, s.reserved_requests) for s in backend.registry.services.values()
+        ]
+        backend.release(before)
+        backend.release(before)  # once is all it counts
+        assert backend.inflight == 0 and backend.admit([prompt(10), prompt(10)])
         await backend.close()
 
     asyncio.run(scenario())

@@ -59,6 +59,7 @@ GATEWAY_FLAGS = {
     "--host": ("gateway.host", str),
     "--port": ("gateway.port", int),
     "--api-key": ("gateway.api_key", str),
+    "--api-key-file": ("gateway.api_key_file", str),
     "--busy-prefill-tokens": ("gateway.busy_prefill_tokens", int),
     "--chat-template": ("gateway.chat_template", str),
     "--tool-call-parser": ("gateway.tool_call_parser", str),
@@ -268,7 +269,7 @@ def cmd_up(args) -> None:
     # it may hold the API key: readable by this user only (reliability review M9)
     config_file.unlink(missing_ok=True)
     with os.fdopen(os.open(config_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
-        f.write(to_toml(config))
+        f.write(to_toml(config, redact=False))  # the gateway reads its key from it
     url = f"http://{gw.host}:{gw.port}"
     stack.spawn("gateway", ["gateway", "--config", str(config_file)], None, role="gateway", url=url)
     for role in ("prefill", "decode"):

@@ -111,6 +111,17 @@ class GatewayConfig(Section):
     api_key: Annotated[str | None, doc("required as a Bearer token on every route but /health")] = (
         None
     )
+    api_key_file: Annotated[
+        str | None,
+        doc("API keys, one a line, each also accepted (a key per tenant; out of `ps` and configs)"),
+    ] = None
+    cache_per_api_key: Annotated[
+        bool,
+        doc(
+            "with API keys, a key's requests share cached prefixes only with that key's: no "
+            "tenant's timing tells what another sent (a request's cache_salt splits further)"
+        ),
+    ] = True
     max_queued_requests: Annotated[Positive, doc("requests in flight before 429")] = 256
     admission: Annotated[
         Literal["slo", "queue-limit"],
@@ -287,17 +298,21 @@ def resolve_counts(config: BatonConfig) -> BatonConfig:
     return msgspec.structs.replace(config, **pools)
 
 
-def to_toml(config: BatonConfig) -> str:
-    """The effective config as TOML, each key with its description; unset keys commented."""
-    lines = _fields(config)
+SECRETS = {"api_key"}  # shown as "(redacted)" by `baton config show`
+
+
+def to_toml(config: BatonConfig, redact: bool = True) -> str:
+    """The effective config as TOML, each key with its description; unset keys commented;
+    secrets redacted unless `redact` is off (the file `baton up` hands its children, 0600)."""
+    lines = _fields(config, redact)
     for f in msgspec.structs.fields(config):
         value = getattr(config, f.name)
         if isinstance(value, Section):
-            lines += ["", f"[{f.name}]", *_fields(value)]
+            lines += ["", f"[{f.name}]", *_fields(value, redact)]
     return "\n".join(lines) + "\n"
 
 
-def _fields(section: Section) -> list[str]:
+def _fields(section: Section, redact: bool) -> list[str]:
     import tomli_w
 
     hints = get_type_hints(type(section), include_extras=True)
@@ -310,6 +325,8 @@ def _fields(section: Section) -> list[str]:
         text = next((m.description for m in meta if m.description), "")
         if value is None:
             out.append(f"# {f.name} = (unset)  # {text}")
+        elif redact and f.name in SECRETS:
+            out.append(f"# {f.name} = (redacted)  # {text}")
         else:
             out.append(f"{tomli_w.dumps({f.name: value}).strip()}  # {text}")
     return out

@@ -33,6 +33,9 @@ class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=Tr
     # cache retention, not sampling, likewise for both: an agent session's blocks stay cached
     # (the last evicted) this long after the request ends (x-session-ttl-s)
     session_ttl_s: float = 0.0
+    # the root of its block hash chain: cached prefixes are shared only with requests of
+    # the same root, i.e. tenant and cache_salt (gateway.sessions.cache_salt); None: with all
+    cache_salt: bytes | None = None
 
     def __post_init__(self) -> None:
         checks = [

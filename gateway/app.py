@@ -4,6 +4,7 @@ this process never imports torch or the model."""
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import logging
 from collections.abc import AsyncIterator, Awaitable
@@ -19,7 +20,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 from starlette.types import ASGIApp
 
-from baton.config import BatonConfig
+from baton.config import BatonConfig, GatewayConfig
 from baton.gateway import metrics as M
 from baton.gateway.admission import Admission, Overloaded
 from baton.gateway.backend import Backend
@@ -39,7 +40,7 @@ from baton.gateway.params import check_priority
 from baton.gateway.router import NoCapacity, Router
 from baton.gateway.serving import RESUME_WAIT_S as RESUME_WAIT_S  # tests/test_disagg.py's
 from baton.gateway.serving import Gateway
-from baton.gateway.sessions import LiveSessions, session_ttl
+from baton.gateway.sessions import CacheScope, LiveSessions, cache_salt, session_ttl
 from baton.gateway.tools import load_template
 from baton.plane import Keys
 
@@ -47,11 +48,10 @@ log = logging.getLogger("baton.gateway")
 
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 500, 503)}
 # 200: the route's response model as JSON, or with `stream` server-sent events: each `data:`
-# line one chunk (CompletionStreamResponse, ChatCompletionStreamResponse), then `data: [DONE]`
-GENERATION_RESPONSES = {
-    **ERRORS,
-    200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}},
-}
+# line one chunk (CompletionStreamResponse, ChatCompletionStreamResponse), then `data: [DONE]`.
+# Before OpenAPI 3.2 (itemSchema), an event stream's schema describes each event
+SSE_EVENT = {"type": "object", "properties": {"data": {"type": "string"}}, "required": ["data"]}
+GENERATION_RESPONSES = {**ERRORS, 200: {"content": {"text/event-stream": {"schema": SSE_EVENT}}}}
 
 
 def serving(request: Request) -> Gateway:
@@ -74,18 +74,36 @@ def error(
 
 
 class ApiKey(BaseHTTPMiddleware):
-    """Every route but /health wants `Authorization: Bearer <api_key>`."""
+    """Every route but /health wants `Authorization: Bearer <key>`, one of `keys`; with
+    `per_tenant`, the key's tenant (a digest, never the key) goes to request.state.tenant."""
 
-    def __init__(self, app: ASGIApp, api_key: str):
+    def __init__(self, app: ASGIApp, keys: list[str], per_tenant: bool):
         super().__init__(app)
-        self.expected = f"Bearer {api_key}".encode()
+        self.expected = [f"Bearer {k}".encode() for k in keys]
+        self.tenants = [hashlib.sha256(k.encode()).hexdigest()[:16] for k in keys]
+        self.per_tenant = per_tenant
 
     async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
+        if request.url.path == "/health":
+            return await call_next(request)
         given = request.headers.get("authorization", "").encode()
-        # in constant time: how long a wrong key takes says nothing of the right one
-        if request.url.path != "/health" and not hmac.compare_digest(given, self.expected):
+        # each compared in constant time, and all of them: how long a wrong key takes says
+        # nothing of a right one
+        matches = [hmac.compare_digest(given, e) for e in self.expected]
+        if not any(matches):
             return error("invalid or missing API key", "authentication_error", 401)
+        if self.per_tenant:
+            request.state.tenant = self.tenants[matches.index(True)]
         return await call_next(request)
+
+
+def api_keys(gw: GatewayConfig) -> list[str]:
+    """The keys a request may carry: `api_key`, and each line of `api_key_file`."""
+    keys = [gw.api_key] if gw.api_key else []
+    if gw.api_key_file:
+        lines = Path(gw.api_key_file).read_text().splitlines()
+        keys += [k.strip() for k in lines if k.strip() and not k.startswith("#")]
+    return keys
 
 
 async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -151,13 +169,13 @@ async def models(gw: Serving) -> ModelList:
     return gw.models()
 
 
-def session_of(req: CompletionRequest | ChatRequest, request: Request) -> float:
-    """How long this turn's KV stays cached (gateway.sessions); the session counts as live.
-    (And whether it may ask for a priority.)"""
+def cache_scope(req: CompletionRequest | ChatRequest, request: Request) -> CacheScope:
+    """Whose cached prefixes this request shares and how long its KV stays cached after it
+    (gateway.sessions); its session counts as live. (And whether it may ask for a priority.)"""
     check_priority(req, request.app.state.config.allow_priority)
     session, ttl_s = session_ttl(request.headers, req.user, request.app.state.config)
     request.app.state.sessions.seen(session, ttl_s)
-    return ttl_s
+    return CacheScope(ttl_s, cache_salt(getattr(request.state, "tenant", None), req.cache_salt))
 
 
 async def answered(request: Request, work: Awaitable[Response]) -> Response:
@@ -186,11 +204,11 @@ async def answered(request: Request, work: Awaitable[Response]) -> Response:
 
 
 async def completions(req: CompletionRequest, gw: Serving, request: Request) -> Response:
-    return await answered(request, gw.completions(req, session_of(req, request)))
+    return await answered(request, gw.completions(req, cache_scope(req, request)))
 
 
 async def chat(req: ChatRequest, gw: Serving, request: Request) -> Response:
-    return await answered(request, gw.chat(req, session_of(req, request)))
+    return await answered(request, gw.chat(req, cache_scope(req, request)))
 
 
 def create_app(model_dir: Path, config: BatonConfig) -> FastAPI:
@@ -233,8 +251,8 @@ def create_app(model_dir: Path, config: BatonConfig) -> FastAPI:
     app.state.sessions = LiveSessions()
     app.add_middleware(BodyLimit)
     app.add_middleware(WriteTimeout, timeout_s=gw.write_timeout_s)
-    if gw.api_key:  # outermost: a request without the key gets no further
-        app.add_middleware(ApiKey, api_key=gw.api_key)
+    if keys := api_keys(gw):  # outermost: a request without a key gets no further
+        app.add_middleware(ApiKey, keys=keys, per_tenant=gw.cache_per_api_key)
     app.add_api_route("/health", health)
     app.add_api_route("/metrics", metrics, response_class=PlainTextResponse)
     app.add_api_route("/v1/models", models, responses={401: ERRORS[401]})

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import zmq
 import zmq.asyncio
+from msgspec.structs import replace
 
 from baton import protocol as P
 from baton.gateway import metrics as M
@@ -38,6 +39,7 @@ class Stream:
     req_id: str
     prefill_id: str
     decode_id: str
+    salt: bytes | None = None  # its cache salt: the prefix index files its blocks under it
     first_index: int = 0  # a resumed stream continues from the tokens already streamed
     num_prompt_tokens_on_decode: int = 0  # in its decode's local_tokens until an answer comes
     kept: bool = False  # it decodes on a prefill (Why.KEPT): counted in that one's `kept`
@@ -211,7 +213,7 @@ class Backend:
             return False
         return True
 
-    def admit(self, prompts: list[list[int]]) -> Admitted:
+    def admit(self, prompts: list[list[int]], salt: bytes | None = None) -> Admitted:
         """Where each prompt goes, counted on its services at once (the next admission sees
         it); raises Overloaded (a 429) when the request should not be taken now, NoCapacity
         when no decode is there to take it."""
@@ -220,7 +222,7 @@ class Backend:
                 f"{len(prompts)} prompts in one request; at most {most} are served at once "
                 "([gateway] max_queued_requests)", "prompt",
             )  # fmt: skip
-        admitted = self.admission.check(self.inflight, self.router.place(prompts))
+        admitted = self.admission.check(self.inflight, self.router.place(prompts, set(), salt))
         self.router.reserve(admitted.placements)
         self.inflight += len(admitted.placements)
         return admitted
@@ -232,9 +234,9 @@ class Backend:
             admitted.released = True
             self.inflight -= len(admitted.placements)
 
-    def place(self, token_ids: list[int], avoid: set[str]) -> Placement:
+    def place(self, token_ids: list[int], avoid: set[str], salt: bytes | None) -> Placement:
         """A stream to resume: placed away from `avoid`, with no admission (it was admitted)."""
-        (placement,) = self.router.place([token_ids], avoid)
+        (placement,) = self.router.place([token_ids], avoid, salt)
         self.router.reserve([placement])
         return placement
 
@@ -249,12 +251,12 @@ class Backend:
         tokens after the prompt were already streamed."""
         if not (self.registry.live(placement.decode) and self.registry.live(placement.prefiller)):
             # one of its services left since admission (what it reserved, a heartbeat forgets)
-            placement = self.place(token_ids, set())
+            placement = self.place(token_ids, set(), params.cache_salt)
         decode, prefill = placement.decode, placement.prefiller
         decode.reserved_requests = max(0, decode.reserved_requests - 1)
         req_id = uuid.uuid4().hex  # the transfer id both legs carry
         resumed = 0 if num_prompt_tokens is None else len(token_ids) - num_prompt_tokens
-        stream = Stream(req_id, prefill.id, decode.id, first_index=resumed)
+        stream = Stream(req_id, prefill.id, decode.id, params.cache_salt, first_index=resumed)
         if placement.why is not Why.REMOTE:
             M.LOCAL_PREFILLS.labels(placement.why.value).inc()
             decode.local_tokens += len(token_ids)
@@ -265,13 +267,15 @@ class Backend:
         self.streams[req_id] = stream
         prefill.requests.add(req_id)
         decode.requests.add(req_id)
+        # stop strings are the gateway's alone to match: they never travel (reliability H3)
+        sent = replace(params, stop=()) if params.stop else params
         request = P.PrefillRequest(
-            req_id, token_ids, params, decode.id, decode.kv_addr, num_prompt_tokens
+            req_id, token_ids, sent, decode.id, decode.kv_addr, num_prompt_tokens
         )
         if await self._send(prefill.id, request):  # it counts what reaches it (Load)
             prefill.sent_prompt(len(token_ids))
             if prefill is not decode:  # its prefix cache now holds the prompt
-                self.router.prefixes.add(prefill.id, token_ids, held_blocks(prefill))
+                self.router.prefixes.add(prefill.id, token_ids, held_blocks(prefill), stream.salt)
         return stream
 
     async def finish(self, stream: Stream, token_ids: list[int] | None = None) -> None:
@@ -280,7 +284,7 @@ class Backend:
         self.streams.pop(stream.req_id, None)
         decode = self.registry.services.get(stream.decode_id)
         if token_ids and decode is not None and decode.role == "decode":  # not a kept one's
-            self.router.prefixes.add(decode.id, token_ids, held_blocks(decode))
+            self.router.prefixes.add(decode.id, token_ids, held_blocks(decode), stream.salt)
         self._end_prefill_on_decode(stream)
         if stream.kept and (prefill := self.registry.services.get(stream.decode_id)) is not None:
             prefill.kept -= 1

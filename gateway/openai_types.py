@@ -74,6 +74,8 @@ class _Sampling(_Strict):
     min_tokens: StrictInt = Field(default=0, ge=0)
     return_token_ids: bool = False  # vLLM's extension: each choice carries its token ids
     priority: Int64 = 0  # vLLM's extension: lower is scheduled sooner
+    # vLLM's extension: only requests with the same salt (and API key) share cached prefixes
+    cache_salt: str | None = Field(default=None, min_length=1, max_length=256)
     # accepted and harmless: none of these changes what is generated
     user: str | None = None
     metadata: dict[str, str] | None = None

@@ -13,6 +13,7 @@ from baton.gateway.openai_types import (
     CompletionRequest,
     NamedToolChoice,
 )
+from baton.gateway.sessions import CacheScope
 from baton.gateway.tools import Format
 from baton.sampling_params import SamplingParams
 
@@ -24,11 +25,11 @@ def sampling_params(
     max_model_len: int,
     vocab_size: int,
     calls: Format | None,
-    session_ttl_s: float = 0.0,
+    cache: CacheScope,
 ) -> SamplingParams:
     """What the services run a request with; max_tokens absent: the model's context (run
-    sets it per prompt); `calls`: how a forced tool call is written; `session_ttl_s`: how
-    long its KV stays cached after it (session_ttl)."""
+    sets it per prompt); `calls`: how a forced tool call is written; `cache`: whose cached
+    prefixes it shares, and how long its KV stays cached after it (gateway.sessions)."""
     stop = [req.stop] if isinstance(req.stop, str) else req.stop or []
     if len(stop) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in stop):
         raise BadRequest(
@@ -60,7 +61,8 @@ def sampling_params(
             stop_token_ids=tuple(req.stop_token_ids or ()),
             ignore_eos=req.ignore_eos,
             logprobs=logprobs,
-            session_ttl_s=session_ttl_s,
+            session_ttl_s=cache.ttl_s,
+            cache_salt=cache.salt,
             priority=req.priority,
         )
     except ValueError as e:  # each message starts with the field's name

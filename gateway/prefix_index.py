@@ -17,28 +17,31 @@ class PrefixIndex:
         self.block_size = block_size
         self.held: dict[str, OrderedDict[bytes, None]] = {}  # service id -> its blocks, LRU
 
-    def hashes(self, token_ids: list[int]) -> list[bytes]:
-        """The chained hash of each full block of `token_ids`."""
-        bs, out, parent = self.block_size, [], None
+    def hashes(self, token_ids: list[int], salt: bytes | None) -> list[bytes]:
+        """The chained hash of each full block of `token_ids`, from the root `salt`."""
+        bs, out, parent = self.block_size, [], salt
         for i in range(len(token_ids) // bs):
             parent = chain_hash(parent, token_ids[i * bs : (i + 1) * bs])
             out.append(parent)
         return out
 
-    def add(self, service_id: str, token_ids: list[int], capacity_blocks: int) -> None:
+    def add(
+        self, service_id: str, token_ids: list[int], capacity_blocks: int, salt: bytes | None
+    ) -> None:
         blocks = self.held.setdefault(service_id, OrderedDict())
-        for h in self.hashes(token_ids):
+        for h in self.hashes(token_ids, salt):
             blocks[h] = None
             blocks.move_to_end(h)
         while len(blocks) > capacity_blocks:
             blocks.popitem(last=False)
 
-    def cached_tokens(self, token_ids: list[int]) -> dict[str, int]:
-        """Per service holding some of it, the leading tokens of the prompt `token_ids` it
-        holds (the last prompt token never counts: its logits must be computed)."""
+    def cached_tokens(self, token_ids: list[int], salt: bytes | None) -> dict[str, int]:
+        """Per service holding some of it, the leading tokens of the prompt `token_ids` (of
+        the cache salt `salt`) it holds (the last prompt token never counts: its logits must
+        be computed)."""
         if not self.held:  # nothing served yet: no need to hash the prompt
             return {}
-        hashes = self.hashes(token_ids[:-1])
+        hashes = self.hashes(token_ids[:-1], salt)
         out = {}
         for service_id, blocks in self.held.items():
             n = 0

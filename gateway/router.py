@@ -204,17 +204,21 @@ class Router:
         self.cached_prefill_tokens = cached_prefill_tokens
         self.tpot_s = tpot_s
 
-    def place(self, prompts: list[list[int]], avoid: set[str] = frozenset()) -> list[Placement]:
+    def place(
+        self, prompts: list[list[int]], avoid: set[str] = frozenset(), salt: bytes | None = None
+    ) -> list[Placement]:
         """Each prompt's placement, away from the services in `avoid` (suspects of a failure)
         where others are live; raises NoCapacity with no decode. Changes nothing: the prompts
         placed before count against the services for the next, and `reserve` counts them for
-        good once admitted."""
+        good once admitted. `salt`: whose cached prefixes they may use (cache_salt)."""
         placements: list[Placement] = []
         for ids in prompts:
-            placements.append(self._place_one(ids, avoid, placements))
+            placements.append(self._place_one(ids, avoid, placements, salt))
         return placements
 
-    def _place_one(self, ids: list[int], avoid: set[str], before: list[Placement]) -> Placement:
+    def _place_one(
+        self, ids: list[int], avoid: set[str], before: list[Placement], salt: bytes | None
+    ) -> Placement:
         def decode_load(s: Service) -> float:
             return decode_cost(s, sum(p.decode is s for p in before))
 
@@ -222,7 +226,7 @@ class Router:
             return prefill_cost(s, sum(p.num_tokens for p in before if p.prefill is s))
 
         n = len(ids)
-        hits = self.prefixes.cached_tokens(ids)  # per service, of what it served or computed
+        hits = self.prefixes.cached_tokens(ids, salt)  # per service, of what it served or computed
         decodes = self.registry.pool("decode")
         spared = [s for s in decodes if s.id not in avoid]
         if self.cached_prefill_tokens and spared:

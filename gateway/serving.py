@@ -7,7 +7,7 @@ import itertools
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -28,12 +28,15 @@ from baton.gateway.openai_types import (
 )
 from baton.gateway.params import check_tools, flatten, nth, sampling_params
 from baton.gateway.router import NoCapacity, Placement, Why
+from baton.gateway.sessions import CacheScope
 from baton.gateway.shapes import (
     ChatShape,
+    ClosingStream,
     CompletionShape,
     Piece,
     Shape,
     json_response,
+    merged,
     unavailable,
 )
 from baton.gateway.tools import FORMATS
@@ -42,6 +45,7 @@ from baton.text import IncrementalDetokenizer, StopStringMatcher
 
 log = logging.getLogger("baton.gateway")
 
+SHARED = CacheScope()  # no session, no salt: the prefix cache shared by all
 RESUME_WAIT_S = 10.0  # how long a stream to resume waits for a live decode
 # a token is rarely longer than this: text of more characters per context token cannot fit,
 # and is refused before it is tokenized (an 8 MB prompt took the tokenizer 7 s)
@@ -83,7 +87,7 @@ class Gateway:
     def models(self) -> ModelList:
         return ModelList(data=[ModelCard(id=self.model_name)])
 
-    async def completions(self, req: CompletionRequest, session_ttl_s: float = 0.0) -> Response:
+    async def completions(self, req: CompletionRequest, cache: CacheScope = SHARED) -> Response:
         self.check_model(req.model)
         p = req.prompt
         if isinstance(p, str):
@@ -100,7 +104,7 @@ class Gateway:
             raise BadRequest("echo with logprobs (the prompt's) is not supported", "echo")
         params = sampling_params(
             req, req.max_tokens, req.logprobs, self.max_model_len, self.vocab_size,
-            self.tool_format, session_ttl_s,
+            self.tool_format, cache,
         )  # fmt: skip
         echoes = None  # echo: each choice's text starts with its prompt's
         if req.echo:
@@ -115,7 +119,7 @@ class Gateway:
             req.n,
         )
 
-    async def chat(self, req: ChatRequest, session_ttl_s: float = 0.0) -> Response:
+    async def chat(self, req: ChatRequest, cache: CacheScope = SHARED) -> Response:
         self.check_model(req.model)
         check_tools(req, self.chat_template, self.tool_format)
         messages = [flatten(i, m.model_dump(exclude_none=True)) for i, m in enumerate(req.messages)]
@@ -136,7 +140,7 @@ class Gateway:
         max_tokens = req.max_completion_tokens or req.max_tokens
         params = sampling_params(
             req, max_tokens, logprobs, self.max_model_len, self.vocab_size, self.tool_format,
-            session_ttl_s,
+            cache,
         )  # fmt: skip
         # the answer may hold calls, written as the parser reads them
         calls = self.tool_format if req.tools and req.tool_choice != "none" else None
@@ -211,7 +215,9 @@ class Gateway:
         for ids, p in zip(prompts, each, strict=True):
             self.check_prompt(ids, p.max_tokens, p.stop_token_ids)
         try:
-            admitted = self.backend.admit(prompts)  # a 429 comes now, before any response
+            admitted = self.backend.admit(
+                prompts, params.cache_salt
+            )  # a 429 comes now, before any response
         except NoCapacity as e:  # no decode: a 503, but a stream's client reads events
             if not stream:
                 raise
@@ -329,7 +335,7 @@ class Gateway:
             placement = Placement(decode, None, Why.CACHED, len(ids))
             self.backend.router.reserve([placement])
         else:  # the first failed or ended before decoding: placed on its own
-            placement = self.backend.place(ids, set())
+            placement = self.backend.place(ids, set(), params.cache_salt)
         async for piece in self.choice(index, ids, params, placement):
             yield piece
 
@@ -348,7 +354,7 @@ class Gateway:
         deadline = time.monotonic() + RESUME_WAIT_S
         while True:
             try:
-                placement = self.backend.place(ids + streamed, avoid)
+                placement = self.backend.place(ids + streamed, avoid, params.cache_salt)
                 break
             except NoCapacity as e:  # e.g. the only decode is restarting: wait a little
                 if time.monotonic() > deadline:
@@ -358,57 +364,3 @@ class Gateway:
         M.MIGRATIONS.inc()
         log.warning("resumed a request after %d tokens: %s", len(streamed), why)
         return stream
-
-
-class ClosingStream(StreamingResponse):
-    """A stream whose pieces are closed however its response ends: a client dropped for not
-    reading (limits.WriteTimeout) leaves the generators suspended, not cancelled, and their
-    cleanup (aborting the request on the services, the metrics) must run now, not whenever
-    the garbage collector gets to them. `release` frees its admission slots, which a stream
-    whose client left before its first byte never reaches from its generators."""
-
-    def __init__(self, content, release: Callable[[], None], **kwargs):
-        super().__init__(content, **kwargs)
-        self.release = release
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self.release()
-            await self.body_iterator.aclose()
-
-
-async def merged(gens: list[AsyncIterator[Piece]]) -> AsyncIterator[Piece]:
-    """Pieces of several choices as they come; errors propagate; all cancelled on exit."""
-    if len(gens) == 1:
-        try:
-            async for p in gens[0]:
-                yield p
-        finally:
-            await gens[0].aclose()
-        return
-    queue: asyncio.Queue[Piece | Exception | None] = asyncio.Queue()
-
-    async def pump(gen: AsyncIterator[Piece]) -> None:
-        try:
-            async for p in gen:
-                await queue.put(p)
-            await queue.put(None)
-        except Exception as e:  # surfaced to the consumer below
-            await queue.put(e)
-
-    tasks = [asyncio.create_task(pump(g)) for g in gens]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            item = await queue.get()
-            if item is None:
-                remaining -= 1
-            elif isinstance(item, Exception):
-                raise item
-            else:
-                yield item
-    finally:
-        for t in tasks:
-            t.cancel()

@@ -1,17 +1,36 @@
-"""Agent sessions at the gateway: how long a turn's KV stays cached after it (the services
-keep a session's blocks last, and write them to their KV tier), and how many sessions are
-live. A session is named by the `x-session-id` header, or the body's `user` with
-`[gateway] session_from_user`."""
+"""A request's cache scope at the gateway: whose cached prefixes it may share (its tenant's
+and its cache_salt's), and, for agent sessions, how long a turn's KV stays cached after it
+(the services keep a session's blocks last, and write them to their KV tier), and how many
+sessions are live. A session is named by the `x-session-id` header, or the body's `user`
+with `[gateway] session_from_user`."""
 
+import hashlib
 import math
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from baton.config import GatewayConfig
 from baton.gateway.openai_types import BadRequest
 
 MAX_TRACKED = 100_000  # live sessions counted at most (the oldest forgotten first)
+
+
+@dataclass(frozen=True)
+class CacheScope:
+    ttl_s: float = 0.0  # how long its KV stays cached after it (a session's turn)
+    salt: bytes | None = None  # the root of its block hash chain (SamplingParams.cache_salt)
+
+
+def cache_salt(tenant: str | None, salt: str | None) -> bytes | None:
+    """The hash chain root of a request's blocks: equal only for one tenant's (API key's)
+    requests with one cache_salt (vLLM's field), so no other request's prefix hit, or its
+    timing, can tell what they sent. None for neither: the cache shared by all."""
+    if tenant is None and salt is None:
+        return None
+    scope = f"{tenant or ''}\0{salt or ''}".encode()
+    return hashlib.blake2b(scope, digest_size=16, person=b"baton-salt").digest()
 
 
 def session_ttl(

@@ -1,12 +1,14 @@
 """The OpenAI response shapes: the pieces of a request's choices become response models
-(openai_types.py), as one JSON body or as server-sent events."""
+(openai_types.py), as one JSON body or as server-sent events; the choices' pieces merged
+into one iterator, and a streamed response that closes them however it ends."""
 
+import asyncio
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
@@ -270,3 +272,57 @@ class ChatShape(Shape):
             finish_reason="tool_calls" if calls and finish == "stop" else finish,
             token_ids=self.token_ids([p.token]),
         )
+
+
+class ClosingStream(StreamingResponse):
+    """A stream whose pieces are closed however its response ends: a client dropped for not
+    reading (limits.WriteTimeout) leaves the generators suspended, not cancelled, and their
+    cleanup (aborting the request on the services, the metrics) must run now, not whenever
+    the garbage collector gets to them. `release` frees its admission slots, which a stream
+    whose client left before its first byte never reaches from its generators."""
+
+    def __init__(self, content, release: Callable[[], None], **kwargs):
+        super().__init__(content, **kwargs)
+        self.release = release
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.release()
+            await self.body_iterator.aclose()
+
+
+async def merged(gens: list[AsyncIterator[Piece]]) -> AsyncIterator[Piece]:
+    """Pieces of several choices as they come; errors propagate; all cancelled on exit."""
+    if len(gens) == 1:
+        try:
+            async for p in gens[0]:
+                yield p
+        finally:
+            await gens[0].aclose()
+        return
+    queue: asyncio.Queue[Piece | Exception | None] = asyncio.Queue()
+
+    async def pump(gen: AsyncIterator[Piece]) -> None:
+        try:
+            async for p in gen:
+                await queue.put(p)
+            await queue.put(None)
+        except Exception as e:  # surfaced to the consumer below
+            await queue.put(e)
+
+    tasks = [asyncio.create_task(pump(g)) for g in gens]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield item
+    finally:
+        for t in tasks:
+            t.cancel()

@@ -94,3 +94,10 @@ def test_a_bad_config_stops_every_command_with_the_key(tmp_path):
         out = baton(*cmd, "--config", str(f))
         assert out.returncode != 0
         assert "bad config" in out.stderr and "$.engine.max_num_seqs" in out.stderr, out.stderr
+
+
+def test_config_show_never_prints_the_api_key():
+    """Reliability review M9: `baton config show` printed the key it was given."""
+    out = baton("config", "show", "--api-key", "sk-secret-1")
+    assert out.returncode == 0, out.stderr
+    assert "sk-secret-1" not in out.stdout and "# api_key = (redacted)" in out.stdout

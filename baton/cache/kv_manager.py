@@ -1,7 +1,8 @@
 """Per-sequence KV block tables over the block pool, with prefix caching (plain Python).
 
 A full block's hash chains over its parent's hash and its token ids, so equal hashes mean equal
-prefixes. A prefix hit never covers the whole prompt: the last prompt token is always computed,
+prefixes; the first block's parent is the request's cache salt (SamplingParams.cache_salt), so
+only requests of one salt share blocks. A prefix hit never covers the whole prompt: the last prompt token is always computed,
 because its logits give the first output token. Below the pool, an optional KV tier
 (baton.cache.tier) keeps what the pool evicts; `tier_prefix` says how much further it reaches.
 """
@@ -42,7 +43,7 @@ class KVCacheManager:
     def _update_hashes(self, seq: Sequence, upto_tokens: int) -> None:
         bs = self.block_size
         for i in range(len(seq.block_hashes), upto_tokens // bs):
-            parent = seq.block_hashes[-1] if seq.block_hashes else None
+            parent = seq.block_hashes[-1] if seq.block_hashes else seq.params.cache_salt
             seq.block_hashes.append(chain_hash(parent, seq.token_ids[i * bs : (i + 1) * bs]))
 
     def match_prefix(self, seq: Sequence) -> None:

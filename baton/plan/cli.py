@@ -102,7 +102,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     if not ranked[0].summary["meets_attainment"]:
         print(f"no setting meets the SLO for {slo.attainment:.0%} of requests at this rate")
     if args.out:
-        Path(args.out).write_text(to_toml(search.to_config(config, best, args.cores)))
+        Path(args.out).write_text(to_toml(search.to_config(config, best, args.cores), redact=False))
         print(f"wrote {args.out}")
 
 

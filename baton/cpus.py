@@ -15,10 +15,11 @@ def parse_cpus(spec: str | None) -> set[int] | None:
 
 
 def default_cpus(role: str, aggregated: bool = False) -> str | None:
-    """On a machine with 2+ cores, prefill gets the first half and decode the rest, so
-    prefill never steals decode's cores; with no prefill pool, decode gets them all."""
-    n = len(os.sched_getaffinity(0))
-    if n < 2 or aggregated:
+    """Of the CPUs this process may run on (a cpuset or taskset may exclude some), with 2+,
+    prefill gets the first half and decode the rest, so prefill never steals decode's cores;
+    with no prefill pool, decode gets them all."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2 or aggregated:
         return None
-    half = n // 2
-    return f"0-{half - 1}" if role == "prefill" else f"{half}-{n - 1}"
+    half = len(cpus) // 2
+    return ",".join(map(str, cpus[:half] if role == "prefill" else cpus[half:]))

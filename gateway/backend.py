@@ -155,10 +155,13 @@ class Backend:
                 self._end_prefill_on_decode(stream)  # any answer ends its prompt's prefill
                 if (
                     isinstance(msg, P.TokenOutput)
-                    and msg.index == 0
+                    and msg.index > stream.first_index
                     and stream.prefill_id != stream.decode_id
                 ):
-                    # prefill's part is done; from here a dead decode, not prefill, fails it
+                    # the decode computed a token, so the prompt's KV reached it: from here a
+                    # dead decode, not prefill, fails it. Not at the prefill's token: its death
+                    # before the KV moved would stall the stream until the decode's transfer
+                    # timeout (reliability review M4)
                     if (prefill := self.registry.services.get(stream.prefill_id)) is not None:
                         prefill.requests.discard(msg.req_id)
             elif isinstance(msg, P.TokenOutput) and msg.finish_reason is None:
@@ -188,9 +191,15 @@ class Backend:
     async def _reap(self) -> None:
         while True:
             await asyncio.sleep(0.5)
-            for service in self.registry.expire():
-                log.error("service %s (%s) stopped heartbeating", service.id, service.role)
-                self.fail_requests(service)
+            self.reap()
+
+    def reap(self) -> None:
+        """Services silent past their timeout are dead: their requests fail over, and their
+        metrics series go (a restarted service's id is new: they would pile up)."""
+        for service in self.registry.expire():
+            log.error("service %s (%s) stopped heartbeating", service.id, service.role)
+            self.fail_requests(service)
+            M.forget_service(service.id, service.role)
 
     def fail_requests(self, service: Service) -> None:
         """A dead service's streams end with a retryable error (failover resumes them); its
@@ -276,6 +285,9 @@ class Backend:
             prefill.sent_prompt(len(token_ids))
             if prefill is not decode:  # its prefix cache now holds the prompt
                 self.router.prefixes.add(prefill.id, token_ids, held_blocks(prefill), stream.salt)
+        else:  # it never got there: failover places it again now, not at the deadline (M5)
+            why = f"{prefill.role} service {prefill.id} is unreachable"
+            stream.queue.put_nowait(P.RequestError(req_id, why, retryable=True))
         return stream
 
     async def finish(self, stream: Stream, token_ids: list[int] | None = None) -> None:

@@ -1,5 +1,7 @@
 """Gateway metrics (prometheus-client), plus per-service KV gauges fed by heartbeats."""
 
+import contextlib
+
 from prometheus_client import Counter, Gauge, Histogram
 
 from baton import protocol as P
@@ -54,8 +56,18 @@ ORPHANS_ABORTED = Counter(
 )
 
 
+PER_SERVICE = (SERVICE_QUEUE, SERVICE_BLOCKS_USED, SERVICE_BLOCKS_TOTAL)
+
+
 def observe_heartbeat(hb: P.Heartbeat) -> None:
     labels = (hb.service_id, hb.role)
     SERVICE_QUEUE.labels(*labels).set(hb.load.queued_tokens)
     SERVICE_BLOCKS_USED.labels(*labels).set(hb.load.total_blocks - hb.load.free_blocks)
     SERVICE_BLOCKS_TOTAL.labels(*labels).set(hb.load.total_blocks)
+
+
+def forget_service(service_id: str, role: str) -> None:
+    """A dead service's series go (reliability review L1)."""
+    for gauge in PER_SERVICE:
+        with contextlib.suppress(KeyError):  # it never sent a heartbeat it was observed by
+            gauge.remove(service_id, role)

@@ -2,6 +2,7 @@
 real HTTP, tokens compared with transformers' greedy output (fp32)."""
 
 import asyncio
+import itertools
 import json
 import os
 import random
@@ -222,13 +223,19 @@ def test_prefill_killed_while_holding_blocks_its_requests_resume(
                 while sum(map(bool, events_of)) < 2:
                     await asyncio.sleep(0.02)
             stack.kill("prefill-0")
-            return await task
+            return time.monotonic(), await task
 
-        results = asyncio.run(main())
+        killed_at, results = asyncio.run(main())
         # every stream completes: the ones the dead prefill owed resume on the decode, which
         # prefills them itself now that no prefill is left (over shm, the one waiting on the
         # prefill's blocks still reads them from the decode's mapping)
         assert [(len(events), error) for events, error in results] == [(90, None)] * 3
+        # a stream whose KV the prefill still held resumes once the prefill's silence shows
+        # (service_timeout_s, 3 s), not after the decode's 30 s transfer timeout (review M4)
+        stalls = [max(b - a for a, b in itertools.pairwise([killed_at, *e]) if b > killed_at)
+                  for e, _ in results if e[-1] > killed_at]  # fmt: skip
+        print(f"longest silence of a stream after the kill: {max(stalls):.1f} s")
+        assert max(stalls) < 15
         migrated = stack.metric("gateway", "baton_migrations_total")
         assert migrated >= (1 if transport == "shm" else 2)
         if transport == "nixl":  # the read itself failed, before the prefill's silence showed

@@ -1,15 +1,20 @@
 """The gateway's routing decisions, on a registry fed by heartbeats (no model, no services)."""
 
 import asyncio
+import os
+import time
 
 import msgspec
 import pytest
 import zmq
+from prometheus_client import REGISTRY
 
 from baton import protocol as P
 from baton.config import GatewayConfig, SLOConfig
+from baton.cpus import default_cpus
+from baton.gateway import metrics as M
 from baton.gateway.admission import Admission, Overloaded
-from baton.gateway.backend import Backend, Stream
+from baton.gateway.backend import Backend, ServiceFailed, Stream
 from baton.gateway.openai_types import BadRequest
 from baton.gateway.router import NoCapacity, Router, Why, prefill_cost
 from baton.sampling_params import SamplingParams
@@ -354,3 +359,49 @@ def test_a_prompt_goes_to_the_prefill_holding_its_prefix_while_its_queue_allows(
         ctx.destroy(linger=0)
 
     asyncio.run(scenario())
+
+
+def test_a_request_that_never_reaches_its_prefill_fails_over_at_once():
+    """Reliability review M5: a send that failed (the service registered by its heartbeat
+    socket, but its request socket is not connected) left the stream waiting until the
+    request's deadline, 600 s."""
+
+    async def scenario() -> None:
+        backend = gateway(("prefill-0", "prefill"), ("decode-0", "decode"))  # no sockets
+        (placement,) = backend.admit([prompt(100)]).placements
+        stream = await backend.submit(placement, prompt(100), SamplingParams(max_tokens=4))
+        with pytest.raises(ServiceFailed, match="prefill-0 is unreachable") as failed:
+            async with asyncio.timeout(60):  # not the deadline's 600 s
+                await anext(stream.tokens(deadline=time.monotonic() + 600))
+        assert failed.value.retryable  # resumed elsewhere, as for a dead service
+        await backend.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_dead_services_metrics_series_go_with_it():
+    """Reliability review L1: every restart (a new service id) left its gauges behind."""
+
+    def series(service_id: str) -> float | None:
+        labels = {"service": service_id, "role": "decode"}
+        return REGISTRY.get_sample_value("baton_service_kv_blocks_total", labels)
+
+    async def scenario() -> None:
+        backend = gateway(("prefill-0", "prefill"))
+        hb = heartbeat("decode-gone", "decode", blocks=32)
+        backend.registry.heartbeat(hb)
+        M.observe_heartbeat(hb)
+        assert series("decode-gone") == 32
+        backend.registry.services["decode-gone"].last_seen -= 60  # silent for a minute
+        backend.reap()
+        assert "decode-gone" not in backend.registry.services and series("decode-gone") is None
+        await backend.close()
+
+    asyncio.run(scenario())
+
+
+def test_pools_split_the_cpus_this_process_may_use(monkeypatch):
+    """Reliability review L3: under a cpuset of CPUs 4-7, `baton up` pinned to 0-3."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {4, 5, 6, 7})
+    assert (default_cpus("prefill"), default_cpus("decode")) == ("4,5", "6,7")
+    assert default_cpus("decode", aggregated=True) is None  # all of them, unpinned

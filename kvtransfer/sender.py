@@ -146,7 +146,7 @@ class KVSender:
             if lease is not None and not lease.ended:
                 self._send(addr, lease.offer, [])
         elif isinstance(msg, P.KVPull):
-            self._send_blocks(addr, msg)
+            self._send_blocks(addr, msg, lease)
         elif isinstance(msg, P.KVRelease) and lease is not None:
             if self.routes.pop(msg.req_id, None) is not None:
                 self._stops.append(Stop(msg.req_id, None))  # it gave up mid-prefill
@@ -246,8 +246,9 @@ class KVSender:
         self._send(addr, offer, [])
         return True
 
-    def _send_blocks(self, addr: str, pull: P.KVPull) -> None:
-        lease = self.leases.get(pull.req_id)
+    def _send_blocks(self, addr: str, pull: P.KVPull, lease: Lease | None) -> None:
+        """`lease`: the pull's, where `addr` holds it; another decode that learned the req_id
+        gets nothing (reliability review L10)."""
         if lease is None or lease.ended or not set(pull.block_ids) <= set(lease.pinned):
             # gone meanwhile (or never offered): tell the decode, which holds reserved blocks
             self._send(addr, P.KVAbort(pull.req_id, "no longer held"), [])

@@ -338,3 +338,27 @@ def test_every_ordering_ends_with_every_block_back_and_nothing_orphaned(reader):
         assert_all_free(pair)
         n += 1
     assert n == 60 + 2520 + 360 + 20160
+
+
+def test_only_the_decode_offered_a_prompt_may_pull_its_blocks():
+    """Reliability review L10: any decode the prefill spoke to could pull another's blocks
+    by naming their request."""
+    pair = Pair("zmq", stream=False)
+    sent: list[tuple[str, object]] = []
+    send = pair.sender._send
+    pair.sender._send = lambda addr, msg, frames: (
+        sent.append((addr, msg)),
+        send(addr, msg, frames),
+    )
+    other = "tcp://other-decode:1"
+    pair.submit("r")
+    pair.p_sched.add(Sequence("r2", PROMPT, SamplingParams(max_tokens=8, temperature=0)))
+    pair.sender.route("r2", other)
+    for _ in range(4):  # both prompts prefilled and offered, each to its own decode
+        pair.prefill_step()
+    offers = {m.req_id: (addr, m) for addr, m in sent if isinstance(m, P.KVOffer) and m.final}
+    assert {k: a for k, (a, _) in offers.items()} == {"r": DECODE, "r2": other}
+    pair.sender.on_message(other, P.KVPull("r", offers["r"][1].block_ids))
+    assert sent[-1] == (other, P.KVAbort("r", "no longer held"))
+    pair.sender.on_message(DECODE, P.KVPull("r", offers["r"][1].block_ids))
+    assert sent[-1][0] == DECODE and isinstance(sent[-1][1], P.KVBlocks)

@@ -5,7 +5,7 @@ Prints, and writes to --out (JSON): requests ok / failed with an error that says
 (a stream silent for STALL_S: must be 0); the longest gap between two chunks of any stream
 that ended well; KV blocks in use on every service once the load stops (must be 0); RSS of
 each process over its life (the gateway's over the whole run; a service's since its last
-restart), first sample against last.
+restart), from WARMUP_S after its start to its last sample.
 
     python -m benchmarks.soak --minutes 20 --out benchmarks/results/soak.json
 """
@@ -29,6 +29,7 @@ import httpx
 
 STALL_S = 30.0  # a stream silent this long has hung
 SETTLE_S = 60.0  # after the load: how long blocks may take to come back
+WARMUP_S = 30  # RSS samples (one a second) of a process's start that are not growth
 
 
 @dataclass
@@ -210,9 +211,11 @@ class Soak:
         while any((used := await self.blocks_in_use()).values()) and loop.time() < settle:
             await asyncio.sleep(1.0)
         self.sample_rss()
-        rss = {f"{name} (pid {pid})": {"first_mib": s[0] / 1024, "last_mib": s[-1] / 1024,
-                                       "growth": s[-1] / s[0] - 1, "samples": len(s)}
-               for (name, pid), s in self.rss.items() if len(s) >= 10}  # fmt: skip
+        # from WARMUP_S into each process's samples (a restarted one is loading its model
+        # before), to the last
+        rss = {f"{name} (pid {pid})": {"first_mib": s[WARMUP_S] / 1024, "last_mib": s[-1] / 1024,
+                                       "growth": s[-1] / s[WARMUP_S] - 1, "seconds": len(s)}
+               for (name, pid), s in self.rss.items() if len(s) >= WARMUP_S + 10}  # fmt: skip
         return {"minutes": self.args.minutes, "rate": self.args.rate, "seed": self.args.seed,
                 "kills": self.kills, "tally": self.tally.__dict__, "blocks_in_use": used,
                 "rss": rss, "logs": str(self.log_dir)}  # fmt: skip
@@ -246,7 +249,7 @@ def main() -> None:
     print("blocks in use after the load (must be 0):", result["blocks_in_use"])
     for name, r in result["rss"].items():
         print(f"  RSS {name:<28} {r['first_mib']:7.0f} -> {r['last_mib']:7.0f} MiB "
-              f"({r['growth']:+.1%} over {r['samples']} s)")  # fmt: skip
+              f"({r['growth']:+.1%} over its last {r['seconds'] - WARMUP_S} s)")  # fmt: skip
     for why, n in sorted(t["errors"].items(), key=lambda x: -x[1]):
         print(f"  {n:>4} x {why}")
     if args.out:

@@ -7,7 +7,7 @@ that ended well; KV blocks in use on every service once the load stops (must be 
 each process over its life (the gateway's over the whole run; a service's since its last
 restart), from WARMUP_S after its start to its last sample.
 
-    python -m benchmarks.soak --minutes 20 --out benchmarks/results/soak.json
+    python -m baton.benchmarks.soak --minutes 20 --out benchmarks/results/soak.json
 """
 
 import argparse

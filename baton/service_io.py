@@ -21,6 +21,7 @@ from baton import protocol as P
 from baton.engine import Engine
 from baton.kvtransfer.base import Stop
 from baton.kvtransfer.metrics import KVPeers
+from baton.logs import ThrottledLog
 from baton.plane import Keys
 from baton.request import Sequence
 from baton.scheduler import SampledToken, ScheduledSeq
@@ -236,6 +237,7 @@ class ServiceLoop:
         self.load_changed = False  # report the load now, not at the next period
         self.heartbeat: P.Heartbeat | None = None  # the loop's latest snapshot
         self.incarnation = f"{os.getpid()}-{time.time_ns()}"
+        self.bad_log = ThrottledLog(log)  # what any peer can send us: counted, seldom logged
         KV_BLOCKS_TOTAL.labels(self.id).set(engine.kv_manager.pool.num_blocks)
         for counter in (REQUEST_ERRORS, RECOMPUTES, BAD_MESSAGES, PREFIX_HITS):  # from zero
             counter.labels(self.id)
@@ -367,7 +369,7 @@ class ServiceLoop:
     def count_bad(self, e: Exception) -> None:
         """A malformed message was dropped (protocol.Codec.try_decode)."""
         BAD_MESSAGES.labels(self.id).inc()
-        log.warning("%s dropped a malformed message: %s", self.id, e)
+        self.bad_log.warning("%s dropped a malformed message: %s", self.id, e)
 
     def fail(self, req_id: str, message: str, retryable: bool = False) -> None:
         REQUEST_ERRORS.labels(self.id).inc()

@@ -19,6 +19,7 @@ from baton.gateway import metrics as M
 from baton.gateway.admission import Admission, Admitted
 from baton.gateway.openai_types import BadRequest
 from baton.gateway.router import Placement, Router, Service, Why
+from baton.logs import ThrottledLog
 from baton.plane import Authenticator, Keys, peer_role
 from baton.sampling_params import SamplingParams
 
@@ -103,6 +104,7 @@ class Backend:
         self.codec = P.Codec(P.ToGateway, self._count_bad)
         self.tasks: list[asyncio.Task] = []
         self.on_heartbeat = lambda hb: None
+        self.bad_log = ThrottledLog(log)  # what any peer can send us: counted, seldom logged
 
     def start(self) -> None:
         self.tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._reap())]
@@ -128,7 +130,7 @@ class Backend:
 
     def _count_bad(self, e: Exception) -> None:
         M.BAD_MESSAGES.inc()
-        log.warning("dropped a malformed message: %s", e)
+        self.bad_log.warning("dropped a malformed message: %s", e)
 
     async def _read(self) -> None:
         while True:

@@ -2,6 +2,7 @@
 the test it proposes: a routine operation never hangs a service."""
 
 import json
+import logging
 import os
 import re
 import socket
@@ -23,6 +24,7 @@ from baton import protocol as P
 from baton.config import EngineConfig
 from baton.engine import Engine
 from baton.kvtransfer import shm
+from baton.logs import ThrottledLog
 from baton.service_io import Every
 
 POISON = 4242  # a token id the broken runner below cannot take
@@ -309,3 +311,19 @@ def test_m11_a_restarted_gateway_aborts_what_its_predecessor_left_running(
             if proc is not None:
                 proc.kill()
                 proc.wait(10)
+
+
+def test_l17_a_flood_of_malformed_messages_is_counted_and_seldom_logged(caplog):
+    """L17: every malformed message logged a WARNING: a peer could fill the disk."""
+    now = [0.0]
+    throttled = ThrottledLog(logging.getLogger("baton.test"), period_s=10, clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, "baton.test"):
+        for i in range(1000):
+            now[0] = i / 1000  # a thousand in one second
+            throttled.warning("dropped a malformed message: %s", i)
+        assert [r.getMessage() for r in caplog.records] == ["dropped a malformed message: 0"]
+        now[0] = 10.5
+        throttled.warning("dropped a malformed message: %s", "late")
+    assert caplog.records[-1].getMessage() == (
+        "dropped a malformed message: late (and 999 more since the last)"
+    )

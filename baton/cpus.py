@@ -14,11 +14,13 @@ def parse_cpus(spec: str | None) -> set[int] | None:
     return cpus
 
 
-def default_cpus(role: str, aggregated: bool = False) -> str | None:
-    """Of the CPUs this process may run on (a cpuset or taskset may exclude some), with 2+,
-    prefill gets the first half and decode the rest, so prefill never steals decode's cores;
-    with no prefill pool, decode gets them all."""
-    cpus = sorted(os.sched_getaffinity(0))
+def default_cpus(
+    role: str, aggregated: bool = False, allowed: set[int] | None = None
+) -> str | None:
+    """Of the CPUs this process may run on (`allowed`, by default its affinity: a cpuset or
+    taskset may exclude some), with 2+, prefill gets the first half and decode the rest, so
+    prefill never steals decode's cores; with no prefill pool, decode gets them all."""
+    cpus = sorted(os.sched_getaffinity(0) if allowed is None else allowed)
     if len(cpus) < 2 or aggregated:
         return None
     half = len(cpus) // 2

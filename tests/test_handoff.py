@@ -74,6 +74,7 @@ class Pair:
         self.now = 0.0
         clock = lambda: self.now  # noqa: E731
         self.to_decode: list[tuple[object, list]] = []
+        self.sent: list[tuple[str, object]] = []  # (address, message): every send, kept
         self.to_prefill: list[object] = []
         self.p_sched, self.d_sched = scheduler(budget=8), scheduler(budget=64)
         gen = torch.Generator().manual_seed(0)
@@ -82,7 +83,7 @@ class Pair:
         hello = P.Hello("prefill", LAYOUT, NUM_BLOCKS, "auto")
         self.sender = KVSender(
             "prefill", hello, self.p_sched.kv.pool, self.p_bytes, BLOCK,
-            lambda addr, msg, frames: self.to_decode.append((msg, [bytearray(f) for f in frames])),
+            self._to_decode,
             LEASE_S, stream, clock,
         )  # fmt: skip
         self.one_sided = OneSidedReader(stuck)
@@ -98,6 +99,10 @@ class Pair:
         )  # fmt: skip
         self.prefill_stops: list[Stop] = []
         self.decode_stops: list[Stop] = []
+
+    def _to_decode(self, addr: str, msg, frames) -> None:
+        self.sent.append((addr, msg))
+        self.to_decode.append((msg, [bytearray(f) for f in frames]))
 
     # --- the services' parts, as prefill/service.py and decode/service.py play them -------
     def submit(self, req_id: str = "r", max_tokens: int = 8) -> Sequence:
@@ -344,12 +349,7 @@ def test_only_the_decode_offered_a_prompt_may_pull_its_blocks():
     """Reliability review L10: any decode the prefill spoke to could pull another's blocks
     by naming their request."""
     pair = Pair("zmq", stream=False)
-    sent: list[tuple[str, object]] = []
-    send = pair.sender._send
-    pair.sender._send = lambda addr, msg, frames: (
-        sent.append((addr, msg)),
-        send(addr, msg, frames),
-    )
+    sent = pair.sent
     other = "tcp://other-decode:1"
     pair.submit("r")
     pair.p_sched.add(Sequence("r2", PROMPT, SamplingParams(max_tokens=8, temperature=0)))

@@ -400,8 +400,15 @@ def test_a_dead_services_metrics_series_go_with_it():
     asyncio.run(scenario())
 
 
-def test_pools_split_the_cpus_this_process_may_use(monkeypatch):
+def test_pools_split_the_cpus_this_process_may_use():
     """Reliability review L3: under a cpuset of CPUs 4-7, `baton up` pinned to 0-3."""
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {4, 5, 6, 7})
-    assert (default_cpus("prefill"), default_cpus("decode")) == ("4,5", "6,7")
-    assert default_cpus("decode", aggregated=True) is None  # all of them, unpinned
+    cpuset = {4, 5, 6, 7}
+    assert (default_cpus("prefill", allowed=cpuset), default_cpus("decode", allowed=cpuset)) == (
+        "4,5",
+        "6,7",
+    )
+    assert default_cpus("decode", aggregated=True, allowed=cpuset) is None  # all, unpinned
+    here = sorted(os.sched_getaffinity(0))  # this process's own, by default
+    assert default_cpus("decode") == (
+        ",".join(map(str, here[len(here) // 2 :])) if len(here) > 1 else None
+    )

@@ -75,19 +75,28 @@ def test_the_c_write_quantizes_and_places_rows_as_the_torch_op_does():
 
 
 @pytest.mark.skipif(native.load() is None, reason="no C compiler: the torch op serves alone")
-def test_the_c_decode_kernel_matches_the_torch_op_over_scattered_blocks():
+@pytest.mark.parametrize(
+    ("q_heads", "kv_heads", "head_dim", "block_size"), [(9, 3, 64, 16), (10, 2, 128, 32)]
+)
+def test_the_c_decode_kernel_matches_the_torch_op_over_scattered_blocks(
+    q_heads, kv_heads, head_dim, block_size
+):
+    # SmolLM2's shape, and one whose group (5) takes two passes of the values (4 heads at most)
+    # and whose blocks hold two runs of 16 keys each
     print("seed", SEED)
     torch.manual_seed(SEED)
-    cache = KVCache(ARGS, 300, 16, torch.int8)
+    args = ModelArgs(100, q_heads * head_dim, 256, 1, q_heads, kv_heads, head_dim, 1e-5, 4096, (1.0,))
+    cache = KVCache(args, 300, block_size, torch.int8)
     layer = cache.layers[0]
-    tokens = 300 * 16
-    blocks, offsets = torch.arange(300).repeat_interleave(16), torch.arange(16).repeat(300)
-    k, v = (torch.randn(tokens, 3, 64).bfloat16() for _ in range(2))
+    tokens = 300 * block_size
+    blocks = torch.arange(300).repeat_interleave(block_size)
+    offsets = torch.arange(block_size).repeat(300)
+    k, v = (torch.randn(tokens, kv_heads, head_dim).bfloat16() for _ in range(2))
     kv_int8.write_kv_int8(*layer, k, v, blocks, offsets)
     tables = torch.stack([torch.randperm(300)[:40] for _ in range(12)])
-    lens = torch.randint(1, 40 * 16, (12,))
-    lens[:3] = torch.tensor([1, 17, 640])
-    q = torch.randn(12, 9, 64).bfloat16()
+    lens = torch.randint(1, 40 * block_size, (12,))
+    lens[:3] = torch.tensor([1, block_size + 1, 40 * block_size])
+    q = torch.randn(12, q_heads, head_dim).bfloat16()
     # the kernel rounds each query head to int8 as the cache rows are: the reference takes
     # the query so rounded, in fp32, over the same blocks
     q8, q_scale = kv_int8.quantize(q)

@@ -7,10 +7,17 @@
 
 #define MAX_HEAD_DIM 256
 
-/* Blocks lie anywhere in the pool, so the hardware prefetcher stops at each one: ask for the
- * next block while this one is being read (in the engine the KV comes from DRAM). */
-static inline void prefetch(const void *first, int64_t nbytes) {
-    for (int64_t off = 0; off < nbytes; off += 64) __builtin_prefetch((const char *)first + off, 0, 3);
+/* Blocks lie anywhere in the pool, so the hardware prefetcher stops at each one: a walk over a
+ * sequence's blocks asks for the one PREFETCH_AHEAD places on while it reads this one (the
+ * first step asks for all those before it too). Into L2: into L1, eight blocks ahead evict
+ * what is being read, and a walk that asked one block ahead into L1 read DRAM at ~5 GB/s
+ * against ~9 GB/s this way (RESULTS.md, 2026-12-07 third session). */
+#define PREFETCH_AHEAD 8
+static inline void prefetch_ahead(const void *cache, int64_t stride_bytes, const int64_t *table,
+                                  int64_t b, int64_t nblocks, int64_t nbytes) {
+    for (int64_t a = b ? b + PREFETCH_AHEAD : 0; a <= b + PREFETCH_AHEAD && a < nblocks; a++)
+        for (int64_t off = 0; off < nbytes; off += 64)
+            __builtin_prefetch((const char *)cache + table[a] * stride_bytes + off, 0, 1);
 }
 
 /* Scratch for one call, per thread, grown as needed and kept: no allocation per call. */

@@ -29,13 +29,14 @@
         float *acc, float *inv, T *out) {                                                      \
         const int64_t group = q_heads / kv_heads, row_stride = kv_heads * head_dim;           \
         const int64_t block_bytes = block_size * row_stride * (int64_t)sizeof(T);             \
+        const int64_t nblocks = (ctx + block_size - 1) / block_size;                           \
+        const int64_t stride_bytes = block_stride * (int64_t)sizeof(T);                        \
         float row[MAX_HEAD_DIM];                                                               \
         for (int64_t i = 0; i < q_heads * head_dim; i++) qf[i] = LOAD(q[i]) * scale;         \
         for (int64_t t0 = 0; t0 < ctx; t0 += block_size) { /* scores[j][t] = q_j . k_t */      \
             const T *kp = k_cache + table[t0 / block_size] * block_stride;                    \
             const int64_t n = ctx - t0 < block_size ? ctx - t0 : block_size;                  \
-            if (t0 + block_size < ctx)                                                         \
-                prefetch(k_cache + table[t0 / block_size + 1] * block_stride, block_bytes);    \
+            prefetch_ahead(k_cache, stride_bytes, table, t0 / block_size, nblocks, block_bytes); \
             for (int64_t i = 0; i < n; i++, kp += row_stride) {                                \
                 for (int64_t h = 0; h < kv_heads; h++) {                                       \
                     for (int64_t d = 0; d < head_dim; d++) row[d] = LOAD(kp[h * head_dim + d]); \
@@ -61,8 +62,7 @@
         for (int64_t t0 = 0; t0 < ctx; t0 += block_size) {                                    \
             const T *vp = v_cache + table[t0 / block_size] * block_stride;                    \
             const int64_t n = ctx - t0 < block_size ? ctx - t0 : block_size;                  \
-            if (t0 + block_size < ctx)                                                         \
-                prefetch(v_cache + table[t0 / block_size + 1] * block_stride, block_bytes);    \
+            prefetch_ahead(v_cache, stride_bytes, table, t0 / block_size, nblocks, block_bytes); \
             for (int64_t i = 0; i < n; i++, vp += row_stride) {                                \
                 for (int64_t h = 0; h < kv_heads; h++) {                                       \
                     for (int64_t d = 0; d < head_dim; d++) row[d] = LOAD(vp[h * head_dim + d]); \
@@ -95,40 +95,29 @@ static inline __m512 dot_f32(__m512 acc, const void *q, const float *k) {
     return _mm512_fmadd_ps(_mm512_loadu_ps(q), _mm512_loadu_ps(k), acc);
 }
 
-/* scores[t] = scale * (q . k_t) for one query head over the `ctx` keys of its KV head, whose
- * first row in each block is `kv_offset` elements in; prefetch_bytes of each next block are
- * asked for ahead (the first head to walk them). EPV: elements per 512-bit vector. */
-#define SCORE_HEAD(NAME, T, DOT, EPV)                                                          \
-    ALWAYS_INLINE void NAME(                                                                   \
-        const T *q, const T *k_cache, int64_t block_stride, int64_t kv_offset,                 \
-        int64_t row_stride, const int64_t *table, int64_t ctx, const int64_t head_dim,        \
-        int64_t block_size, float scale, int64_t prefetch_bytes, float *scores) {              \
-        for (int64_t t0 = 0; t0 < ctx; t0 += block_size) {                                     \
-            const T *kb = k_cache + table[t0 / block_size] * block_stride + kv_offset;         \
-            const int64_t n = ctx - t0 < block_size ? ctx - t0 : block_size;                   \
-            if (prefetch_bytes && t0 + block_size < ctx)                                       \
-                prefetch(k_cache + table[t0 / block_size + 1] * block_stride, prefetch_bytes); \
-            for (int64_t i0 = 0; i0 < n; i0 += 16) {                                           \
-                const int64_t m = n - i0 < 16 ? n - i0 : 16;                                   \
-                __m512 acc[16];                                                                \
-                _Pragma("GCC unroll 16") for (int i = 0; i < 16; i++) {                        \
-                    acc[i] = _mm512_setzero_ps();                                              \
-                    const T *k = kb + (i0 + i) * row_stride;                                   \
-                    if (i < m)                                                                 \
-                        for (int64_t d = 0; d < head_dim; d += EPV)                            \
-                            acc[i] = DOT(acc[i], q + d, k + d);                                \
-                }                                                                              \
-                _mm512_mask_storeu_ps(scores + t0 + i0, (__mmask16)((1u << m) - 1),            \
-                                      _mm512_mul_ps(sum16(acc), _mm512_set1_ps(scale)));       \
-            }                                                                                  \
+/* scores[i] = scale * (q . k_i) for one query head over the n <= 16 rows from k on (its KV
+ * head's slice of a block's row): sixteen dot products summed as one vector (sum16) rather
+ * than a horizontal sum each. EPV: elements per 512-bit vector. */
+#define SCORE_ROWS(NAME, T, DOT, EPV)                                                          \
+    ALWAYS_INLINE void NAME(const T *q, const T *k, int64_t row_stride, int64_t n,             \
+                            const int64_t head_dim, float scale, float *scores) {               \
+        __m512 acc[16];                                                                        \
+        _Pragma("GCC unroll 16") for (int i = 0; i < 16; i++) {                                \
+            acc[i] = _mm512_setzero_ps();                                                      \
+            if (i < n)                                                                         \
+                for (int64_t d = 0; d < head_dim; d += EPV)                                    \
+                    acc[i] = DOT(acc[i], q + d, k + i * row_stride + d);                       \
         }                                                                                      \
+        _mm512_mask_storeu_ps(scores, (__mmask16)((1u << n) - 1),                               \
+                              _mm512_mul_ps(sum16(acc), _mm512_set1_ps(scale)));               \
     }
 
-SCORE_HEAD(score_head_bf16, uint16_t, dot_bf16, 32)
-SCORE_HEAD(score_head_f32, float, dot_f32, 16)
+SCORE_ROWS(score_rows_bf16, uint16_t, dot_bf16, 32)
+SCORE_ROWS(score_rows_f32, float, dot_f32, 16)
 
 /* Query heads weighed together over the values of their one KV head: each value row is read
- * (and, in bf16, interleaved) once for up to GROUP_MAX heads, whose sums stay in registers. */
+ * (and, in bf16, interleaved) once for up to GROUP_MAX heads, whose sums stay in registers
+ * over a block. */
 #define GROUP_MAX 4
 #define MAX_VECS (MAX_HEAD_DIM / 16)
 
@@ -138,129 +127,144 @@ ALWAYS_INLINE int64_t heads_per_pass(const int64_t head_dim) {
 }
 
 /* acc[j] += p_j(t) v_t + p_j(t + 1) v_{t+1} for the n <= GROUP_MAX heads whose bf16
- * probabilities start at pb[j * pb_stride]; y (row t + 1) is NULL for a lone last row. The
- * two rows are interleaved so that one VDPBF16PS adds both tokens' products: each 32 dims
- * come out in the order 0-3, 8-11, ... (lo) and 4-7, 12-15, ... (hi). */
-ALWAYS_INLINE void weigh_pair(__m512 acc[GROUP_MAX][MAX_VECS], const uint16_t *pb,
-                              int64_t pb_stride, int64_t n, int64_t t, const uint16_t *x,
-                              const uint16_t *y, const int64_t head_dim) {
+ * probabilities start at pb[j * pb_stride]; only row t where it is the block's last
+ * (`pair` false). The two rows are interleaved so that one VDPBF16PS adds both tokens'
+ * products: each 32 dims come out in the order 0-3, 8-11, ... (lo) and 4-7, 12-15, ... (hi),
+ * put back in order by finish_bf16. */
+ALWAYS_INLINE void weigh_rows_bf16(__m512 acc[GROUP_MAX][MAX_VECS], const uint16_t *pb,
+                                   int64_t pb_stride, int64_t n, int64_t t, const uint16_t *x,
+                                   int64_t row_stride, int pair, const int64_t head_dim) {
     __m512bh xy[MAX_VECS];
     for (int64_t d = 0; d < head_dim; d += 32) {
         const __m512i a = _mm512_loadu_si512(x + d);
-        const __m512i b = y ? _mm512_loadu_si512(y + d) : _mm512_setzero_si512();
+        const __m512i b = pair ? _mm512_loadu_si512(x + row_stride + d) : _mm512_setzero_si512();
         xy[d / 16] = (__m512bh)_mm512_unpacklo_epi16(a, b);
         xy[d / 16 + 1] = (__m512bh)_mm512_unpackhi_epi16(a, b);
     }
     _Pragma("GCC unroll 4") for (int64_t j = 0; j < GROUP_MAX; j++) {
         if (j >= n) break;
         uint32_t pp = pb[j * pb_stride + t];
-        if (y) memcpy(&pp, pb + j * pb_stride + t, sizeof pp);
+        if (pair) memcpy(&pp, pb + j * pb_stride + t, sizeof pp);
         const __m512bh pv = (__m512bh)_mm512_set1_epi32((int)pp);
         for (int64_t v = 0; v < head_dim / 16; v++)
             acc[j][v] = _mm512_dpbf16_ps(acc[j][v], xy[v], pv);
     }
 }
 
-/* out_j = sum_t p_j(t) v_t for n consecutive query heads sharing one KV head, bf16, the
- * probabilities (n rows of p_stride floats) rounded to bf16 in place first, as the torch op
- * rounds them. */
-ALWAYS_INLINE void weigh_heads_bf16(float *p, int64_t p_stride, int64_t n,
-                                    const uint16_t *v_cache, int64_t block_stride,
-                                    int64_t kv_offset, int64_t row_stride, const int64_t *table,
-                                    int64_t ctx, const int64_t head_dim, int64_t block_size,
-                                    uint16_t *out) {
-    const int64_t pb_stride = 2 * p_stride;
+/* acc[j] += p_j(t) v_t for the n <= GROUP_MAX heads whose probabilities start at p[j * p_stride]. */
+ALWAYS_INLINE void weigh_rows_f32(__m512 acc[GROUP_MAX][MAX_VECS], const float *p,
+                                  int64_t p_stride, int64_t n, int64_t t, const float *x,
+                                  int64_t row_stride, int pair, const int64_t head_dim) {
+    (void)row_stride, (void)pair;
+    __m512 row[MAX_VECS];
+    for (int64_t v = 0; v < head_dim / 16; v++) row[v] = _mm512_loadu_ps(x + 16 * v);
+    _Pragma("GCC unroll 4") for (int64_t j = 0; j < GROUP_MAX; j++) {
+        if (j >= n) break;
+        const __m512 pv = _mm512_set1_ps(p[j * p_stride + t]);
+        for (int64_t v = 0; v < head_dim / 16; v++) acc[j][v] = _mm512_fmadd_ps(pv, row[v], acc[j][v]);
+    }
+}
+
+/* The sums of n heads (n x head_dim floats from `sums` on) carried over one block's `rows`
+ * value rows from v on, STEP rows at a time: in registers for the block, in memory between. */
+#define WEIGH_BLOCK(NAME, T, P, ROWS, STEP)                                                    \
+    ALWAYS_INLINE void NAME(float *sums, const P *p, int64_t p_stride, int64_t n, int64_t t0,  \
+                            const T *v, int64_t rows, int64_t row_stride,                      \
+                            const int64_t head_dim) {                                          \
+        __m512 acc[GROUP_MAX][MAX_VECS];                                                       \
+        for (int64_t j = 0; j < GROUP_MAX; j++)                                                \
+            for (int64_t d = 0; d < head_dim / 16; d++)                                        \
+                acc[j][d] = j < n ? _mm512_loadu_ps(sums + j * head_dim + 16 * d)              \
+                                  : _mm512_setzero_ps();                                       \
+        for (int64_t i = 0; i < rows; i += STEP)                                               \
+            ROWS(acc, p, p_stride, n, t0 + i, v + i * row_stride, row_stride, i + 1 < rows,    \
+                 head_dim);                                                                    \
+        for (int64_t j = 0; j < n; j++)                                                        \
+            for (int64_t d = 0; d < head_dim / 16; d++)                                        \
+                _mm512_storeu_ps(sums + j * head_dim + 16 * d, acc[j][d]);                     \
+    }
+
+WEIGH_BLOCK(weigh_block_bf16, uint16_t, uint16_t, weigh_rows_bf16, 2)
+WEIGH_BLOCK(weigh_block_f32, float, float, weigh_rows_f32, 1)
+
+/* bf16: the probabilities (n rows of `stride` floats) rounded to bf16 in place, as the torch op
+ * rounds them; rows of 2 x stride bf16. fp32 keeps them. */
+ALWAYS_INLINE uint16_t *probabilities_bf16(float *p, int64_t stride, int64_t n, int64_t ctx) {
     uint16_t *pb = (uint16_t *)p;
     for (int64_t j = 0; j < n; j++)
-        for (int64_t t = 0; t < ctx; t += 16) { /* 16 floats to 16 bf16, ahead of the reads */
+        for (int64_t t = 0; t < ctx; t += 16) {
             const __mmask16 m = ctx - t < 16 ? (__mmask16)((1u << (ctx - t)) - 1) : 0xFFFF;
-            const __m256bh r = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, p + j * p_stride + t));
-            _mm256_mask_storeu_epi16(pb + j * pb_stride + t, m, (__m256i)r);
+            const __m256bh r = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, p + j * stride + t));
+            _mm256_mask_storeu_epi16(pb + 2 * j * stride + t, m, (__m256i)r);
         }
-    const int64_t per_pass = heads_per_pass(head_dim);
-    for (int64_t j0 = 0; j0 < n; j0 += per_pass) {
-        const int64_t heads = n - j0 < per_pass ? n - j0 : per_pass;
-        const uint16_t *pj = pb + j0 * pb_stride;
-        __m512 acc[GROUP_MAX][MAX_VECS];
-        for (int64_t j = 0; j < GROUP_MAX; j++)
-            for (int64_t v = 0; v < head_dim / 16; v++) acc[j][v] = _mm512_setzero_ps();
-        for (int64_t t0 = 0; t0 < ctx; t0 += block_size) {
-            const uint16_t *vb = v_cache + table[t0 / block_size] * block_stride + kv_offset;
-            const int64_t rows = ctx - t0 < block_size ? ctx - t0 : block_size;
-            int64_t i = 0;
-            for (; i + 1 < rows; i += 2)
-                weigh_pair(acc, pj, pb_stride, heads, t0 + i, vb + i * row_stride,
-                           vb + (i + 1) * row_stride, head_dim);
-            if (i < rows)
-                weigh_pair(acc, pj, pb_stride, heads, t0 + i, vb + i * row_stride, NULL, head_dim);
-        }
-        for (int64_t j = 0; j < heads; j++) {
-            uint16_t *o = out + (j0 + j) * head_dim;
-            for (int64_t d = 0; d < head_dim; d += 32) {
-                __m512 a, b;
-                deinterleave(acc[j][d / 16], acc[j][d / 16 + 1], &a, &b);
-                _mm256_storeu_si256((__m256i *)(o + d), (__m256i)_mm512_cvtneps_pbh(a));
-                _mm256_storeu_si256((__m256i *)(o + d + 16), (__m256i)_mm512_cvtneps_pbh(b));
-            }
-        }
-    }
+    return pb;
+}
+ALWAYS_INLINE float *probabilities_f32(float *p, int64_t stride, int64_t n, int64_t ctx) {
+    (void)stride, (void)n, (void)ctx;
+    return p;
 }
 
-ALWAYS_INLINE void weigh_heads_f32(float *p, int64_t p_stride, int64_t n, const float *v_cache,
-                                   int64_t block_stride, int64_t kv_offset, int64_t row_stride,
-                                   const int64_t *table, int64_t ctx, const int64_t head_dim,
-                                   int64_t block_size, float *out) {
-    const int64_t per_pass = heads_per_pass(head_dim);
-    for (int64_t j0 = 0; j0 < n; j0 += per_pass) {
-        const int64_t heads = n - j0 < per_pass ? n - j0 : per_pass;
-        __m512 acc[GROUP_MAX][MAX_VECS];
-        for (int64_t j = 0; j < GROUP_MAX; j++)
-            for (int64_t v = 0; v < head_dim / 16; v++) acc[j][v] = _mm512_setzero_ps();
-        for (int64_t t0 = 0; t0 < ctx; t0 += block_size) {
-            const float *vb = v_cache + table[t0 / block_size] * block_stride + kv_offset;
-            const int64_t rows = ctx - t0 < block_size ? ctx - t0 : block_size;
-            for (int64_t i = 0; i < rows; i++) {
-                __m512 x[MAX_VECS];
-                for (int64_t v = 0; v < head_dim / 16; v++)
-                    x[v] = _mm512_loadu_ps(vb + i * row_stride + 16 * v);
-                _Pragma("GCC unroll 4") for (int64_t j = 0; j < GROUP_MAX; j++) {
-                    if (j >= heads) break;
-                    const __m512 pv = _mm512_set1_ps(p[(j0 + j) * p_stride + t0 + i]);
-                    for (int64_t v = 0; v < head_dim / 16; v++)
-                        acc[j][v] = _mm512_fmadd_ps(pv, x[v], acc[j][v]);
-                }
-            }
-        }
-        for (int64_t j = 0; j < heads; j++)
-            for (int64_t v = 0; v < head_dim / 16; v++)
-                _mm512_storeu_ps(out + (j0 + j) * head_dim + 16 * v, acc[j][v]);
+/* out = the sums of n heads, in order (bf16's pairs interleaved them) and rounded. */
+ALWAYS_INLINE void finish_bf16(const float *sums, int64_t n, const int64_t head_dim, uint16_t *out) {
+    for (int64_t d = 0; d < n * head_dim; d += 32) {
+        __m512 a, b;
+        deinterleave(_mm512_loadu_ps(sums + d), _mm512_loadu_ps(sums + d + 16), &a, &b);
+        _mm256_storeu_si256((__m256i *)(out + d), (__m256i)_mm512_cvtneps_pbh(a));
+        _mm256_storeu_si256((__m256i *)(out + d + 16), (__m256i)_mm512_cvtneps_pbh(b));
     }
 }
+ALWAYS_INLINE void finish_f32(const float *sums, int64_t n, const int64_t head_dim, float *out) {
+    memcpy(out, sums, (size_t)(n * head_dim) * sizeof(float));
+}
 
-/* One sequence, KV head by KV head: its query heads scored one by one, then weighed together.
- * `scores` holds group x ctx floats. The first KV head's walk over the keys prefetches each
- * next block whole (every head's rows), so the others find theirs in cache. The values are
- * left to the hardware: asking for them too, whenever, was slower (RESULTS.md, 2026-12-01). */
-#define ATTEND_SEQ_AVX512(NAME, T, SCORE, WEIGH)                                               \
+/* One sequence, block by block: every query head's scores over a block's keys, then the
+ * softmax, then every head's sums over a block's values, so that each block is read from DRAM
+ * once per pass while the blocks ahead are on their way (prefetch_ahead), and again from L1
+ * by the heads after the first. Walking the context head by head instead re-read it from L2
+ * and overlapped none of the reads with arithmetic: 1.7x slower from DRAM (RESULTS.md,
+ * 2026-12-07 third session). `scores` holds q_heads x ctx floats, `sums` q_heads x head_dim. */
+#define ATTEND_SEQ_AVX512(NAME, T, P, SCORE, PROBABILITIES, WEIGH, FINISH)                     \
     ALWAYS_INLINE void NAME(const T *q, const T *k_cache, const T *v_cache,                    \
                             int64_t block_stride, const int64_t *table, int64_t ctx,          \
                             int64_t q_heads, int64_t kv_heads, const int64_t head_dim,         \
-                            int64_t block_size, float scale, float *scores, T *out) {          \
+                            int64_t block_size, float scale, float *scores, float *sums,       \
+                            T *out) {                                                          \
         const int64_t group = q_heads / kv_heads, row_stride = kv_heads * head_dim;           \
         const int64_t block_bytes = block_size * row_stride * (int64_t)sizeof(T);             \
-        for (int64_t h = 0; h < kv_heads; h++) {                                               \
-            for (int64_t j = 0; j < group; j++)                                                \
-                SCORE(q + (h * group + j) * head_dim, k_cache, block_stride, h * head_dim,    \
-                      row_stride, table, ctx, head_dim, block_size, scale,                     \
-                      h + j == 0 ? block_bytes : 0, scores + j * ctx);                         \
-            for (int64_t j = 0; j < group; j++) softmax(scores + j * ctx, ctx);               \
-            WEIGH(scores, ctx, group, v_cache, block_stride, h * head_dim, row_stride, table,  \
-                  ctx, head_dim, block_size, out + h * group * head_dim);                      \
+        const int64_t stride_bytes = block_stride * (int64_t)sizeof(T);                        \
+        const int64_t nblocks = (ctx + block_size - 1) / block_size;                           \
+        for (int64_t b = 0; b < nblocks; b++) {                                                \
+            const int64_t t0 = b * block_size, n = ctx - t0 < block_size ? ctx - t0 : block_size; \
+            const T *kb = k_cache + table[b] * block_stride;                                   \
+            prefetch_ahead(k_cache, stride_bytes, table, b, nblocks, block_bytes);             \
+            for (int64_t i0 = 0; i0 < n; i0 += 16)                                             \
+                for (int64_t j = 0; j < q_heads; j++)                                          \
+                    SCORE(q + j * head_dim, kb + i0 * row_stride + j / group * head_dim,       \
+                          row_stride, n - i0 < 16 ? n - i0 : 16, head_dim, scale,              \
+                          scores + j * ctx + t0 + i0);                                         \
         }                                                                                      \
+        for (int64_t j = 0; j < q_heads; j++) softmax(scores + j * ctx, ctx);                 \
+        const P *p = PROBABILITIES(scores, ctx, q_heads, ctx);                                 \
+        const int64_t p_stride = ctx * (int64_t)(sizeof(float) / sizeof(P));                   \
+        const int64_t per_pass = heads_per_pass(head_dim);                                     \
+        memset(sums, 0, (size_t)(q_heads * head_dim) * sizeof(float));                        \
+        for (int64_t b = 0; b < nblocks; b++) {                                                \
+            const int64_t t0 = b * block_size, n = ctx - t0 < block_size ? ctx - t0 : block_size; \
+            const T *vb = v_cache + table[b] * block_stride;                                   \
+            prefetch_ahead(v_cache, stride_bytes, table, b, nblocks, block_bytes);             \
+            for (int64_t h = 0; h < kv_heads; h++)                                             \
+                for (int64_t j = h * group; j < (h + 1) * group; j += per_pass)                \
+                    WEIGH(sums + j * head_dim, p + j * p_stride, p_stride,                     \
+                          (h + 1) * group - j < per_pass ? (h + 1) * group - j : per_pass, t0, \
+                          vb + h * head_dim, n, row_stride, head_dim);                         \
+        }                                                                                      \
+        FINISH(sums, q_heads, head_dim, out);                                                  \
     }
 
-ATTEND_SEQ_AVX512(attend_avx512_bf16, uint16_t, score_head_bf16, weigh_heads_bf16)
-ATTEND_SEQ_AVX512(attend_avx512_f32, float, score_head_f32, weigh_heads_f32)
+ATTEND_SEQ_AVX512(attend_avx512_bf16, uint16_t, uint16_t, score_rows_bf16, probabilities_bf16,
+                  weigh_block_bf16, finish_bf16)
+ATTEND_SEQ_AVX512(attend_avx512_f32, float, float, score_rows_f32, probabilities_f32,
+                  weigh_block_f32, finish_f32)
 #endif
 
 #ifdef HAVE_AVX512
@@ -300,13 +304,13 @@ ATTEND_SEQ_AVX512(attend_avx512_f32, float, score_head_f32, weigh_heads_f32)
             T *ob = out + b * q_heads * head_dim;                                              \
             if (FAST_DIM(head_dim) && head_dim == 64)                                          \
                 FAST_SEQ(FAST, qb, k_cache, v_cache, block_stride, table, ctx, q_heads,        \
-                         kv_heads, 64, block_size, scale, scores, ob);                         \
+                         kv_heads, 64, block_size, scale, scores, acc, ob);                         \
             else if (FAST_DIM(head_dim) && head_dim == 128)                                    \
                 FAST_SEQ(FAST, qb, k_cache, v_cache, block_stride, table, ctx, q_heads,        \
-                         kv_heads, 128, block_size, scale, scores, ob);                        \
+                         kv_heads, 128, block_size, scale, scores, acc, ob);                        \
             else if (FAST_DIM(head_dim))                                                       \
                 FAST_SEQ(FAST, qb, k_cache, v_cache, block_stride, table, ctx, q_heads,        \
-                         kv_heads, head_dim, block_size, scale, scores, ob);                   \
+                         kv_heads, head_dim, block_size, scale, scores, acc, ob);                   \
             else                                                                               \
                 SEQ(qb, k_cache, v_cache, block_stride, table, ctx, q_heads, kv_heads,         \
                     head_dim, block_size, scale, scores, qf, acc, inv, ob);                    \

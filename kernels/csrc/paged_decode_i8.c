@@ -44,45 +44,37 @@ ALWAYS_INLINE float quantize_query(const uint16_t *q, const int64_t head_dim, fl
     return s * scale;
 }
 
-/* scores[j][t] for the `group` query heads of one KV head, from their int8 queries. */
-ALWAYS_INLINE void score_heads_i8(const int8_t *q8, const float *qs, const int32_t *bias,
-                                  int64_t group, const int8_t *k_cache, const float *k_scale,
-                                  int64_t block_stride, int64_t scale_block_stride, int64_t h,
-                                  int64_t kv_heads, const int64_t *table, int64_t ctx,
-                                  const int64_t head_dim, int64_t block_size, float *scores) {
-    const int64_t row_stride = kv_heads * head_dim;
+/* scores[j][t0 + i] for every query head over the n <= 16 rows of one block from kb on, from
+ * their int8 queries; sb: the block's key scales. */
+ALWAYS_INLINE void score_rows_i8(const int8_t *q8, const float *qs, const int32_t *bias,
+                                 int64_t q_heads, int64_t kv_heads, const int8_t *kb,
+                                 const float *sb, int64_t n, const int64_t head_dim,
+                                 float *scores, int64_t stride) {
+    const int64_t row_stride = kv_heads * head_dim, group = q_heads / kv_heads;
     const __m512i flip = _mm512_set1_epi8((char)0x80);
-    for (int64_t t0 = 0; t0 < ctx; t0 += block_size) {
-        const int64_t block = table[t0 / block_size], n = ctx - t0 < block_size ? ctx - t0 : block_size;
-        const int8_t *kb = k_cache + block * block_stride + h * head_dim;
-        const float *sb = k_scale + block * scale_block_stride + h;
-        if (h == 0 && t0 + block_size < ctx)
-            prefetch(k_cache + table[t0 / block_size + 1] * block_stride, block_size * row_stride);
-        for (int64_t i0 = 0; i0 < n; i0 += 16) {
-            const int64_t m = n - i0 < 16 ? n - i0 : 16;
-            float s[16] = {0};
-            for (int64_t i = 0; i < m; i++) s[i] = sb[(i0 + i) * kv_heads];
-            const __m512 ks = _mm512_loadu_ps(s);
-            for (int64_t j = 0; j < group; j++) {
-                const int8_t *q = q8 + j * head_dim;
-                __m512 acc[16]; /* int32 lanes */
-                _Pragma("GCC unroll 16") for (int i = 0; i < 16; i++) {
-                    __m512i a = _mm512_setzero_si512();
-                    if (i < m)
-                        for (int64_t d = 0; d < head_dim; d += 64) {
-                            const __mmask64 r = row_mask(head_dim, d);
-                            const __m512i k = _mm512_maskz_loadu_epi8(r, kb + (i0 + i) * row_stride + d);
-                            a = _mm512_dpbusd_epi32(a, _mm512_xor_si512(k, flip),
-                                                    _mm512_maskz_loadu_epi8(r, q + d));
-                        }
-                    acc[i] = _mm512_castsi512_ps(a);
-                }
-                const __m512i dot = _mm512_sub_epi32(_mm512_castps_si512(sum16_epi32(acc)),
-                                                     _mm512_set1_epi32(bias[j]));
-                _mm512_mask_storeu_ps(scores + j * ctx + t0 + i0, (__mmask16)((1u << m) - 1),
-                                      _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), ks),
-                                                    _mm512_set1_ps(qs[j])));
+    for (int64_t h = 0; h < kv_heads; h++) {
+        float s[16] = {0};
+        for (int64_t i = 0; i < n; i++) s[i] = sb[i * kv_heads + h];
+        const __m512 ks = _mm512_loadu_ps(s);
+        for (int64_t j = h * group; j < (h + 1) * group; j++) {
+            const int8_t *q = q8 + j * head_dim;
+            __m512 acc[16]; /* int32 lanes */
+            _Pragma("GCC unroll 16") for (int i = 0; i < 16; i++) {
+                __m512i a = _mm512_setzero_si512();
+                if (i < n)
+                    for (int64_t d = 0; d < head_dim; d += 64) {
+                        const __mmask64 r = row_mask(head_dim, d);
+                        const __m512i k = _mm512_maskz_loadu_epi8(r, kb + i * row_stride + h * head_dim + d);
+                        a = _mm512_dpbusd_epi32(a, _mm512_xor_si512(k, flip),
+                                                _mm512_maskz_loadu_epi8(r, q + d));
+                    }
+                acc[i] = _mm512_castsi512_ps(a);
             }
+            const __m512i dot = _mm512_sub_epi32(_mm512_castps_si512(sum16_epi32(acc)),
+                                                 _mm512_set1_epi32(bias[j]));
+            _mm512_mask_storeu_ps(scores + j * stride, (__mmask16)((1u << n) - 1),
+                                  _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), ks),
+                                                _mm512_set1_ps(qs[j])));
         }
     }
 }
@@ -115,86 +107,102 @@ ALWAYS_INLINE float weights_i16(float *p, const float *v_scale, int64_t scale_bl
     return factor;
 }
 
-/* out[j] = sum_t w_j(t) v8_t / factor_j for up to HEADS_MAX query heads of one KV head, whose
- * int16 weights start at w[j * w_stride]: two rows at a time, widened and interleaved. Each
- * next block is asked for ahead, as the keys are (unlike the bf16 kernel's values, int8 rows
- * are read faster so: RESULTS.md, 2026-12-06 third session). */
-ALWAYS_INLINE void weigh_heads_i8(const int16_t *w, int64_t w_stride, const float *factor,
-                                  int64_t heads, const int8_t *v_cache, int64_t block_stride,
-                                  int64_t h, int64_t kv_heads, const int64_t *table, int64_t ctx,
-                                  const int64_t head_dim, int64_t block_size, uint16_t *out) {
-    const int64_t row_stride = kv_heads * head_dim;
+/* sums[j] += sum_t w_j(t) v8_t over one block's `rows` value rows from vb on, for up to
+ * HEADS_MAX query heads of one KV head, whose int16 weights start at w[j * w_stride]: two rows
+ * at a time, widened and interleaved; the int32 sums in registers for the block. */
+ALWAYS_INLINE void weigh_block_i8(int32_t *sums, const int16_t *w, int64_t w_stride,
+                                  int64_t heads, int64_t t0, const int8_t *vb, int64_t rows,
+                                  int64_t row_stride, const int64_t head_dim) {
     __m512i acc[HEADS_MAX][MAX_VECS];
     for (int64_t j = 0; j < HEADS_MAX; j++)
-        for (int64_t v = 0; v < head_dim / 16; v++) acc[j][v] = _mm512_setzero_si512();
-    for (int64_t t0 = 0; t0 < ctx; t0 += block_size) {
-        const int8_t *vb = v_cache + table[t0 / block_size] * block_stride + h * head_dim;
-        const int64_t rows = ctx - t0 < block_size ? ctx - t0 : block_size;
-        if (h == 0 && t0 + block_size < ctx) /* the first head reads them from DRAM */
-            prefetch(v_cache + table[t0 / block_size + 1] * block_stride, block_size * row_stride);
-        for (int64_t i = 0; i < rows; i += 2) {
-            const int8_t *x = vb + i * row_stride, *y = x + row_stride;
-            __m512i xy[MAX_VECS];
-            for (int64_t d = 0; d < head_dim; d += 32) {
-                const __m512i a = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(x + d)));
-                const __m512i b = i + 1 < rows
-                    ? _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(y + d)))
-                    : _mm512_setzero_si512();
-                xy[d / 16] = _mm512_unpacklo_epi16(a, b);
-                xy[d / 16 + 1] = _mm512_unpackhi_epi16(a, b);
-            }
-            _Pragma("GCC unroll 4") for (int64_t j = 0; j < HEADS_MAX; j++) {
-                if (j >= heads) break;
-                int32_t pair;
-                memcpy(&pair, w + j * w_stride + t0 + i, sizeof pair);
-                const __m512i wv = _mm512_set1_epi32(pair);
-                for (int64_t v = 0; v < head_dim / 16; v++)
-                    acc[j][v] = _mm512_dpwssd_epi32(acc[j][v], xy[v], wv);
-            }
+        for (int64_t v = 0; v < head_dim / 16; v++)
+            acc[j][v] = j < heads ? _mm512_loadu_si512(sums + j * head_dim + 16 * v)
+                                  : _mm512_setzero_si512();
+    for (int64_t i = 0; i < rows; i += 2) {
+        const int8_t *x = vb + i * row_stride, *y = x + row_stride;
+        __m512i xy[MAX_VECS];
+        for (int64_t d = 0; d < head_dim; d += 32) {
+            const __m512i a = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(x + d)));
+            const __m512i b = i + 1 < rows
+                ? _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(y + d)))
+                : _mm512_setzero_si512();
+            xy[d / 16] = _mm512_unpacklo_epi16(a, b);
+            xy[d / 16 + 1] = _mm512_unpackhi_epi16(a, b);
+        }
+        _Pragma("GCC unroll 4") for (int64_t j = 0; j < HEADS_MAX; j++) {
+            if (j >= heads) break;
+            int32_t pair;
+            memcpy(&pair, w + j * w_stride + t0 + i, sizeof pair);
+            const __m512i wv = _mm512_set1_epi32(pair);
+            for (int64_t v = 0; v < head_dim / 16; v++)
+                acc[j][v] = _mm512_dpwssd_epi32(acc[j][v], xy[v], wv);
         }
     }
-    for (int64_t j = 0; j < heads; j++) {
+    for (int64_t j = 0; j < heads; j++)
+        for (int64_t v = 0; v < head_dim / 16; v++)
+            _mm512_storeu_si512(sums + j * head_dim + 16 * v, acc[j][v]);
+}
+
+/* out[j] = sums[j] / factor[j], its dims put back in order, rounded to bf16. */
+ALWAYS_INLINE void finish_i8(const int32_t *sums, const float *factor, int64_t q_heads,
+                             const int64_t head_dim, uint16_t *out) {
+    for (int64_t j = 0; j < q_heads; j++) {
         const __m512 inv = _mm512_set1_ps(1.f / factor[j]);
-        for (int64_t d = 0; d < head_dim; d += 32) {
+        for (int64_t d = j * head_dim; d < (j + 1) * head_dim; d += 32) {
             __m512 a, b;
-            deinterleave(_mm512_mul_ps(_mm512_cvtepi32_ps(acc[j][d / 16]), inv),
-                         _mm512_mul_ps(_mm512_cvtepi32_ps(acc[j][d / 16 + 1]), inv), &a, &b);
-            float o[32];
-            _mm512_storeu_ps(o, a);
-            _mm512_storeu_ps(o + 16, b);
-            for (int64_t e = 0; e < 32; e++) out[j * head_dim + d + e] = to_bf16(o[e]);
+            deinterleave(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(sums + d)), inv),
+                         _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(sums + d + 16)), inv),
+                         &a, &b);
+            _mm256_storeu_si256((__m256i *)(out + d), (__m256i)_mm512_cvtneps_pbh(a));
+            _mm256_storeu_si256((__m256i *)(out + d + 16), (__m256i)_mm512_cvtneps_pbh(b));
         }
     }
 }
 
-/* One sequence, KV head by KV head. `work` holds group x ctx floats of scores, then the
- * int8 queries, their scales, biases and weight factors. */
+/* One sequence, block by block, as paged_decode.c's attend_avx512 walks it: every head's
+ * scores over a block's keys, the softmax and weights, every head's sums over a block's
+ * values. `work` holds q_heads x ctx floats of scores, then the int8 queries, their scales,
+ * biases and weight factors, then the int32 sums. */
 ALWAYS_INLINE void attend_i8(const uint16_t *q, const int8_t *k_cache, const int8_t *v_cache,
                              const float *k_scale, const float *v_scale, int64_t block_stride,
                              int64_t scale_block_stride, const int64_t *table, int64_t ctx,
                              int64_t q_heads, int64_t kv_heads, const int64_t head_dim,
                              int64_t block_size, float scale, float *work, uint16_t *out) {
-    const int64_t group = q_heads / kv_heads, stride = ctx;
-    float *scores = work, *qs = scores + group * stride, *factor = qs + group;
-    int32_t *bias = (int32_t *)(factor + group);
-    int8_t *q8 = (int8_t *)(bias + group);
-    for (int64_t h = 0; h < kv_heads; h++) {
-        for (int64_t j = 0; j < group; j++)
-            qs[j] = quantize_query(q + (h * group + j) * head_dim, head_dim, scale,
-                                   q8 + j * head_dim, bias + j);
-        score_heads_i8(q8, qs, bias, group, k_cache, k_scale, block_stride, scale_block_stride,
-                       h, kv_heads, table, ctx, head_dim, block_size, scores);
-        for (int64_t j = 0; j < group; j++) {
-            softmax(scores + j * stride, ctx);
-            factor[j] = weights_i16(scores + j * stride, v_scale, scale_block_stride, h,
-                                    kv_heads, table, ctx, block_size);
-        }
-        for (int64_t j0 = 0; j0 < group; j0 += HEADS_MAX)
-            weigh_heads_i8((const int16_t *)(scores + j0 * stride), 2 * stride, factor + j0,
-                           group - j0 < HEADS_MAX ? group - j0 : HEADS_MAX, v_cache,
-                           block_stride, h, kv_heads, table, ctx, head_dim, block_size,
-                           out + (h * group + j0) * head_dim);
+    const int64_t group = q_heads / kv_heads, row_stride = kv_heads * head_dim;
+    const int64_t nblocks = (ctx + block_size - 1) / block_size, block_bytes = block_size * row_stride;
+    float *scores = work, *qs = scores + q_heads * ctx, *factor = qs + q_heads;
+    int32_t *bias = (int32_t *)(factor + q_heads), *sums = bias + q_heads;
+    int8_t *q8 = (int8_t *)(sums + q_heads * head_dim);
+    for (int64_t j = 0; j < q_heads; j++)
+        qs[j] = quantize_query(q + j * head_dim, head_dim, scale, q8 + j * head_dim, bias + j);
+    for (int64_t b = 0; b < nblocks; b++) {
+        const int64_t t0 = b * block_size, n = ctx - t0 < block_size ? ctx - t0 : block_size;
+        const int8_t *kb = k_cache + table[b] * block_stride;
+        const float *sb = k_scale + table[b] * scale_block_stride;
+        prefetch_ahead(k_cache, block_stride, table, b, nblocks, block_bytes);
+        for (int64_t i0 = 0; i0 < n; i0 += 16)
+            score_rows_i8(q8, qs, bias, q_heads, kv_heads, kb + i0 * row_stride,
+                          sb + i0 * kv_heads, n - i0 < 16 ? n - i0 : 16, head_dim,
+                          scores + t0 + i0, ctx);
     }
+    for (int64_t j = 0; j < q_heads; j++) {
+        softmax(scores + j * ctx, ctx);
+        factor[j] = weights_i16(scores + j * ctx, v_scale, scale_block_stride, j / group,
+                                kv_heads, table, ctx, block_size);
+    }
+    memset(sums, 0, (size_t)(q_heads * head_dim) * sizeof(int32_t));
+    const int16_t *w = (const int16_t *)scores;
+    for (int64_t b = 0; b < nblocks; b++) {
+        const int64_t t0 = b * block_size, n = ctx - t0 < block_size ? ctx - t0 : block_size;
+        const int8_t *vb = v_cache + table[b] * block_stride;
+        prefetch_ahead(v_cache, block_stride, table, b, nblocks, block_bytes);
+        for (int64_t h = 0; h < kv_heads; h++)
+            for (int64_t j = h * group; j < (h + 1) * group; j += HEADS_MAX)
+                weigh_block_i8(sums + j * head_dim, w + 2 * j * ctx, 2 * ctx,
+                               (h + 1) * group - j < HEADS_MAX ? (h + 1) * group - j : HEADS_MAX,
+                               t0, vb + h * head_dim, n, row_stride, head_dim);
+    }
+    finish_i8(sums, factor, q_heads, head_dim, out);
 }
 #endif
 
@@ -206,13 +214,12 @@ int paged_decode_i8(const uint16_t *q, const int8_t *k_cache, const int8_t *v_ca
                     int64_t head_dim, int64_t block_size, float scale, uint16_t *out) {
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
     if (head_dim > MAX_HEAD_DIM || head_dim % 32 || q_heads % kv_heads) return -1;
-    const int64_t group = q_heads / kv_heads;
     int64_t max_ctx = 1;
     for (int64_t b = 0; b < batch; b++) max_ctx = ctx_lens[b] > max_ctx ? ctx_lens[b] : max_ctx;
     int failed = 0;
     _Pragma("omp parallel for schedule(dynamic)")
     for (int64_t b = 0; b < batch; b++) {
-        float *work = scratch(group * (max_ctx + 3 + head_dim));
+        float *work = scratch(q_heads * (max_ctx + 3 + head_dim + head_dim / 4));
         if (work == NULL) {
             _Pragma("omp atomic write") failed = 1;
             continue;

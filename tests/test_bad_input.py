@@ -17,7 +17,10 @@ def test_unsupported_architecture_lists_the_supported_ones(tmp_path):
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(
         tmp_path
     )
-    with pytest.raises(UnsupportedModel, match="'gpt2'.*supports llama, mistral, qwen2"):
+    with pytest.raises(
+        UnsupportedModel,
+        match="'gpt2'.*supports llama, mistral, mixtral, phi3, qwen2, qwen3, qwen3_moe",
+    ):
         baton.LLM(str(tmp_path), dtype="float32")
 
 

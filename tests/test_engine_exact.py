@@ -37,6 +37,28 @@ VARIANTS = {
     "llama-untied-mha": ("llama", {"tie_word_embeddings": False, "num_key_value_heads": 8}),
     "qwen2-bias-gqa2": ("qwen2", {}),
     "mistral-gqa8-hd16": ("mistral", {}),
+    "qwen3-qk-norm-gqa4-hd32": ("qwen3", {}),
+    "qwen3-tied-mha-hd32": ("qwen3", {"tie_word_embeddings": True, "num_key_value_heads": 8}),
+    "phi3-fused-gqa4": ("phi3", {}),
+    # served below the original length, where transformers uses the short factors
+    "phi3-longrope": (
+        "phi3",
+        {
+            "original_max_position_embeddings": 256,
+            "rope_parameters": {
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "short_factor": [1.0, 1.5, 2.0, 4.0],
+                "long_factor": [2.0] * 4,
+            },
+        },
+    ),
+    "qwen3-moe-top2of4-normed": ("qwen3_moe", {}),
+    "qwen3-moe-top2of4-raw-sparse-step2": (
+        "qwen3_moe",
+        {"norm_topk_prob": False, "mlp_only_layers": [], "decoder_sparse_step": 2},
+    ),
+    "mixtral-top2of4": ("mixtral", {}),
 }
 
 

@@ -85,7 +85,9 @@ def test_the_c_decode_kernel_matches_the_torch_op_over_scattered_blocks(
     # and whose blocks hold two runs of 16 keys each
     print("seed", SEED)
     torch.manual_seed(SEED)
-    args = ModelArgs(100, q_heads * head_dim, 256, 1, q_heads, kv_heads, head_dim, 1e-5, 4096, (1.0,))
+    args = ModelArgs(
+        100, q_heads * head_dim, 256, 1, q_heads, kv_heads, head_dim, 1e-5, 4096, (1.0,)
+    )
     cache = KVCache(args, 300, block_size, torch.int8)
     layer = cache.layers[0]
     tokens = 300 * block_size

@@ -1,4 +1,4 @@
-"""Tiny random-weight Llama / Qwen2 / Mistral models saved as Hugging Face directories."""
+"""Tiny random-weight models of each supported family, saved as Hugging Face directories."""
 
 from pathlib import Path
 
@@ -8,7 +8,11 @@ from transformers import (
     AutoTokenizer,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
+    Phi3Config,
     Qwen2Config,
+    Qwen3Config,
+    Qwen3MoeConfig,
 )
 
 COMMON = dict(
@@ -31,6 +35,26 @@ FAMILIES = {
     "qwen2": lambda **kw: Qwen2Config(**{**COMMON, "num_key_value_heads": 4, **kw}),
     "mistral": lambda **kw: MistralConfig(
         **{**COMMON, "num_key_value_heads": 1, "head_dim": 16, "sliding_window": None, **kw}
+    ),
+    # heads of 32 dims: q is wider (256) than the hidden size (64)
+    "qwen3": lambda **kw: Qwen3Config(**{**COMMON, "head_dim": 32, **kw}),
+    # Phi3Config's default pad token (32000) lies outside the tiny vocabulary
+    "phi3": lambda **kw: Phi3Config(**{**COMMON, "pad_token_id": 0, **kw}),
+    # top-2 of 4 experts; layer 1 keeps a dense MLP
+    "qwen3_moe": lambda **kw: Qwen3MoeConfig(
+        **{
+            **COMMON,
+            "head_dim": 32,
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "norm_topk_prob": True,
+            "mlp_only_layers": [1],
+            **kw,
+        }
+    ),
+    "mixtral": lambda **kw: MixtralConfig(
+        **{**COMMON, "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None, **kw}
     ),
 }
 

@@ -1,4 +1,4 @@
-"""Llama, Mistral and Qwen2 in one decoder, differing only by flags in ModelArgs.
+"""Llama, Mistral, Qwen2, Qwen3 and Phi-3 in one decoder, differing only by flags in ModelArgs.
 
 The forward runs over a flat batch of tokens from many sequences ([T, hidden]); attention reads
 and writes the paged KV cache through AttentionMetadata. q/k/v and gate/up are fused into one
@@ -31,6 +31,14 @@ class ModelArgs:
     rope_inv_freq: tuple[float, ...]  # from transformers' rope init, whatever the rope type
     rope_attention_scaling: float = 1.0
     attn_bias: bool = False  # Qwen2: q/k/v projections carry biases
+    qk_norm: bool = False  # Qwen3: each head of q and k RMS-normed before rotary
+    # sparse MoE MLPs (Qwen3-MoE, Mixtral): top-k of num_experts, each moe_intermediate_size
+    # wide; norm_topk renormalizes the top-k weights to sum to 1; dense_layers keep an MLP
+    num_experts: int = 0
+    experts_per_token: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk: bool = True
+    dense_layers: tuple[int, ...] = ()
     tie_word_embeddings: bool = False
 
 
@@ -84,6 +92,21 @@ class RMSNorm(nn.Module):
         return kernels.add_rms_norm(x, residual, self.weight, self.eps)
 
 
+class HeadNorm(nn.Module):
+    """RMSNorm over each head's head_dim (Qwen3's q and k), computed as transformers does: in
+    fp32, rounded back, then scaled."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
 class Rotary(nn.Module):
     """cos/sin tables over all positions, built by `init_tables` once weights are in place."""
 
@@ -118,11 +141,17 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.q_size, args.hidden_size, bias=False)
         self.rotary = rotary
         self.attn = PagedAttention(args.num_heads, args.num_kv_heads, args.head_dim)
+        if args.qk_norm:
+            self.q_norm = HeadNorm(args.head_dim, args.rms_norm_eps)
+            self.k_norm = HeadNorm(args.head_dim, args.rms_norm_eps)
 
     def forward(self, x, positions, kv, meta: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         unflat = (-1, self.head_dim)
-        q, k = self.rotary(q.unflatten(-1, unflat), k.unflatten(-1, unflat), positions)
+        q, k = q.unflatten(-1, unflat), k.unflatten(-1, unflat)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(q, k, positions)
         o = self.attn(q, k, v.unflatten(-1, unflat), kv, meta)
         return self.o_proj(o.flatten(1))
 
@@ -138,11 +167,60 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
+class Experts(nn.Module):
+    """Every expert's MLP as one 3D weight each (transformers' layout: gate and up stacked)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        n, width, hidden = args.num_experts, args.moe_intermediate_size, args.hidden_size
+        self.gate_up_proj = nn.Parameter(torch.empty(n, 2 * width, hidden))
+        self.down_proj = nn.Parameter(torch.empty(n, hidden, width))
+
+    def forward(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [T, hidden]; chosen and weights [T, k]. The T x k rows are sorted by expert, and
+        each expert that any token chose runs once over its rows: a loop over experts, not
+        tokens. Each token's outputs are summed in expert order, as transformers sums them."""
+        k = chosen.shape[1]
+        order = torch.argsort(chosen.flatten(), stable=True)
+        counts = torch.bincount(chosen.flatten(), minlength=self.gate_up_proj.shape[0]).tolist()
+        tokens, row_weights = order // k, weights.flatten()[order].unsqueeze(1)
+        out = torch.zeros_like(x)
+        start = 0
+        for expert, n in enumerate(counts):
+            if n == 0:
+                continue
+            rows = slice(start, start + n)
+            gate, up = F.linear(x[tokens[rows]], self.gate_up_proj[expert]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, self.down_proj[expert]) * row_weights[rows]
+            out.index_add_(0, tokens[rows], y.to(out.dtype))
+            start += n
+        return out
+
+
+class SparseMoE(nn.Module):
+    """A router picks each token's top-k experts from a softmax over all of them (in fp32);
+    their weights renormalized to sum to 1 where the family does."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate = Linear(args.hidden_size, args.num_experts, bias=False)
+        self.experts = Experts(args)
+        self.k, self.norm_topk = args.experts_per_token, args.norm_topk
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float32)
+        weights, chosen = torch.topk(probs, self.k, dim=-1)
+        if self.norm_topk:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return self.experts(x, chosen, weights.to(x.dtype))
+
+
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, rotary: Rotary):
+    def __init__(self, args: ModelArgs, rotary: Rotary, index: int):
         super().__init__()
         self.self_attn = Attention(args, rotary)
-        self.mlp = MLP(args)
+        sparse = args.num_experts > 0 and index not in args.dense_layers
+        self.mlp = SparseMoE(args) if sparse else MLP(args)
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
@@ -169,7 +247,9 @@ class CausalLM(nn.Module):
         self.args = args
         self.rotary = Rotary(args)
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(args, self.rotary) for _ in range(args.num_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(args, self.rotary, i) for i in range(args.num_layers)
+        )
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
         self.tie_weights()

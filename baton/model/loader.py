@@ -7,6 +7,7 @@ the meta device, materialized empty, and the tensors are streamed in one at a ti
 
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -49,6 +50,42 @@ def convert_gguf(path: Path, out: Path) -> Path:
     return out
 
 
+# one expert's projection as checkpoints store it (Qwen3-MoE's names, Mixtral's w1/w3/w2)
+EXPERT = re.compile(r"(.+\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight")
+# -> (the experts' 3D weight, which half of gate_up_proj or None)
+EXPERT_SHARDS = {
+    "gate_proj": ("gate_up_proj", 0),
+    "w1": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+    "w3": ("gate_up_proj", 1),
+    "down_proj": ("down_proj", None),
+    "w2": ("down_proj", None),
+}
+
+
+def _target(model: CausalLM, params: dict, name: str) -> tuple[str, torch.Tensor]:
+    """The parameter a checkpoint tensor fills, and the view of it that it fills: a shard of a
+    fused projection, one expert of the experts' 3D weights, or a whole parameter."""
+    if expert := EXPERT.fullmatch(name):
+        experts, index, proj = expert.groups()
+        fused, half = EXPERT_SHARDS[proj]
+        name = f"{experts}.{fused}"
+        target = params[name][int(index)]
+        if half is not None:
+            width = target.shape[0] // 2
+            target = target.narrow(0, half * width, width)
+        return name, target
+    *prefix, proj, kind = name.split(".")
+    if proj in CausalLM.packed_modules:
+        fused, shard = CausalLM.packed_modules[proj]
+        module = model.get_submodule(".".join([*prefix, fused]))
+        assert isinstance(module, FusedLinear)
+        name = ".".join([*prefix, fused, kind])
+        offset = sum(module.sizes[:shard])
+        return name, params[name].narrow(0, offset, module.sizes[shard])
+    return name, params[name]
+
+
 def load_hf_config(model_dir: Path) -> PretrainedConfig:
     return AutoConfig.from_pretrained(model_dir)
 
@@ -74,18 +111,11 @@ def load_model(model_dir: Path, dtype: torch.dtype) -> CausalLM:
                 if "rotary_emb" in name or (args.tie_word_embeddings and name == "lm_head.weight"):
                     continue
                 tensor = f.get_tensor(key)
-                *prefix, proj, kind = name.split(".")
-                if proj in CausalLM.packed_modules:
-                    fused, shard = CausalLM.packed_modules[proj]
-                    module = model.get_submodule(".".join([*prefix, fused]))
-                    assert isinstance(module, FusedLinear)
-                    name = ".".join([*prefix, fused, kind])
-                    offset = sum(module.sizes[:shard])
-                    target = params[name].narrow(0, offset, module.sizes[shard])
-                elif name in params:
-                    target = params[name]
-                else:
-                    raise KeyError(f"{file.name}: unexpected weight {key!r}")
+                name = name.replace(".block_sparse_moe.", ".mlp.")  # Mixtral's MoE block
+                try:
+                    name, target = _target(model, params, name)
+                except (KeyError, AttributeError):
+                    raise KeyError(f"{file.name}: unexpected weight {key!r}") from None
                 if target.shape != tensor.shape:
                     raise ValueError(
                         f"{key}: shape {tuple(tensor.shape)}, expected {tuple(target.shape)}"

@@ -6,11 +6,16 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from baton.model.llama import ModelArgs
 
-# Hugging Face model_type -> flags that differ from Llama
+# Hugging Face model_type -> flags that differ from Llama. Phi-3's fused qkv_proj and
+# gate_up_proj are the decoder's own fused layout, so they load as they are.
 SUPPORTED: dict[str, dict[str, bool]] = {
     "llama": {},
     "mistral": {},
     "qwen2": {"attn_bias": True},
+    "qwen3": {"qk_norm": True},
+    "qwen3_moe": {"qk_norm": True},
+    "mixtral": {},
+    "phi3": {},
 }
 
 
@@ -29,6 +34,25 @@ def _rope(config: PretrainedConfig, head_dim: int) -> tuple[list[float], float]:
     return inv_freq.tolist(), float(scaling)
 
 
+def _moe(config: PretrainedConfig) -> dict:
+    """ModelArgs' MoE fields for Qwen3-MoE (num_experts; dense MLPs in mlp_only_layers and
+    off the decoder_sparse_step) or Mixtral (num_local_experts); none for a dense model."""
+    n = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
+    if not n:
+        return {}
+    step = getattr(config, "decoder_sparse_step", None) or 1
+    only = set(getattr(config, "mlp_only_layers", None) or ())
+    layers = range(config.num_hidden_layers)
+    return {
+        "num_experts": n,
+        "experts_per_token": config.num_experts_per_tok,
+        "moe_intermediate_size": getattr(config, "moe_intermediate_size", None)
+        or config.intermediate_size,
+        "norm_topk": bool(getattr(config, "norm_topk_prob", True)),
+        "dense_layers": tuple(i for i in layers if i in only or (i + 1) % step),
+    }
+
+
 def model_args(config: PretrainedConfig) -> ModelArgs:
     arch = config.model_type
     if arch not in SUPPORTED:
@@ -37,8 +61,21 @@ def model_args(config: PretrainedConfig) -> ModelArgs:
             f"Baton supports {', '.join(sorted(SUPPORTED))}"
         )
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise UnsupportedModel(
+            f"{arch}: rotary over part of each head (partial_rotary_factor "
+            f"{rope['partial_rotary_factor']}) is not supported"
+        )
     inv_freq, attention_scaling = _rope(config, head_dim)
     max_position = config.max_position_embeddings
+    if rope.get("rope_type") == "longrope":
+        # Phi-3: transformers turns to the long factors once a sequence passes the original
+        # length, leaving the keys cached before rotated by the short ones; serve below it
+        original = rope.get("original_max_position_embeddings") or getattr(
+            config, "original_max_position_embeddings", max_position
+        )
+        max_position = min(max_position, original)
     window = getattr(config, "sliding_window", None)
     if window and getattr(config, "use_sliding_window", True) and window < max_position:
         # Without sliding-window attention, stay exact by never going past the window.
@@ -56,5 +93,6 @@ def model_args(config: PretrainedConfig) -> ModelArgs:
         rope_inv_freq=tuple(float(f) for f in inv_freq),
         rope_attention_scaling=attention_scaling,
         tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
-        **SUPPORTED[arch],
+        **{"attn_bias": bool(getattr(config, "attention_bias", False)), **SUPPORTED[arch]},
+        **_moe(config),
     )

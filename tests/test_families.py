@@ -1,0 +1,78 @@
+"""Model families beyond Llama, Mistral and Qwen2 through the whole stack: a tiny random-weight
+model of each, with SmolLM2's tokenizer, served by `baton up` as one prefill and one decode
+over the default transport, gives transformers' greedy tokens (fp32). baton.LLM's side of the
+same models is in test_engine_exact.py. What a family's config asks that Baton cannot serve
+exactly is refused or capped, by name."""
+
+import asyncio
+import random
+
+import httpx
+import pytest
+from reference import ENGINE, hf_greedy
+from stack import Stack
+from tiny_models import make_tiny_model
+from transformers import Phi3Config
+
+from baton.model.registry import UnsupportedModel, model_args
+
+SEED = 24
+NEW = 32
+# 8 prompts of different lengths, one longer than the 32-token chunk budget of ENGINE
+LENGTHS = [1, 3, 9, 17, 30, 5, 12, 70]
+
+
+def prompts() -> list[list[int]]:
+    print("seed", SEED)
+    rng = random.Random(SEED)
+    return [[rng.randrange(3, 49152) for _ in range(n)] for n in LENGTHS]
+
+
+async def complete_all(url: str, token_lists) -> list[dict]:
+    body = {"max_tokens": NEW, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+        rs = await asyncio.gather(
+            *(client.post("/v1/completions", json={**body, "prompt": p}) for p in token_lists)
+        )
+    return [r.json() for r in rs]
+
+
+@pytest.mark.parametrize("family", ["qwen3", "qwen3_moe", "mixtral", "phi3"])
+def test_one_prefill_one_decode_serve_each_family_token_exact(
+    tmp_path, tiny_root, smollm2_dir, family
+):
+    model = make_tiny_model(tiny_root / "families", family, tokenizer_from=smollm2_dir)
+    token_lists = prompts()
+    expected = hf_greedy(model, token_lists, NEW)
+    stack = Stack(tmp_path / "logs", model, *ENGINE)
+    try:
+        results = asyncio.run(complete_all(stack.url, token_lists))
+        assert [r["choices"][0]["token_ids"] for r in results] == expected
+        decode = next(iter(stack.services("decode")))
+        assert stack.metric(decode, "baton_kv_bytes_received_total") > 0  # the KV moved
+        assert set(stack.wait_blocks_free().values()) == {0}
+    finally:
+        stack.stop()
+
+
+def test_phi3_longrope_is_served_only_below_its_original_length():
+    # past it transformers turns to the long factors, which the keys cached before never saw
+    config = Phi3Config(
+        max_position_embeddings=4096,
+        original_max_position_embeddings=256,
+        rope_parameters={
+            "rope_type": "longrope",
+            "rope_theta": 10000.0,
+            "short_factor": [1.0] * 48,
+            "long_factor": [2.0] * 48,
+        },
+    )
+    args = model_args(config)
+    assert args.max_position == 256
+    assert args.rope_attention_scaling > 1  # longrope's attention factor, from transformers
+
+
+def test_rotary_over_part_of_each_head_is_refused_by_name():
+    config = Phi3Config(rope_parameters={"rope_type": "default", "partial_rotary_factor": 0.75})
+    with pytest.raises(UnsupportedModel, match="partial_rotary_factor 0.75"):
+        model_args(config)

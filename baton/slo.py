@@ -33,19 +33,20 @@ class StepTimes:
             self.samples.append((units, seconds))
 
     def fit(self, extrapolate: bool = True) -> tuple[float, float] | None:
-        """(fixed, per_unit), or None before two steps were seen. With one size only, all of
-        the time is taken as per-unit cost (a cautious guess at larger sizes), unless
-        `extrapolate` is off: then None until two distinct sizes were seen."""
+        """(fixed, per_unit), or None before two steps were seen. With one size only, or
+        sizes whose times do not grow with them (noise hides the slope), all of the time is
+        taken as per-unit cost (a cautious guess at larger sizes), unless `extrapolate` is
+        off: then None. A flat line (all fixed cost) would say a prompt of any length costs
+        one step, and admission would refuse nothing."""
         n = len(self.samples)
         if n < 2:
             return None
         mx = sum(u for u, _ in self.samples) / n
         my = sum(s for _, s in self.samples) / n
         var = sum((u - mx) ** 2 for u, _ in self.samples)
-        if var == 0:
+        slope = sum((u - mx) * (s - my) for u, s in self.samples) / var if var else 0.0
+        if slope <= 0:
             return (0.0, my / mx) if extrapolate else None
-        slope = sum((u - mx) * (s - my) for u, s in self.samples) / var
-        slope = max(slope, 0.0)
         return max(my - slope * mx, 0.0), slope
 
 

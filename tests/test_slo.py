@@ -19,6 +19,7 @@ from baton.slo import (
     StepTimes,
     admit,
     max_batch_for_tpot,
+    prefill_seconds,
     prompt_share,
 )
 
@@ -40,6 +41,18 @@ def test_one_size_only_is_all_per_unit_cost_or_no_fit():
     # the decode cap asks for no extrapolation: batch 1 alone must not lock the cap at 1
     assert times.fit(extrapolate=False) is None
     assert max_batch_for_tpot(times.fit(extrapolate=False), tpot_s=0.1, limit=64) == 64
+
+
+def test_times_that_do_not_grow_with_size_are_all_per_unit_cost_not_a_flat_line():
+    # noisy steps of a loaded machine: the larger sizes happened to run faster
+    times = StepTimes()
+    for units, seconds in ((100, 0.30), (400, 0.28), (200, 0.31), (800, 0.27)):
+        times.observe(units, seconds)
+    fixed, per_unit = times.fit()
+    assert fixed == 0.0 and per_unit == pytest.approx(1.16 / 1500)
+    # so a long prompt is predicted to cost more than a short one, and admission can refuse it
+    assert prefill_seconds(2000, times.fit(), 2000) > prefill_seconds(100, times.fit(), 2000)
+    assert times.fit(extrapolate=False) is None
 
 
 def test_tpot_cap_is_the_largest_batch_within_target():

@@ -130,5 +130,5 @@ class LLM:
                 self.scheduler.finish(s.seq, FinishReason.STOP)
                 finished.append(s.seq)
             elif s.seq.is_finished and not stopped:
-                t.text += t.stops.flush()
+                t.text += t.stops.feed(t.detok.flush())[0] + t.stops.flush()
         return finished

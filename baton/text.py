@@ -25,6 +25,18 @@ class IncrementalDetokenizer:
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         return full[len(prefix) :]
 
+    def flush(self) -> str:
+        """Once the output ends: the text its last tokens held back (they end inside a UTF-8
+        character, as when max_tokens cuts one), written as a full decode of the ids writes it,
+        with U+FFFD for the missing bytes, rather than dropped."""
+        decode = self.tokenizer.decode
+        prefix = decode(
+            self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=self.skip
+        )
+        full = decode(self.ids[self.prefix_offset :], skip_special_tokens=self.skip)
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return full[len(prefix) :] if len(full) > len(prefix) else ""
+
 
 class StopStringMatcher:
     """Feeds text deltas through; holds back what could still be the start of a stop string.

@@ -307,8 +307,8 @@ class Gateway:
                         finish = (
                             "stop" if stopped else reason.openai if reason is not None else None
                         )
-                        if finish and not stopped:
-                            text += stops.flush()
+                        if finish and not stopped:  # what the detokenizer held back too (L8)
+                            text += stops.feed(detok.flush())[0] + stops.flush()
                         yield Piece(index, text, token, finish)
                         if finish:
                             return

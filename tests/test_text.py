@@ -30,6 +30,21 @@ def test_streamed_pieces_join_to_the_full_decode_without_broken_characters(tok, 
         assert "" in pieces
 
 
+def test_an_output_cut_inside_a_character_ends_as_the_full_decode_does(tok):
+    # max_tokens can end the output between an emoji's byte-level tokens: its bytes so far
+    # come out as U+FFFD, as a full decode of the ids writes them, not silently dropped
+    ids = tok.encode("ok 🎉")
+    detok = IncrementalDetokenizer(tok, tok.encode("Say it:"))
+    for cut in range(1, len(ids)):
+        if tok.decode(ids[:cut]).endswith("\ufffd"):
+            break
+    else:
+        pytest.fail("no token boundary inside the emoji")
+    pieces = [detok.add(t) for t in ids[:cut]]
+    assert "".join(pieces) + detok.flush() == tok.decode(ids[:cut])
+    assert detok.flush() == ""  # once
+
+
 def test_stop_string_split_across_deltas_is_cut_and_not_returned():
     m = StopStringMatcher(["STOP", "end"])
     out = []

@@ -5,7 +5,8 @@ takes about a second. OpenMP threads come from the libgomp torch has loaded alre
 soname), so the kernels and torch's own ops share one pool.
 
 The library is cached under $BATON_CACHE/kernels (default ~/.cache/baton/kernels), keyed by
-the sources, the flags and this CPU's feature flags (it is built with -march=native). Each
+the sources, the flags and this CPU's feature flags (it is built with -march=native); a cache
+directory another user could write is refused (the library is code every service runs). Each
 process builds into a temporary name and renames it into place, so services starting together
 never load a half-written file. `load()` returns None, and logs why once, when no compiler
 works: the torch ops then serve alone.
@@ -21,6 +22,8 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+
+from baton.model.files import cache_root, private_dir
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +42,6 @@ def cpu_flags() -> str:
     return next((line for line in text.splitlines() if line.startswith("flags")), "")
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("BATON_CACHE") or Path.home() / ".cache" / "baton"
-    return Path(root) / "kernels"
-
-
 def _compile(cc: str, openmp: list[str], tmp: Path) -> Path:
     run = functools.partial(subprocess.run, check=True, capture_output=True, text=True)
     objects = []
@@ -56,7 +54,6 @@ def _compile(cc: str, openmp: list[str], tmp: Path) -> Path:
 
 
 def _build(cc: str, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         try:
             lib = _compile(cc, OPENMP, Path(tmp))
@@ -74,12 +71,12 @@ def load() -> ctypes.CDLL | None:
         return None
     sources = b"".join(p.name.encode() + p.read_bytes() for p in sorted(CSRC.iterdir()))
     key = hashlib.blake2b(sources + repr(FLAGS).encode() + cpu_flags().encode()).hexdigest()
-    path = _cache_dir() / f"kernels-{key[:16]}.so"
     try:
+        path = private_dir(cache_root() / "kernels") / f"kernels-{key[:16]}.so"
         if not path.exists():
             _build(cc, path)
         lib = ctypes.CDLL(str(path))
-    except (OSError, subprocess.CalledProcessError) as e:  # no compiler, read-only cache, ...
+    except (OSError, subprocess.CalledProcessError) as e:  # no compiler, a shared cache, ...
         why = getattr(e, "stderr", "") or e
         log.warning("building %s failed (%s): the kernels run on torch", CSRC, why)
         return None

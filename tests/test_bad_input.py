@@ -4,6 +4,7 @@ import pytest
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import baton
+from baton.model.files import default_model_path, resolve_model_dir
 from baton.model.registry import UnsupportedModel
 from baton.sampling_params import SamplingParams
 
@@ -11,6 +12,15 @@ from baton.sampling_params import SamplingParams
 def test_unknown_model_path():
     with pytest.raises(FileNotFoundError, match="neither a GGUF file nor a directory"):
         baton.LLM("/nonexistent/model", dtype="float32")
+
+
+def test_a_model_cache_others_can_write_is_refused(tmp_path, monkeypatch):
+    # converted weights found there would be loaded as they are
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models").chmod(0o777)
+    monkeypatch.setenv("BATON_CACHE", str(tmp_path))
+    with pytest.raises(PermissionError, match="models is not a private directory"):
+        resolve_model_dir(default_model_path())
 
 
 def test_unsupported_architecture_lists_the_supported_ones(tmp_path):

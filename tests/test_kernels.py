@@ -175,6 +175,20 @@ def test_without_a_working_compiler_the_torch_ops_serve(tmp_path):
     assert "the kernels run on torch" in out.stderr
 
 
+def test_a_kernel_cache_others_can_write_is_not_loaded(tmp_path):
+    # the library is code every service runs: a cache another user could fill is refused
+    (tmp_path / "kernels").mkdir(mode=0o777)
+    (tmp_path / "kernels").chmod(0o777)  # past the umask
+    env = {**os.environ, "BATON_CACHE": str(tmp_path)}
+    probe = "from baton import kernels; kernels.use('auto'); print(kernels.BACKEND)"
+    out = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split() == ["torch"]
+    assert "is not a private directory" in out.stderr
+    assert list((tmp_path / "kernels").iterdir()) == []  # nothing built there either
+
+
 def test_without_openmp_the_native_kernels_still_build_and_run_serial(tmp_path):
     cc = tmp_path / "cc-without-openmp"  # a compiler that knows no -fopenmp, as Apple's clang
     cc.write_text(

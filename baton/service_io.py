@@ -2,6 +2,7 @@
 link (register + heartbeats + token messages), KV metrics."""
 
 import atexit
+import ipaddress
 import logging
 import os
 import signal
@@ -445,11 +446,19 @@ class ServiceLoop:
 
 def advertised(endpoint: str) -> str:
     """A bound endpoint as peers can reach it: a wildcard host (tcp://0.0.0.0:6000, as in a
-    container) becomes this host's own address."""
+    container) becomes this host's own address. Where the host name resolves to a loopback
+    address (Debian's 127.0.1.1), peers on other hosts could not reach it: refused (L4)."""
     host = endpoint.removeprefix("tcp://").rpartition(":")[0]
-    if host in ("0.0.0.0", "*"):
-        return endpoint.replace(host, socket.gethostbyname(socket.gethostname()), 1)
-    return endpoint
+    if host not in ("0.0.0.0", "*", "[::]"):
+        return endpoint
+    own = socket.gethostbyname(socket.gethostname())
+    if ipaddress.ip_address(own).is_loopback:
+        raise SystemExit(
+            f"{endpoint} binds every interface, but this host's name resolves to {own}, "
+            "a loopback address that peers on other hosts cannot reach: bind the address "
+            "they reach it by (e.g. --kv-addr tcp://10.0.0.5:6000)"
+        )
+    return endpoint.replace(host, own, 1)
 
 
 def exit_now() -> None:

@@ -18,12 +18,41 @@ def starting() -> tuple[bool, dict]:
     return False, {"status": "starting"}
 
 
+MAX_CONNECTIONS = 16  # at once: more than any scraper and orchestrator open together
+TIMEOUT_S = 10  # a connection that sends nothing for this long is closed
+
+
 class Probe(ThreadingHTTPServer):
+    """A thread per connection, at most MAX_CONNECTIONS of them: idle connections cannot pile
+    up threads without limit (review L5); one past the cap is closed at once."""
+
     status: Status = staticmethod(starting)  # the service's own, once it exists
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type) -> None:
+        super().__init__(address, handler)
+        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def process_request(self, request, client_address) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread started: it would have released the slot
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
 
 
 class Handler(BaseHTTPRequestHandler):
     server: Probe
+    timeout = TIMEOUT_S
 
     def do_GET(self) -> None:
         if self.path == "/metrics":

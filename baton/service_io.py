@@ -237,6 +237,7 @@ class ServiceLoop:
         self.prefix_hits_seen = 0
         self.load_changed = False  # report the load now, not at the next period
         self.heartbeat: P.Heartbeat | None = None  # the loop's latest snapshot
+        self.health: dict = {}  # /health's body, taken with it
         self.incarnation = f"{os.getpid()}-{time.time_ns()}"
         self.bad_log = ThrottledLog(log)  # what any peer can send us: counted, seldom logged
         KV_BLOCKS_TOTAL.labels(self.id).set(engine.kv_manager.pool.num_blocks)
@@ -308,6 +309,12 @@ class ServiceLoop:
         self.heartbeat = P.Heartbeat(
             self.id, self.role, self.kv_addr, load, self.incarnation, self.draining
         )
+        self.health = {
+            "service": self.id,
+            "role": self.role,
+            "load": msgspec.to_builtins(load),
+            "kv": self.kv_peers.status(),
+        }
 
     def measured_load(self) -> P.Load:
         fixed, per_unit = self.step_times.fit() or (0.0, 0.0)
@@ -377,16 +384,12 @@ class ServiceLoop:
         self.gateway.send(P.RequestError(req_id, message, retryable))
 
     def status(self) -> tuple[bool, dict]:
-        """/health: the load as it is now (the heartbeat's snapshot can be HEARTBEAT_S old)."""
+        """/health: the loop's latest snapshot (at most HEARTBEAT_S old). This runs on the
+        probe's thread, which must not read the scheduler while the loop changes it: a
+        "deque mutated during iteration" there failed a liveness probe (review L5)."""
         if self.heartbeat is None:
             return False, {"service": self.id, "status": "starting"}
-        ok = time.monotonic() - self.last_tick < STALL_S
-        return ok, {
-            "service": self.id,
-            "role": self.role,
-            "load": msgspec.to_builtins(self.measured_load()),
-            "kv": self.kv_peers.status(),
-        }
+        return time.monotonic() - self.last_tick < STALL_S, self.health
 
     # --- what each service fills in -----------------------------------------------------
     def sockets(self) -> list[zmq.Socket]:

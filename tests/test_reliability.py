@@ -20,11 +20,13 @@ from prefill_harness import PrefillHarness
 from prometheus_client import REGISTRY
 from stack import Stack, free_port, get
 
+from baton import probe
 from baton import protocol as P
 from baton.config import EngineConfig
 from baton.engine import Engine
 from baton.kvtransfer import shm
 from baton.logs import ThrottledLog
+from baton.probe import serve_probe
 from baton.service_io import Every, advertised
 
 POISON = 4242  # a token id the broken runner below cannot take
@@ -339,3 +341,27 @@ def test_a_wildcard_bind_is_never_advertised_as_a_loopback_address(monkeypatch):
     monkeypatch.setattr(socket, "gethostbyname", lambda name: "10.0.0.5")
     assert advertised("tcp://0.0.0.0:6000") == "tcp://10.0.0.5:6000"
     assert advertised("tcp://127.0.0.1:6000") == "tcp://127.0.0.1:6000"  # an address as bound
+
+
+def test_the_probe_closes_idle_connections_and_caps_how_many_it_holds():
+    # slowloris: every connection that never sent a request held a thread, without limit (L5)
+    port = free_port()
+    server = serve_probe(port)
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(probe.MAX_CONNECTIONS)]
+    try:
+        extra = socket.create_connection(("127.0.0.1", port))
+        idle.append(extra)
+        for s in idle:
+            s.settimeout(60)
+        assert extra.recv(1) == b""  # every slot was taken: closed at once
+        idle[0].setblocking(False)
+        with pytest.raises(BlockingIOError):  # while the ones holding the slots are open
+            idle[0].recv(1)
+        idle[0].setblocking(True)
+        assert all(s.recv(1) == b"" for s in idle[:-1])  # closed after TIMEOUT_S of silence
+        assert get(f"http://127.0.0.1:{port}/health")[0] == 503  # "starting": it serves again
+    finally:
+        for s in idle:
+            s.close()
+        server.shutdown()
+        server.server_close()

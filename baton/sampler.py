@@ -3,12 +3,15 @@
 Rows with a logit bias or a penalty are adjusted first (vLLM's order and math: the bias, then
 repetition, frequency and presence penalties). Greedy rows take the argmax. Random rows apply
 temperature, top-k, top-p and min-p, then draw with the request's own torch.Generator (seeded
-from `seed`), so a seeded request gives the same tokens whatever else shares its batch.
+from `seed` and the token's index), so a seeded request gives the same tokens whatever else
+shares its batch and whichever services its tokens are sampled on.
 Logprobs come from the raw model distribution, as vLLM's do by default.
 
 A sequence's token ids are its prompt then its output, on the prefill (no output yet) as on a
 decode or a resumed one, so the penalties see the same history wherever a token is sampled.
 """
+
+import hashlib
 
 import torch
 
@@ -50,11 +53,16 @@ def adjust(row: torch.Tensor, seq: Sequence) -> None:
 
 
 def _generator(seq: Sequence) -> torch.Generator | None:
+    """A seeded request's noise for its n-th output token comes from (seed, n) alone, so any
+    service that samples token n draws the same: the prefill token 0, its decode the rest,
+    and after a failover another decode from where the stream stopped (reliability L18)."""
     if seq.params.seed is None:
         return None
     if seq.sampler_state is None:
-        seq.sampler_state = torch.Generator().manual_seed(seq.params.seed)
-    return seq.sampler_state
+        seq.sampler_state = torch.Generator()
+    key = f"{seq.params.seed}:{seq.num_output_tokens}".encode()
+    seed = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
+    return seq.sampler_state.manual_seed(seed)
 
 
 class Sampler:

@@ -35,6 +35,19 @@ def test_seeded_sampling_is_reproducible_whatever_the_batch(llm):
     assert other_seed[0] != alone
 
 
+def test_a_resumed_seeded_request_goes_on_as_the_uninterrupted_one(llm):
+    # what a decode does after a hand-off (token 0 came from the prefill) or a failover: the
+    # tokens so far arrive with the prompt, and the rest must be what one service would draw
+    p = SamplingParams(max_tokens=20, temperature=1.0, seed=1234, ignore_eos=True)
+    alone = tokens(llm, [PROMPT], p)[0]
+    for done in (1, 8):
+        seq = Sequence(f"resumed-{done}", PROMPT + alone[:done], p, num_prompt_tokens=len(PROMPT))
+        llm.scheduler.add(seq)
+        while llm.scheduler.has_work:  # at most 20 - done tokens
+            llm.step({})
+        assert seq.output_token_ids == alone
+
+
 def test_top_k_1_and_tiny_top_p_are_greedy(llm):
     greedy = tokens(llm, [PROMPT], SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))
     for p in (

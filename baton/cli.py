@@ -65,6 +65,7 @@ GATEWAY_FLAGS = {
     "--tool-call-parser": ("gateway.tool_call_parser", str),
     "--reasoning-parser": ("gateway.reasoning_parser", str),
     "--write-timeout-s": ("gateway.write_timeout_s", float),
+    "--max-connections": ("gateway.max_connections", int),
 }
 UP_FLAGS = {
     **PLANE_FLAGS,
@@ -172,7 +173,9 @@ def cmd_gateway(args) -> None:
     if gw.zmq_addr is None:
         gw = msgspec.structs.replace(gw, zmq_addr="tcp://127.0.0.1:5555")
     app = create_app(model_dir, msgspec.structs.replace(config, gateway=gw))
-    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+    # uvicorn answers 503 past limit_concurrency (reliability review L15)
+    server = uvicorn.Config(app, log_level="warning", limit_concurrency=gw.max_connections)
+    uvicorn.Server(server).run(sockets=[sock])
 
 
 def cmd_prepare(args) -> None:

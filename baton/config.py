@@ -123,6 +123,13 @@ class GatewayConfig(Section):
         ),
     ] = True
     max_queued_requests: Annotated[Positive, doc("requests in flight before 429")] = 256
+    max_connections: Annotated[
+        Positive,
+        doc(
+            "HTTP connections served at once; more get a 503 at once. Bounds what slow clients "
+            "hold: each upload's body (up to 8 MiB) is kept until it is whole"
+        ),
+    ] = 512
     admission: Annotated[
         Literal["slo", "queue-limit"],
         doc("slo: 429 when the predicted TTFT misses [slo]; queue-limit: only the count"),

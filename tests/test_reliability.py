@@ -365,3 +365,42 @@ def test_the_probe_closes_idle_connections_and_caps_how_many_it_holds():
             s.close()
         server.shutdown()
         server.server_close()
+
+
+def test_slow_uploads_past_max_connections_get_a_503_not_memory(tmp_path, tiny_text_model):
+    # each slow upload's body is held until it is whole: their number is capped (review L15)
+    http = free_port()
+    gateway = baton(tmp_path / "gateway.log", "gateway", "--model", str(tiny_text_model),
+                    "--port", str(http), "--zmq-addr", f"tcp://127.0.0.1:{free_port()}",
+                    "--max-connections", "4")  # fmt: skip
+    url = f"http://127.0.0.1:{http}/v1/models"
+    slow: list[socket.socket] = []
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # up
+            try:
+                assert get(url)[0] == 200
+                break
+            except OSError:
+                assert time.monotonic() < deadline and gateway.poll() is None, "no gateway"
+                time.sleep(0.2)
+        head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n{"
+        for _ in range(4):  # four uploads that never finish
+            s = socket.create_connection(("127.0.0.1", http))
+            s.sendall(head)
+            slow.append(s)
+        deadline = time.monotonic() + 60
+        while (code := get(url)[0]) == 200 and time.monotonic() < deadline:
+            time.sleep(0.2)  # until the server has read the four uploads' heads
+        assert code == 503
+        for s in slow:
+            s.close()
+        deadline = time.monotonic() + 60
+        while (code := get(url)[0]) != 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert code == 200  # the slots come back
+    finally:
+        for s in slow:
+            s.close()
+        gateway.terminate()
+        gateway.wait(30)

@@ -174,22 +174,27 @@ class Gateway:
             )
 
     def check_prompt(
-        self, ids: list[int], max_tokens: int, stop_token_ids: tuple[int, ...] = ()
+        self, ids: list[int], max_tokens: int, stop_token_ids: tuple[int, ...], limit: int
     ) -> None:
+        """`limit`: context_tokens(), so that a request no decode's pool could hold is a 400
+        here, not a failure from the service after its prompt was computed (L7)."""
         if not ids:
             raise BadRequest("the prompt is empty", "prompt")
         if min(ids) < 0 or max(ids) >= self.vocab_size:
             raise BadRequest(f"prompt token ids must be in [0, {self.vocab_size})", "prompt")
         if any(not 0 <= t < self.vocab_size for t in stop_token_ids):
             raise BadRequest(f"stop_token_ids must be in [0, {self.vocab_size})", "stop_token_ids")
-        if len(ids) >= self.max_model_len:
+        context = (
+            f"this model's context is {limit}"
+            if limit == self.max_model_len
+            else f"a decode's KV pool holds {limit}"
+        )
+        if len(ids) >= limit:
+            raise BadRequest(f"the prompt has {len(ids)} tokens; {context}")
+        if len(ids) + max_tokens > limit:
             raise BadRequest(
-                f"the prompt has {len(ids)} tokens; this model's context is {self.max_model_len}"
-            )
-        if len(ids) + max_tokens > self.max_model_len:
-            raise BadRequest(
-                f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds this "
-                f"model's context of {self.max_model_len} tokens",
+                f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) is more than "
+                f"the {limit} tokens a request may hold: {context}",
                 "max_tokens",
             )
 
@@ -213,7 +218,7 @@ class Gateway:
             for ids in prompts
         ]
         for ids, p in zip(prompts, each, strict=True):
-            self.check_prompt(ids, p.max_tokens, p.stop_token_ids)
+            self.check_prompt(ids, p.max_tokens, p.stop_token_ids, limit)
         try:
             admitted = self.backend.admit(
                 prompts, params.cache_salt

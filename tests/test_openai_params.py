@@ -159,6 +159,14 @@ def test_without_max_tokens_a_choice_runs_to_the_end_of_what_the_pool_holds(clie
     assert r.choices[0].finish_reason == "length"
 
 
+def test_a_request_the_decode_pool_cannot_hold_is_a_400_before_any_work(client):
+    # 700 + 100 tokens fit the model's context (1,024) but not the decode's pool (768)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="", prompt=prompt(700, SEED + 4), max_tokens=100)
+    assert "a decode's KV pool holds 768" in e.value.message
+    assert e.value.body["param"] == "max_tokens"
+
+
 def test_echo_puts_the_prompt_before_the_completion(client):
     kw = {"model": "", "max_tokens": 6, "temperature": 0}
     plain = client.completions.create(prompt="Once upon a time", **kw).choices[0].text

@@ -238,6 +238,8 @@ class ServiceLoop:
         self.load_changed = False  # report the load now, not at the next period
         self.heartbeat: P.Heartbeat | None = None  # the loop's latest snapshot
         self.health: dict = {}  # /health's body, taken with it
+        # a probe asks the loop for a fresh snapshot and waits for it (a while, at most)
+        self.health_asked, self.health_taken = threading.Event(), threading.Event()
         self.incarnation = f"{os.getpid()}-{time.time_ns()}"
         self.bad_log = ThrottledLog(log)  # what any peer can send us: counted, seldom logged
         KV_BLOCKS_TOTAL.labels(self.id).set(engine.kv_manager.pool.num_blocks)
@@ -286,7 +288,7 @@ class ServiceLoop:
             zmq.select(self.sockets(), [], [], self.idle_wait_s())
         self.housekeeping()
         self.pace_prompts()
-        if self.snapshots.due() or self.load_changed:
+        if self.snapshots.due() or self.load_changed or self.health_asked.is_set():
             self.snapshot()
             if self.load_changed:
                 self.heartbeater.wake.set()
@@ -315,6 +317,9 @@ class ServiceLoop:
             "load": msgspec.to_builtins(load),
             "kv": self.kv_peers.status(),
         }
+        if self.health_asked.is_set():
+            self.health_asked.clear()
+            self.health_taken.set()
 
     def measured_load(self) -> P.Load:
         fixed, per_unit = self.step_times.fit() or (0.0, 0.0)
@@ -384,11 +389,15 @@ class ServiceLoop:
         self.gateway.send(P.RequestError(req_id, message, retryable))
 
     def status(self) -> tuple[bool, dict]:
-        """/health: the loop's latest snapshot (at most HEARTBEAT_S old). This runs on the
+        """/health: a snapshot the loop takes when asked (within an iteration; the latest
+        one, at most HEARTBEAT_S old, if the loop is busy for longer). This runs on the
         probe's thread, which must not read the scheduler while the loop changes it: a
         "deque mutated during iteration" there failed a liveness probe (review L5)."""
         if self.heartbeat is None:
             return False, {"service": self.id, "status": "starting"}
+        self.health_taken.clear()
+        self.health_asked.set()
+        self.health_taken.wait(HEARTBEAT_S)
         return time.monotonic() - self.last_tick < STALL_S, self.health
 
     # --- what each service fills in -----------------------------------------------------

@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import re
+import select
 import socket
 import subprocess
 import sys
@@ -385,13 +386,18 @@ def test_slow_uploads_past_max_connections_get_a_503_not_memory(tmp_path, tiny_t
                 assert time.monotonic() < deadline and gateway.poll() is None, "no gateway"
                 time.sleep(0.2)
         head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n{"
-        for _ in range(4):  # four uploads that never finish
-            s = socket.create_connection(("127.0.0.1", http))
-            s.sendall(head)
-            slow.append(s)
         deadline = time.monotonic() + 60
-        while (code := get(url)[0]) == 200 and time.monotonic() < deadline:
-            time.sleep(0.2)  # until the server has read the four uploads' heads
+        while time.monotonic() < deadline:  # four uploads that never finish hold the slots
+            answered = select.select(slow, [], [], 0)[0]  # refused while the last probe's
+            for s in answered:  # connection still counted: it holds nothing, replace it
+                s.close()
+                slow.remove(s)
+            while len(slow) < 4:
+                slow.append(socket.create_connection(("127.0.0.1", http)))
+                slow[-1].sendall(head)
+            if (code := get(url)[0]) == 503:
+                break
+            time.sleep(0.2)
         assert code == 503
         for s in slow:
             s.close()

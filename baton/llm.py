@@ -14,7 +14,7 @@ from baton.config import EngineConfig
 from baton.engine import Engine
 from baton.request import FinishReason, Logprob, Sequence
 from baton.sampling_params import SamplingParams
-from baton.text import IncrementalDetokenizer, StopStringMatcher
+from baton.text import IncrementalDetokenizer, StopStringMatcher, final_text
 
 
 @dataclass
@@ -130,5 +130,5 @@ class LLM:
                 self.scheduler.finish(s.seq, FinishReason.STOP)
                 finished.append(s.seq)
             elif s.seq.is_finished and not stopped:
-                t.text += t.stops.feed(t.detok.flush())[0] + t.stops.flush()
+                t.text += final_text(t.detok, t.stops)
         return finished

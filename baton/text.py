@@ -78,3 +78,9 @@ def held_back(text: str, tags: tuple[str, ...]) -> int:
         if any(t.startswith(text[-n:]) for t in tags):
             return n
     return 0
+
+
+def final_text(detok: IncrementalDetokenizer, stops: StopStringMatcher) -> str:
+    """What an output that ended without a stop string still holds back: the detokenizer's
+    unfinished character, then the matcher's possible start of a stop string."""
+    return stops.feed(detok.flush())[0] + stops.flush()

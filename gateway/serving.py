@@ -41,7 +41,7 @@ from baton.gateway.shapes import (
 )
 from baton.gateway.tools import FORMATS
 from baton.sampling_params import SamplingParams
-from baton.text import IncrementalDetokenizer, StopStringMatcher
+from baton.text import IncrementalDetokenizer, StopStringMatcher, final_text
 
 log = logging.getLogger("baton.gateway")
 
@@ -313,7 +313,7 @@ class Gateway:
                             "stop" if stopped else reason.openai if reason is not None else None
                         )
                         if finish and not stopped:  # what the detokenizer held back too (L8)
-                            text += stops.feed(detok.flush())[0] + stops.flush()
+                            text += final_text(detok, stops)
                         yield Piece(index, text, token, finish)
                         if finish:
                             return

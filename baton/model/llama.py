@@ -141,15 +141,15 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.q_size, args.hidden_size, bias=False)
         self.rotary = rotary
         self.attn = PagedAttention(args.num_heads, args.num_kv_heads, args.head_dim)
-        if args.qk_norm:
-            self.q_norm = HeadNorm(args.head_dim, args.rms_norm_eps)
-            self.k_norm = HeadNorm(args.head_dim, args.rms_norm_eps)
+        # None where the family has none (hasattr on a module raises and catches per call)
+        self.q_norm = HeadNorm(args.head_dim, args.rms_norm_eps) if args.qk_norm else None
+        self.k_norm = HeadNorm(args.head_dim, args.rms_norm_eps) if args.qk_norm else None
 
     def forward(self, x, positions, kv, meta: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         unflat = (-1, self.head_dim)
         q, k = q.unflatten(-1, unflat), k.unflatten(-1, unflat)
-        if hasattr(self, "q_norm"):
+        if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(q, k, positions)
         o = self.attn(q, k, v.unflatten(-1, unflat), kv, meta)

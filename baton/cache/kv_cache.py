@@ -14,6 +14,7 @@ one range, so hand-offs move it unchanged. Layer l's views are (K, V, K scales, 
 """
 
 import math
+import mmap
 
 import torch
 
@@ -43,7 +44,7 @@ class KVCache:
         self.num_blocks, self.block_size, self.dtype = num_blocks, block_size, dtype
         self.block_nbytes = block_nbytes(args, block_size, dtype)
         if storage is None:
-            storage = torch.zeros(num_blocks * self.block_nbytes, dtype=torch.uint8)
+            storage = private_memory(num_blocks * self.block_nbytes)
         self.bytes = storage.view(num_blocks, self.block_nbytes)
         rows = (args.num_layers, 2, block_size, args.num_kv_heads)
         values = self.bytes[:, : math.prod(rows) * args.head_dim * dtype.itemsize]
@@ -60,6 +61,19 @@ class KVCache:
     def block_bytes(self) -> torch.Tensor:
         """The whole pool as [num_blocks, block_nbytes] uint8: row b is block b's bytes."""
         return self.bytes
+
+
+def private_memory(nbytes: int) -> torch.Tensor:
+    """Zeroed uint8 memory of this process, in 2 MiB pages where the kernel gives them
+    (transparent huge pages, also in their `madvise` mode): a decode step reads every
+    sequence's blocks from all over the pool, and in 4 KiB pages each block costs TLB misses
+    (RESULTS.md, 2026-12-07 fourth session). Anonymous and private: shared anonymous memory
+    is shmem, which takes huge pages only where shmem_enabled allows. Touched here, so the
+    whole pool is resident from the start, as torch.zeros made it."""
+    mem = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        mem.madvise(mmap.MADV_HUGEPAGE)
+    return torch.frombuffer(mem, dtype=torch.uint8)[:nbytes].zero_()
 
 
 def _view(columns: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:

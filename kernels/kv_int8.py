@@ -61,9 +61,13 @@ def paged_decode_attention_int8(
     block_tables: torch.Tensor,
     ctx_lens: torch.Tensor,
     scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     k, v, tables = _scratch(kv, block_tables, q.dtype)
-    return kernels.paged_decode_attention(q, k, v, tables, ctx_lens, scale)
+    return kernels.paged_decode_attention(
+        q, k, v, tables, ctx_lens, scale, window=window, softcap=softcap
+    )
 
 
 def extend_attention_varlen_int8(
@@ -74,8 +78,10 @@ def extend_attention_varlen_int8(
     ctx_lens: torch.Tensor,
     max_num_new: int,
     scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     k, v, tables = _scratch(kv, block_tables, q.dtype)
     return kernels.extend_attention_varlen(
-        q, k, v, tables, cu_seqlens, ctx_lens, max_num_new, scale
+        q, k, v, tables, cu_seqlens, ctx_lens, max_num_new, scale, window=window, softcap=softcap
     )

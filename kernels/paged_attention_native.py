@@ -24,6 +24,7 @@ def _checked_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     return lib, block_size, kv_heads
 
 
+@paged_attention.sliding_and_capped_by(paged_attention.paged_decode_attention)
 def paged_decode_attention(
     q: torch.Tensor,  # [B, q_heads, head_dim]: one new token per sequence
     k_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, head_dim], rows contiguous
@@ -49,6 +50,7 @@ def paged_decode_attention(
     return out
 
 
+@paged_attention.sliding_and_capped_by(paged_attention.extend_attention_varlen)
 def extend_attention_varlen(
     q: torch.Tensor,  # [T, q_heads, head_dim]: new tokens of S sequences, packed
     k_cache: torch.Tensor,
@@ -81,6 +83,7 @@ def extend_attention_varlen(
     return out
 
 
+@paged_attention.sliding_and_capped_by(kv_int8.paged_decode_attention_int8)
 def paged_decode_attention_int8(
     q: torch.Tensor,  # [B, q_heads, head_dim] bf16
     kv: tuple[torch.Tensor, ...],  # (K, V, K scales, V scales) of one layer, 8-bit

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from baton.kernels import paged_attention
+
 MAX_PARTITIONS = 32  # bounds the merge kernel's tile; longer contexts get longer partitions
 
 
@@ -116,6 +118,7 @@ def _decode_merge_kernel(
     tl.store(out + seq * stride_ob + head * stride_oh + d, merged, mask=d_mask)
 
 
+@paged_attention.sliding_and_capped_by(paged_attention.paged_decode_attention)
 def paged_decode_attention(
     q: torch.Tensor,  # [B, q_heads, head_dim]
     k_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, head_dim], any block stride
@@ -218,6 +221,7 @@ def _extend_kernel(
     tl.store(out + out_offsets, acc / l_i[:, None], mask=i_mask[:, None] & d_mask[None, :])
 
 
+@paged_attention.sliding_and_capped_by(paged_attention.extend_attention_varlen)
 def extend_attention_varlen(
     q: torch.Tensor,  # [T, q_heads, head_dim]
     k_cache: torch.Tensor,

@@ -59,23 +59,53 @@ VARIANTS = {
         {"norm_topk_prob": False, "mlp_only_layers": [], "decoder_sparse_step": 2},
     ),
     "mixtral-top2of4": ("mixtral", {}),
+    "gemma2-sliding8-softcapped-gqa4": ("gemma2", {}),
+    "gemma2-untied-mha-hd16": ("gemma2", {"tie_word_embeddings": False, "num_key_value_heads": 8}),
+    "gemma3-sliding8-local-rope-qk-norm": ("gemma3", {}),
+    "mistral-sliding8": ("mistral", {"sliding_window": 8}),
+    "qwen2-sliding8-above-layer1": (
+        "qwen2",
+        {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1},
+    ),
 }
+
+
+def variant_llm(tiny_root, variant: str) -> tuple[baton.LLM, object]:
+    """The variant's tiny model and an LLM over it with small blocks and budget, so that
+    prompts are chunked across block boundaries and batches mixed."""
+    family, overrides = VARIANTS[variant]
+    model_dir = make_tiny_model(tiny_root / variant, family, **overrides)
+    llm = baton.LLM(
+        str(model_dir), dtype="float32", block_size=4, num_blocks=128, max_num_batched_tokens=24
+    )
+    return llm, model_dir
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_greedy_matches_transformers_token_for_token(tiny_root, variant):
-    family, overrides = VARIANTS[variant]
-    model_dir = make_tiny_model(tiny_root / variant, family, **overrides)
-    # small blocks and budget: prompts are chunked across block boundaries, batches mixed
-    llm = baton.LLM(
-        str(model_dir), dtype="float32", block_size=4, num_blocks=128, max_num_batched_tokens=24
-    )
+    llm, model_dir = variant_llm(tiny_root, variant)
     token_lists = prompts(llm.engine.model.args.vocab_size)
     outs = llm.generate(token_lists, SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True))
     got = [o.outputs[0].token_ids for o in outs]
     assert got == hf_greedy(model_dir, token_lists, NEW)
     assert all(o.outputs[0].finish_reason == "length" for o in outs)
     assert llm.engine.kv_manager.pool.num_used == 0
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_logprobs_equal_transformers_log_softmax_at_every_step(tiny_root, variant):
+    # greedy tokens alone would pass a model whose logits are off by any monotonic function
+    # (a missing final soft-cap, a wrong temperature of the scores' scale in one layer)
+    llm, model_dir = variant_llm(tiny_root, variant)
+    token_lists = prompts(llm.engine.model.args.vocab_size, [9, 30])
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=0)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    for ids, out in zip(token_lists, llm.generate(token_lists, params), strict=True):
+        new = out.outputs[0].token_ids
+        ref = hf(torch.tensor([ids + new])).logits[0, len(ids) - 1 : -1].log_softmax(-1)
+        expected = ref.gather(1, torch.tensor(new).unsqueeze(1)).squeeze(1)
+        got = torch.tensor([lp.logprob for lp in out.outputs[0].logprobs])
+        assert (got - expected).abs().max() < 1e-4
 
 
 def final_logits(llm, kv: KVCacheManager, tokens: list[int], budget: int):
@@ -100,9 +130,11 @@ def final_logits(llm, kv: KVCacheManager, tokens: list[int], budget: int):
             return logits[0], first
 
 
-@pytest.fixture(scope="module")
-def tiny_llm(tiny_llama):
-    return baton.LLM(str(tiny_llama), dtype="float32", block_size=4, num_blocks=64)
+@pytest.fixture(scope="module", params=["llama", "gemma2"])
+def tiny_llm(request, tiny_root):
+    """Llama, and Gemma 2: its sliding layers' window (8) ends inside chunks and cached blocks."""
+    model_dir = make_tiny_model(tiny_root / "chunked", request.param)
+    return baton.LLM(str(model_dir), dtype="float32", block_size=4, num_blocks=64)
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 4, 5, 13])

@@ -1,6 +1,7 @@
 """Model families beyond Llama, Mistral and Qwen2 through the whole stack: a tiny random-weight
-model of each, with SmolLM2's tokenizer, served by `baton up` as one prefill and one decode
-over the default transport, gives transformers' greedy tokens (fp32). baton.LLM's side of the
+model of each (Gemma's with sliding layers shorter than most prompts), with SmolLM2's
+tokenizer, served by `baton up` as one prefill and one decode over the default transport,
+gives transformers' greedy tokens (fp32). baton.LLM's side of the
 same models is in test_engine_exact.py. What a family's config asks that Baton cannot serve
 exactly is refused or capped, by name."""
 
@@ -37,7 +38,7 @@ async def complete_all(url: str, token_lists) -> list[dict]:
     return [r.json() for r in rs]
 
 
-@pytest.mark.parametrize("family", ["qwen3", "qwen3_moe", "mixtral", "phi3"])
+@pytest.mark.parametrize("family", ["qwen3", "qwen3_moe", "mixtral", "phi3", "gemma2", "gemma3"])
 def test_one_prefill_one_decode_serve_each_family_token_exact(
     tmp_path, tiny_root, smollm2_dir, family
 ):

@@ -6,6 +6,8 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    Gemma2Config,
+    Gemma3TextConfig,
     LlamaConfig,
     MistralConfig,
     MixtralConfig,
@@ -55,6 +57,29 @@ FAMILIES = {
     ),
     "mixtral": lambda **kw: MixtralConfig(
         **{**COMMON, "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None, **kw}
+    ),
+    # sliding layers (0 and 2) see 8 positions, fewer than most prompts; caps low enough that
+    # tanh bends these random scores and logits
+    "gemma2": lambda **kw: Gemma2Config(
+        **{
+            **COMMON,
+            "head_dim": 16,
+            "query_pre_attn_scalar": 24,
+            "sliding_window": 8,
+            "attn_logit_softcapping": 2.0,
+            "final_logit_softcapping": 3.0,
+            **kw,
+        }
+    ),
+    # 2 sliding layers of 8 positions, rotated by their own (local) frequencies, around 1 global
+    "gemma3": lambda **kw: Gemma3TextConfig(
+        **{
+            **COMMON,
+            "head_dim": 32,
+            "sliding_window": 8,
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+            **kw,
+        }
     ),
 }
 

@@ -50,10 +50,18 @@ class AttentionMetadata:
 
 
 class PagedAttention(nn.Module):
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int):
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        scale: float,
+        window: int | None = None,
+        softcap: float | None = None,
+    ):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.scale = head_dim**-0.5
+        self.scale, self.window, self.softcap = scale, window, softcap
 
     def forward(
         self,
@@ -81,6 +89,8 @@ class PagedAttention(nn.Module):
                 meta.prefill_ctx_lens,
                 meta.prefill_max_num_new,
                 self.scale,
+                window=self.window,
+                softcap=self.softcap,
             )
         if meta.decode_block_tables is not None:
             decode = (
@@ -92,5 +102,7 @@ class PagedAttention(nn.Module):
                 meta.decode_block_tables,
                 meta.decode_ctx_lens,
                 self.scale,
+                window=self.window,
+                softcap=self.softcap,
             )
         return out

@@ -1,4 +1,5 @@
-"""Llama, Mistral, Qwen2, Qwen3 and Phi-3 in one decoder, differing only by flags in ModelArgs.
+"""Llama, Mistral, Qwen2/3 (dense and MoE), Mixtral, Phi-3 and Gemma 2/3 in one decoder,
+differing only by flags in ModelArgs.
 
 The forward runs over a flat batch of tokens from many sequences ([T, hidden]); attention reads
 and writes the paged KV cache through AttentionMetadata. q/k/v and gate/up are fused into one
@@ -6,6 +7,7 @@ matmul each; `packed_modules` tells the loader how Hugging Face names map onto t
 """
 
 from dataclasses import dataclass
+from functools import partial
 from typing import ClassVar
 
 import torch
@@ -40,6 +42,20 @@ class ModelArgs:
     norm_topk: bool = True
     dense_layers: tuple[int, ...] = ()
     tie_word_embeddings: bool = False
+    hidden_act: str = "silu"  # the MLP's gate: silu, or gelu_pytorch_tanh (Gemma's GeGLU)
+    # attention over the last `sliding_window` positions only, in these layers (Gemma's
+    # interleaved local layers, Mistral's every layer); Gemma 3 rotates them by their own
+    # frequencies (local_rope_inv_freq; empty: rope_inv_freq)
+    sliding_window: int | None = None
+    sliding_layers: tuple[int, ...] = ()
+    local_rope_inv_freq: tuple[float, ...] = ()
+    # Gemma 2/3: norms before and after both the attention and the MLP, each scaling by
+    # (1 + weight) (folded into the weight at load), embeddings times sqrt(hidden_size)
+    sandwich_norms: bool = False
+    attn_scale: float | None = None  # query_pre_attn_scalar ** -0.5; None: head_dim ** -0.5
+    # Gemma 2: scores and logits soft-capped, cap * tanh(x / cap)
+    attn_softcap: float | None = None
+    logit_softcap: float | None = None
 
 
 def _onednn_bf16() -> bool:
@@ -92,9 +108,10 @@ class RMSNorm(nn.Module):
         return kernels.add_rms_norm(x, residual, self.weight, self.eps)
 
 
-class HeadNorm(nn.Module):
-    """RMSNorm over each head's head_dim (Qwen3's q and k), computed as transformers does: in
-    fp32, rounded back, then scaled."""
+class Norm(nn.Module):
+    """RMSNorm of x alone, over its last dim (Qwen3's q and k per head; Gemma's norms after
+    the attention and the MLP), computed as transformers does: in fp32, rounded back, then
+    scaled."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -110,13 +127,13 @@ class HeadNorm(nn.Module):
 class Rotary(nn.Module):
     """cos/sin tables over all positions, built by `init_tables` once weights are in place."""
 
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, inv_freq: tuple[float, ...]):
         super().__init__()
-        self.args = args
+        self.args, self.inv_freq = args, inv_freq
         self.cos = self.sin = torch.empty(0)
 
     def init_tables(self, dtype: torch.dtype) -> None:
-        inv_freq = torch.tensor(self.args.rope_inv_freq, dtype=torch.float32)
+        inv_freq = torch.tensor(self.inv_freq, dtype=torch.float32)
         freqs = torch.outer(torch.arange(self.args.max_position, dtype=torch.float32), inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
         scale = self.args.rope_attention_scaling
@@ -130,7 +147,7 @@ class Rotary(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, rotary: Rotary):
+    def __init__(self, args: ModelArgs, rotary: Rotary, sliding: bool):
         super().__init__()
         self.q_size = args.num_heads * args.head_dim
         self.kv_size = args.num_kv_heads * args.head_dim
@@ -140,10 +157,17 @@ class Attention(nn.Module):
         )
         self.o_proj = Linear(self.q_size, args.hidden_size, bias=False)
         self.rotary = rotary
-        self.attn = PagedAttention(args.num_heads, args.num_kv_heads, args.head_dim)
+        self.attn = PagedAttention(
+            args.num_heads,
+            args.num_kv_heads,
+            args.head_dim,
+            scale=args.attn_scale or args.head_dim**-0.5,
+            window=args.sliding_window if sliding else None,
+            softcap=args.attn_softcap,
+        )
         # None where the family has none (hasattr on a module raises and catches per call)
-        self.q_norm = HeadNorm(args.head_dim, args.rms_norm_eps) if args.qk_norm else None
-        self.k_norm = HeadNorm(args.head_dim, args.rms_norm_eps) if args.qk_norm else None
+        self.q_norm = Norm(args.head_dim, args.rms_norm_eps) if args.qk_norm else None
+        self.k_norm = Norm(args.head_dim, args.rms_norm_eps) if args.qk_norm else None
 
     def forward(self, x, positions, kv, meta: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -156,15 +180,19 @@ class Attention(nn.Module):
         return self.o_proj(o.flatten(1))
 
 
+ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh")}
+
+
 class MLP(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.gate_up_proj = FusedLinear(args.hidden_size, [args.intermediate_size] * 2, False)
         self.down_proj = Linear(args.intermediate_size, args.hidden_size, bias=False)
+        self.act = ACTIVATIONS[args.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.act(gate) * up)
 
 
 class Experts(nn.Module):
@@ -218,16 +246,26 @@ class SparseMoE(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, args: ModelArgs, rotary: Rotary, index: int):
         super().__init__()
-        self.self_attn = Attention(args, rotary)
+        self.self_attn = Attention(args, rotary, sliding=index in args.sliding_layers)
         sparse = args.num_experts > 0 and index not in args.dense_layers
         self.mlp = SparseMoE(args) if sparse else MLP(args)
-        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        hidden, eps = args.hidden_size, args.rms_norm_eps
+        self.input_layernorm = RMSNorm(hidden, eps)
+        self.sandwich = args.sandwich_norms
+        if self.sandwich:  # Gemma's names: post_attention_layernorm is the attention's own
+            self.post_attention_layernorm: nn.Module = Norm(hidden, eps)
+            self.pre_feedforward_layernorm = RMSNorm(hidden, eps)
+            self.post_feedforward_layernorm = Norm(hidden, eps)
+        else:
+            self.post_attention_layernorm = RMSNorm(hidden, eps)
 
     def forward(self, x, residual, positions, kv, meta: AttentionMetadata):
         # the residual stream is carried apart from x so that each norm fuses the add before it
         x, residual = self.input_layernorm(x, residual)
         x = self.self_attn(x, positions, kv, meta)
+        if self.sandwich:
+            x, residual = self.pre_feedforward_layernorm(self.post_attention_layernorm(x), residual)
+            return self.post_feedforward_layernorm(self.mlp(x)), residual
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
@@ -245,10 +283,13 @@ class CausalLM(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.rotary = Rotary(args)
+        self.rotary = Rotary(args, args.rope_inv_freq)
+        local = Rotary(args, args.local_rope_inv_freq) if args.local_rope_inv_freq else None
+        self.local_rotary = local
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(
-            DecoderLayer(args, self.rotary, i) for i in range(args.num_layers)
+            DecoderLayer(args, local if local and i in args.sliding_layers else self.rotary, i)
+            for i in range(args.num_layers)
         )
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
@@ -266,6 +307,18 @@ class CausalLM(nn.Module):
         if self.args.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
+    def loaded(self) -> None:
+        """Once the checkpoint's weights are in: rotary tables in the weights' dtype, and
+        Gemma's (1 + weight) norms folded into their weights."""
+        for rotary in (self.rotary, self.local_rotary):
+            if rotary is not None:
+                rotary.init_tables(self.lm_head.weight.dtype)
+        if self.args.sandwich_norms:
+            with torch.no_grad():
+                for m in self.modules():
+                    if isinstance(m, RMSNorm | Norm):
+                        m.weight.add_(1)
+
     def forward(
         self,
         input_ids: torch.Tensor,  # [T]
@@ -274,10 +327,15 @@ class CausalLM(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
+        if self.args.sandwich_norms:  # sqrt(hidden_size) in the model's dtype, as Gemma has it
+            x = x * torch.tensor(self.args.hidden_size**0.5, dtype=x.dtype)
         residual = torch.zeros_like(x)  # the first norm's add is then exact and a no-op
         for layer, kv in zip(self.layers, kv_layers, strict=True):
             x, residual = layer(x, residual, positions, kv, meta)
         return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        logits = self.lm_head(hidden)
+        if (cap := self.args.logit_softcap) is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits.float()

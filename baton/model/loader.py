@@ -126,7 +126,7 @@ def load_model(model_dir: Path, dtype: torch.dtype) -> CausalLM:
     missing = [n for n, p in params.items() if loaded[n] != p.numel()]
     if missing:
         raise ValueError(f"weights missing from {model_dir}: {missing[:8]}")
-    model.rotary.init_tables(dtype)
+    model.loaded()
     model.requires_grad_(False).prepack()
     return model.eval()
 

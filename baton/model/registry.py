@@ -4,7 +4,7 @@ import torch
 from transformers import PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from baton.model.llama import ModelArgs
+from baton.model.llama import ACTIVATIONS, ModelArgs
 
 # Hugging Face model_type -> flags that differ from Llama. Phi-3's fused qkv_proj and
 # gate_up_proj are the decoder's own fused layout, so they load as they are.
@@ -16,6 +16,8 @@ SUPPORTED: dict[str, dict[str, bool]] = {
     "qwen3_moe": {"qk_norm": True},
     "mixtral": {},
     "phi3": {},
+    "gemma2": {"sandwich_norms": True},
+    "gemma3_text": {"sandwich_norms": True, "qk_norm": True},
 }
 
 
@@ -23,15 +25,56 @@ class UnsupportedModel(ValueError):
     pass
 
 
-def _rope(config: PretrainedConfig, head_dim: int) -> tuple[list[float], float]:
-    params = getattr(config, "rope_parameters", None) or {}
+def _rope(
+    config: PretrainedConfig, head_dim: int, layer_type: str | None = None
+) -> tuple[list[float], float]:
+    """Rotary frequencies and attention scaling; per layer type where the config keeps
+    parameters per type (Gemma 3: its sliding layers have their own)."""
+    layer_type = _rope_layer_type(config, layer_type)
+    params = _rope_params(config, layer_type)
     rope_type = params.get("rope_type", "default")
     if rope_type == "default":
         theta = params.get("rope_theta", 10000.0)
         inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
         return inv.tolist(), 1.0
-    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config)
+    kwargs = {"layer_type": layer_type} if layer_type else {}
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, **kwargs)
     return inv_freq.tolist(), float(scaling)
+
+
+def _rope_layer_type(config: PretrainedConfig, layer_type: str | None) -> str | None:
+    """The key of the config's rope parameters to read: `layer_type` or, where the config
+    keeps them per type, the global layers' (full_attention); None where it keeps one set."""
+    params = getattr(config, "rope_parameters", None) or {}
+    if "full_attention" not in params:
+        return None
+    return layer_type or "full_attention"
+
+
+def _rope_params(config: PretrainedConfig, layer_type: str | None = None) -> dict:
+    params = getattr(config, "rope_parameters", None) or {}
+    layer_type = _rope_layer_type(config, layer_type)
+    return (params.get(layer_type) or {}) if layer_type else params
+
+
+def _sliding(config: PretrainedConfig, head_dim: int) -> dict:
+    """ModelArgs' sliding-window fields: the layers `layer_types` names sliding, or every layer
+    where the config sets a window and names no types (Mistral, Mixtral, Phi-3)."""
+    window = getattr(config, "sliding_window", None)
+    if not window:
+        return {}
+    types = getattr(config, "layer_types", None)
+    layers = range(config.num_hidden_layers)
+    sliding = tuple(i for i in layers if types is None or types[i] == "sliding_attention")
+    if not sliding:
+        return {}
+    fields: dict = {"sliding_window": window, "sliding_layers": sliding}
+    if "sliding_attention" in (getattr(config, "rope_parameters", None) or {}):
+        local, scaling = _rope(config, head_dim, "sliding_attention")
+        if scaling != 1.0:
+            raise UnsupportedModel("rope scaling on sliding-window layers is not supported")
+        fields["local_rope_inv_freq"] = tuple(local)
+    return fields
 
 
 def _moe(config: PretrainedConfig) -> dict:
@@ -61,7 +104,7 @@ def model_args(config: PretrainedConfig) -> ModelArgs:
             f"Baton supports {', '.join(sorted(SUPPORTED))}"
         )
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    rope = getattr(config, "rope_parameters", None) or {}
+    rope = _rope_params(config)
     if rope.get("partial_rotary_factor", 1.0) != 1.0:
         raise UnsupportedModel(
             f"{arch}: rotary over part of each head (partial_rotary_factor "
@@ -76,10 +119,10 @@ def model_args(config: PretrainedConfig) -> ModelArgs:
             config, "original_max_position_embeddings", max_position
         )
         max_position = min(max_position, original)
-    window = getattr(config, "sliding_window", None)
-    if window and getattr(config, "use_sliding_window", True) and window < max_position:
-        # Without sliding-window attention, stay exact by never going past the window.
-        max_position = window
+    act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "silu")
+    if act not in ACTIVATIONS:
+        raise UnsupportedModel(f"{arch}: activation {act!r} is not supported")
+    pre_attn = getattr(config, "query_pre_attn_scalar", None)
     return ModelArgs(
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,
@@ -93,6 +136,11 @@ def model_args(config: PretrainedConfig) -> ModelArgs:
         rope_inv_freq=tuple(float(f) for f in inv_freq),
         rope_attention_scaling=attention_scaling,
         tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        hidden_act=act,
+        attn_scale=pre_attn**-0.5 if pre_attn else None,
+        attn_softcap=getattr(config, "attn_logit_softcapping", None),
+        logit_softcap=getattr(config, "final_logit_softcapping", None),
         **{"attn_bias": bool(getattr(config, "attention_bias", False)), **SUPPORTED[arch]},
         **_moe(config),
+        **_sliding(config, head_dim),
     )

@@ -142,16 +142,22 @@ def plane_keys(config: BatonConfig) -> "Keys | None":
 
 
 def cmd_keys(args) -> None:
-    """Once: a directory that holds keys keeps them (compose runs this at every start)."""
-    from baton.plane import generate
+    """Once: a directory that holds keys keeps them (compose runs this at every start); each
+    --service adds that service's own key where it has none."""
+    from baton.plane import ROLES, generate, issue
 
     root = Path(args.dir)
     if (root / "server.key").exists():
         print(f"service-plane keys already in {root}: kept")
-        return
-    if root.exists() and any(root.iterdir()):
+    elif root.exists() and any(root.iterdir()):
         raise SystemExit(f"{root} is not empty: keys go into a new directory")
-    print(f"service-plane keys in {generate(root)}: pass --key-dir {root}")
+    else:
+        print(f"service-plane keys in {generate(root)}: pass --key-dir {root}")
+    for spec in args.service:
+        role, _, service_id = spec.partition(":")
+        if role not in ROLES or not service_id:
+            raise SystemExit(f"--service {spec!r}: expected ROLE:ID, ROLE one of {ROLES}")
+        print(f"{service_id}'s own key: {issue(root, role, service_id)}")
 
 
 def cmd_gateway(args) -> None:
@@ -250,15 +256,14 @@ class Stack:
 
 def cmd_up(args) -> None:
     config = config_from(args)
+    from baton import plane
     from baton.model.files import resolve_model_dir
 
     print("preparing the model (the first run converts a GGUF once) ...", flush=True)
     model_dir = resolve_model_dir(config.engine.model)
     gw = config.gateway
     if config.key_dir and not (Path(config.key_dir) / "server.key").exists():
-        from baton.plane import generate
-
-        print(f"service-plane keys made in {generate(config.key_dir)}", flush=True)
+        print(f"service-plane keys made in {plane.generate(config.key_dir)}", flush=True)
     stack = Stack(Path(args.log_dir))
     zmq_addr = gw.zmq_addr or stack.ipc_addr("gateway")
     config = msgspec.structs.replace(
@@ -294,6 +299,8 @@ def cmd_up(args) -> None:
                     kv_addr = "tcp://127.0.0.1:*"  # the port is chosen at bind: no race
                 argv += ["--kv-addr", kv_addr]
             probe = f"http://127.0.0.1:{port}"
+            if config.key_dir:  # its own key: a leaked one speaks for this service alone
+                plane.issue(config.key_dir, role, f"{role}-{i}")
             stack.spawn(f"{role}-{i}", argv, cpus, role=role, url=probe)
 
     def shutdown(*_):
@@ -376,6 +383,13 @@ def parser() -> argparse.ArgumentParser:
 
     keys = sub.add_parser("keys", help="make the service plane's CURVE keys (once) in a directory")
     keys.add_argument("dir", help="made 0700; pass it to every service as --key-dir")
+    keys.add_argument(
+        "--service",
+        action="append",
+        default=[],
+        metavar="ROLE:ID",
+        help="also a key of this service's own, which speaks for it alone (repeatable)",
+    )
     keys.set_defaults(func=cmd_keys)
 
     prepare = sub.add_parser("prepare", help="convert the model once into the cache; print its dir")

@@ -132,7 +132,7 @@ class GatewayLink:
         self.sock.setsockopt(zmq.SNDHWM, GATEWAY_HWM)
         self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)
         if keys is not None:
-            keys.connect_as(self.sock, role)
+            keys.connect_as(self.sock, role, service_id)
         self.sock.connect(gateway_addr)
         self.codec, self.id = codec, service_id
 
@@ -174,7 +174,7 @@ class Heartbeats(threading.Thread):
         self.sock.setsockopt(zmq.IDENTITY, f"{loop.id}/heartbeats".encode())
         self.sock.setsockopt(zmq.LINGER, 0)
         if loop.keys is not None:
-            loop.keys.connect_as(self.sock, loop.role)
+            loop.keys.connect_as(self.sock, loop.role, loop.id)
         self.sock.connect(gateway_addr)
         self.loop, self.encode = loop, msgspec.msgpack.Encoder().encode
         self.wake = threading.Event()

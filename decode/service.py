@@ -26,7 +26,7 @@ from baton.kvtransfer import shm
 from baton.kvtransfer.handshake import choose, start_nixl
 from baton.kvtransfer.receiver import KVReceiver
 from baton.kvtransfer.zmq import ZmqReader
-from baton.plane import Authenticator, Keys, peer_role
+from baton.plane import Authenticator, Keys, may_speak_for, peer_key
 from baton.probe import Probe
 from baton.request import Sequence
 from baton.scheduler import SampledToken, ScheduledSeq
@@ -115,8 +115,10 @@ class DecodeService(ServiceLoop):
             identity, *frames = self.kv_sock.recv_multipart(copy=False)
             if not frames:
                 self.count_bad(ValueError("an empty message"))
-            elif self.keys is not None and (role := peer_role(frames[0])) != "prefill":
-                self.count_bad(ValueError(f"a KV message from a {role} key"))
+            elif self.keys is not None and not may_speak_for(
+                key := peer_key(frames[0]), "prefill", identity.bytes.decode(errors="replace")
+            ):
+                self.count_bad(ValueError(f"a KV message from the {key} key"))
             elif (msg := self.codec.try_decode(frames[0].buffer)) is not None:
                 self.receiver.on_message(identity.bytes, msg, [f.buffer for f in frames[1:]])
         self.receiver.pull()

@@ -20,7 +20,7 @@ from baton.gateway.admission import Admission, Admitted
 from baton.gateway.openai_types import BadRequest
 from baton.gateway.router import Placement, Router, Service, Why
 from baton.logs import ThrottledLog
-from baton.plane import Authenticator, Keys, peer_role
+from baton.plane import Authenticator, Keys, may_speak_for, peer_key
 from baton.sampling_params import SamplingParams
 
 log = logging.getLogger("baton.gateway")
@@ -141,10 +141,10 @@ class Backend:
                 continue
             if (msg := self.codec.try_decode(frames[0].buffer)) is None:
                 continue
+            if (why := self._untrusted(msg, sender, peer_key(frames[0]))) is not None:
+                self._count_bad(ValueError(why))
+                continue
             if isinstance(msg, P.Heartbeat):
-                if (why := self._untrusted(msg, sender, peer_role(frames[0]))) is not None:
-                    self._count_bad(ValueError(why))
-                    continue
                 if (previous := self.registry.heartbeat(msg)) is not None:
                     log.error("service %s restarted", previous.id)
                     self.fail_requests(previous)
@@ -181,13 +181,20 @@ class Backend:
         if await self._send(sender, P.Abort(req_id)):
             M.ORPHANS_ABORTED.inc()
 
-    def _untrusted(self, hb: P.Heartbeat, sender: str, role: str | None) -> str | None:
-        """Why a heartbeat is refused, or None: it comes from its service's heartbeat socket,
-        and, on an authenticated plane, from a key of the role it claims."""
-        if sender != f"{hb.service_id}/heartbeats":
-            return f"{sender!r} sent {hb.service_id}'s heartbeat"
-        if self.authenticator is not None and role != hb.role:
-            return f"{hb.service_id} claims to be a {hb.role} with a {role} key"
+    def _untrusted(self, msg, sender: str, key: str | None) -> str | None:
+        """Why a message is refused, or None. A heartbeat comes from its service's heartbeat
+        socket; on an authenticated plane, every message from a key that speaks for the
+        service it comes from (baton.plane.may_speak_for): a heartbeat's claimed role and id,
+        else the registered service's (one not registered: the key's own role)."""
+        if isinstance(msg, P.Heartbeat):
+            if sender != f"{msg.service_id}/heartbeats":
+                return f"{sender!r} sent {msg.service_id}'s heartbeat"
+            service_id, role = msg.service_id, msg.role
+        else:
+            service = self.registry.services.get(sender)
+            service_id, role = sender, service.role if service else (key or "").split(".")[0]
+        if self.authenticator is not None and not may_speak_for(key, role, service_id):
+            return f"{service_id} ({role}) spoke with the {key} key"
         return None
 
     async def _reap(self) -> None:

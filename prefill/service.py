@@ -82,7 +82,7 @@ class PrefillService(ServiceLoop):
             sock.setsockopt(zmq.IDENTITY, self.id.encode())
             sock.setsockopt(zmq.LINGER, 0)
             if self.keys is not None:
-                self.keys.connect_as(sock, self.role)
+                self.keys.connect_as(sock, self.role, self.id)
             try:
                 sock.connect(addr)
             except zmq.ZMQError as e:

@@ -1,6 +1,7 @@
 """The service plane under CURVE keys (baton.plane): a stack started with `--key-dir` serves as
 before, KV over TCP included; a peer without the keys gets nothing from the gateway or a
-decode; a key is bound to its role; a heartbeat whose load is out of bounds is refused."""
+decode; a key is bound to its role, and a service's own key to that service; a heartbeat whose
+load is out of bounds is refused."""
 
 import json
 import os
@@ -55,6 +56,9 @@ def test_keys_are_private_and_the_stack_serves_over_them(stack):
     assert stat.S_IMODE(os.stat(keys).st_mode) == 0o700
     for secret in keys.glob("*.key_secret"):
         assert stat.S_IMODE(os.stat(secret).st_mode) == 0o600
+    # `baton up` gave each service its own key besides the pool keys
+    own = {p.stem for p in (keys / "clients").glob("*.*.key")}
+    assert own == {"prefill.prefill-0", "decode.decode-0"}
     assert len(complete(s)) == 8  # prefill -> decode over CURVE TCP, tokens back over CURVE
     # the effective config every child reads may hold the API key: this user's only (M9)
     assert stat.S_IMODE(os.stat(s.log_dir / "config.toml").st_mode) == 0o600
@@ -65,15 +69,25 @@ def heartbeat(service_id: str, role: str, queued: int = 0) -> bytes:
     return msgspec.msgpack.encode(P.Heartbeat(service_id, role, "", load))
 
 
-def peer(ctx: zmq.Context, addr: str, identity: str, keys: plane.Keys | None = None, role=""):
-    """A DEALER as `identity`, with `role`'s key from `keys` (None: no key at all)."""
+def peer(
+    ctx: zmq.Context, addr: str, identity: str, keys: plane.Keys | None = None, role="", key_of=""
+):
+    """A DEALER as `identity`, with a key from `keys` (None: no key at all): service
+    `key_of`'s own where given, else `role`'s pool key."""
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.IDENTITY, identity.encode())
     if keys is not None:
-        keys.connect_as(sock, role)
+        keys.connect_as(sock, role, key_of)
     sock.connect(addr)
     return sock
+
+
+def wait_bad(stack: Stack, count: float) -> None:
+    deadline = time.monotonic() + 10
+    while bad_messages(stack) < count:
+        assert time.monotonic() < deadline, "the keyed messages never arrived"
+        time.sleep(0.2)
 
 
 def test_a_peer_without_the_keys_gets_nothing_and_a_key_is_bound_to_its_role(stack):
@@ -97,10 +111,7 @@ def test_a_peer_without_the_keys_gets_nothing_and_a_key_is_bound_to_its_role(sta
         liar.send(heartbeat("liar", "prefill"))
         greedy = peer(ctx, gateway_addr, "greedy/heartbeats", plane.Keys(keys), "prefill")
         greedy.send(heartbeat("greedy", "prefill", -(10**9)))
-        deadline = time.monotonic() + 10
-        while bad_messages(s) < bad + 2:
-            assert time.monotonic() < deadline, "the keyed lies never arrived"
-            time.sleep(0.2)
+        wait_bad(s, bad + 2)
         time.sleep(1)  # the keyless heartbeats had every chance to arrive
         assert bad_messages(s) == bad + 2
         assert pools(s) == before  # nobody joined
@@ -118,6 +129,38 @@ def test_a_peer_without_the_keys_gets_nothing_and_a_key_is_bound_to_its_role(sta
         intruder = peer(ctx, f"tcp://127.0.0.1:{kv_port}", "intruder")
         intruder.send(hello)
         assert not intruder.poll(2000)
+        assert len(complete(s)) == 8
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_a_services_own_key_speaks_for_that_service_alone(stack):
+    s, keys = stack
+    gateway_addr = load_config(s.log_dir / "config.toml").gateway.zmq_addr
+    ctx = zmq.Context()
+    try:
+        before, bad = pools(s), bad_messages(s)
+        # prefill-0's own key (say, leaked from its host) claiming another prefill's id
+        impostor = peer(
+            ctx, gateway_addr, "prefill-7/heartbeats", plane.Keys(keys), "prefill", "prefill-0"
+        )
+        impostor.send(heartbeat("prefill-7", "prefill"))
+        # the same key sending tokens as a decode (a socket's identity is the client's to
+        # choose): refused before any stream could see them
+        forger = peer(ctx, gateway_addr, "decode-3", plane.Keys(keys), "prefill", "prefill-0")
+        forger.send(msgspec.msgpack.encode(P.TokenOutput("nobody", 1, 5)))
+        wait_bad(s, bad + 2)
+        # a key issued while the gateway runs is read when it first knocks: its heartbeat
+        # gets past the handshake, and (its load absurd) is counted, not taken
+        plane.issue(keys, "prefill", "prefill-5")
+        late = peer(
+            ctx, gateway_addr, "prefill-5/heartbeats", plane.Keys(keys), "prefill", "prefill-5"
+        )
+        late.send(heartbeat("prefill-5", "prefill", -(10**9)))
+        wait_bad(s, bad + 3)
+        time.sleep(1)
+        assert bad_messages(s) == bad + 3
+        assert pools(s) == before  # nobody joined
         assert len(complete(s)) == 8
     finally:
         ctx.destroy(linger=0)

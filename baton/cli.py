@@ -166,6 +166,7 @@ def cmd_gateway(args) -> None:
     # bound before FastAPI and the tokenizer load, for the reason start_probe gives
     family = socket.AF_INET6 if ":" in gw.host else socket.AF_INET
     sock = socket.create_server((gw.host, gw.port), family=family)
+    probe = start_probe(args)
     from baton.model.files import resolve_model_dir
 
     model_dir = resolve_model_dir(config.engine.model)  # torch only to convert a new GGUF
@@ -178,7 +179,7 @@ def cmd_gateway(args) -> None:
 
     if gw.zmq_addr is None:
         gw = msgspec.structs.replace(gw, zmq_addr="tcp://127.0.0.1:5555")
-    app = create_app(model_dir, msgspec.structs.replace(config, gateway=gw))
+    app = create_app(model_dir, msgspec.structs.replace(config, gateway=gw), probe)
     # uvicorn answers 503 past limit_concurrency (reliability review L15)
     server = uvicorn.Config(app, log_level="warning", limit_concurrency=gw.max_connections)
     uvicorn.Server(server).run(sockets=[sock])
@@ -368,6 +369,7 @@ def parser() -> argparse.ArgumentParser:
             **PLANE_FLAGS,
         },
     )
+    add_probe_args(gw, "health + metrics without the API key, for an internal scraper")
     gw.set_defaults(func=cmd_gateway)
 
     for role, func in (("prefill", cmd_prefill), ("decode", cmd_decode)):
@@ -375,8 +377,7 @@ def parser() -> argparse.ArgumentParser:
         add_config_args(s, {**PLANE_FLAGS, **ENGINE_FLAGS})
         s.add_argument("--id", default=f"{role}-{socket.gethostname()}-{os.getpid()}")
         s.add_argument("--gateway", required=True, help="the gateway's ZeroMQ address")
-        s.add_argument("--http-port", type=int, default=None, help="health + metrics port")
-        s.add_argument("--http-host", default="127.0.0.1", help="where that port listens")
+        add_probe_args(s, "health + metrics port")
         if role == "decode":
             s.add_argument("--kv-addr", default="tcp://127.0.0.1:*", help="KV socket to bind")
         s.set_defaults(func=func)
@@ -409,6 +410,11 @@ def parser() -> argparse.ArgumentParser:
     add_bench_parser(sub)
     add_plan_parser(sub)
     return p
+
+
+def add_probe_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--http-port", type=int, default=None, help=what)
+    p.add_argument("--http-host", default="127.0.0.1", help="where that port listens")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -43,6 +43,9 @@ from baton.gateway.serving import Gateway
 from baton.gateway.sessions import CacheScope, LiveSessions, cache_salt, session_ttl
 from baton.gateway.tools import load_template
 from baton.plane import Keys
+from baton.probe import Probe
+
+PROBE_REFRESH_S = 1.0  # how old the probe port's health and gauges may be
 
 log = logging.getLogger("baton.gateway")
 
@@ -152,16 +155,36 @@ HANDLERS = {
 }
 
 
-async def health(gw: Serving) -> JSONResponse:
-    backend = gw.backend
+def health_body(backend: Backend) -> tuple[bool, dict]:
     pools = {r: len(backend.registry.pool(r)) for r in ("prefill", "decode")}
-    return JSONResponse({"healthy": backend.healthy, **pools}, 200 if backend.healthy else 503)
+    return backend.healthy, {"healthy": backend.healthy, **pools}
+
+
+def refresh_gauges(backend: Backend, sessions: LiveSessions) -> None:
+    for role in ("prefill", "decode"):
+        M.SERVICES.labels(role).set(len(backend.registry.pool(role)))
+    M.SESSIONS.set(sessions.count())
+
+
+async def feed_probe(probe: Probe, backend: Backend, sessions: LiveSessions) -> None:
+    """The probe port (`--http-port`: /health and /metrics without the API key, for a scraper
+    on an internal network) answers from its own threads, so it reads what this task, on the
+    loop, leaves it: never the registry while the loop changes it."""
+    snapshot = health_body(backend)
+    probe.status = lambda: snapshot  # the latest: the name is rebound below
+    while True:
+        refresh_gauges(backend, sessions)
+        snapshot = health_body(backend)
+        await asyncio.sleep(PROBE_REFRESH_S)
+
+
+async def health(gw: Serving) -> JSONResponse:
+    ok, body = health_body(gw.backend)
+    return JSONResponse(body, 200 if ok else 503)
 
 
 async def metrics(gw: Serving, request: Request) -> Response:
-    for role in ("prefill", "decode"):
-        M.SERVICES.labels(role).set(len(gw.backend.registry.pool(role)))
-    M.SESSIONS.set(request.app.state.sessions.count())
+    refresh_gauges(gw.backend, request.app.state.sessions)
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -211,8 +234,9 @@ async def chat(req: ChatRequest, gw: Serving, request: Request) -> Response:
     return await answered(request, gw.chat(req, cache_scope(req, request)))
 
 
-def create_app(model_dir: Path, config: BatonConfig) -> FastAPI:
-    """The gateway for `model_dir`'s tokenizer; services connect to config.gateway.zmq_addr."""
+def create_app(model_dir: Path, config: BatonConfig, probe: Probe | None = None) -> FastAPI:
+    """The gateway for `model_dir`'s tokenizer; services connect to config.gateway.zmq_addr.
+    `probe`: a port that serves /health and /metrics without the API key (feed_probe)."""
     gw = config.gateway
 
     @asynccontextmanager
@@ -243,7 +267,10 @@ def create_app(model_dir: Path, config: BatonConfig) -> FastAPI:
             gw.reasoning_parser,
         )
         log.info("gateway listening for services on %s", backend.addr)
+        fed = probe and asyncio.create_task(feed_probe(probe, backend, app.state.sessions))
         yield
+        if fed:
+            fed.cancel()
         await backend.close()
 
     app = FastAPI(title="Baton", version="0.1.0", lifespan=lifespan, exception_handlers=HANDLERS)

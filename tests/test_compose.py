@@ -109,7 +109,7 @@ def test_every_service_command_parses_with_the_baton_cli(compose):
 def test_prometheus_scrapes_every_pool_and_the_dashboard_parses():
     prometheus = yaml.safe_load((COMPOSE_DIR / "prometheus.yml").read_text())
     jobs = {j["job_name"]: j for j in prometheus["scrape_configs"]}
-    assert jobs["gateway"]["static_configs"][0]["targets"] == ["gateway:8000"]
+    assert jobs["gateway"]["static_configs"][0]["targets"] == ["gateway:9000"]
     for pool in ("prefill", "decode"):  # replicas found by DNS, so --scale needs no edit
         assert jobs[pool]["dns_sd_configs"] == [{"names": [pool], "type": "A", "port": 9000}]
     dashboard = json.loads((COMPOSE_DIR / "grafana/dashboards/baton.json").read_text())
@@ -184,7 +184,7 @@ def test_scaled_replicas_register_and_export_every_dashboard_metric(
         return json.loads(body) if code in (200, 503) else {}
 
     try:
-        start("gateway", 0)
+        gateway_probe = start("gateway", 0)
         wait_for(lambda: pools().get("decode") == 0)
         probes = [start("prefill", 0), start("decode", 0), start("decode", 1)]
         wait_for(lambda: pools() == {"healthy": True, "prefill": 1, "decode": 2})
@@ -194,7 +194,7 @@ def test_scaled_replicas_register_and_export_every_dashboard_metric(
         )
         with urllib.request.urlopen(req, timeout=60) as r:
             assert r.status == 200
-        names = exported(gateway_url).union(*(exported(p) for p in probes))
+        names = exported(gateway_probe).union(*(exported(p) for p in probes))
         missing = dashboard_metrics() - names
         assert not missing, f"the dashboard queries metrics nobody exports: {missing}"
         running.pop().stop()  # decode-1 leaves: the gateway drops it

@@ -1,11 +1,14 @@
-"""Security basics at the HTTP edge: the API key on every route but /health, and every size a
-client controls capped with a clear OpenAI-style 4xx. The real gateway app runs in process
+"""Security basics at the HTTP edge: the API key on every route but /health (and the probe
+port, which serves /health and /metrics to an internal scraper), and every size a client
+controls capped with a clear OpenAI-style 4xx. The real gateway app runs in process
 with no services behind it: each check here answers before a request would reach one. Plus:
 no pickle anywhere near a socket. (Loopback binding is checked on a live stack in
 test_fuzz.py.)"""
 
 import json
 import re
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,7 @@ from fastapi.testclient import TestClient
 from baton.config import load_config
 from baton.gateway.app import create_app
 from baton.gateway.limits import MAX_BODY_BYTES
+from baton.probe import serve_probe
 
 KEY = "sk-test"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -23,10 +27,17 @@ ROOT = Path(__file__).parent.parent
 
 
 @pytest.fixture(scope="module")
-def client(tiny_text_model):
+def probe():
+    server = serve_probe(0)  # a free port
+    yield server
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(tiny_text_model, probe):
     overrides = {"gateway.api_key": KEY, "gateway.zmq_addr": "tcp://127.0.0.1:*",
                  "engine.max_model_len": CONTEXT}  # fmt: skip
-    with TestClient(create_app(tiny_text_model, load_config(None, overrides))) as c:
+    with TestClient(create_app(tiny_text_model, load_config(None, overrides), probe)) as c:
         yield c
 
 
@@ -48,6 +59,18 @@ def test_api_key_guards_every_route_but_health(client):
             error(call(path, headers=headers), 401, "API key")
         assert call(path, headers=AUTH).status_code != 401, path
     assert client.get("/health").status_code == 503  # open; no services behind it
+
+
+def test_the_probe_port_serves_metrics_and_health_without_the_key(client, probe):
+    # for a scraper on an internal network (compose's Prometheus): the API port's /metrics
+    # wants the key, which the scraper would otherwise need (reliability review L16)
+    error(client.get("/metrics"), 401, "API key")
+    url = f"http://127.0.0.1:{probe.server_address[1]}"
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
+        assert r.status == 200 and b'baton_services{role="decode"} 0.0' in r.read()
+    with pytest.raises(urllib.error.HTTPError) as e:  # 503: no services behind it
+        urllib.request.urlopen(f"{url}/health", timeout=10)
+    assert json.loads(e.value.read()) == {"healthy": False, "prefill": 0, "decode": 0}
 
 
 def test_body_over_the_cap_is_413(client):

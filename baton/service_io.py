@@ -1,12 +1,10 @@
-"""What the prefill and decode services share: the loop itself (ServiceLoop), the gateway
-link (register + heartbeats + token messages), KV metrics."""
+"""What the prefill and decode services share: the loop itself (ServiceLoop) and its metrics
+(the links it speaks through: service_links.py)."""
 
 import atexit
-import ipaddress
 import logging
 import os
 import signal
-import socket
 import threading
 import time
 import weakref
@@ -26,12 +24,11 @@ from baton.logs import ThrottledLog
 from baton.plane import Keys
 from baton.request import Sequence
 from baton.scheduler import SampledToken, ScheduledSeq
+from baton.service_links import HEARTBEAT_S, STALL_S, Every, GatewayLink, Heartbeats
 from baton.slo import PromptPacer, StepTimes
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_S = 0.5  # service -> gateway
-STALL_S = 30.0  # a loop that has not ticked for this long is stuck: heartbeats stop
 KEEPALIVE_S = 1.0  # between KV peers; renews leases
 
 KV_BLOCKS_USED = Gauge("baton_kv_blocks_used", "KV blocks held", ["service"])
@@ -46,28 +43,6 @@ REQUEST_ERRORS = Counter("baton_request_errors", "requests failed by this servic
 LOCAL_PREFILLS = Counter("baton_local_prefills", "prompts prefilled on a decode", ["service"])
 BATCH_CAP = Gauge("baton_decode_batch_cap", "decode batch cap from the TPOT target", ["service"])
 BAD_MESSAGES = Counter("baton_bad_messages", "malformed messages dropped", ["service"])
-SENDS_DROPPED = Counter(
-    "baton_sends_dropped",
-    "messages dropped: the peer took none (its queue full)",
-    ["service", "peer"],
-)
-MAX_REQUEST_BYTES = 64 << 20  # a message from the gateway: a request's prompt, at most
-# messages queued to the gateway at most (a token message is ~100 bytes): a gateway that is
-# slow for a moment loses nothing, one that is gone costs a bounded queue, never a stuck loop
-GATEWAY_HWM = 100_000
-
-
-def send_nowait(
-    sock: zmq.Socket, frames: list, service_id: str, peer: str, copy: bool = True
-) -> bool:
-    """Send without ever blocking a service loop; False (counted) where the peer's queue is
-    full: a peer that went away, or stopped reading."""
-    try:
-        sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=copy)
-    except zmq.Again:
-        SENDS_DROPPED.labels(service_id, peer).inc()
-        return False
-    return True
 
 
 class TierMetrics(Collector):
@@ -112,88 +87,6 @@ class TierMetrics(Collector):
 
 TIER_METRICS = TierMetrics()
 REGISTRY.register(TIER_METRICS)
-
-
-class GatewayLink:
-    """DEALER to the gateway's ROUTER: tokens and heartbeats up, requests and aborts down."""
-
-    def __init__(
-        self,
-        ctx: zmq.Context,
-        gateway_addr: str,
-        service_id: str,
-        codec: P.Codec,
-        keys: Keys | None,
-        role: str,
-    ):
-        self.sock = ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.IDENTITY, service_id.encode())
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.SNDHWM, GATEWAY_HWM)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)
-        if keys is not None:
-            keys.connect_as(self.sock, role, service_id)
-        self.sock.connect(gateway_addr)
-        self.codec, self.id = codec, service_id
-
-    def send(self, msg) -> None:
-        send_nowait(self.sock, [self.codec.encode(msg)], self.id, "gateway")
-
-    def recv_all(self) -> list:
-        out = []
-        while self.sock.poll(0):
-            if (msg := self.codec.try_decode(self.sock.recv())) is not None:
-                out.append(msg)
-        return out
-
-
-class Every:
-    """A period timer for work done from the loop: `due()` is true at most once a period."""
-
-    def __init__(self, period_s: float):
-        self.period_s = period_s
-        self.next = 0.0
-
-    def due(self) -> bool:
-        now = time.monotonic()
-        if now < self.next:
-            return False
-        self.next = now + self.period_s
-        return True
-
-
-class Heartbeats(threading.Thread):
-    """Heartbeats from their own thread and socket: one engine step can take seconds on a
-    CPU (a long prompt chunk), which must not read as a death. They carry the loop's latest
-    snapshot, and stop when the loop has not ticked for STALL_S, so a stuck service is
-    dropped like a dead one."""
-
-    def __init__(self, ctx: zmq.Context, gateway_addr: str, loop: "ServiceLoop"):
-        super().__init__(daemon=True, name="heartbeats")
-        self.sock = ctx.socket(zmq.DEALER)  # zmq sockets are per thread
-        self.sock.setsockopt(zmq.IDENTITY, f"{loop.id}/heartbeats".encode())
-        self.sock.setsockopt(zmq.LINGER, 0)
-        if loop.keys is not None:
-            loop.keys.connect_as(self.sock, loop.role, loop.id)
-        self.sock.connect(gateway_addr)
-        self.loop, self.encode = loop, msgspec.msgpack.Encoder().encode
-        self.wake = threading.Event()
-        self.stopped = False
-
-    def run(self) -> None:
-        while not self.stopped:
-            if time.monotonic() - self.loop.last_tick < STALL_S:
-                send_nowait(self.sock, [self.encode(self.loop.heartbeat)], self.loop.id, "gateway")
-            self.wake.wait(HEARTBEAT_S)
-            self.wake.clear()
-        self.sock.close()
-
-    def stop(self) -> None:
-        """Ends the thread, which closes its own socket: a service run inside another program
-        (a test) can then destroy its context without a send racing the close."""
-        self.stopped = True
-        self.wake.set()
-        self.join()
 
 
 class ServiceLoop:
@@ -454,23 +347,6 @@ class ServiceLoop:
     def holds_work(self) -> bool:
         """Work outside the scheduler that a drain must wait for (leases, pending pulls)."""
         raise NotImplementedError
-
-
-def advertised(endpoint: str) -> str:
-    """A bound endpoint as peers can reach it: a wildcard host (tcp://0.0.0.0:6000, as in a
-    container) becomes this host's own address. Where the host name resolves to a loopback
-    address (Debian's 127.0.1.1), peers on other hosts could not reach it: refused (L4)."""
-    host = endpoint.removeprefix("tcp://").rpartition(":")[0]
-    if host not in ("0.0.0.0", "*", "[::]"):
-        return endpoint
-    own = socket.gethostbyname(socket.gethostname())
-    if ipaddress.ip_address(own).is_loopback:
-        raise SystemExit(
-            f"{endpoint} binds every interface, but this host's name resolves to {own}, "
-            "a loopback address that peers on other hosts cannot reach: bind the address "
-            "they reach it by (e.g. --kv-addr tcp://10.0.0.5:6000)"
-        )
-    return endpoint.replace(host, own, 1)
 
 
 def exit_now() -> None:

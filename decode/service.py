@@ -30,14 +30,8 @@ from baton.plane import Authenticator, Keys, may_speak_for, peer_key
 from baton.probe import Probe
 from baton.request import Sequence
 from baton.scheduler import SampledToken, ScheduledSeq
-from baton.service_io import (
-    BATCH_CAP,
-    LOCAL_PREFILLS,
-    RECOMPUTES,
-    ServiceLoop,
-    advertised,
-    send_nowait,
-)
+from baton.service_io import BATCH_CAP, LOCAL_PREFILLS, RECOMPUTES, ServiceLoop
+from baton.service_links import advertised, send_nowait
 from baton.slo import max_batch_for_tpot
 
 log = logging.getLogger("baton.decode")

@@ -34,7 +34,8 @@ from baton.plane import Keys
 from baton.probe import Probe
 from baton.request import Sequence
 from baton.scheduler import SampledToken, ScheduledSeq
-from baton.service_io import ServiceLoop, send_nowait
+from baton.service_io import ServiceLoop
+from baton.service_links import send_nowait
 
 log = logging.getLogger("baton.prefill")
 

@@ -28,7 +28,7 @@ from baton.engine import Engine
 from baton.kvtransfer import shm
 from baton.logs import ThrottledLog
 from baton.probe import serve_probe
-from baton.service_io import Every, advertised
+from baton.service_links import Every, advertised
 
 POISON = 4242  # a token id the broken runner below cannot take
 MAX_QUEUED = 8  # the reliability stack's [gateway] max_queued_requests

@@ -1,0 +1,173 @@
+"""`baton up`: a gateway and N prefill + M decode services as child processes of this one
+(the CLI's own subcommands, so compose and Kubernetes run exactly what `up` runs), pinned to
+CPUs, each with its own log; healthy, then watched until Ctrl-C or SIGTERM stops them all."""
+
+import ctypes
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import msgspec
+
+from baton import plane
+from baton.config import BatonConfig, to_toml
+from baton.cpus import default_cpus, parse_cpus
+
+PR_SET_PDEATHSIG = 1  # prctl(2)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Stack:
+    """The child processes of `baton up`, each with its own log file."""
+
+    def __init__(self, log_dir: Path):
+        self.log_dir = log_dir
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.manifest: dict[str, dict] = {}
+        # the stack's socket files, where no other user can open them (0700)
+        self.run_dir = Path(tempfile.mkdtemp(prefix=f"baton-{os.getpid()}-"))
+
+    def ipc_addr(self, name: str) -> str:
+        """A zmq endpoint that is a file, not a port another process could take first, nor
+        one another user could connect to; the files go when the stack stops."""
+        return f"ipc://{self.run_dir / name}.sock"
+
+    def spawn(self, name: str, argv: list[str], cpus: set[int] | None, **info) -> None:
+        log = (self.log_dir / f"{name}.log").open("w")
+        libc = ctypes.CDLL(None, use_errno=True)  # loaded before the fork
+
+        def setup() -> None:  # in the child, before it runs
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)  # `baton up` killed: its stack goes too
+            if cpus:
+                os.sched_setaffinity(0, cpus)
+
+        # -P: the working directory is not put on sys.path, so a checkout's top-level
+        # folders (kernels/, gateway/, ...) shadow nothing, theirs or another package's
+        cmd = [sys.executable, "-P", "-m", "baton.cli", *argv]
+        self.procs[name] = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=setup
+        )
+        pid = self.procs[name].pid
+        self.manifest[name] = {"pid": pid, "cpus": sorted(cpus or []), "argv": cmd, **info}
+        # stack.json: who runs where and how (to restart one by hand), for operators and tests
+        (self.log_dir / "stack.json").write_text(json.dumps(self.manifest, indent=1))
+
+    def dead(self) -> list[str]:
+        return [n for n, p in self.procs.items() if p.poll() is not None]
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.terminate()
+        deadline = time.monotonic() + 10
+        for p in self.procs.values():
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+def up(config: BatonConfig, log_dir: Path, start_timeout: float) -> None:
+    """`baton up`: start the stack, wait until it is healthy, then watch it until stopped."""
+    from baton.model.files import resolve_model_dir
+
+    print("preparing the model (the first run converts a GGUF once) ...", flush=True)
+    model_dir = resolve_model_dir(config.engine.model)
+    gw = config.gateway
+    if config.key_dir and not (Path(config.key_dir) / "server.key").exists():
+        print(f"service-plane keys made in {plane.generate(config.key_dir)}", flush=True)
+    stack = Stack(log_dir)
+    zmq_addr = gw.zmq_addr or stack.ipc_addr("gateway")
+    config = msgspec.structs.replace(
+        config,
+        engine=msgspec.structs.replace(config.engine, model=str(model_dir)),
+        gateway=msgspec.structs.replace(gw, zmq_addr=zmq_addr),
+    )
+    log_dir = stack.log_dir
+    # every child reads the one effective config, so no setting is passed twice
+    config_file = log_dir / "config.toml"
+    # it may hold the API key: readable by this user only (reliability review M9)
+    config_file.unlink(missing_ok=True)
+    with os.fdopen(os.open(config_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+        f.write(to_toml(config, redact=False))  # the gateway reads its key from it
+    url = f"http://{gw.host}:{gw.port}"
+    stack.spawn("gateway", ["gateway", "--config", str(config_file)], None, role="gateway", url=url)
+    for role in ("prefill", "decode"):
+        pool = getattr(config, role)
+        aggregated = config.prefill.count == 0
+        cpus = parse_cpus(pool.cpus if pool.cpus is not None else default_cpus(role, aggregated))
+        threads = config.engine.threads or (len(cpus) if cpus else None)
+        for i in range(pool.count):
+            port = free_port()
+            argv = [role, "--config", str(config_file), "--id", f"{role}-{i}"]
+            argv += ["--gateway", zmq_addr, "--http-port", str(port)]
+            if threads:
+                argv += ["--threads", str(threads)]
+            if role == "decode":
+                # one host: a socket file in the 0700 run directory, but where the KV itself
+                # is to cross TCP (transport zmq-tcp: its test and benchmark)
+                kv_addr = stack.ipc_addr(f"{role}-{i}-kv")
+                if config.transport == "zmq-tcp":
+                    kv_addr = "tcp://127.0.0.1:*"  # the port is chosen at bind: no race
+                argv += ["--kv-addr", kv_addr]
+            probe = f"http://127.0.0.1:{port}"
+            if config.key_dir:  # its own key: a leaked one speaks for this service alone
+                plane.issue(config.key_dir, role, f"{role}-{i}")
+            stack.spawn(f"{role}-{i}", argv, cpus, role=role, url=probe)
+
+    def shutdown(*_):
+        print("stopping ...", flush=True)
+        stack.stop()
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, shutdown)
+    signal.signal(signal.SIGINT, shutdown)
+    deadline = time.monotonic() + start_timeout
+    while not healthy(url, {"prefill": config.prefill.count, "decode": config.decode.count}):
+        if dead := stack.dead():
+            stack.stop()
+            sys.exit(f"{', '.join(dead)} exited during start-up; see {log_dir}/")
+        if time.monotonic() > deadline:
+            stack.stop()
+            sys.exit(f"the stack was not healthy after {start_timeout}s; see {log_dir}/")
+        time.sleep(0.3)
+    print(
+        f"Baton is up: {config.prefill.count} prefill + {config.decode.count} decode, "
+        f"model {model_dir.name}",
+        flush=True,
+    )
+    print(f"  OpenAI API: {url}/v1   (logs and config.toml in {log_dir}/)", flush=True)
+    while True:
+        time.sleep(1)
+        if "gateway" in (dead := stack.dead()):  # nothing serves without it: say so, loudly
+            stack.stop()
+            sys.exit(f"the gateway exited: the stack is stopped; see {log_dir}/")
+        if dead:  # a service: its streams fail over, the pool serves on
+            print(f"warning: {', '.join(dead)} exited; see {log_dir}/", flush=True)
+            for name in dead:
+                stack.procs.pop(name)
+
+
+def healthy(url: str, pools: dict[str, int]) -> bool:
+    """The gateway is healthy and every service of `pools` has registered."""
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+            status = json.loads(r.read())
+    except OSError:
+        return False
+    return all(status.get(role) == n for role, n in pools.items())

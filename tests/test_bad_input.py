@@ -29,7 +29,7 @@ def test_unsupported_architecture_lists_the_supported_ones(tmp_path):
     )
     with pytest.raises(
         UnsupportedModel,
-        match="'gpt2'.*supports llama, mistral, mixtral, phi3, qwen2, qwen3, qwen3_moe",
+        match="'gpt2'.*supports gemma2, gemma3_text, llama, mistral, mixtral, phi3, qwen2, qwen3, qwen3_moe",
     ):
         baton.LLM(str(tmp_path), dtype="float32")
 

@@ -81,7 +81,7 @@ def load() -> ctypes.CDLL | None:
         log.warning("building %s failed (%s): the kernels run on torch", CSRC, why)
         return None
     i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
-    decode = [ptr, ptr, ptr, i64, ptr, i64, ptr, i64, i64, i64, i64, i64, f32, ptr]
+    decode = [ptr, ptr, ptr, i64, ptr, i64, ptr, i64, i64, i64, i64, i64, f32, i64, f32, ptr]
     extend = [ptr, ptr, ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, i64, i64, f32, ptr]
     decode_i8 = [*[ptr] * 5, i64, i64, ptr, i64, ptr, i64, i64, i64, i64, i64, f32, ptr]
     rotary = [ptr, i64, i64, ptr, i64, i64, i64, ptr, ptr, ptr, i64, ptr, ptr]

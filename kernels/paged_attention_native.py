@@ -24,7 +24,6 @@ def _checked_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     return lib, block_size, kv_heads
 
 
-@paged_attention.sliding_and_capped_by(paged_attention.paged_decode_attention)
 def paged_decode_attention(
     q: torch.Tensor,  # [B, q_heads, head_dim]: one new token per sequence
     k_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, head_dim], rows contiguous
@@ -32,8 +31,11 @@ def paged_decode_attention(
     block_tables: torch.Tensor,  # [B, max_blocks] int64
     ctx_lens: torch.Tensor,  # [B] int64, the new token included
     scale: float,
+    window: int | None = None,  # a sliding layer's: only the last `window` positions
+    softcap: float | None = None,  # scores soft-capped before the softmax
 ) -> torch.Tensor:
-    """One query per sequence over its whole cached context. Returns [B, q_heads, head_dim]."""
+    """One query per sequence over its cached context (or its window's part: only those
+    blocks are read). Returns [B, q_heads, head_dim]."""
     lib, block_size, kv_heads = _checked_cache(q, k_cache, v_cache)
     b, q_heads, head_dim = q.shape
     q = q.contiguous()
@@ -43,10 +45,13 @@ def paged_decode_attention(
     rc = getattr(lib, _DECODE[q.dtype])(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0),
         tables.data_ptr(), tables.stride(0), lens.data_ptr(),
-        b, q_heads, kv_heads, head_dim, block_size, scale, out.data_ptr(),
+        b, q_heads, kv_heads, head_dim, block_size, scale, window or 0, softcap or 0.0,
+        out.data_ptr(),
     )  # fmt: skip
     if rc != 0:  # head_dim over 256 (or no memory for its scratch): torch's turn
-        return paged_attention.paged_decode_attention(q, k_cache, v_cache, tables, lens, scale)
+        return paged_attention.paged_decode_attention(
+            q, k_cache, v_cache, tables, lens, scale, window, softcap
+        )
     return out
 
 

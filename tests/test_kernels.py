@@ -243,22 +243,37 @@ def test_cpu_attention_matches_the_dense_spec(group, head_dim, block_size, dtype
     torch.testing.assert_close(got.float(), want, atol=atol, rtol=rtol)
 
 
+# a sliding layer's window: ending mid-block, one position, wider than every context; and
+# Gemma 2's soft-cap, low enough to bend these scores, alone and with a window
+DECODE_OPTIONS = {
+    "whole": {},
+    "window7": {"window": 7},
+    "window1": {"window": 1},
+    "window-wide": {"window": 4096},
+    "softcap": {"softcap": 0.5},
+    "window-softcap": {"window": 11, "softcap": 2.0},
+}
+
+
+@pytest.mark.parametrize("options", DECODE_OPTIONS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     ("group", "head_dim", "block_size"), [(3, 64, 5), (3, 128, 32), (4, 32, 16), (3, 80, 16)]
 )
-def test_native_decode_attention_any_block_or_head_size(group, head_dim, block_size, dtype):
+def test_native_decode_attention_any_block_or_head_size(
+    group, head_dim, block_size, dtype, options
+):
     # the C kernel's AVX-512 path scores 16 keys and weighs 2 values at a time, head_dim in
     # 32s: odd blocks leave a lone value row, blocks of 32 two runs of keys, 3 heads of 128
     # dims two passes over the values (2 heads' sums fill the registers), and head_dim 80 (not
-    # a multiple of 32) takes the plain C loops
+    # a multiple of 32) takes the plain C loops; a window starts it mid-block
     ctx_lens = at_and_across_blocks(block_size)
     k_cache, v_cache = paged_cache(NUM_BLOCKS, block_size, KV_HEADS, head_dim, dtype)
     tables = block_tables(ctx_lens, block_size, NUM_BLOCKS)
     q = torch.randn(len(ctx_lens), KV_HEADS * group, head_dim).to(dtype)
     args = (q, k_cache, v_cache, tables, torch.tensor(ctx_lens), head_dim**-0.5)
-    got = paged_attention_native.paged_decode_attention(*args)
-    want = paged_attention.paged_decode_attention(*args)
+    got = paged_attention_native.paged_decode_attention(*args, **DECODE_OPTIONS[options])
+    want = paged_attention.paged_decode_attention(*args, **DECODE_OPTIONS[options])
     tol = 1e-5 if dtype == torch.float32 else 3e-2  # as in test_cpu_attention_matches_...
     torch.testing.assert_close(got, want, atol=tol, rtol=tol)
 

@@ -8,14 +8,14 @@
 #define MAX_HEAD_DIM 256
 
 /* Blocks lie anywhere in the pool, so the hardware prefetcher stops at each one: a walk over a
- * sequence's blocks asks for the one PREFETCH_AHEAD places on while it reads this one (the
- * first step asks for all those before it too). Into L2: into L1, eight blocks ahead evict
+ * sequence's blocks (from block `first` on) asks for the one PREFETCH_AHEAD places on while it
+ * reads this one (the first step asks for all those before it too). Into L2: into L1, eight blocks ahead evict
  * what is being read, and a walk that asked one block ahead into L1 read DRAM at ~5 GB/s
  * against ~9 GB/s this way (RESULTS.md, 2026-12-07 third session). */
 #define PREFETCH_AHEAD 8
 static inline void prefetch_ahead(const void *cache, int64_t stride_bytes, const int64_t *table,
-                                  int64_t b, int64_t nblocks, int64_t nbytes) {
-    for (int64_t a = b ? b + PREFETCH_AHEAD : 0; a <= b + PREFETCH_AHEAD && a < nblocks; a++)
+                                  int64_t first, int64_t b, int64_t nblocks, int64_t nbytes) {
+    for (int64_t a = b > first ? b + PREFETCH_AHEAD : b; a <= b + PREFETCH_AHEAD && a < nblocks; a++)
         for (int64_t off = 0; off < nbytes; off += 64)
             __builtin_prefetch((const char *)cache + table[a] * stride_bytes + off, 0, 1);
 }
@@ -31,6 +31,17 @@ static float *scratch(int64_t nfloats) {
         cap = nfloats;
     }
     return buf;
+}
+
+/* The positions a query at ctx - 1 sees: the last `window` of them (0: all). */
+static inline int64_t first_seen(int64_t ctx, int64_t window) {
+    return window > 0 && ctx > window ? ctx - window : 0;
+}
+
+/* Scores soft-capped, cap * tanh(s / cap) (Gemma 2), before the softmax; cap 0: none. */
+static inline void soft_cap(float *s, int64_t n, float cap) {
+    if (cap > 0.f)
+        for (int64_t t = 0; t < n; t++) s[t] = cap * tanhf(s[t] / cap);
 }
 
 static inline void softmax(float *s, int64_t n) {

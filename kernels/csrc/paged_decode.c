@@ -7,6 +7,8 @@
  * AVX-512 (with BF16 dot products) where this CPU has it and head_dim is a multiple of 32,
  * and plain C loops, which the compiler vectorizes, for everything else. Scores, softmax and
  * the weighted sums are fp32; bf16 inputs are exact in fp32, outputs rounded once on store.
+ * A sliding-window layer's query sees only the last `window` positions (0: all of them), and
+ * Gemma 2's scores are soft-capped before the softmax (`softcap`; 0: not).
  * The batch's sequences are shared out over OpenMP threads.
  * Built by kernels/native.py with -O3 -march=native -ffast-math (expf vectorized through
  * glibc's vector math) and -fopenmp where the compiler has it. */
@@ -25,19 +27,22 @@
     ALWAYS_INLINE void NAME(                                                                   \
         const T *q, const T *k_cache, const T *v_cache, int64_t block_stride,                  \
         const int64_t *table, int64_t ctx, int64_t q_heads, int64_t kv_heads,                  \
-        const int64_t head_dim, int64_t block_size, float scale, float *scores, float *qf,     \
-        float *acc, float *inv, T *out) {                                                      \
+        const int64_t head_dim, int64_t block_size, float scale, int64_t first, float softcap, \
+        float *scores, float *qf, float *acc, float *inv, T *out) {                            \
         const int64_t group = q_heads / kv_heads, row_stride = kv_heads * head_dim;           \
         const int64_t block_bytes = block_size * row_stride * (int64_t)sizeof(T);             \
         const int64_t nblocks = (ctx + block_size - 1) / block_size;                           \
         const int64_t stride_bytes = block_stride * (int64_t)sizeof(T);                        \
+        const int64_t b0 = first / block_size, start = b0 * block_size;                        \
         float row[MAX_HEAD_DIM];                                                               \
         for (int64_t i = 0; i < q_heads * head_dim; i++) qf[i] = LOAD(q[i]) * scale;         \
-        for (int64_t t0 = 0; t0 < ctx; t0 += block_size) { /* scores[j][t] = q_j . k_t */      \
-            const T *kp = k_cache + table[t0 / block_size] * block_stride;                    \
+        for (int64_t t0 = start; t0 < ctx; t0 += block_size) { /* scores[j][t] = q_j . k_t */  \
+            const int64_t s = t0 < first ? first - t0 : 0; /* the rows the window sees */     \
+            const T *kp = k_cache + table[t0 / block_size] * block_stride + s * row_stride;   \
             const int64_t n = ctx - t0 < block_size ? ctx - t0 : block_size;                  \
-            prefetch_ahead(k_cache, stride_bytes, table, t0 / block_size, nblocks, block_bytes); \
-            for (int64_t i = 0; i < n; i++, kp += row_stride) {                                \
+            prefetch_ahead(k_cache, stride_bytes, table, b0, t0 / block_size, nblocks,         \
+                           block_bytes);                                                       \
+            for (int64_t i = s; i < n; i++, kp += row_stride) {                                \
                 for (int64_t h = 0; h < kv_heads; h++) {                                       \
                     for (int64_t d = 0; d < head_dim; d++) row[d] = LOAD(kp[h * head_dim + d]); \
                     for (int64_t j = h * group; j < (h + 1) * group; j++) {                    \
@@ -49,21 +54,24 @@
                 }                                                                              \
             }                                                                                  \
         }                                                                                      \
-        for (int64_t j = 0; j < q_heads; j++) { /* softmax over the context */                 \
+        for (int64_t j = 0; j < q_heads; j++) { /* softmax over the positions seen */          \
             float *s = scores + j * ctx, m = -INFINITY, sum = 0.f;                             \
-            for (int64_t t = 0; t < ctx; t++) m = s[t] > m ? s[t] : m;                         \
-            for (int64_t t = 0; t < ctx; t++) {                                                \
+            soft_cap(s + first, ctx - first, softcap);                                         \
+            for (int64_t t = first; t < ctx; t++) m = s[t] > m ? s[t] : m;                     \
+            for (int64_t t = first; t < ctx; t++) {                                            \
                 s[t] = expf(s[t] - m);                                                         \
                 sum += s[t];                                                                   \
             }                                                                                  \
             inv[j] = 1.f / sum;                                                                \
         }                                                                                      \
         for (int64_t i = 0; i < q_heads * head_dim; i++) acc[i] = 0.f;                        \
-        for (int64_t t0 = 0; t0 < ctx; t0 += block_size) {                                    \
-            const T *vp = v_cache + table[t0 / block_size] * block_stride;                    \
+        for (int64_t t0 = start; t0 < ctx; t0 += block_size) {                                \
+            const int64_t s = t0 < first ? first - t0 : 0;                                     \
+            const T *vp = v_cache + table[t0 / block_size] * block_stride + s * row_stride;   \
             const int64_t n = ctx - t0 < block_size ? ctx - t0 : block_size;                  \
-            prefetch_ahead(v_cache, stride_bytes, table, t0 / block_size, nblocks, block_bytes); \
-            for (int64_t i = 0; i < n; i++, vp += row_stride) {                                \
+            prefetch_ahead(v_cache, stride_bytes, table, b0, t0 / block_size, nblocks,         \
+                           block_bytes);                                                       \
+            for (int64_t i = s; i < n; i++, vp += row_stride) {                                \
                 for (int64_t h = 0; h < kv_heads; h++) {                                       \
                     for (int64_t d = 0; d < head_dim; d++) row[d] = LOAD(vp[h * head_dim + d]); \
                     for (int64_t j = h * group; j < (h + 1) * group; j++) {                    \
@@ -100,7 +108,7 @@ static inline __m512 dot_f32(__m512 acc, const void *q, const float *k) {
  * than a horizontal sum each. EPV: elements per 512-bit vector. */
 #define SCORE_ROWS(NAME, T, DOT, EPV)                                                          \
     ALWAYS_INLINE void NAME(const T *q, const T *k, int64_t row_stride, int64_t n,             \
-                            const int64_t head_dim, float scale, float *scores) {               \
+                            const int64_t head_dim, float scale, float *scores) {              \
         __m512 acc[16];                                                                        \
         _Pragma("GCC unroll 16") for (int i = 0; i < 16; i++) {                                \
             acc[i] = _mm512_setzero_ps();                                                      \
@@ -108,7 +116,7 @@ static inline __m512 dot_f32(__m512 acc, const void *q, const float *k) {
                 for (int64_t d = 0; d < head_dim; d += EPV)                                    \
                     acc[i] = DOT(acc[i], q + d, k + i * row_stride + d);                       \
         }                                                                                      \
-        _mm512_mask_storeu_ps(scores, (__mmask16)((1u << n) - 1),                               \
+        _mm512_mask_storeu_ps(scores, (__mmask16)((1u << n) - 1),                              \
                               _mm512_mul_ps(sum16(acc), _mm512_set1_ps(scale)));               \
     }
 
@@ -189,18 +197,20 @@ WEIGH_BLOCK(weigh_block_f32, float, float, weigh_rows_f32, 1)
 
 /* bf16: the probabilities (n rows of `stride` floats) rounded to bf16 in place, as the torch op
  * rounds them; rows of 2 x stride bf16. fp32 keeps them. */
-ALWAYS_INLINE uint16_t *probabilities_bf16(float *p, int64_t stride, int64_t n, int64_t ctx) {
+ALWAYS_INLINE uint16_t *probabilities_bf16(float *p, int64_t stride, int64_t n, int64_t first,
+                                           int64_t ctx) {
     uint16_t *pb = (uint16_t *)p;
     for (int64_t j = 0; j < n; j++)
-        for (int64_t t = 0; t < ctx; t += 16) {
+        for (int64_t t = first; t < ctx; t += 16) {
             const __mmask16 m = ctx - t < 16 ? (__mmask16)((1u << (ctx - t)) - 1) : 0xFFFF;
             const __m256bh r = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, p + j * stride + t));
             _mm256_mask_storeu_epi16(pb + 2 * j * stride + t, m, (__m256i)r);
         }
     return pb;
 }
-ALWAYS_INLINE float *probabilities_f32(float *p, int64_t stride, int64_t n, int64_t ctx) {
-    (void)stride, (void)n, (void)ctx;
+ALWAYS_INLINE float *probabilities_f32(float *p, int64_t stride, int64_t n, int64_t first,
+                                       int64_t ctx) {
+    (void)stride, (void)n, (void)first, (void)ctx;
     return p;
 }
 
@@ -227,36 +237,40 @@ ALWAYS_INLINE void finish_f32(const float *sums, int64_t n, const int64_t head_d
     ALWAYS_INLINE void NAME(const T *q, const T *k_cache, const T *v_cache,                    \
                             int64_t block_stride, const int64_t *table, int64_t ctx,          \
                             int64_t q_heads, int64_t kv_heads, const int64_t head_dim,         \
-                            int64_t block_size, float scale, float *scores, float *sums,       \
-                            T *out) {                                                          \
+                            int64_t block_size, float scale, int64_t first, float softcap,     \
+                            float *scores, float *sums, T *out) {                              \
         const int64_t group = q_heads / kv_heads, row_stride = kv_heads * head_dim;           \
         const int64_t block_bytes = block_size * row_stride * (int64_t)sizeof(T);             \
         const int64_t stride_bytes = block_stride * (int64_t)sizeof(T);                        \
-        const int64_t nblocks = (ctx + block_size - 1) / block_size;                           \
-        for (int64_t b = 0; b < nblocks; b++) {                                                \
+        const int64_t nblocks = (ctx + block_size - 1) / block_size, b0 = first / block_size;  \
+        for (int64_t b = b0; b < nblocks; b++) {                                               \
             const int64_t t0 = b * block_size, n = ctx - t0 < block_size ? ctx - t0 : block_size; \
             const T *kb = k_cache + table[b] * block_stride;                                   \
-            prefetch_ahead(k_cache, stride_bytes, table, b, nblocks, block_bytes);             \
-            for (int64_t i0 = 0; i0 < n; i0 += 16)                                             \
+            prefetch_ahead(k_cache, stride_bytes, table, b0, b, nblocks, block_bytes);         \
+            for (int64_t i0 = b == b0 ? first - t0 : 0; i0 < n; i0 += 16)                      \
                 for (int64_t j = 0; j < q_heads; j++)                                          \
                     SCORE(q + j * head_dim, kb + i0 * row_stride + j / group * head_dim,       \
                           row_stride, n - i0 < 16 ? n - i0 : 16, head_dim, scale,              \
                           scores + j * ctx + t0 + i0);                                         \
         }                                                                                      \
-        for (int64_t j = 0; j < q_heads; j++) softmax(scores + j * ctx, ctx);                 \
-        const P *p = PROBABILITIES(scores, ctx, q_heads, ctx);                                 \
+        for (int64_t j = 0; j < q_heads; j++) {                                                \
+            soft_cap(scores + j * ctx + first, ctx - first, softcap);                          \
+            softmax(scores + j * ctx + first, ctx - first);                                    \
+        }                                                                                      \
+        const P *p = PROBABILITIES(scores, ctx, q_heads, first, ctx);                          \
         const int64_t p_stride = ctx * (int64_t)(sizeof(float) / sizeof(P));                   \
         const int64_t per_pass = heads_per_pass(head_dim);                                     \
         memset(sums, 0, (size_t)(q_heads * head_dim) * sizeof(float));                        \
-        for (int64_t b = 0; b < nblocks; b++) {                                                \
+        for (int64_t b = b0; b < nblocks; b++) {                                               \
             const int64_t t0 = b * block_size, n = ctx - t0 < block_size ? ctx - t0 : block_size; \
-            const T *vb = v_cache + table[b] * block_stride;                                   \
-            prefetch_ahead(v_cache, stride_bytes, table, b, nblocks, block_bytes);             \
+            const int64_t s = b == b0 ? first - t0 : 0; /* the rows the window sees */        \
+            const T *vb = v_cache + table[b] * block_stride + s * row_stride;                  \
+            prefetch_ahead(v_cache, stride_bytes, table, b0, b, nblocks, block_bytes);         \
             for (int64_t h = 0; h < kv_heads; h++)                                             \
                 for (int64_t j = h * group; j < (h + 1) * group; j += per_pass)                \
                     WEIGH(sums + j * head_dim, p + j * p_stride, p_stride,                     \
-                          (h + 1) * group - j < per_pass ? (h + 1) * group - j : per_pass, t0, \
-                          vb + h * head_dim, n, row_stride, head_dim);                         \
+                          (h + 1) * group - j < per_pass ? (h + 1) * group - j : per_pass,     \
+                          t0 + s, vb + h * head_dim, n - s, row_stride, head_dim);             \
         }                                                                                      \
         FINISH(sums, q_heads, head_dim, out);                                                  \
     }
@@ -285,7 +299,7 @@ ATTEND_SEQ_AVX512(attend_avx512_f32, float, float, score_rows_f32, probabilities
     int NAME(const T *q, const T *k_cache, const T *v_cache, int64_t block_stride,             \
              const int64_t *tables, int64_t table_stride, const int64_t *ctx_lens,             \
              int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t head_dim,               \
-             int64_t block_size, float scale, T *out) {                                        \
+             int64_t block_size, float scale, int64_t window, float softcap, T *out) {         \
         if (head_dim > MAX_HEAD_DIM || q_heads % kv_heads) return -1;                          \
         int64_t max_ctx = 1;                                                                   \
         for (int64_t b = 0; b < batch; b++) max_ctx = ctx_lens[b] > max_ctx ? ctx_lens[b] : max_ctx; \
@@ -300,20 +314,24 @@ ATTEND_SEQ_AVX512(attend_avx512_f32, float, float, score_rows_f32, probabilities
             float *qf = scores + q_heads * max_ctx, *acc = qf + q_heads * head_dim;           \
             float *inv = acc + q_heads * head_dim;                                             \
             const int64_t *table = tables + b * table_stride, ctx = ctx_lens[b];              \
+            const int64_t first = first_seen(ctx, window);                                     \
             const T *qb = q + b * q_heads * head_dim;                                          \
             T *ob = out + b * q_heads * head_dim;                                              \
             if (FAST_DIM(head_dim) && head_dim == 64)                                          \
                 FAST_SEQ(FAST, qb, k_cache, v_cache, block_stride, table, ctx, q_heads,        \
-                         kv_heads, 64, block_size, scale, scores, acc, ob);                         \
+                         kv_heads, 64, block_size, scale, first, softcap, scores, acc,         \
+                         ob);                                                                  \
             else if (FAST_DIM(head_dim) && head_dim == 128)                                    \
                 FAST_SEQ(FAST, qb, k_cache, v_cache, block_stride, table, ctx, q_heads,        \
-                         kv_heads, 128, block_size, scale, scores, acc, ob);                        \
+                         kv_heads, 128, block_size, scale, first, softcap, scores, acc,        \
+                         ob);                                                                  \
             else if (FAST_DIM(head_dim))                                                       \
                 FAST_SEQ(FAST, qb, k_cache, v_cache, block_stride, table, ctx, q_heads,        \
-                         kv_heads, head_dim, block_size, scale, scores, acc, ob);                   \
+                         kv_heads, head_dim, block_size, scale, first, softcap, scores, acc,   \
+                         ob);                                                                  \
             else                                                                               \
                 SEQ(qb, k_cache, v_cache, block_stride, table, ctx, q_heads, kv_heads,         \
-                    head_dim, block_size, scale, scores, qf, acc, inv, ob);                    \
+                    head_dim, block_size, scale, first, softcap, scores, qf, acc, inv, ob);    \
         }                                                                                      \
         return failed ? -1 : 0;                                                                \
     }

@@ -179,7 +179,7 @@ ALWAYS_INLINE void attend_i8(const uint16_t *q, const int8_t *k_cache, const int
         const int64_t t0 = b * block_size, n = ctx - t0 < block_size ? ctx - t0 : block_size;
         const int8_t *kb = k_cache + table[b] * block_stride;
         const float *sb = k_scale + table[b] * scale_block_stride;
-        prefetch_ahead(k_cache, block_stride, table, b, nblocks, block_bytes);
+        prefetch_ahead(k_cache, block_stride, table, 0, b, nblocks, block_bytes);
         for (int64_t i0 = 0; i0 < n; i0 += 16)
             score_rows_i8(q8, qs, bias, q_heads, kv_heads, kb + i0 * row_stride,
                           sb + i0 * kv_heads, n - i0 < 16 ? n - i0 : 16, head_dim,
@@ -195,7 +195,7 @@ ALWAYS_INLINE void attend_i8(const uint16_t *q, const int8_t *k_cache, const int
     for (int64_t b = 0; b < nblocks; b++) {
         const int64_t t0 = b * block_size, n = ctx - t0 < block_size ? ctx - t0 : block_size;
         const int8_t *vb = v_cache + table[b] * block_stride;
-        prefetch_ahead(v_cache, block_stride, table, b, nblocks, block_bytes);
+        prefetch_ahead(v_cache, block_stride, table, 0, b, nblocks, block_bytes);
         for (int64_t h = 0; h < kv_heads; h++)
             for (int64_t j = h * group; j < (h + 1) * group; j += HEADS_MAX)
                 weigh_block_i8(sums + j * head_dim, w + 2 * j * ctx, 2 * ctx,

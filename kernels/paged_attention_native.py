@@ -88,19 +88,21 @@ def extend_attention_varlen(
     return out
 
 
-@paged_attention.sliding_and_capped_by(kv_int8.paged_decode_attention_int8)
 def paged_decode_attention_int8(
     q: torch.Tensor,  # [B, q_heads, head_dim] bf16
     kv: tuple[torch.Tensor, ...],  # (K, V, K scales, V scales) of one layer, 8-bit
     block_tables: torch.Tensor,  # [B, max_blocks] int64
     ctx_lens: torch.Tensor,  # [B] int64, the new token included
     scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """paged_decode_attention over the 8-bit cache (csrc/paged_decode_i8.c); fp32 queries, or
     a CPU without AVX-512 VNNI, take the torch op (kv_int8.py)."""
     k_cache, v_cache, k_scale, v_scale = kv
+    options = {"window": window, "softcap": softcap}
     if q.dtype != torch.bfloat16:
-        return kv_int8.paged_decode_attention_int8(q, kv, block_tables, ctx_lens, scale)
+        return kv_int8.paged_decode_attention_int8(q, kv, block_tables, ctx_lens, scale, **options)
     lib = native.load()
     assert lib is not None, "kernels.use() binds these ops only where the library built"
     _, block_size, kv_heads, head_dim = k_cache.shape
@@ -116,8 +118,8 @@ def paged_decode_attention_int8(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), k_scale.data_ptr(),
         v_scale.data_ptr(), k_cache.stride(0), k_scale.stride(0), tables.data_ptr(),
         tables.stride(0), lens.data_ptr(), b, q_heads, kv_heads, head_dim, block_size, scale,
-        out.data_ptr(),
+        window or 0, softcap or 0.0, out.data_ptr(),
     )  # fmt: skip
     if rc != 0:  # no AVX-512 VNNI, head_dim not in 32s or over 256, no memory: torch's turn
-        return kv_int8.paged_decode_attention_int8(q, kv, tables, lens, scale)
+        return kv_int8.paged_decode_attention_int8(q, kv, tables, lens, scale, **options)
     return out

@@ -76,13 +76,17 @@ def test_the_c_write_quantizes_and_places_rows_as_the_torch_op_does():
 
 @pytest.mark.skipif(native.load() is None, reason="no C compiler: the torch op serves alone")
 @pytest.mark.parametrize(
+    "options", [{}, {"window": 37}, {"window": 1}, {"window": 100, "softcap": 1.0}], ids=str
+)
+@pytest.mark.parametrize(
     ("q_heads", "kv_heads", "head_dim", "block_size"), [(9, 3, 64, 16), (10, 2, 128, 32)]
 )
 def test_the_c_decode_kernel_matches_the_torch_op_over_scattered_blocks(
-    q_heads, kv_heads, head_dim, block_size
+    q_heads, kv_heads, head_dim, block_size, options
 ):
     # SmolLM2's shape, and one whose group (5) takes two passes of the values (4 heads at most)
-    # and whose blocks hold two runs of 16 keys each
+    # and whose blocks hold two runs of 16 keys each; sliding windows (odd: their first pair
+    # of value rows starts mid-block at an odd row) and a soft-cap
     print("seed", SEED)
     torch.manual_seed(SEED)
     args = ModelArgs(
@@ -105,10 +109,12 @@ def test_the_c_decode_kernel_matches_the_torch_op_over_scattered_blocks(
     rounded = q8.float() * q_scale.unsqueeze(-1)
     kernels.use("torch")
     try:
-        want = kv_int8.paged_decode_attention_int8(rounded, layer, tables, lens, 0.125)
+        want = kv_int8.paged_decode_attention_int8(rounded, layer, tables, lens, 0.125, **options)
     finally:
         kernels.use("native")
-    got = paged_attention_native.paged_decode_attention_int8(q, layer, tables, lens, 0.125)
+    got = paged_attention_native.paged_decode_attention_int8(
+        q, layer, tables, lens, 0.125, **options
+    )
     if "avx512_vnni" not in native.cpu_flags():  # the C kernel refuses: the torch op served
         print("no AVX-512 VNNI on this CPU: the C kernel was not run")
     assert (got.float() - want).abs().max() <= 2**-8 * want.abs().max()  # bf16 output

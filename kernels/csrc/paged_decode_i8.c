@@ -83,13 +83,13 @@ ALWAYS_INLINE void score_rows_i8(const int8_t *q8, const float *qs, const int32_
  * factor they were multiplied by: 32767 / max, or less where the int32 sums could overflow
  * (127 x the sum of the rounded weights must stay under 2^30). */
 ALWAYS_INLINE float weights_i16(float *p, const float *v_scale, int64_t scale_block_stride,
-                                int64_t h, int64_t kv_heads, const int64_t *table, int64_t ctx,
-                                int64_t block_size) {
+                                int64_t h, int64_t kv_heads, const int64_t *table, int64_t first,
+                                int64_t ctx, int64_t block_size) {
     float wmax = 0.f, wsum = 0.f;
-    for (int64_t t0 = 0; t0 < ctx; t0 += block_size) {
+    for (int64_t t0 = first / block_size * block_size; t0 < ctx; t0 += block_size) {
         const float *sb = v_scale + table[t0 / block_size] * scale_block_stride + h;
         const int64_t n = ctx - t0 < block_size ? ctx - t0 : block_size;
-        for (int64_t i = 0; i < n; i++) {
+        for (int64_t i = t0 < first ? first - t0 : 0; i < n; i++) {
             p[t0 + i] *= sb[i * kv_heads];
             wmax = fmaxf(wmax, p[t0 + i]);
             wsum += p[t0 + i];
@@ -98,12 +98,12 @@ ALWAYS_INLINE float weights_i16(float *p, const float *v_scale, int64_t scale_bl
     if (wmax == 0.f) wmax = wsum = 1.f;
     const float factor = fminf(32767.f / wmax, (1073741824.f / 127.f - 0.5f * ctx) / wsum);
     int16_t *w = (int16_t *)p; /* 16 written over the first half of the 16 just read */
-    for (int64_t t = 0; t < ctx; t += 16) {
+    for (int64_t t = first; t < ctx; t += 16) {
         const __mmask16 m = ctx - t < 16 ? (__mmask16)((1u << (ctx - t)) - 1) : 0xFFFF;
         const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, p + t), _mm512_set1_ps(factor));
         _mm256_mask_storeu_epi16(w + t, m, _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(x)));
     }
-    if (ctx % 2) w[ctx] = 0; /* the pair of a lone last row */
+    w[ctx] = 0; /* the pair of a lone last row (the window's pairs may start at odd rows) */
     return factor;
 }
 
@@ -167,40 +167,44 @@ ALWAYS_INLINE void attend_i8(const uint16_t *q, const int8_t *k_cache, const int
                              const float *k_scale, const float *v_scale, int64_t block_stride,
                              int64_t scale_block_stride, const int64_t *table, int64_t ctx,
                              int64_t q_heads, int64_t kv_heads, const int64_t head_dim,
-                             int64_t block_size, float scale, float *work, uint16_t *out) {
+                             int64_t block_size, float scale, int64_t first, float softcap,
+                             float *work, uint16_t *out) {
     const int64_t group = q_heads / kv_heads, row_stride = kv_heads * head_dim;
     const int64_t nblocks = (ctx + block_size - 1) / block_size, block_bytes = block_size * row_stride;
+    const int64_t b0 = first / block_size;
     float *scores = work, *qs = scores + q_heads * ctx, *factor = qs + q_heads;
     int32_t *bias = (int32_t *)(factor + q_heads), *sums = bias + q_heads;
     int8_t *q8 = (int8_t *)(sums + q_heads * head_dim);
     for (int64_t j = 0; j < q_heads; j++)
         qs[j] = quantize_query(q + j * head_dim, head_dim, scale, q8 + j * head_dim, bias + j);
-    for (int64_t b = 0; b < nblocks; b++) {
+    for (int64_t b = b0; b < nblocks; b++) {
         const int64_t t0 = b * block_size, n = ctx - t0 < block_size ? ctx - t0 : block_size;
         const int8_t *kb = k_cache + table[b] * block_stride;
         const float *sb = k_scale + table[b] * scale_block_stride;
-        prefetch_ahead(k_cache, block_stride, table, 0, b, nblocks, block_bytes);
-        for (int64_t i0 = 0; i0 < n; i0 += 16)
+        prefetch_ahead(k_cache, block_stride, table, b0, b, nblocks, block_bytes);
+        for (int64_t i0 = b == b0 ? first - t0 : 0; i0 < n; i0 += 16)
             score_rows_i8(q8, qs, bias, q_heads, kv_heads, kb + i0 * row_stride,
                           sb + i0 * kv_heads, n - i0 < 16 ? n - i0 : 16, head_dim,
                           scores + t0 + i0, ctx);
     }
     for (int64_t j = 0; j < q_heads; j++) {
-        softmax(scores + j * ctx, ctx);
+        soft_cap(scores + j * ctx + first, ctx - first, softcap);
+        softmax(scores + j * ctx + first, ctx - first);
         factor[j] = weights_i16(scores + j * ctx, v_scale, scale_block_stride, j / group,
-                                kv_heads, table, ctx, block_size);
+                                kv_heads, table, first, ctx, block_size);
     }
     memset(sums, 0, (size_t)(q_heads * head_dim) * sizeof(int32_t));
     const int16_t *w = (const int16_t *)scores;
-    for (int64_t b = 0; b < nblocks; b++) {
+    for (int64_t b = b0; b < nblocks; b++) {
         const int64_t t0 = b * block_size, n = ctx - t0 < block_size ? ctx - t0 : block_size;
-        const int8_t *vb = v_cache + table[b] * block_stride;
-        prefetch_ahead(v_cache, block_stride, table, 0, b, nblocks, block_bytes);
+        const int64_t s = b == b0 ? first - t0 : 0; /* the rows the window sees */
+        const int8_t *vb = v_cache + table[b] * block_stride + s * row_stride;
+        prefetch_ahead(v_cache, block_stride, table, b0, b, nblocks, block_bytes);
         for (int64_t h = 0; h < kv_heads; h++)
             for (int64_t j = h * group; j < (h + 1) * group; j += HEADS_MAX)
                 weigh_block_i8(sums + j * head_dim, w + 2 * j * ctx, 2 * ctx,
                                (h + 1) * group - j < HEADS_MAX ? (h + 1) * group - j : HEADS_MAX,
-                               t0, vb + h * head_dim, n, row_stride, head_dim);
+                               t0 + s, vb + h * head_dim, n - s, row_stride, head_dim);
     }
     finish_i8(sums, factor, q_heads, head_dim, out);
 }
@@ -211,7 +215,8 @@ int paged_decode_i8(const uint16_t *q, const int8_t *k_cache, const int8_t *v_ca
                     const float *k_scale, const float *v_scale, int64_t block_stride,
                     int64_t scale_block_stride, const int64_t *tables, int64_t table_stride,
                     const int64_t *ctx_lens, int64_t batch, int64_t q_heads, int64_t kv_heads,
-                    int64_t head_dim, int64_t block_size, float scale, uint16_t *out) {
+                    int64_t head_dim, int64_t block_size, float scale, int64_t window,
+                    float softcap, uint16_t *out) {
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
     if (head_dim > MAX_HEAD_DIM || head_dim % 32 || q_heads % kv_heads) return -1;
     int64_t max_ctx = 1;
@@ -226,19 +231,23 @@ int paged_decode_i8(const uint16_t *q, const int8_t *k_cache, const int8_t *v_ca
         }
         const uint16_t *qb = q + b * q_heads * head_dim;
         uint16_t *ob = out + b * q_heads * head_dim;
-        const int64_t *table = tables + b * table_stride;
+        const int64_t *table = tables + b * table_stride, ctx = ctx_lens[b];
+        const int64_t first = first_seen(ctx, window);
         if (head_dim == 64)
             attend_i8(qb, k_cache, v_cache, k_scale, v_scale, block_stride, scale_block_stride,
-                      table, ctx_lens[b], q_heads, kv_heads, 64, block_size, scale, work, ob);
+                      table, ctx, q_heads, kv_heads, 64, block_size, scale, first, softcap, work,
+                      ob);
         else
             attend_i8(qb, k_cache, v_cache, k_scale, v_scale, block_stride, scale_block_stride,
-                      table, ctx_lens[b], q_heads, kv_heads, head_dim, block_size, scale, work, ob);
+                      table, ctx, q_heads, kv_heads, head_dim, block_size, scale, first, softcap,
+                      work, ob);
     }
     return failed ? -1 : 0;
 #else
     (void)q, (void)k_cache, (void)v_cache, (void)k_scale, (void)v_scale, (void)block_stride;
     (void)scale_block_stride, (void)tables, (void)table_stride, (void)ctx_lens, (void)batch;
-    (void)q_heads, (void)kv_heads, (void)head_dim, (void)block_size, (void)scale, (void)out;
+    (void)q_heads, (void)kv_heads, (void)head_dim, (void)block_size, (void)scale, (void)window;
+    (void)softcap, (void)out;
     return -1;
 #endif
 }

@@ -229,10 +229,11 @@ ALWAYS_INLINE void finish_f32(const float *sums, int64_t n, const int64_t head_d
 
 /* One sequence, block by block: every query head's scores over a block's keys, then the
  * softmax, then every head's sums over a block's values, so that each block is read from DRAM
- * once per pass while the blocks ahead are on their way (prefetch_ahead), and again from L1
- * by the heads after the first. Walking the context head by head instead re-read it from L2
- * and overlapped none of the reads with arithmetic: 1.7x slower from DRAM (RESULTS.md,
- * 2026-12-07 third session). `scores` holds q_heads x ctx floats, `sums` q_heads x head_dim. */
+ * once per pass while the blocks ahead are on their way (prefetch_part: a piece of the block
+ * ahead before each head's arithmetic), and again from L1 by the heads after the first.
+ * Walking the context head by head instead re-read it from L2 and overlapped none of the reads
+ * with arithmetic: 1.7x slower from DRAM (RESULTS.md, 2026-12-07 third session). `scores`
+ * holds q_heads x ctx floats, `sums` q_heads x head_dim. */
 #define ATTEND_SEQ_AVX512(NAME, T, P, SCORE, PROBABILITIES, WEIGH, FINISH)                     \
     ALWAYS_INLINE void NAME(const T *q, const T *k_cache, const T *v_cache,                    \
                             int64_t block_stride, const int64_t *table, int64_t ctx,          \
@@ -246,9 +247,10 @@ ALWAYS_INLINE void finish_f32(const float *sums, int64_t n, const int64_t head_d
         for (int64_t b = b0; b < nblocks; b++) {                                               \
             const int64_t t0 = b * block_size, n = ctx - t0 < block_size ? ctx - t0 : block_size; \
             const T *kb = k_cache + table[b] * block_stride;                                   \
-            prefetch_ahead(k_cache, stride_bytes, table, b0, b, nblocks, block_bytes);         \
             for (int64_t i0 = b == b0 ? first - t0 : 0; i0 < n; i0 += 16)                      \
                 for (int64_t j = 0; j < q_heads; j++)                                          \
+                    prefetch_part(k_cache, stride_bytes, table, b0, b, nblocks, block_bytes,   \
+                                  j + q_heads * (i0 / 16), q_heads * ((n + 15) / 16)),        \
                     SCORE(q + j * head_dim, kb + i0 * row_stride + j / group * head_dim,       \
                           row_stride, n - i0 < 16 ? n - i0 : 16, head_dim, scale,              \
                           scores + j * ctx + t0 + i0);                                         \
@@ -260,14 +262,16 @@ ALWAYS_INLINE void finish_f32(const float *sums, int64_t n, const int64_t head_d
         const P *p = PROBABILITIES(scores, ctx, q_heads, first, ctx);                          \
         const int64_t p_stride = ctx * (int64_t)(sizeof(float) / sizeof(P));                   \
         const int64_t per_pass = heads_per_pass(head_dim);                                     \
+        const int64_t passes = (group + per_pass - 1) / per_pass; /* per KV head */            \
         memset(sums, 0, (size_t)(q_heads * head_dim) * sizeof(float));                        \
         for (int64_t b = b0; b < nblocks; b++) {                                               \
             const int64_t t0 = b * block_size, n = ctx - t0 < block_size ? ctx - t0 : block_size; \
             const int64_t s = b == b0 ? first - t0 : 0; /* the rows the window sees */        \
             const T *vb = v_cache + table[b] * block_stride + s * row_stride;                  \
-            prefetch_ahead(v_cache, stride_bytes, table, b0, b, nblocks, block_bytes);         \
             for (int64_t h = 0; h < kv_heads; h++)                                             \
                 for (int64_t j = h * group; j < (h + 1) * group; j += per_pass)                \
+                    prefetch_part(v_cache, stride_bytes, table, b0, b, nblocks, block_bytes,   \
+                                  h * passes + (j - h * group) / per_pass, kv_heads * passes), \
                     WEIGH(sums + j * head_dim, p + j * p_stride, p_stride,                     \
                           (h + 1) * group - j < per_pass ? (h + 1) * group - j : per_pass,     \
                           t0 + s, vb + h * head_dim, n - s, row_stride, head_dim);             \

@@ -44,15 +44,15 @@ ALWAYS_INLINE float quantize_query(const uint16_t *q, const int64_t head_dim, fl
     return s * scale;
 }
 
-/* scores[j][t0 + i] for every query head over the n <= 16 rows of one block from kb on, from
- * their int8 queries; sb: the block's key scales. */
+/* scores[j][t0 + i] for the query heads of KV head h over the n <= 16 rows of one block from
+ * kb on, from their int8 queries; sb: the block's key scales. */
 ALWAYS_INLINE void score_rows_i8(const int8_t *q8, const float *qs, const int32_t *bias,
-                                 int64_t q_heads, int64_t kv_heads, const int8_t *kb,
+                                 int64_t q_heads, int64_t kv_heads, int64_t h, const int8_t *kb,
                                  const float *sb, int64_t n, const int64_t head_dim,
                                  float *scores, int64_t stride) {
     const int64_t row_stride = kv_heads * head_dim, group = q_heads / kv_heads;
     const __m512i flip = _mm512_set1_epi8((char)0x80);
-    for (int64_t h = 0; h < kv_heads; h++) {
+    {
         float s[16] = {0};
         for (int64_t i = 0; i < n; i++) s[i] = sb[i * kv_heads + h];
         const __m512 ks = _mm512_loadu_ps(s);
@@ -181,11 +181,15 @@ ALWAYS_INLINE void attend_i8(const uint16_t *q, const int8_t *k_cache, const int
         const int64_t t0 = b * block_size, n = ctx - t0 < block_size ? ctx - t0 : block_size;
         const int8_t *kb = k_cache + table[b] * block_stride;
         const float *sb = k_scale + table[b] * scale_block_stride;
-        prefetch_ahead(k_cache, block_stride, table, b0, b, nblocks, block_bytes);
+        const int64_t chunks = (n + 15) / 16;
         for (int64_t i0 = b == b0 ? first - t0 : 0; i0 < n; i0 += 16)
-            score_rows_i8(q8, qs, bias, q_heads, kv_heads, kb + i0 * row_stride,
-                          sb + i0 * kv_heads, n - i0 < 16 ? n - i0 : 16, head_dim,
-                          scores + t0 + i0, ctx);
+            for (int64_t h = 0; h < kv_heads; h++) {
+                prefetch_part(k_cache, block_stride, table, b0, b, nblocks, block_bytes,
+                              h + kv_heads * (i0 / 16), kv_heads * chunks);
+                score_rows_i8(q8, qs, bias, q_heads, kv_heads, h, kb + i0 * row_stride,
+                              sb + i0 * kv_heads, n - i0 < 16 ? n - i0 : 16, head_dim,
+                              scores + t0 + i0, ctx);
+            }
     }
     for (int64_t j = 0; j < q_heads; j++) {
         soft_cap(scores + j * ctx + first, ctx - first, softcap);
@@ -195,13 +199,15 @@ ALWAYS_INLINE void attend_i8(const uint16_t *q, const int8_t *k_cache, const int
     }
     memset(sums, 0, (size_t)(q_heads * head_dim) * sizeof(int32_t));
     const int16_t *w = (const int16_t *)scores;
+    const int64_t passes = (group + HEADS_MAX - 1) / HEADS_MAX; /* per KV head */
     for (int64_t b = b0; b < nblocks; b++) {
         const int64_t t0 = b * block_size, n = ctx - t0 < block_size ? ctx - t0 : block_size;
         const int64_t s = b == b0 ? first - t0 : 0; /* the rows the window sees */
         const int8_t *vb = v_cache + table[b] * block_stride + s * row_stride;
-        prefetch_ahead(v_cache, block_stride, table, b0, b, nblocks, block_bytes);
         for (int64_t h = 0; h < kv_heads; h++)
             for (int64_t j = h * group; j < (h + 1) * group; j += HEADS_MAX)
+                prefetch_part(v_cache, block_stride, table, b0, b, nblocks, block_bytes,
+                              h * passes + (j - h * group) / HEADS_MAX, kv_heads * passes),
                 weigh_block_i8(sums + j * head_dim, w + 2 * j * ctx, 2 * ctx,
                                (h + 1) * group - j < HEADS_MAX ? (h + 1) * group - j : HEADS_MAX,
                                t0 + s, vb + h * head_dim, n - s, row_stride, head_dim);

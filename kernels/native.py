@@ -82,7 +82,7 @@ def load() -> ctypes.CDLL | None:
         return None
     i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
     decode = [ptr, ptr, ptr, i64, ptr, i64, ptr, i64, i64, i64, i64, i64, f32, i64, f32, ptr]
-    extend = [ptr, ptr, ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, i64, i64, f32, ptr]
+    extend = [ptr, ptr, ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, i64, i64, f32, i64, f32, ptr]
     decode_i8 = [*[ptr] * 5, i64, i64, ptr, i64, ptr, i64, i64, i64, i64, i64, f32, i64, f32, ptr]
     rotary = [ptr, i64, i64, ptr, i64, i64, i64, ptr, ptr, ptr, i64, ptr, ptr]
     signatures = {

@@ -55,7 +55,6 @@ def paged_decode_attention(
     return out
 
 
-@paged_attention.sliding_and_capped_by(paged_attention.extend_attention_varlen)
 def extend_attention_varlen(
     q: torch.Tensor,  # [T, q_heads, head_dim]: new tokens of S sequences, packed
     k_cache: torch.Tensor,
@@ -65,11 +64,13 @@ def extend_attention_varlen(
     ctx_lens: torch.Tensor,  # [S] int64, new tokens included (already written)
     max_num_new: int,
     scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """New tokens attend causally to themselves and their cached prefix. bf16 in C; fp32 (the
-    dtype the tests hold to transformers token for token) stays on the torch op. Returns
-    [T, q_heads, head_dim]."""
-    args = (block_tables, cu_seqlens, ctx_lens, max_num_new, scale)
+    """New tokens attend causally to themselves and their cached prefix (a sliding layer's:
+    its window of it). bf16 in C; fp32 (the dtype the tests hold to transformers token for
+    token) stays on the torch op. Returns [T, q_heads, head_dim]."""
+    args = (block_tables, cu_seqlens, ctx_lens, max_num_new, scale, window, softcap)
     if q.dtype != torch.bfloat16:
         return paged_attention.extend_attention_varlen(q, k_cache, v_cache, *args)
     lib, block_size, kv_heads = _checked_cache(q, k_cache, v_cache)
@@ -81,7 +82,8 @@ def extend_attention_varlen(
     rc = lib.paged_extend_bf16(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0),
         tables.data_ptr(), tables.stride(0), cu.data_ptr(), lens.data_ptr(), len(lens),
-        q_heads, kv_heads, head_dim, block_size, scale, out.data_ptr(),
+        q_heads, kv_heads, head_dim, block_size, scale, window or 0, softcap or 0.0,
+        out.data_ptr(),
     )  # fmt: skip
     if rc != 0:  # no AVX-512 BF16, head_dim not in 32s or over 256, no memory: torch's turn
         return paged_attention.extend_attention_varlen(q, k_cache, v_cache, *args)

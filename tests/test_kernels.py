@@ -245,7 +245,7 @@ def test_cpu_attention_matches_the_dense_spec(group, head_dim, block_size, dtype
 
 # a sliding layer's window: ending mid-block, one position, wider than every context; and
 # Gemma 2's soft-cap, low enough to bend these scores, alone and with a window
-DECODE_OPTIONS = {
+ATTENTION_OPTIONS = {
     "whole": {},
     "window7": {"window": 7},
     "window1": {"window": 1},
@@ -255,7 +255,7 @@ DECODE_OPTIONS = {
 }
 
 
-@pytest.mark.parametrize("options", DECODE_OPTIONS)
+@pytest.mark.parametrize("options", ATTENTION_OPTIONS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     ("group", "head_dim", "block_size"), [(3, 64, 5), (3, 128, 32), (4, 32, 16), (3, 80, 16)]
@@ -272,10 +272,28 @@ def test_native_decode_attention_any_block_or_head_size(
     tables = block_tables(ctx_lens, block_size, NUM_BLOCKS)
     q = torch.randn(len(ctx_lens), KV_HEADS * group, head_dim).to(dtype)
     args = (q, k_cache, v_cache, tables, torch.tensor(ctx_lens), head_dim**-0.5)
-    got = paged_attention_native.paged_decode_attention(*args, **DECODE_OPTIONS[options])
-    want = paged_attention.paged_decode_attention(*args, **DECODE_OPTIONS[options])
+    got = paged_attention_native.paged_decode_attention(*args, **ATTENTION_OPTIONS[options])
+    want = paged_attention.paged_decode_attention(*args, **ATTENTION_OPTIONS[options])
     tol = 1e-5 if dtype == torch.float32 else 3e-2  # as in test_cpu_attention_matches_...
     torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("options", ATTENTION_OPTIONS)
+@pytest.mark.parametrize(("group", "head_dim", "block_size"), [(3, 64, 16), (1, 128, 12)])
+def test_native_extend_attention_windows_and_soft_caps(group, head_dim, block_size, options):
+    # the C extend kernel (bf16) starts each tile at the first chunk of 32 keys its earliest
+    # row sees and masks each row's window within it; prompts with and without a cached
+    # prefix longer than the window, a chunk of one token, one of 100
+    cached_new = [(0, 17), (40, 1), (block_size - 1, 3), (2 * block_size + 5, 100), (70, 30)]
+    ctx_lens = [c + n for c, n in cached_new]
+    k_cache, v_cache = paged_cache(NUM_BLOCKS, block_size, KV_HEADS, head_dim, torch.bfloat16)
+    tables = block_tables(ctx_lens, block_size, NUM_BLOCKS)
+    q = torch.randn(sum(n for _, n in cached_new), KV_HEADS * group, head_dim).bfloat16()
+    cu_seqlens = torch.tensor([0, *torch.tensor([n for _, n in cached_new]).cumsum(0).tolist()])
+    args = (q, k_cache, v_cache, tables, cu_seqlens, torch.tensor(ctx_lens), 100, head_dim**-0.5)
+    got = paged_attention_native.extend_attention_varlen(*args, **ATTENTION_OPTIONS[options])
+    want = paged_attention.extend_attention_varlen(*args, **ATTENTION_OPTIONS[options])
+    torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=3e-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

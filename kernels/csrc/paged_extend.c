@@ -15,7 +15,10 @@
  * A tile is 8 query rows of one KV head (its query heads side by side, token after token), so
  * each packed vector is read once for 8 rows. Scores, maxima and sums are fp32; probabilities
  * are rounded to bf16 for the values' dot products (as the torch op rounds them), the output
- * once on store. Tiles are shared out over OpenMP threads, the longest (latest tokens) first.
+ * once on store. A sliding-window layer's row sees only its last `window` positions (0: all),
+ * and its tile starts at the first chunk its earliest row sees; Gemma 2's scores are
+ * soft-capped before the softmax (`softcap`; 0: not).
+ * Tiles are shared out over OpenMP threads, the longest (latest tokens) first.
  * Where this CPU has no AVX-512 BF16 or head_dim is not a multiple of 32, the function
  * refuses and the torch op serves. */
 #include <stdlib.h>
@@ -49,6 +52,17 @@ static inline __m512 exp_ps(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
+/* cap * tanh(x / cap), from e^-2|y| (exp_ps wants x <= 0): tanh|y| = (1 - e) / (1 + e). */
+static inline __m512 soft_cap_ps(__m512 x, float cap) {
+    const __m512 y = _mm512_div_ps(x, _mm512_set1_ps(cap));
+    const __m512 e = exp_ps(_mm512_mul_ps(_mm512_abs_ps(y), _mm512_set1_ps(-2.f)));
+    const __m512 one = _mm512_set1_ps(1.f);
+    const __m512 t = _mm512_div_ps(_mm512_sub_ps(one, e), _mm512_add_ps(one, e));
+    const __mmask16 negative = _mm512_cmp_ps_mask(y, _mm512_setzero_ps(), _CMP_LT_OQ);
+    return _mm512_mul_ps(_mm512_mask_sub_ps(t, negative, _mm512_setzero_ps(), t),
+                         _mm512_set1_ps(cap));
+}
+
 /* Where one sequence's rows and packed operands are. */
 typedef struct {
     const uint16_t *q;   /* its first new token's query, [n_new][q_heads][head_dim] */
@@ -56,6 +70,7 @@ typedef struct {
     const int64_t *table;
     int64_t n_new, ctx;  /* ctx: cached + new, the new ones already written */
     int64_t chunks;      /* ceil(ctx / KEYS) */
+    int64_t first_chunk; /* the first its earliest row sees (a window may skip the rest) */
     uint32_t *keys;      /* packed, [kv_heads][chunks][head_dim / 2][KEYS] pairs */
     uint32_t *values;    /* packed, [kv_heads][chunks][KEYS / 2][head_dim] pairs */
     int64_t tiles;       /* per KV head: ceil(n_new * group / ROWS) */
@@ -65,6 +80,8 @@ typedef struct {
     const uint16_t *k_cache, *v_cache;
     int64_t block_stride, block_size, q_heads, kv_heads, head_dim;
     float scale;
+    int64_t window; /* 0: every position */
+    float softcap;  /* 0: none */
 } Layout;
 
 /* Where chunk c of KV head h starts in a sequence's packed keys or values (the same size). */
@@ -129,7 +146,10 @@ ALWAYS_INLINE void tile(const Layout *L, const Seq *s, int64_t h, int64_t first,
     const __m512 scale = _mm512_set1_ps(L->scale);
     const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const __m512i lane_hi = _mm512_add_epi32(lane, _mm512_set1_epi32(16));
-    for (int64_t c = 0; c * KEYS <= pos[ROWS - 1]; c++) {
+    int64_t oldest[ROWS]; /* the first position each row sees */
+    for (int r = 0; r < ROWS; r++)
+        oldest[r] = L->window > 0 && pos[r] >= L->window ? pos[r] - L->window + 1 : 0;
+    for (int64_t c = oldest[0] / KEYS; c * KEYS <= pos[ROWS - 1]; c++) {
         const uint32_t *kp = s->keys + chunk_at(s, h, c, head_dim);
         const uint32_t *vp = s->values + chunk_at(s, h, c, head_dim);
         __m512 sc[ROWS][2];
@@ -150,10 +170,15 @@ ALWAYS_INLINE void tile(const Layout *L, const Seq *s, int64_t h, int64_t first,
         float grown[16];
         for (int r = 0; r < ROWS; r++) {
             const __m512i past = _mm512_set1_epi32((int)(pos[r] - c * KEYS)); /* last seen */
-            seen[r][0] = _mm512_cmple_epi32_mask(lane, past);
-            seen[r][1] = _mm512_cmple_epi32_mask(lane_hi, past);
-            for (int j = 0; j < 2; j++)
-                sc[r][j] = _mm512_mask_mul_ps(_mm512_set1_ps(MASKED), seen[r][j], sc[r][j], scale);
+            const __m512i from = _mm512_set1_epi32((int)(oldest[r] - c * KEYS)); /* first */
+            seen[r][0] = _mm512_cmple_epi32_mask(lane, past) & _mm512_cmpge_epi32_mask(lane, from);
+            seen[r][1] =
+                _mm512_cmple_epi32_mask(lane_hi, past) & _mm512_cmpge_epi32_mask(lane_hi, from);
+            for (int j = 0; j < 2; j++) {
+                sc[r][j] = _mm512_mul_ps(sc[r][j], scale);
+                if (L->softcap > 0.f) sc[r][j] = soft_cap_ps(sc[r][j], L->softcap);
+                sc[r][j] = _mm512_mask_mov_ps(_mm512_set1_ps(MASKED), seen[r][j], sc[r][j]);
+            }
             const float top = _mm512_reduce_max_ps(_mm512_max_ps(sc[r][0], sc[r][1]));
             grown[r] = top > m[r] ? top : m[r];
         }
@@ -216,10 +241,10 @@ int paged_extend_bf16(const uint16_t *q, const uint16_t *k_cache, const uint16_t
                       int64_t block_stride, const int64_t *tables, int64_t table_stride,
                       const int64_t *cu_seqlens, const int64_t *ctx_lens, int64_t num_seqs,
                       int64_t q_heads, int64_t kv_heads, int64_t head_dim, int64_t block_size,
-                      float scale, uint16_t *out) {
+                      float scale, int64_t window, float softcap, uint16_t *out) {
     if (head_dim % 32 || head_dim > MAX_HEAD_DIM || q_heads % kv_heads) return -1;
-    const Layout L = {k_cache, v_cache,  block_stride, block_size,
-                      q_heads, kv_heads, head_dim,     scale};
+    const Layout L = {k_cache, v_cache, block_stride, block_size, q_heads,
+                      kv_heads, head_dim, scale, window, softcap};
     Seq *seqs = malloc((size_t)num_seqs * sizeof(Seq));
     if (seqs == NULL) return -1;
     int64_t chunks = 0;
@@ -231,6 +256,8 @@ int paged_extend_bf16(const uint16_t *q, const uint16_t *k_cache, const uint16_t
         s->n_new = cu_seqlens[i + 1] - cu_seqlens[i];
         s->ctx = ctx_lens[i];
         s->chunks = (s->ctx + KEYS - 1) / KEYS;
+        const int64_t cached = s->ctx - s->n_new;
+        s->first_chunk = window > 0 && cached >= window ? (cached - window + 1) / KEYS : 0;
         s->tiles = (s->n_new * (q_heads / kv_heads) + ROWS - 1) / ROWS;
         chunks += s->chunks;
     }
@@ -249,7 +276,8 @@ int paged_extend_bf16(const uint16_t *q, const uint16_t *k_cache, const uint16_t
         for (int64_t i = 0; i < num_seqs; i++) {
 #pragma omp for schedule(static) nowait
             for (int64_t u = 0; u < kv_heads * seqs[i].chunks; u++)
-                pack_chunk(&L, &seqs[i], u / seqs[i].chunks, u % seqs[i].chunks);
+                if (u % seqs[i].chunks >= seqs[i].first_chunk)
+                    pack_chunk(&L, &seqs[i], u / seqs[i].chunks, u % seqs[i].chunks);
         }
 #pragma omp barrier
         for (int64_t i = 0; i < num_seqs; i++) {
@@ -269,10 +297,10 @@ int paged_extend_bf16(const uint16_t *q, const uint16_t *k_cache, const uint16_t
                       int64_t block_stride, const int64_t *tables, int64_t table_stride,
                       const int64_t *cu_seqlens, const int64_t *ctx_lens, int64_t num_seqs,
                       int64_t q_heads, int64_t kv_heads, int64_t head_dim, int64_t block_size,
-                      float scale, uint16_t *out) {
+                      float scale, int64_t window, float softcap, uint16_t *out) {
     (void)q, (void)k_cache, (void)v_cache, (void)block_stride, (void)tables, (void)table_stride;
     (void)cu_seqlens, (void)ctx_lens, (void)num_seqs, (void)q_heads, (void)kv_heads;
-    (void)head_dim, (void)block_size, (void)scale, (void)out;
+    (void)head_dim, (void)block_size, (void)scale, (void)window, (void)softcap, (void)out;
     return -1;
 }
 #endif

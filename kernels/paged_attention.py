@@ -13,8 +13,8 @@ one query row and ~8x slower for a causal 2k-token prompt in bf16.
 
 Two options some families' layers take (Gemma 2/3, Mistral, sliding Qwen2 layers): `window`,
 a query sees only the last `window` positions up to its own, and `softcap`, scores become
-softcap * tanh(score / softcap) before the softmax. The C decode ops (bf16, 8-bit) take both;
-the C extend op and the Triton ops hand such calls to these.
+softcap * tanh(score / softcap) before the softmax. The C ops take both; the Triton ops
+hand such calls to these.
 """
 
 import functools

@@ -141,7 +141,7 @@ class Backend:
                 continue
             if (msg := self.codec.try_decode(frames[0].buffer)) is None:
                 continue
-            if (why := self._untrusted(msg, sender, peer_key(frames[0]))) is not None:
+            if (why := self._untrusted(msg, sender, frames[0])) is not None:
                 self._count_bad(ValueError(why))
                 continue
             if isinstance(msg, P.Heartbeat):
@@ -181,19 +181,25 @@ class Backend:
         if await self._send(sender, P.Abort(req_id)):
             M.ORPHANS_ABORTED.inc()
 
-    def _untrusted(self, msg, sender: str, key: str | None) -> str | None:
+    def _untrusted(self, msg, sender: str, frame: zmq.Frame) -> str | None:
         """Why a message is refused, or None. A heartbeat comes from its service's heartbeat
         socket; on an authenticated plane, every message from a key that speaks for the
         service it comes from (baton.plane.may_speak_for): a heartbeat's claimed role and id,
-        else the registered service's (one not registered: the key's own role)."""
-        if isinstance(msg, P.Heartbeat):
-            if sender != f"{msg.service_id}/heartbeats":
-                return f"{sender!r} sent {msg.service_id}'s heartbeat"
+        else the registered service's (one not registered: the key's own role). A plain plane
+        asks the frame nothing: a token message is the hot path, and on a plain socket
+        asking for its User-Id raises."""
+        heartbeat = isinstance(msg, P.Heartbeat)
+        if heartbeat and sender != f"{msg.service_id}/heartbeats":
+            return f"{sender!r} sent {msg.service_id}'s heartbeat"
+        if self.authenticator is None:
+            return None
+        key = peer_key(frame)
+        if heartbeat:
             service_id, role = msg.service_id, msg.role
         else:
             service = self.registry.services.get(sender)
             service_id, role = sender, service.role if service else (key or "").split(".")[0]
-        if self.authenticator is not None and not may_speak_for(key, role, service_id):
+        if not may_speak_for(key, role, service_id):
             return f"{service_id} ({role}) spoke with the {key} key"
         return None
 

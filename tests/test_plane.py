@@ -90,77 +90,75 @@ def wait_bad(stack: Stack, count: float) -> None:
         time.sleep(0.2)
 
 
-def test_a_peer_without_the_keys_gets_nothing_and_a_key_is_bound_to_its_role(stack):
+@pytest.fixture
+def intruders(stack):
+    """The stack, its key directory, its gateway's plane address, and a context for peers
+    that try to get in (destroyed after)."""
     s, keys = stack
-    gateway_addr = load_config(s.log_dir / "config.toml").gateway.zmq_addr
     ctx = zmq.Context()
-    try:
-        before, bad = pools(s), bad_messages(s)
-        # no key: the handshake fails, the gateway never sees a byte (not even as garbage)
-        plain = peer(ctx, gateway_addr, "plain/heartbeats")
-        for _ in range(5):
-            plain.send(heartbeat("plain", "prefill"))
-        # a key of its own, with the server's public key (which is no secret): ZAP says no
-        stranger_keys = plane.Keys(plane.generate(keys.parent / "stranger"))
-        stranger_keys.server_public = plane.Keys(keys).server_public
-        stranger = peer(ctx, gateway_addr, "stranger/heartbeats", stranger_keys, "prefill")
-        stranger.send(heartbeat("stranger", "prefill"))
-        # a decode's key claiming to be a prefill, and a prefill's key with an absurd load:
-        # both arrive, and both are refused (counted)
-        liar = peer(ctx, gateway_addr, "liar/heartbeats", plane.Keys(keys), "decode")
-        liar.send(heartbeat("liar", "prefill"))
-        greedy = peer(ctx, gateway_addr, "greedy/heartbeats", plane.Keys(keys), "prefill")
-        greedy.send(heartbeat("greedy", "prefill", -(10**9)))
-        wait_bad(s, bad + 2)
-        time.sleep(1)  # the keyless heartbeats had every chance to arrive
-        assert bad_messages(s) == bad + 2
-        assert pools(s) == before  # nobody joined
-        assert len(complete(s)) == 8
-
-        # a decode's KV socket (tcp, the only port it listens on besides its probe): a
-        # keyless Hello gets no answer, and a keyed peer of the wrong role is counted
-        decode = s.services("decode")["decode-0"]
-        probe_port = int(decode["url"].rsplit(":", 1)[1])
-        (kv_port,) = {
-            c.laddr.port for c in psutil.Process(decode["pid"]).net_connections("tcp")
-            if c.status == psutil.CONN_LISTEN and c.laddr.port != probe_port
-        }  # fmt: skip
-        hello = msgspec.msgpack.encode(P.KeepAlive())
-        intruder = peer(ctx, f"tcp://127.0.0.1:{kv_port}", "intruder")
-        intruder.send(hello)
-        assert not intruder.poll(2000)
-        assert len(complete(s)) == 8
-    finally:
-        ctx.destroy(linger=0)
+    yield s, keys, load_config(s.log_dir / "config.toml").gateway.zmq_addr, ctx
+    ctx.destroy(linger=0)
 
 
-def test_a_services_own_key_speaks_for_that_service_alone(stack):
-    s, keys = stack
-    gateway_addr = load_config(s.log_dir / "config.toml").gateway.zmq_addr
-    ctx = zmq.Context()
-    try:
-        before, bad = pools(s), bad_messages(s)
-        # prefill-0's own key (say, leaked from its host) claiming another prefill's id
-        impostor = peer(
-            ctx, gateway_addr, "prefill-7/heartbeats", plane.Keys(keys), "prefill", "prefill-0"
-        )
-        impostor.send(heartbeat("prefill-7", "prefill"))
-        # the same key sending tokens as a decode (a socket's identity is the client's to
-        # choose): refused before any stream could see them
-        forger = peer(ctx, gateway_addr, "decode-3", plane.Keys(keys), "prefill", "prefill-0")
-        forger.send(msgspec.msgpack.encode(P.TokenOutput("nobody", 1, 5)))
-        wait_bad(s, bad + 2)
-        # a key issued while the gateway runs is read when it first knocks: its heartbeat
-        # gets past the handshake, and (its load absurd) is counted, not taken
-        plane.issue(keys, "prefill", "prefill-5")
-        late = peer(
-            ctx, gateway_addr, "prefill-5/heartbeats", plane.Keys(keys), "prefill", "prefill-5"
-        )
-        late.send(heartbeat("prefill-5", "prefill", -(10**9)))
-        wait_bad(s, bad + 3)
-        time.sleep(1)
-        assert bad_messages(s) == bad + 3
-        assert pools(s) == before  # nobody joined
-        assert len(complete(s)) == 8
-    finally:
-        ctx.destroy(linger=0)
+def test_a_peer_without_the_keys_gets_nothing_and_a_key_is_bound_to_its_role(intruders):
+    s, keys, gateway_addr, ctx = intruders
+    before, bad = pools(s), bad_messages(s)
+    # no key: the handshake fails, the gateway never sees a byte (not even as garbage)
+    plain = peer(ctx, gateway_addr, "plain/heartbeats")
+    for _ in range(5):
+        plain.send(heartbeat("plain", "prefill"))
+    # a key of its own, with the server's public key (which is no secret): ZAP says no
+    stranger_keys = plane.Keys(plane.generate(keys.parent / "stranger"))
+    stranger_keys.server_public = plane.Keys(keys).server_public
+    stranger = peer(ctx, gateway_addr, "stranger/heartbeats", stranger_keys, "prefill")
+    stranger.send(heartbeat("stranger", "prefill"))
+    # a decode's key claiming to be a prefill, and a prefill's key with an absurd load:
+    # both arrive, and both are refused (counted)
+    liar = peer(ctx, gateway_addr, "liar/heartbeats", plane.Keys(keys), "decode")
+    liar.send(heartbeat("liar", "prefill"))
+    greedy = peer(ctx, gateway_addr, "greedy/heartbeats", plane.Keys(keys), "prefill")
+    greedy.send(heartbeat("greedy", "prefill", -(10**9)))
+    wait_bad(s, bad + 2)
+    time.sleep(1)  # the keyless heartbeats had every chance to arrive
+    assert bad_messages(s) == bad + 2
+    assert pools(s) == before  # nobody joined
+    assert len(complete(s)) == 8
+
+    # a decode's KV socket (tcp, the only port it listens on besides its probe): a
+    # keyless Hello gets no answer, and a keyed peer of the wrong role is counted
+    decode = s.services("decode")["decode-0"]
+    probe_port = int(decode["url"].rsplit(":", 1)[1])
+    (kv_port,) = {
+        c.laddr.port for c in psutil.Process(decode["pid"]).net_connections("tcp")
+        if c.status == psutil.CONN_LISTEN and c.laddr.port != probe_port
+    }  # fmt: skip
+    hello = msgspec.msgpack.encode(P.KeepAlive())
+    intruder = peer(ctx, f"tcp://127.0.0.1:{kv_port}", "intruder")
+    intruder.send(hello)
+    assert not intruder.poll(2000)
+    assert len(complete(s)) == 8
+
+
+def test_a_services_own_key_speaks_for_that_service_alone(intruders):
+    s, keys, gateway_addr, ctx = intruders
+    before, bad = pools(s), bad_messages(s)
+    # prefill-0's own key (say, leaked from its host) claiming another prefill's id
+    impostor = peer(
+        ctx, gateway_addr, "prefill-7/heartbeats", plane.Keys(keys), "prefill", "prefill-0"
+    )
+    impostor.send(heartbeat("prefill-7", "prefill"))
+    # the same key sending tokens as a decode (a socket's identity is the client's to
+    # choose): refused before any stream could see them
+    forger = peer(ctx, gateway_addr, "decode-3", plane.Keys(keys), "prefill", "prefill-0")
+    forger.send(msgspec.msgpack.encode(P.TokenOutput("nobody", 1, 5)))
+    wait_bad(s, bad + 2)
+    # a key issued while the gateway runs is read when it first knocks: its heartbeat
+    # gets past the handshake, and (its load absurd) is counted, not taken
+    plane.issue(keys, "prefill", "prefill-5")
+    late = peer(ctx, gateway_addr, "prefill-5/heartbeats", plane.Keys(keys), "prefill", "prefill-5")
+    late.send(heartbeat("prefill-5", "prefill", -(10**9)))
+    wait_bad(s, bad + 3)
+    time.sleep(1)
+    assert bad_messages(s) == bad + 3
+    assert pools(s) == before  # nobody joined
+    assert len(complete(s)) == 8

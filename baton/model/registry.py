@@ -30,8 +30,7 @@ def _rope(
 ) -> tuple[list[float], float]:
     """Rotary frequencies and attention scaling; per layer type where the config keeps
     parameters per type (Gemma 3: its sliding layers have their own)."""
-    layer_type = _rope_layer_type(config, layer_type)
-    params = _rope_params(config, layer_type)
+    layer_type, params = _rope_params(config, layer_type)
     rope_type = params.get("rope_type", "default")
     if rope_type == "default":
         theta = params.get("rope_theta", 10000.0)
@@ -42,19 +41,17 @@ def _rope(
     return inv_freq.tolist(), float(scaling)
 
 
-def _rope_layer_type(config: PretrainedConfig, layer_type: str | None) -> str | None:
-    """The key of the config's rope parameters to read: `layer_type` or, where the config
-    keeps them per type, the global layers' (full_attention); None where it keeps one set."""
+def _rope_params(
+    config: PretrainedConfig, layer_type: str | None = None
+) -> tuple[str | None, dict]:
+    """The config's rope parameters, and the layer type they are kept under: `layer_type`'s
+    or, where the config keeps them per type, the global layers' (full_attention); None as
+    the type where it keeps one set."""
     params = getattr(config, "rope_parameters", None) or {}
     if "full_attention" not in params:
-        return None
-    return layer_type or "full_attention"
-
-
-def _rope_params(config: PretrainedConfig, layer_type: str | None = None) -> dict:
-    params = getattr(config, "rope_parameters", None) or {}
-    layer_type = _rope_layer_type(config, layer_type)
-    return (params.get(layer_type) or {}) if layer_type else params
+        return None, params
+    layer_type = layer_type or "full_attention"
+    return layer_type, params.get(layer_type) or {}
 
 
 def _sliding(config: PretrainedConfig, head_dim: int) -> dict:
@@ -104,7 +101,7 @@ def model_args(config: PretrainedConfig) -> ModelArgs:
             f"Baton supports {', '.join(sorted(SUPPORTED))}"
         )
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    rope = _rope_params(config)
+    _, rope = _rope_params(config)
     if rope.get("partial_rotary_factor", 1.0) != 1.0:
         raise UnsupportedModel(
             f"{arch}: rotary over part of each head (partial_rotary_factor "

@@ -9,13 +9,14 @@
 
 /* Blocks lie anywhere in the pool, so the hardware prefetcher stops at each one: a walk over a
  * sequence's blocks (from block `first` on) asks for the one PREFETCH_AHEAD places on while it
- * reads this one (the first step asks for all those before it too). Into L2: into L1, eight blocks ahead evict
- * what is being read, and a walk that asked one block ahead into L1 read DRAM at ~5 GB/s
- * against ~9 GB/s this way (RESULTS.md, 2026-12-07 third session). */
+ * reads this one (the first step asks for all those before it too). Into L2: into L1, eight
+ * blocks ahead evict what is being read, and a walk that asked one block ahead into L1 read
+ * DRAM at ~5 GB/s against ~9 GB/s this way (RESULTS.md, 2026-12-07 third session). */
 #define PREFETCH_AHEAD 8
 static inline void prefetch_ahead(const void *cache, int64_t stride_bytes, const int64_t *table,
                                   int64_t first, int64_t b, int64_t nblocks, int64_t nbytes) {
-    for (int64_t a = b > first ? b + PREFETCH_AHEAD : b; a <= b + PREFETCH_AHEAD && a < nblocks; a++)
+    const int64_t from = b > first ? b + PREFETCH_AHEAD : b;
+    for (int64_t a = from; a <= b + PREFETCH_AHEAD && a < nblocks; a++)
         for (int64_t off = 0; off < nbytes; off += 64)
             __builtin_prefetch((const char *)cache + table[a] * stride_bytes + off, 0, 1);
 }

@@ -52,30 +52,28 @@ ALWAYS_INLINE void score_rows_i8(const int8_t *q8, const float *qs, const int32_
                                  float *scores, int64_t stride) {
     const int64_t row_stride = kv_heads * head_dim, group = q_heads / kv_heads;
     const __m512i flip = _mm512_set1_epi8((char)0x80);
-    {
-        float s[16] = {0};
-        for (int64_t i = 0; i < n; i++) s[i] = sb[i * kv_heads + h];
-        const __m512 ks = _mm512_loadu_ps(s);
-        for (int64_t j = h * group; j < (h + 1) * group; j++) {
-            const int8_t *q = q8 + j * head_dim;
-            __m512 acc[16]; /* int32 lanes */
-            _Pragma("GCC unroll 16") for (int i = 0; i < 16; i++) {
-                __m512i a = _mm512_setzero_si512();
-                if (i < n)
-                    for (int64_t d = 0; d < head_dim; d += 64) {
-                        const __mmask64 r = row_mask(head_dim, d);
-                        const __m512i k = _mm512_maskz_loadu_epi8(r, kb + i * row_stride + h * head_dim + d);
-                        a = _mm512_dpbusd_epi32(a, _mm512_xor_si512(k, flip),
-                                                _mm512_maskz_loadu_epi8(r, q + d));
-                    }
-                acc[i] = _mm512_castsi512_ps(a);
-            }
-            const __m512i dot = _mm512_sub_epi32(_mm512_castps_si512(sum16_epi32(acc)),
-                                                 _mm512_set1_epi32(bias[j]));
-            _mm512_mask_storeu_ps(scores + j * stride, (__mmask16)((1u << n) - 1),
-                                  _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), ks),
-                                                _mm512_set1_ps(qs[j])));
+    float s[16] = {0};
+    for (int64_t i = 0; i < n; i++) s[i] = sb[i * kv_heads + h];
+    const __m512 ks = _mm512_loadu_ps(s);
+    for (int64_t j = h * group; j < (h + 1) * group; j++) {
+        const int8_t *q = q8 + j * head_dim;
+        __m512 acc[16]; /* int32 lanes */
+        _Pragma("GCC unroll 16") for (int i = 0; i < 16; i++) {
+            __m512i a = _mm512_setzero_si512();
+            if (i < n)
+                for (int64_t d = 0; d < head_dim; d += 64) {
+                    const __mmask64 r = row_mask(head_dim, d);
+                    const __m512i k = _mm512_maskz_loadu_epi8(r, kb + i * row_stride + h * head_dim + d);
+                    a = _mm512_dpbusd_epi32(a, _mm512_xor_si512(k, flip),
+                                            _mm512_maskz_loadu_epi8(r, q + d));
+                }
+            acc[i] = _mm512_castsi512_ps(a);
         }
+        const __m512i dot = _mm512_sub_epi32(_mm512_castps_si512(sum16_epi32(acc)),
+                                             _mm512_set1_epi32(bias[j]));
+        _mm512_mask_storeu_ps(scores + j * stride, (__mmask16)((1u << n) - 1),
+                              _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), ks),
+                                            _mm512_set1_ps(qs[j])));
     }
 }
 

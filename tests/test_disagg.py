@@ -237,9 +237,9 @@ def test_prefill_killed_while_holding_blocks_its_requests_resume(
         print(f"longest silence of a stream after the kill: {max(stalls):.1f} s")
         assert max(stalls) < 15
         migrated = stack.metric("gateway", "baton_migrations_total")
+        # (over NIXL the read may fail first or the silence show first, as the decode's steps
+        # fall; test_kvtransfer covers the read that meets a dead agent)
         assert migrated >= (1 if transport == "shm" else 2)
-        if transport == "nixl":  # the read itself failed, before the prefill's silence showed
-            assert "NIXL_ERR_REMOTE_DISCONNECT" in (tmp_path / "logs" / "decode-0.log").read_text()
         assert stack.wait_blocks_free() == {"decode-0": 0}
         # the decode unlinks the dead prefill's segment once it forgets the silent peer
         deadline = time.monotonic() + 40  # the decode forgets a peer silent for 30 s

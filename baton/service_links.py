@@ -1,6 +1,7 @@
 """The service plane as a prefill or decode sees it: its link to the gateway (requests and
 aborts down, tokens up), its heartbeats from their own thread, and sends that never block."""
 
+import functools
 import ipaddress
 import socket
 import threading
@@ -125,18 +126,64 @@ class Heartbeats(threading.Thread):
         self.join()
 
 
-def advertised(endpoint: str) -> str:
+def advertised(endpoint: str, gateway_addr: str) -> str:
     """A bound endpoint as peers can reach it: a wildcard host (tcp://0.0.0.0:6000, as in a
-    container) becomes this host's own address. Where the host name resolves to a loopback
-    address (Debian's 127.0.1.1), peers on other hosts could not reach it: refused (L4)."""
-    host = endpoint.removeprefix("tcp://").rpartition(":")[0]
+    container) becomes this host's own address. Refused: a loopback address to a gateway on
+    another host (its prefills could be anywhere but here), and a wildcard where the host
+    name resolves to a loopback address (Debian's 127.0.1.1; L4)."""
+    host = tcp_host(endpoint)
+    if host is None:  # ipc: this host only, as its gateway knows
+        return endpoint
     if host not in ("0.0.0.0", "*", "[::]"):
+        gateway = tcp_host(gateway_addr)
+        if loopback(host) and gateway is not None and not loopback(gateway):
+            raise SystemExit(
+                f"{endpoint} is a loopback address, but the gateway ({gateway_addr}) is on "
+                "another host, and so may be the prefills: bind the address they reach this "
+                "host by (e.g. --kv-addr tcp://10.0.0.5:6000, or tcp://0.0.0.0:6000)"
+            )
         return endpoint
     own = socket.gethostbyname(socket.gethostname())
-    if ipaddress.ip_address(own).is_loopback:
+    if loopback(own):
         raise SystemExit(
             f"{endpoint} binds every interface, but this host's name resolves to {own}, "
             "a loopback address that peers on other hosts cannot reach: bind the address "
             "they reach it by (e.g. --kv-addr tcp://10.0.0.5:6000)"
         )
     return endpoint.replace(host, own, 1)
+
+
+def tcp_host(endpoint: str) -> str | None:
+    """The host of a tcp:// endpoint (None for ipc:// and the like)."""
+    if not endpoint.startswith("tcp://"):
+        return None
+    return endpoint.removeprefix("tcp://").rpartition(":")[0]
+
+
+def loopback(host: str) -> bool:
+    """Whether a host name or address is this host's loopback (a name that does not resolve
+    here is taken for another host's)."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a name
+        pass
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except OSError:
+        return False
+
+
+@functools.lru_cache(maxsize=256)
+def on_this_host(endpoint: str) -> bool:
+    """Whether a peer's endpoint is this host's (ipc, or an address an interface here holds:
+    a socket binds to it)."""
+    host = tcp_host(endpoint)
+    if host is None:
+        return True
+    try:
+        family, _, _, _, addr = socket.getaddrinfo(host.strip("[]"), 0)[0]
+        with socket.socket(family) as s:
+            s.bind(addr)
+        return True
+    except OSError:
+        return False

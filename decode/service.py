@@ -64,7 +64,7 @@ class DecodeService(ServiceLoop):
             self.authenticator = Authenticator(self.ctx, keys)
             keys.serve(self.kv_sock)
         self.kv_sock.bind(kv_addr)
-        self.kv_addr = advertised(self.kv_sock.getsockopt_string(zmq.LAST_ENDPOINT))
+        self.kv_addr = advertised(self.kv_sock.getsockopt_string(zmq.LAST_ENDPOINT), gateway_addr)
         zmq_transport = "zmq-ipc" if self.kv_addr.startswith("ipc://") else "zmq-tcp"
         self.codec = P.Codec(P.PrefillToDecode, self.count_bad)
         pool = engine.kv.block_bytes()

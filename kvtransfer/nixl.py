@@ -8,10 +8,14 @@ agent metadata loaded and its pool's per-block list prepared. Per request: one
 make_prepped_xfer("READ") with the two block id lists; NIXL merges descriptors that are
 consecutive on both sides, so a run of blocks costs one descriptor (~6-10 us each) and no
 Python touches the bytes.
+
+A READ needs nothing of the prefill over shared memory, cross-memory attach or RDMA; over
+UCX's TCP transport (hosts without RDMA) the prefill's worker must answer it: `Progress`.
 """
 
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable
 from functools import partial
@@ -26,6 +30,7 @@ from baton.kvtransfer.base import Landed, TransferError, joint_runs
 log = logging.getLogger(__name__)
 
 CANCEL_WAIT_S = 5.0
+IDLE_S = 0.005  # how soon Progress sees a new lease
 
 
 def unavailable() -> str | None:
@@ -162,3 +167,24 @@ class NixlReader:
         for req_id in list(self.in_flight):
             self.cancel(req_id)
         self.detach("closed")
+
+
+class Progress(threading.Thread):
+    """The prefill's side of its peers' reads: UCX's TCP transport emulates a READ with
+    messages that this worker must progress, or it never completes (tests/test_hosts.py saw
+    every read between two hosts stuck until the decode's transfer timeout). NIXL's own
+    progress thread busy-polls a core for good; this one polls only while `reading()` (a peer
+    holds a lease on our blocks), every `every_s`."""
+
+    def __init__(self, agent: Agent, reading: Callable[[], bool], every_s: float = 0.001):
+        super().__init__(name="nixl-progress", daemon=True)
+        self.agent, self.reading, self.every_s = agent, reading, every_s
+
+    def run(self) -> None:
+        while True:
+            if not self.reading():
+                time.sleep(IDLE_S)
+                continue
+            with contextlib.suppress(*self.agent.errors):  # a peer's failure is its reader's
+                self.agent.agent.get_new_notifs()  # progresses the worker
+            time.sleep(self.every_s)

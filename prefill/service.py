@@ -26,7 +26,7 @@ import zmq
 from baton import protocol as P
 from baton.config import EngineConfig
 from baton.engine import Engine
-from baton.kvtransfer import shm
+from baton.kvtransfer import nixl, shm
 from baton.kvtransfer.base import Unreachable
 from baton.kvtransfer.handshake import kind, start_nixl
 from baton.kvtransfer.sender import KVSender
@@ -35,7 +35,7 @@ from baton.probe import Probe
 from baton.request import Sequence
 from baton.scheduler import SampledToken, ScheduledSeq
 from baton.service_io import ServiceLoop
-from baton.service_links import send_nowait
+from baton.service_links import on_this_host, send_nowait
 
 log = logging.getLogger("baton.prefill")
 
@@ -76,6 +76,13 @@ class PrefillService(ServiceLoop):
             forget=self.forget_kv,
         )  # fmt: skip
         self.kv_peers = self.sender.kv_peers
+        if agent is not None:
+            nixl.Progress(agent, self.remote_reads).start()
+
+    def remote_reads(self) -> bool:
+        """Whether a decode on another host may be reading our blocks (nixl.Progress answers
+        it; on this host a read needs nothing of us). Called from that thread: a copy."""
+        return any(not on_this_host(lease.peer) for lease in list(self.sender.leases.values()))
 
     def send_kv(self, addr: str, msg, frames: list) -> None:
         if addr not in self.socks:

@@ -28,7 +28,7 @@ from baton.engine import Engine
 from baton.kvtransfer import shm
 from baton.logs import ThrottledLog
 from baton.probe import serve_probe
-from baton.service_links import Every, advertised
+from baton.service_links import Every
 
 POISON = 4242  # a token id the broken runner below cannot take
 MAX_QUEUED = 8  # the reliability stack's [gateway] max_queued_requests
@@ -330,18 +330,6 @@ def test_l17_a_flood_of_malformed_messages_is_counted_and_seldom_logged(caplog):
     assert caplog.records[-1].getMessage() == (
         "dropped a malformed message: late (and 999 more since the last)"
     )
-
-
-def test_a_wildcard_bind_is_never_advertised_as_a_loopback_address(monkeypatch):
-    # Debian and Ubuntu resolve a host's own name to 127.0.1.1: a KV socket bound to every
-    # interface and advertised so is one no prefill on another host can reach (review L4).
-    # Name resolution is the environment here, so it is what the test replaces
-    monkeypatch.setattr(socket, "gethostbyname", lambda name: "127.0.1.1")
-    with pytest.raises(SystemExit, match="resolves to 127.0.1.1, a loopback address"):
-        advertised("tcp://0.0.0.0:6000")
-    monkeypatch.setattr(socket, "gethostbyname", lambda name: "10.0.0.5")
-    assert advertised("tcp://0.0.0.0:6000") == "tcp://10.0.0.5:6000"
-    assert advertised("tcp://127.0.0.1:6000") == "tcp://127.0.0.1:6000"  # an address as bound
 
 
 def test_the_probe_closes_idle_connections_and_caps_how_many_it_holds():

@@ -251,10 +251,12 @@ def parser() -> argparse.ArgumentParser:
     show.set_defaults(func=cmd_config_show)
 
     from baton.bench.cli import add_parser as add_bench_parser  # argparse only
+    from baton.k8s import add_parser as add_k8s_parser  # argparse only
     from baton.plan.cli import add_parser as add_plan_parser  # argparse only
 
     add_bench_parser(sub)
     add_plan_parser(sub)
+    add_k8s_parser(sub)
     return p
 
 

@@ -23,6 +23,7 @@ from starlette.types import ASGIApp
 from baton.config import BatonConfig, GatewayConfig
 from baton.gateway import metrics as M
 from baton.gateway.admission import Admission, Overloaded
+from baton.gateway.autoscale import Autoscaler
 from baton.gateway.backend import Backend
 from baton.gateway.limits import BodyLimit, WriteTimeout
 from baton.gateway.openai_types import (
@@ -251,7 +252,8 @@ def create_app(model_dir: Path, config: BatonConfig, probe: Probe | None = None)
         )
         aggregated = config.prefill.count == 0
         keys = Keys(config.key_dir) if config.key_dir else None
-        backend = Backend(gw.zmq_addr, Admission(gw, config.slo), router, aggregated, keys)
+        admission, autoscaler = Admission(gw, config.slo), Autoscaler(config.slo)
+        backend = Backend(gw.zmq_addr, admission, router, aggregated, keys, autoscaler)
         backend.on_heartbeat = M.observe_heartbeat
         backend.start()
         app.state.gateway = Gateway(

@@ -15,8 +15,10 @@ import zmq.asyncio
 from msgspec.structs import replace
 
 from baton import protocol as P
+from baton.config import SLOConfig
 from baton.gateway import metrics as M
 from baton.gateway.admission import Admission, Admitted
+from baton.gateway.autoscale import Autoscaler
 from baton.gateway.openai_types import BadRequest
 from baton.gateway.router import Placement, Router, Service, Why
 from baton.logs import ThrottledLog
@@ -78,8 +80,10 @@ class Backend:
         router: Router,
         aggregated: bool,
         keys: Keys | None = None,
+        autoscaler: Autoscaler | None = None,
     ):
-        """keys: the service plane's (baton.plane); None: a plain socket."""
+        """keys: the service plane's (baton.plane); None: a plain socket. autoscaler: what
+        the pools' desired sizes are decided by (the default SLO's when None)."""
         self.ctx = zmq.asyncio.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -95,6 +99,7 @@ class Backend:
         self.router = router
         self.registry = router.registry  # fed by the heartbeats read here
         self.aggregated = aggregated  # no prefill pool is configured: decodes serve alone
+        self.autoscaler = autoscaler or Autoscaler(SLOConfig())
         self.streams: dict[str, Stream] = {}
         # prompts admitted and not yet answered: what admission counts. Not len(streams): a
         # stream exists once its response starts, after the handler returned, so a burst of
@@ -215,6 +220,8 @@ class Backend:
             log.error("service %s (%s) stopped heartbeating", service.id, service.role)
             self.fail_requests(service)
             M.forget_service(service.id, service.role)
+        for pool, count in self.autoscaler.decide(self.registry).items():
+            M.DESIRED_REPLICAS.labels(pool).set(count)
 
     def fail_requests(self, service: Service) -> None:
         """A dead service's streams end with a retryable error (failover resumes them); its
@@ -246,6 +253,7 @@ class Backend:
                 f"{len(prompts)} prompts in one request; at most {most} are served at once "
                 "([gateway] max_queued_requests)", "prompt",
             )  # fmt: skip
+        self.autoscaler.demand(sum(map(len, prompts)))  # asked for, whether admitted or not
         admitted = self.admission.check(self.inflight, self.router.place(prompts, set(), salt))
         self.router.reserve(admitted.placements)
         self.inflight += len(admitted.placements)

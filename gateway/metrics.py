@@ -50,6 +50,11 @@ TTFT_PREDICTION_ERROR = Histogram(
     buckets=(0.25, 0.5, 0.67, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0),
 )
 SERVICES = Gauge("baton_services", "live services per role", ["role"])
+DESIRED_REPLICAS = Gauge(
+    "baton_desired_replicas",
+    "services each pool wants for the load now (gateway/autoscale.py): an autoscaler's target",
+    ["pool"],
+)
 BAD_MESSAGES = Counter("baton_gateway_bad_messages", "malformed service messages dropped")
 ORPHANS_ABORTED = Counter(
     "baton_orphans_aborted", "requests aborted on their service because no client waits for them"

@@ -282,8 +282,10 @@ class Gateway:
             M.REQUESTS.labels(status).inc()
             if first is not None:
                 M.E2E.observe(time.perf_counter() - start)
-                if count > 1:
-                    M.TPOT.observe((last - first) / (count - 1))
+                tpot = (last - first) / (count - 1) if count > 1 else None
+                if tpot is not None:
+                    M.TPOT.observe(tpot)
+                self.backend.autoscaler.served(first - start, tpot)
 
     async def choice(
         self,

@@ -1,0 +1,142 @@
+"""How many prefill and decode services the load wants now, exported as
+`baton_desired_replicas{pool}` for a cluster's autoscaler (an HPA on that external metric, or
+KEDA; `baton k8s render` writes both). Plain state, fed by the gateway, decided each reap.
+
+- prefill: the prompt tokens asked for over the last `window_s` (refused ones too: a 429 is
+  demand unmet) at the prefills' fitted cost per token, over `headroom` of a service's time;
+  the decodes' own prompt work when there is no prefill pool (aggregated) stays there.
+- decode: the sequences running, over what one decode runs within the TPOT target (its
+  fitted step time, as the router's decode_full), and the KV blocks in use, each over
+  `headroom` of a decode's capacity.
+- the SLO itself: a TTFT (TPOT) p90 over its target with enough requests to tell asks for
+  one prefill (decode) more than there is, whatever the fits say.
+- hysteresis: up at once; down one service at a time, once the lower count has held for
+  `down_after_s`.
+"""
+
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+
+from baton.config import SLOConfig
+from baton.gateway.router import Registry, Service
+from baton.slo import STEP_AIM
+
+MAX_SAMPLES = 10_000  # per window: a burst beyond it keeps the latest
+MIN_REQUESTS = 10  # before a p90 says anything
+
+
+class Autoscaler:
+    def __init__(
+        self,
+        slo: SLOConfig,
+        window_s: float = 30.0,
+        down_after_s: float = 60.0,
+        headroom: float = 0.7,
+        max_replicas: int = 64,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.ttft_s, self.tpot_s = slo.ttft_ms / 1000, slo.tpot_ms / 1000
+        self.window_s, self.down_after_s, self.headroom = window_s, down_after_s, headroom
+        self.max_replicas, self.clock = max_replicas, clock
+        self.asked: deque[tuple[float, int]] = deque(maxlen=MAX_SAMPLES)  # (when, tokens)
+        self.ttfts: deque[tuple[float, float]] = deque(maxlen=MAX_SAMPLES)
+        self.tpots: deque[tuple[float, float]] = deque(maxlen=MAX_SAMPLES)
+        self.desired: dict[str, int] = {}
+        self.lower_since: dict[str, float] = {}  # pool -> when a lower count was first wanted
+
+    def demand(self, prompt_tokens: int) -> None:
+        """A request asked for (admitted or refused)."""
+        self.asked.append((self.clock(), prompt_tokens))
+
+    def served(self, ttft_s: float, tpot_s: float | None) -> None:
+        now = self.clock()
+        self.ttfts.append((now, ttft_s))
+        if tpot_s is not None:
+            self.tpots.append((now, tpot_s))
+
+    def decide(self, registry: Registry) -> dict[str, int]:
+        """The count each pool wants now (hysteresis applied)."""
+        now = self.clock()
+        for samples in (self.asked, self.ttfts, self.tpots):
+            while samples and now - samples[0][0] > self.window_s:
+                samples.popleft()
+        prefills, decodes = registry.pool("prefill"), registry.pool("decode")
+        wanted = {
+            "prefill": self.prefills_wanted(prefills),
+            "decode": self.decodes_wanted(decodes, aggregated=not prefills),
+        }
+        present = {"prefill": len(prefills), "decode": len(decodes)}
+        for pool, count in wanted.items():
+            wanted_now = min(count, self.max_replicas)
+            self.desired[pool] = self.settle(pool, wanted_now, present[pool], now)
+        return dict(self.desired)
+
+    def prefills_wanted(self, prefills: list[Service]) -> int:
+        if not prefills:  # aggregated: the decodes prefill, and scale as decodes
+            return 0
+        costs = [per_token_s(s) for s in prefills if per_token_s(s) > 0]
+        busy = 0.0  # prefill-seconds asked per second
+        if costs:
+            busy = sum(n for _, n in self.asked) / self.window_s * (sum(costs) / len(costs))
+        need = math.ceil(busy / self.headroom)
+        if p90(self.ttfts) > self.ttft_s:
+            need = max(need, len(prefills) + 1)
+        return max(1, need)
+
+    def decodes_wanted(self, decodes: list[Service], aggregated: bool) -> int:
+        running = sum(max(s.load.running, len(s.requests)) for s in decodes)
+        per_decode = [cap for s in decodes if (cap := batch_within_tpot(s, self.tpot_s))]
+        need = 0
+        if per_decode:
+            need = math.ceil(running / (sum(per_decode) / len(per_decode)) / self.headroom)
+        used = sum(s.load.total_blocks - s.load.free_blocks for s in decodes)
+        if blocks := sum(s.load.total_blocks for s in decodes):
+            need = max(need, math.ceil(used / (blocks / len(decodes)) / self.headroom))
+        if aggregated:  # their cores compute every prompt too, beside their batches
+            rates = [s.load.prompt_rate for s in decodes if s.load.prompt_rate > 0]
+            if rates:
+                asked = sum(n for _, n in self.asked) / self.window_s
+                need = max(need, math.ceil(asked / (sum(rates) / len(rates)) / self.headroom))
+        slow = p90(self.tpots) > self.tpot_s or (aggregated and p90(self.ttfts) > self.ttft_s)
+        if slow:
+            need = max(need, len(decodes) + 1)
+        return max(1, need)
+
+    def settle(self, pool: str, wanted: int, present: int, now: float) -> int:
+        """From the last decision (the pool's size at the first), toward `wanted`."""
+        current = self.desired.get(pool, present)
+        if wanted >= current:
+            self.lower_since.pop(pool, None)
+            return wanted
+        since = self.lower_since.setdefault(pool, now)
+        if now - since < self.down_after_s:
+            return current
+        self.lower_since[pool] = now  # the next step down waits as long again
+        return current - 1
+
+
+def per_token_s(prefill: Service) -> float:
+    """A prefill's fitted seconds per prompt token, its per-step cost spread over a full step."""
+    load = prefill.load
+    if load.step_per_unit_s <= 0 and load.step_fixed_s <= 0:
+        return 0.0
+    return load.step_per_unit_s + load.step_fixed_s / max(load.step_budget, 1)
+
+
+def batch_within_tpot(decode: Service, tpot_s: float) -> float | None:
+    """Sequences a decode's step takes within STEP_AIM of the TPOT target (its fit); None
+    before it is measured."""
+    fixed, per_seq = decode.load.step_fixed_s, decode.load.step_per_unit_s
+    if per_seq <= 0:
+        return None
+    return max(1.0, (STEP_AIM * tpot_s - fixed) / per_seq)
+
+
+def p90(samples: deque[tuple[float, float]]) -> float:
+    """The 90th percentile of the window's values; 0 with too few to tell."""
+    if len(samples) < MIN_REQUESTS:
+        return 0.0
+    values = sorted(v for _, v in samples)
+    return values[int(0.9 * (len(values) - 1))]

@@ -1,0 +1,110 @@
+"""The pools' desired sizes (gateway/autoscale.py), from heartbeats and requests on a clock the
+test moves: no model, no services."""
+
+import asyncio
+
+from prometheus_client import REGISTRY
+
+from baton import protocol as P
+from baton.config import GatewayConfig, SLOConfig
+from baton.gateway.admission import Admission
+from baton.gateway.autoscale import Autoscaler
+from baton.gateway.backend import Backend
+from baton.gateway.router import Registry, Router
+
+SLO = SLOConfig(ttft_ms=2000, tpot_ms=100)
+# a prefill at ~1 ms a prompt token (1 ms per token, 10 ms a step of up to 512)
+PREFILL = {"step_fixed_s": 0.01, "step_per_unit_s": 0.001, "step_budget": 512}
+# a decode step: 20 ms + 2 ms a sequence; within 0.8 x 100 ms it runs 30 sequences
+DECODE = {"step_fixed_s": 0.02, "step_per_unit_s": 0.002}
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def service(sid: str, role: str, running: int = 0, used: int = 0, **load) -> P.Heartbeat:
+    steps = PREFILL if role == "prefill" else DECODE
+    addr = "tcp://127.0.0.1:1" if role == "decode" else ""
+    return P.Heartbeat(sid, role, addr, P.Load(0, running, 1000 - used, 1000, **steps | load))
+
+
+def pools(*heartbeats: P.Heartbeat) -> Registry:
+    registry = Registry()
+    for hb in heartbeats:
+        registry.heartbeat(hb)
+    return registry
+
+
+def test_prefills_follow_the_prompt_tokens_asked_for_and_leave_one_at_a_time():
+    clock = Clock()
+    scaler = Autoscaler(SLO, window_s=30, down_after_s=60, headroom=0.7, clock=clock)
+    registry = pools(service("p0", "prefill"), service("d0", "decode"))
+    assert scaler.decide(registry) == {"prefill": 1, "decode": 1}
+    # 2,000 prompt tokens a second for 30 s: ~2.04 prefill-seconds a second, over 0.7 of each
+    for _ in range(60):
+        scaler.demand(1000)
+    assert scaler.decide(registry)["prefill"] == 3  # up at once
+    clock.now += 31  # the demand has left the window
+    assert scaler.decide(registry)["prefill"] == 3  # down only after 60 s of wanting less
+    clock.now += 59
+    assert scaler.decide(registry)["prefill"] == 3
+    clock.now += 2
+    assert scaler.decide(registry)["prefill"] == 2  # one at a time
+    clock.now += 30
+    assert scaler.decide(registry)["prefill"] == 2
+    clock.now += 31
+    assert scaler.decide(registry)["prefill"] == 1
+    for _ in range(60):  # demand again before the next step down: back up at once
+        scaler.demand(1000)
+    assert scaler.decide(registry)["prefill"] == 3
+
+
+def test_decodes_follow_the_sequences_they_run_within_tpot_and_the_kv_they_hold():
+    scaler = Autoscaler(SLO, headroom=0.7, clock=Clock())
+    # 50 sequences where one decode runs 30 within TPOT: 50 / 30 / 0.7 -> 3
+    assert scaler.decide(pools(service("p0", "prefill"), service("d0", "decode", 50)))[
+        "decode"
+    ] == 3  # fmt: skip
+    # few sequences, but 1,600 of 2,000 blocks in use: 1,600 / 1,000 / 0.7 -> 3
+    registry = pools(service("d0", "decode", 2, used=800), service("d1", "decode", 2, used=800))
+    assert Autoscaler(SLO, headroom=0.7, clock=Clock()).decide(registry)["decode"] == 3
+
+
+def test_missing_the_slo_asks_for_one_more_whatever_the_fits_say():
+    scaler = Autoscaler(SLO, clock=Clock())
+    registry = pools(service("p0", "prefill"), service("d0", "decode"), service("d1", "decode"))
+    for _ in range(9):  # too few to tell
+        scaler.served(ttft_s=3.0, tpot_s=0.2)
+    assert scaler.decide(registry) == {"prefill": 1, "decode": 2}
+    scaler.served(ttft_s=3.0, tpot_s=0.2)
+    assert scaler.decide(registry) == {"prefill": 2, "decode": 3}
+
+
+def test_an_aggregated_stack_scales_its_decodes_on_prompt_work_too():
+    scaler = Autoscaler(SLO, headroom=0.7, clock=Clock())
+    # each decode computes 500 prompt tokens a second beside its batch; 1,000 are asked
+    registry = pools(service("d0", "decode", prompt_rate=500.0))
+    for _ in range(30):
+        scaler.demand(1000)
+    assert scaler.decide(registry) == {"prefill": 0, "decode": 3}  # 2 / 0.7
+
+
+def test_the_gateway_exports_what_it_decides_each_reap():
+    async def scenario() -> None:
+        scaler = Autoscaler(SLO, headroom=0.7, clock=Clock())
+        admission = Admission(GatewayConfig(), SLO)
+        backend = Backend("tcp://127.0.0.1:0", admission, Router(), False, autoscaler=scaler)
+        backend.registry.heartbeat(service("p0", "prefill"))
+        backend.registry.heartbeat(service("d0", "decode", 50))
+        backend.reap()
+        want = {"prefill": 1, "decode": 3}
+        for pool, count in want.items():
+            assert REGISTRY.get_sample_value("baton_desired_replicas", {"pool": pool}) == count
+        await backend.close()
+
+    asyncio.run(scenario())

@@ -29,7 +29,6 @@ from baton.kvtransfer.base import Landed, TransferError, joint_runs
 
 log = logging.getLogger(__name__)
 
-CANCEL_WAIT_S = 5.0
 IDLE_S = 0.005  # how soon Progress sees a new lease
 
 
@@ -136,21 +135,13 @@ class NixlReader:
         self.landed.append(Landed(req_id, num_bytes, num_runs, error))
 
     def cancel(self, req_id: str) -> bool:
-        """Waits (bounded) for the transfer to end: with no progress thread, nothing else
-        moves it, and on a live peer a READ of a few MiB ends within milliseconds."""
+        """One look, never a wait (a peer that stopped answering would stall the whole loop,
+        review L13): True if the read has ended; else it goes on, and poll() reports it."""
         if req_id not in self.in_flight:
             return True
-        check = partial(self.agent.agent.check_xfer_state, self.in_flight[req_id][0])
-        deadline = time.monotonic() + CANCEL_WAIT_S
-        while req_id in self.in_flight and self.state(check) == "PROC":
-            if time.monotonic() > deadline:
-                return False
-        if req_id not in self.in_flight:
-            return True  # a disconnect settled it
-        handle = self.in_flight.pop(req_id)[0]
-        with contextlib.suppress(*self.agent.errors):
-            handle.release()
-        return True
+        self.settle(req_id, self.state(partial(self.agent.agent.check_xfer_state,
+                                               self.in_flight[req_id][0])))  # fmt: skip
+        return req_id not in self.in_flight
 
     def detach(self, why: str) -> None:
         """Forget the peer in NIXL, once: its reads fail, and a restarted peer (a new agent)
@@ -164,8 +155,7 @@ class NixlReader:
         self.agent.agent.remove_remote_agent(self.peer)
 
     def close(self) -> None:
-        for req_id in list(self.in_flight):
-            self.cancel(req_id)
+        """The receiver closes a reader once no read of it can still write (cancel, poll)."""
         self.detach("closed")
 
 

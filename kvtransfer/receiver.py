@@ -97,8 +97,9 @@ class KVReceiver:
         # req_id -> when its hand-off ended here (or the gateway aborted it before any offer
         # came): a later offer of it, sent before the prefill heard, is let go (bounded, expiring)
         self.ended: OrderedDict[str, float] = OrderedDict()
-        # req_id -> a sequence whose read could not be stopped: its blocks, once the read ends
-        self.stuck: dict[str, Sequence] = {}
+        # req_id -> a sequence whose read could not be stopped, and its reader: its blocks go
+        # back once poll() reports the read ended (a forgotten peer's reader is polled too)
+        self.stuck: dict[str, tuple[Sequence, Reader]] = {}
         self._stops: list[Stop] = []
 
     # --- messages --------------------------------------------------------------------------
@@ -230,12 +231,23 @@ class KVReceiver:
         for peer in list(self.peers.values()):
             for landed in peer.reader.poll() if peer.reader else ():
                 self._on_landed(peer, landed)
+        leaving = {id(r): r for _, r in self.stuck.values()} if self.stuck else {}
+        for reader in leaving.values():
+            if all(reader is not p.reader for p in self.peers.values()):  # a forgotten peer's
+                for landed in reader.poll():
+                    self._read_ended(landed.req_id)
+                if all(reader is not r for _, r in self.stuck.values()):
+                    reader.close()  # its last stuck read ended
+
+    def _read_ended(self, req_id: str) -> None:
+        """A read of a hand-off that had ended: its blocks are safe to free now."""
+        if (stuck := self.stuck.pop(req_id, None)) is not None:
+            self.sched.release_blocks(stuck[0])
 
     def _on_landed(self, peer: PrefillPeer, landed: Landed) -> None:
         p = self.pending.get(landed.req_id)
-        if p is None:  # ended while in flight: a stuck read's blocks are safe to free now
-            if (seq := self.stuck.pop(landed.req_id, None)) is not None:
-                self.sched.release_blocks(seq)
+        if p is None:  # ended while in flight
+            self._read_ended(landed.req_id)
             return
         if landed.error:
             self._end(landed.req_id, f"KV transfer from {peer.prefill_id} failed: {landed.error}")
@@ -278,8 +290,8 @@ class KVReceiver:
         reader = self.peers[p.peer].reader
         free = p.reading_since is None or reader is None or reader.cancel(req_id)
         if not free:  # a transfer we cannot stop may still write them: not until it ends
-            log.error("a read into %s's blocks is stuck; they stay reserved", req_id)
-            self.stuck[req_id] = p.seq
+            log.info("the read into %s's blocks is still in flight: they wait for it", req_id)
+            self.stuck[req_id] = (p.seq, reader)
         self.sched.drop_remote(p.seq, free)
         self._send(p.peer, P.KVRelease(req_id))
         self._remember_end(req_id)
@@ -293,8 +305,8 @@ class KVReceiver:
         for req_id in [r for r, p in self.pending.items() if p.peer == peer_id]:
             self._end(req_id, f"prefill {peer.prefill_id} {why}", HandoffEnd.EXPIRED)
         del self.peers[peer_id]
-        if peer.reader is not None:
-            peer.reader.close()
+        if peer.reader is not None and all(peer.reader is not r for _, r in self.stuck.values()):
+            peer.reader.close()  # else _poll polls it until its stuck reads end, then closes it
         self.kv_peers.set(peer.prefill_id, None)
         shm.sweep()  # a dead prefill's segment: nobody else may be left to unlink it
 

@@ -44,6 +44,7 @@ class OneSidedReader:
         self.reading: dict[str, tuple[list[int], list[int]]] = {}
         self.landed: list[Landed] = []
         self.stuck = stuck  # cancel() cannot stop a read
+        self.closed = False
 
     def start(self, req_id, src_ids, dst_ids):
         self.reading[req_id] = (src_ids, dst_ids)
@@ -65,6 +66,7 @@ class OneSidedReader:
 
     def close(self):
         self.reading.clear()
+        self.closed = True
 
 
 class Pair:
@@ -247,6 +249,25 @@ def test_a_read_that_cannot_be_stopped_keeps_its_blocks_out_of_the_pool():
     pair.one_sided.land()  # the read ends at last: now nothing writes them
     pair.decode_apply()
     assert pair.d_sched.kv.pool.num_used == 0
+
+
+def test_a_forgotten_prefills_stuck_read_is_watched_until_it_ends_and_frees_its_blocks():
+    # review L13: a prefill that stops answering mid-read is forgotten; its reader must still be
+    # polled (not closed, nor waited on), so the read's blocks return once it ends
+    pair = Pair("one-sided", stream=False, stuck=True)
+    pair.submit()
+    pair.prefill_step()
+    pair.prefill_step()
+    pair.deliver()  # the read starts and never lands
+    pair.now += TIMEOUT_S + 1  # not a word from the prefill since
+    pair.receiver.keepalive()  # forgets it
+    pair.advance(0)
+    assert pair.decode_stops == [Stop("r", "prefill prefill stopped answering")]
+    assert not pair.receiver.peers and not pair.one_sided.closed
+    assert pair.d_sched.kv.pool.num_used == 3
+    pair.one_sided.land()
+    pair.decode_apply()
+    assert pair.d_sched.kv.pool.num_used == 0 and pair.one_sided.closed
 
 
 def test_a_failed_read_fails_the_request_retryable_and_frees_both_sides():

@@ -125,6 +125,14 @@ class Pair:
                 self.p_sched.hand_off(s.seq)
         self.prefill_apply()
 
+    def read_started(self) -> None:
+        """A request prefilled whole (unstreamed: one offer) and its offer delivered: the
+        decode's read of it is in flight."""
+        self.submit()
+        self.prefill_step()
+        self.prefill_step()
+        self.deliver()
+
     def prefill_apply(self) -> None:
         for stop in self.sender.stops():
             self.p_sched.abort(stop.req_id)
@@ -234,10 +242,7 @@ def test_an_abort_that_overtakes_the_offer_leaves_no_orphan_sequence():
 
 def test_a_read_that_cannot_be_stopped_keeps_its_blocks_out_of_the_pool():
     pair = Pair("one-sided", stream=False, stuck=True)
-    pair.submit()
-    pair.prefill_step()
-    pair.prefill_step()
-    pair.deliver()  # the read starts and never lands
+    pair.read_started()  # the read starts and never lands
     used = pair.d_sched.kv.pool.num_used
     pair.now += TIMEOUT_S + 1
     pair.receiver.on_message(b"p", P.KeepAlive(), [])  # alive, but the read is stuck
@@ -255,10 +260,7 @@ def test_a_forgotten_prefills_stuck_read_is_watched_until_it_ends_and_frees_its_
     # review L13: a prefill that stops answering mid-read is forgotten; its reader must still be
     # polled (not closed, nor waited on), so the read's blocks return once it ends
     pair = Pair("one-sided", stream=False, stuck=True)
-    pair.submit()
-    pair.prefill_step()
-    pair.prefill_step()
-    pair.deliver()  # the read starts and never lands
+    pair.read_started()  # the read starts and never lands
     pair.now += TIMEOUT_S + 1  # not a word from the prefill since
     pair.receiver.keepalive()  # forgets it
     pair.advance(0)
@@ -272,10 +274,7 @@ def test_a_forgotten_prefills_stuck_read_is_watched_until_it_ends_and_frees_its_
 
 def test_a_failed_read_fails_the_request_retryable_and_frees_both_sides():
     pair = Pair("one-sided", stream=False)
-    pair.submit()
-    pair.prefill_step()
-    pair.prefill_step()
-    pair.deliver()
+    pair.read_started()
     pair.one_sided.land(error="peer gone")
     pair.decode_apply()
     pair.deliver()
@@ -286,10 +285,7 @@ def test_a_failed_read_fails_the_request_retryable_and_frees_both_sides():
 
 def test_a_restarted_prefill_says_hello_again_and_its_pending_requests_fail():
     pair = Pair("one-sided", stream=False)
-    pair.submit()
-    pair.prefill_step()
-    pair.prefill_step()
-    pair.deliver()  # offered, read in flight
+    pair.read_started()  # offered, read in flight
     pair.receiver.on_message(b"p", P.Hello("prefill", LAYOUT, NUM_BLOCKS, "auto"), [])
     pair.decode_apply()
     assert [s.req_id for s in pair.decode_stops] == ["r"]

@@ -4,18 +4,27 @@ the real CLI and load the config its ConfigMap holds; each role's Secret makes a
 directory the service plane loads, holding only what the role needs."""
 
 import base64
+import os
+import re
+import shutil
 import subprocess
 import sys
+import time
+from functools import partial
 from pathlib import Path
 
+import httpx
 import kubernetes_validate
+import openai
 import pytest
 import yaml
 import zmq
 
 from baton import plane
+from baton.bench.hosts import Hosts
 from baton.cli import config_from, parser
 from baton.gateway import metrics as M
+from baton.k8s import API_KEYS, PORTS
 
 ROOT = Path(__file__).parent.parent
 K8S_VERSION = "1.37.0"
@@ -180,3 +189,68 @@ def test_pools_scale_on_the_desired_replicas_metric_by_hpa_or_keda(objects, tmp_
     for s, role in zip(scaled, ("prefill", "decode"), strict=True):
         (trigger,) = s["triggers"]
         assert trigger["metadata"]["query"] == f'max(baton_desired_replicas{{pool="{role}"}})'
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not (shutil.which("ip") and shutil.which("unshare")),
+    reason="pods on hosts of their own need root, ip and unshare",
+)
+def test_the_rendered_pods_serve_when_run_as_a_kubelet_would(objects, tmp_path):
+    """Each Deployment's pod on a host of its own (baton.bench.hosts), its volumes written out
+    from the ConfigMap and Secrets, the Services' names resolving to the gateway's pod: the
+    API answers only the Secret's keys, a prompt's KV moves between the pods under their
+    role keys, and every pod's probe port answers."""
+    pod_of = {name: f"{name}-0" for name in pods(objects)}  # host name = pod name
+    gateway_pod = pod_of["baton-gateway"]
+    services = {"baton-plane": gateway_pod, "baton-gateway": gateway_pod}
+    (tmp_path / "net").mkdir()
+    hosts = Hosts(tmp_path / "net", list(pod_of.values()), resolve=services)
+    env = ["env", f"BATON_CACHE={tmp_path / 'models'}"]  # one cache: each pod's would be its own
+    try:
+        for name, pod in pods(objects).items():
+            mounts = materialize(objects, pod, tmp_path / name)
+            at = partial(written_at, mounts)
+            config = mounts["/etc/baton"] / "baton.toml"
+            config.write_text(config.read_text().replace(API_KEYS, at(API_KEYS)))
+            (c,) = pod["spec"]["containers"]
+            (init,) = pod["spec"]["initContainers"]
+            baton = [*env, sys.executable, "-P", "-m", "baton.cli"]
+            subprocess.run([*baton, *map(at, init["args"])], check=True, capture_output=True)
+            hosts.run(pod_of[name], [*baton, *map(at, c["args"])])
+        gateway = hosts.hosts[gateway_pod]
+        probe = f"http://{gateway}:{PORTS['probe']}/health"
+        ready = lambda: get_status(probe) == 200  # noqa: E731  pools registered
+        deadline = time.monotonic() + 240
+        while not ready():
+            assert time.monotonic() < deadline, hosts.log(gateway_pod)
+            time.sleep(0.5)
+        api = f"http://{gateway}:{PORTS['http']}/v1"
+        client = openai.OpenAI(base_url=api, api_key="tenant-b-key", max_retries=0)
+        model = client.models.list().data[0].id
+        words = " ".join(["tell me about the sea"] * 100)  # long enough to be handed off
+        chat = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": words}], max_tokens=8
+        )
+        assert chat.choices[0].message.content
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=api, api_key="sk-wrong", max_retries=0).models.list()
+        prefill = hosts.hosts[pod_of["baton-prefill"]]
+        for name, ip in hosts.hosts.items():
+            assert get_status(f"http://{ip}:{PORTS['probe']}/health") == 200, name
+        metrics = httpx.get(f"http://{prefill}:{PORTS['probe']}/metrics").text
+        assert re.search(r"^baton_kv_transfers_total\{[^}]*\} [1-9]", metrics, re.M), metrics
+    finally:
+        hosts.close()
+
+
+def written_at(mounts: dict[str, Path], path: str) -> str:
+    """A path in the pod, where this test wrote the volume mounted there."""
+    mount = max((m for m in mounts if path.startswith(m)), key=len, default=None)
+    return path if mount is None else str(mounts[mount]) + path[len(mount) :]
+
+
+def get_status(url: str) -> int:
+    try:
+        return httpx.get(url, timeout=2).status_code
+    except httpx.HTTPError:
+        return 0

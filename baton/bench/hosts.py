@@ -17,7 +17,8 @@ ENTER = (
 
 class Hosts:
     """A bridge in this namespace and one namespace per host on it, joined by veth pairs;
-    `hosts` maps each name to the address its /etc/hosts gives it (`resolve` overrides)."""
+    `hosts` maps each name to the address its /etc/hosts gives it. `resolve`: more names (or
+    these, overridden), each to an address or to one of the hosts (a Service to its pod)."""
 
     made = 0
 
@@ -30,7 +31,8 @@ class Hosts:
         self.procs: list[subprocess.Popen] = []
         self.root = root
         lines = ["127.0.0.1 localhost", *(f"{a} {n}" for n, a in self.hosts.items())]
-        lines += [f"{a} {n}" for n, a in (resolve or {}).items()]  # later lines lose: first wins
+        more = {n: self.hosts.get(a, a) for n, a in (resolve or {}).items()}
+        lines += [f"{a} {n}" for n, a in more.items()]  # later lines lose: first wins
         self.hosts_file = root / "hosts"
         self.hosts_file.write_text("\n".join(reversed(lines)) + "\n")
         try:

@@ -139,8 +139,8 @@ class NixlReader:
         review L13): True if the read has ended; else it goes on, and poll() reports it."""
         if req_id not in self.in_flight:
             return True
-        self.settle(req_id, self.state(partial(self.agent.agent.check_xfer_state,
-                                               self.in_flight[req_id][0])))  # fmt: skip
+        handle = self.in_flight[req_id][0]
+        self.settle(req_id, self.state(partial(self.agent.agent.check_xfer_state, handle)))
         return req_id not in self.in_flight
 
     def detach(self, why: str) -> None:

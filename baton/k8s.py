@@ -7,8 +7,10 @@ model into its own cache first (an init container running `baton prepare`, as co
 with only what that role needs (a prefill's pod cannot speak as a decode); API keys as a
 Secret the config names by path, never in the ConfigMap. Services find the gateway through
 a headless Service that lists it before it is ready (its readiness is "the pools have
-registered", which needs the plane first). Pools scale on `baton_desired_replicas{pool}`:
-an HPA on that external metric, or a KEDA ScaledObject querying Prometheus for it.
+registered", which needs the plane first). A NetworkPolicy lets only the stack's own pods in,
+but for the API and probe ports (NIXL's data path is not keyed). Pools scale on
+`baton_desired_replicas{pool}`: an HPA on that external metric, or a KEDA ScaledObject
+querying Prometheus for it.
 """
 
 import argparse
@@ -71,6 +73,7 @@ def render(config: BatonConfig, keys: Path, opts: Options) -> list[dict]:
         k.pool("decode", opts.decode),
         *(k.budget(role) for role in ("prefill", "decode")),
         k.monitor(),
+        k.network_policy(),
         *(k.autoscaler(role) for role in ("prefill", "decode")),
     ]
     return objects
@@ -234,6 +237,20 @@ class Kube:
     def budget(self, role: str) -> dict:
         spec = {"maxUnavailable": 1, "selector": {"matchLabels": self.labels(role)}}
         return self.obj("policy/v1", "PodDisruptionBudget", role, spec=spec)
+
+    def network_policy(self) -> dict:
+        """Into the stack's pods: anything from its own pods (the plane is keyed, but NIXL's
+        data path is not, and UCX picks its ports), the API port from anywhere, the probe
+        port from anywhere (kubelets, Prometheus); nothing else."""
+        ours = {"podSelector": {"matchLabels": self.labels(None)}}
+        anyone = [{"namespaceSelector": {}}, {"ipBlock": {"cidr": "0.0.0.0/0"}}]
+        ingress = [
+            {"from": [ours]},
+            {"from": anyone, "ports": [{"port": "http", "protocol": "TCP"}]},
+            {"from": anyone, "ports": [{"port": "probe", "protocol": "TCP"}]},
+        ]
+        spec = {"podSelector": ours["podSelector"], "policyTypes": ["Ingress"], "ingress": ingress}
+        return self.obj("networking.k8s.io/v1", "NetworkPolicy", "internal", spec=spec)
 
     def monitor(self) -> dict:
         spec = {

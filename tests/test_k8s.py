@@ -66,8 +66,8 @@ def test_every_object_is_valid_kubernetes(objects):
             continue
         kubernetes_validate.validate(o, K8S_VERSION, strict=True)  # raises, naming the field
     kinds = sorted({kind for kind, _ in objects})
-    assert kinds == ["ConfigMap", "Deployment", "HorizontalPodAutoscaler", "PodDisruptionBudget",
-                     "Secret", "Service", "ServiceMonitor"]  # fmt: skip
+    assert kinds == ["ConfigMap", "Deployment", "HorizontalPodAutoscaler", "NetworkPolicy",
+                     "PodDisruptionBudget", "Secret", "Service", "ServiceMonitor"]  # fmt: skip
 
 
 def pods(objects) -> dict[str, dict]:
@@ -99,6 +99,14 @@ def test_services_select_their_pods_on_ports_those_pods_open(objects):
         if kind == "Deployment":
             labels = o["spec"]["template"]["metadata"]["labels"]
             assert o["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    # the pods take anything from each other (NIXL's data path is not keyed), from others
+    # only the API and the probes
+    policy = objects["NetworkPolicy", "baton-internal"]["spec"]
+    assert selected(objects, policy["podSelector"]["matchLabels"]) == set(pods(objects))
+    own, *open_ports = policy["ingress"]
+    assert own == {"from": [{"podSelector": policy["podSelector"]}]}
+    assert [r["ports"] for r in open_ports] == [[{"port": p, "protocol": "TCP"}]
+                                                 for p in ("http", "probe")]  # fmt: skip
     monitor = objects["ServiceMonitor", "baton-metrics"]["spec"]
     assert monitor["selector"]["matchLabels"] == metrics["metadata"]["labels"]
     assert [e["port"] for e in monitor["endpoints"]] == ["probe"]

@@ -6,6 +6,7 @@ import logging
 import os
 import re
 import select
+import signal
 import socket
 import subprocess
 import sys
@@ -296,12 +297,17 @@ def test_m11_a_restarted_gateway_aborts_what_its_predecessor_left_running(
     second = None
     try:
         wait(lambda: load(url).get("decode") == 1, "the decode never registered")
-        for _ in range(16):  # 16 x 1,000 tokens: far longer than the restart takes
+        for _ in range(16):  # 16 x 1,000 tokens: seconds at the least
             clients.append(send_raw(http, max_tokens=1000, stream=True))
         wait(lambda: blocks_used() > 0, "the requests never started")
+        # the decode waits, frozen, until the next gateway listens: however long a gateway
+        # takes to start, every request is still running when it does
+        decode.send_signal(signal.SIGSTOP)
         first.kill()
         first.wait(10)
         second = baton(tmp_path / "gateway-1.log", *gateway)
+        wait(lambda: load(url), "the second gateway never listened")
+        decode.send_signal(signal.SIGCONT)
         wait(lambda: load(url).get("decode") == 1, "the decode never came back")
         wait(lambda: blocks_used() == 0, "the orphaned requests still run")
         _, body = get(f"{url}/metrics")

@@ -23,7 +23,7 @@ from pathlib import Path
 import msgspec
 
 from baton import plane
-from baton.config import BatonConfig
+from baton.config import BatonConfig, to_toml
 
 CONFIG_DIR, KEY_DIR, API_KEYS = "/etc/baton", "/keys", "/etc/baton/api-keys/api-keys"
 PORTS = {"http": 8000, "plane": 5555, "probe": 9000, "kv": 6000}
@@ -57,7 +57,7 @@ def render(config: BatonConfig, keys: Path, opts: Options) -> list[dict]:
     objects = [
         k.obj("v1", "ConfigMap", "config", data={"baton.toml": config_toml(served)}),
         *(
-            k.secret(role, {f: (keys / f).read_text() for f in key_files(role)})
+            k.secret(f"keys-{role}", {f: (keys / f).read_text() for f in key_files(role)})
             for role in plane.ROLES
         ),
     ]
@@ -65,10 +65,10 @@ def render(config: BatonConfig, keys: Path, opts: Options) -> list[dict]:
         objects.append(k.secret("api-keys", {"api-keys": "\n".join(api_keys) + "\n"}))
     objects += [
         k.gateway(),
-        k.service("gateway", "ClusterIP", ["http"]),
+        k.service("gateway", "gateway", ["http"]),
         # the plane: services register before the gateway is ready (its readiness needs them)
-        k.service("plane", None, ["plane"], select="gateway", not_ready=True),
-        k.service("metrics", None, ["probe"], select=None),  # every pod, for the scraper
+        k.service("plane", "gateway", ["plane"], headless=True, not_ready=True),
+        k.service("metrics", None, ["probe"], headless=True),  # every pod, for the scraper
         k.pool("prefill", opts.prefill),
         k.pool("decode", opts.decode),
         *(k.budget(role) for role in ("prefill", "decode")),
@@ -87,8 +87,6 @@ def api_keys_of(config: BatonConfig) -> list[str]:
 
 
 def config_toml(config: BatonConfig) -> str:
-    from baton.config import to_toml
-
     return to_toml(config, redact=False)  # no secret is left in it: the API keys moved
 
 
@@ -125,26 +123,25 @@ class Kube:
         data = {
             f.replace("/", "."): base64.b64encode(v.encode()).decode() for f, v in files.items()
         }
-        return self.obj("v1", "Secret", f"keys-{part}" if part in plane.ROLES else part,
-                        type="Opaque", data=data)  # fmt: skip
+        return self.obj("v1", "Secret", part, type="Opaque", data=data)
 
     def service(
         self,
         part: str,
-        cluster_ip: str | None,
+        select: str | None,  # the component whose pods it selects; None: every pod of the app
         ports: list[str],
-        select: str | None = "",  # "": the part's own pods; None: every pod of the app
+        headless: bool = False,
         not_ready: bool = False,
     ) -> dict:
         spec = {
-            "selector": self.labels(part if select == "" else select),
+            "selector": self.labels(select),
             "ports": [{"name": p, "port": PORTS[p], "targetPort": p} for p in ports],
         }
-        if cluster_ip is None:
+        if headless:
             spec["clusterIP"] = "None"
         if not_ready:
             spec["publishNotReadyAddresses"] = True
-        return self.obj("v1", "Service", part, "gateway" if part == "plane" else None, spec=spec)
+        return self.obj("v1", "Service", part, select, spec=spec)
 
     def container(self, role: str, args: list[str], ports: list[str]) -> dict:
         o = self.opts

@@ -76,7 +76,7 @@ class Autoscaler:
     def prefills_wanted(self, prefills: list[Service]) -> int:
         if not prefills:  # aggregated: the decodes prefill, and scale as decodes
             return 0
-        costs = [per_token_s(s) for s in prefills if per_token_s(s) > 0]
+        costs = [c for s in prefills if (c := per_token_s(s)) > 0]
         busy = 0.0  # prefill-seconds asked per second
         if costs:
             busy = sum(n for _, n in self.asked) / self.window_s * (sum(costs) / len(costs))

@@ -236,8 +236,11 @@ class KVReceiver:
             if all(reader is not p.reader for p in self.peers.values()):  # a forgotten peer's
                 for landed in reader.poll():
                     self._read_ended(landed.req_id)
-                if all(reader is not r for _, r in self.stuck.values()):
+                if not self._reads_stuck(reader):
                     reader.close()  # its last stuck read ended
+
+    def _reads_stuck(self, reader: Reader) -> bool:
+        return any(reader is r for _, r in self.stuck.values())
 
     def _read_ended(self, req_id: str) -> None:
         """A read of a hand-off that had ended: its blocks are safe to free now."""
@@ -305,7 +308,7 @@ class KVReceiver:
         for req_id in [r for r, p in self.pending.items() if p.peer == peer_id]:
             self._end(req_id, f"prefill {peer.prefill_id} {why}", HandoffEnd.EXPIRED)
         del self.peers[peer_id]
-        if peer.reader is not None and all(peer.reader is not r for _, r in self.stuck.values()):
+        if peer.reader is not None and not self._reads_stuck(peer.reader):
             peer.reader.close()  # else _poll polls it until its stuck reads end, then closes it
         self.kv_peers.set(peer.prefill_id, None)
         shm.sweep()  # a dead prefill's segment: nobody else may be left to unlink it

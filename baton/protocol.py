@@ -42,7 +42,12 @@ class Abort(msgspec.Struct, tag=True, frozen=True):
     req_id: str
 
 
-ToService = PrefillRequest | Abort
+class CacheResync(msgspec.Struct, tag=True, frozen=True):
+    """The gateway's index of a service's prefix cache missed a batch of CacheEvents (or
+    knows nothing of it yet): send a snapshot."""
+
+
+ToService = PrefillRequest | Abort | CacheResync
 
 
 # --- services -> gateway -----------------------------------------------------------------
@@ -105,7 +110,23 @@ class RequestError(msgspec.Struct, tag=True, frozen=True):
     retryable: bool = False  # a peer died or the KV was lost: another service may resume it
 
 
-ToGateway = Heartbeat | TokenOutput | RequestError
+BlockHash = Annotated[bytes, msgspec.Meta(min_length=16, max_length=16)]  # chain_hash's
+MAX_CACHE_EVENTS = 200_000  # hashes in one CacheEvents at most (3.2 MB: under the gateway's cap)
+Hashes = Annotated[list[BlockHash], msgspec.Meta(max_length=MAX_CACHE_EVENTS)]
+
+
+class CacheEvents(msgspec.Struct, tag=True, frozen=True):
+    """Batch `seq` of what the sender's prefix cache (its pool and KV tier) gained and lost
+    since batch seq - 1, by chained block hash (baton.cache.events); `reset`: `stored` is
+    everything it holds."""
+
+    seq: Count
+    stored: Hashes
+    removed: Hashes
+    reset: bool = False
+
+
+ToGateway = Heartbeat | TokenOutput | RequestError | CacheEvents
 
 
 # --- prefill <-> decode (KV hand-off, pull) ------------------------------------------------

@@ -30,6 +30,7 @@ from baton.slo import PromptPacer, StepTimes
 log = logging.getLogger(__name__)
 
 KEEPALIVE_S = 1.0  # between KV peers; renews leases
+CACHE_EVENTS_S = 0.1  # the prefix cache's changes go to the gateway this often, at most
 
 KV_BLOCKS_USED = Gauge("baton_kv_blocks_used", "KV blocks held", ["service"])
 KV_BLOCKS_TOTAL = Gauge("baton_kv_blocks_total", "KV blocks in the pool", ["service"])
@@ -114,6 +115,7 @@ class ServiceLoop:
         self.gateway = GatewayLink(self.ctx, gateway_addr, service_id, codec, keys, self.role)
         self.gateway_addr = gateway_addr
         self.snapshots = Every(HEARTBEAT_S)
+        self.cache_batches = Every(CACHE_EVENTS_S)
         self.keepalives = Every(KEEPALIVE_S)
         self.refits = Every(KEEPALIVE_S)  # decode_fit's
         self.last_tick = time.monotonic()
@@ -180,6 +182,7 @@ class ServiceLoop:
         elif self.sched.has_work:  # nothing fits until a peer frees blocks: wait, don't spin
             zmq.select(self.sockets(), [], [], self.idle_wait_s())
         self.housekeeping()
+        self.publish_cache()
         self.pace_prompts()
         if self.snapshots.due() or self.load_changed or self.health_asked.is_set():
             self.snapshot()
@@ -192,6 +195,25 @@ class ServiceLoop:
             self.prefix_hits_seen = self.sched.num_prefix_hit_tokens
         # the whole iteration, not just the forward: what a queued token really waits
         self.observe_step(batch, time.perf_counter() - t0)
+
+    def gateway_messages(self) -> list:
+        """What the gateway sent; its asks for a snapshot of the prefix cache taken here."""
+        out = []
+        for msg in self.gateway.recv_all():
+            if not isinstance(msg, P.CacheResync):
+                out.append(msg)
+            elif (events := self.sched.kv.events) is not None:
+                events.resync()
+        return out
+
+    def publish_cache(self) -> None:
+        """What the prefix cache gained and lost, for the gateway's index of it; a batch that
+        cannot be sent makes the next one a snapshot."""
+        events = self.sched.kv.events
+        if events is None or not self.cache_batches.due():
+            return
+        if (batch := events.take()) is not None and not self.gateway.send(batch):
+            events.resync()
 
     def start_heartbeats(self) -> None:
         self.snapshot()

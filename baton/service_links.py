@@ -66,8 +66,8 @@ class GatewayLink:
         self.sock.connect(gateway_addr)
         self.codec, self.id = codec, service_id
 
-    def send(self, msg) -> None:
-        send_nowait(self.sock, [self.codec.encode(msg)], self.id, "gateway")
+    def send(self, msg) -> bool:
+        return send_nowait(self.sock, [self.codec.encode(msg)], self.id, "gateway")
 
     def recv_all(self) -> list:
         out = []

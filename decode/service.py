@@ -97,7 +97,7 @@ class DecodeService(ServiceLoop):
         return [self.gateway.sock, self.kv_sock]
 
     def drain(self) -> None:
-        for msg in self.gateway.recv_all():
+        for msg in self.gateway_messages():
             if isinstance(msg, P.Abort):
                 if self.sched.abort(msg.req_id) is None:
                     self.receiver.abort(msg.req_id)

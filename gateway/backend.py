@@ -150,10 +150,15 @@ class Backend:
                 self._count_bad(ValueError(why))
                 continue
             if isinstance(msg, P.Heartbeat):
+                known = self.registry.services.get(msg.service_id)
                 if (previous := self.registry.heartbeat(msg)) is not None:
                     log.error("service %s restarted", previous.id)
                     self.fail_requests(previous)
+                if known is None or previous is not None:  # what does its cache hold?
+                    await self._send(msg.service_id, P.CacheResync())
                 self.on_heartbeat(msg)
+            elif isinstance(msg, P.CacheEvents):
+                await self._on_cache_events(sender, msg)
             elif (stream := self.streams.get(msg.req_id)) is not None:
                 if sender not in (stream.prefill_id, stream.decode_id):
                     self._count_bad(ValueError(f"{sender!r} answered for {msg.req_id}"))
@@ -173,6 +178,14 @@ class Backend:
                         prefill.requests.discard(msg.req_id)
             elif isinstance(msg, P.TokenOutput) and msg.finish_reason is None:
                 await self._abort_orphan(sender, msg.req_id)
+
+    async def _on_cache_events(self, sender: str, batch: P.CacheEvents) -> None:
+        """What a service's prefix cache gained and lost (gateway.prefix_index). One not
+        registered yet is asked for a snapshot once it is."""
+        if (service := self.registry.services.get(sender)) is None:
+            return
+        if self.router.prefixes.apply(sender, batch, held_blocks(service)):
+            await self._send(sender, P.CacheResync())
 
     async def _abort_orphan(self, sender: str, req_id: str) -> None:
         """Tokens of a request nobody here waits for: one of an earlier gateway on this

@@ -1,21 +1,29 @@
-"""Which service likely still holds a prompt's prefix in its KV cache.
+"""Which service holds a prompt's prefix in its KV cache (its pool or its KV tier).
 
-The gateway's own record of the token sequences each decode served (prompt + output) and each
-prefill computed (prompts), as chained block hashes (baton.cache.kv_manager.chain_hash: equal
-hashes, equal prefixes), LRU per service and bounded by its pool. An estimate: the service may
-have evicted blocks since (to its KV tier, if it has one, which reads them back), and then it
-simply computes more of the prompt itself.
+Per service, chained block hashes (baton.cache.kv_manager.chain_hash: equal hashes, equal
+prefixes), bounded by its pool and tier. Two sources: what each service publishes its cache
+gained and lost (baton.cache.events: numbered batches, applied in order, a snapshot when one
+was missed), and, between its batches, the gateway's own record of the token sequences each
+decode served (prompt + output) and each prefill was sent. Any entry is a hint: a block gone
+by the time the prompt lands is simply computed again.
 """
 
+import time
 from collections import OrderedDict
 
+from baton import protocol as P
 from baton.cache.kv_manager import chain_hash
+
+RESYNC_S = 1.0  # a service out of step is asked for a snapshot at most this often
 
 
 class PrefixIndex:
-    def __init__(self, block_size: int):
+    def __init__(self, block_size: int, clock=time.monotonic):
         self.block_size = block_size
         self.held: dict[str, OrderedDict[bytes, None]] = {}  # service id -> its blocks, LRU
+        self.seq: dict[str, int] = {}  # service id -> its last batch applied (in step)
+        self.asked: dict[str, float] = {}  # service id -> when a snapshot was last asked for
+        self.clock = clock
 
     def hashes(self, token_ids: list[int], salt: bytes | None) -> list[bytes]:
         """The chained hash of each full block of `token_ids`, from the root `salt`."""
@@ -51,6 +59,29 @@ class PrefixIndex:
                 out[service_id] = n * self.block_size
         return out
 
+    def apply(self, service_id: str, batch: P.CacheEvents, capacity_blocks: int) -> bool:
+        """A service's batch of cache events; True where a snapshot should be asked for now
+        (a batch was missed: until the snapshot, the record goes on as the gateway's own)."""
+        blocks = self.held.setdefault(service_id, OrderedDict())
+        if batch.reset:
+            blocks.clear()
+        elif self.seq.get(service_id) != batch.seq - 1:
+            self.seq.pop(service_id, None)
+            if self.clock() - self.asked.get(service_id, -RESYNC_S) < RESYNC_S:
+                return False
+            self.asked[service_id] = self.clock()
+            return True
+        self.seq[service_id] = batch.seq
+        for h in batch.removed:
+            blocks.pop(h, None)
+        for h in batch.stored:
+            blocks[h] = None
+            blocks.move_to_end(h)
+        while len(blocks) > capacity_blocks:
+            blocks.popitem(last=False)
+        return False
+
     def forget(self, service_id: str) -> None:
         """A service died or restarted: its cache is gone."""
-        self.held.pop(service_id, None)
+        for record in (self.held, self.seq, self.asked):
+            record.pop(service_id, None)

@@ -112,7 +112,7 @@ class PrefillService(ServiceLoop):
         return [self.gateway.sock, *self.socks.values()]
 
     def drain(self) -> None:
-        for msg in self.gateway.recv_all():
+        for msg in self.gateway_messages():
             if isinstance(msg, P.PrefillRequest):
                 # with no decode to hand it to, it is kept: decoded here, beside the prompts
                 if self.accept(msg) and msg.decode_kv_addr:

@@ -1,7 +1,8 @@
 """The KV tier below the pool and agent sessions' retention: blocks the pool evicts go to disk
 and come back, byte for byte, for the next turn; a torn, truncated or foreign file is never
 served; a session's blocks are the last the pool evicts, until their TTL; through `baton up`, a
-decode killed -9 and started again under the same tier loads the conversation from it, and the
+decode killed -9 and started again under the same tier is where the next turn goes (its report
+of its cache says it holds the conversation), it loads the conversation from the tier, and the
 next turn's greedy tokens equal a cold run's."""
 
 import subprocess
@@ -282,9 +283,13 @@ def test_without_a_tier_the_evicted_turn_is_computed_again(tiny_llama):
 
 # --- through `baton up` ------------------------------------------------------------------------
 def test_a_decode_restarted_under_its_tier_serves_the_next_turn_from_it(tmp_path, tiny_text_model):
+    """Two decodes over one tier directory. The one that served the session is killed -9 and
+    started again: its first report of its cache lists the session's blocks, found on disk,
+    so the gateway sends the next turn to it (the other could read the files too, but its
+    cache holds nothing of the session), and the turn is loaded, not computed."""
     tier_dir = tmp_path / "tier"
     engine_args = ["--block-size", "4", "--num-blocks", "48", "--kv-tier-dir", str(tier_dir)]
-    stack = Stack(tmp_path / "logs", tiny_text_model, *engine_args, prefill=0, decode=1)
+    stack = Stack(tmp_path / "logs", tiny_text_model, *engine_args, prefill=0, decode=2)
     session = {"x-session-id": "agent-1", "x-session-ttl-s": "600"}
     cold = baton.LLM(str(tiny_text_model), dtype="float32", enable_prefix_caching=False)
     first, _ = turns(seed=12)
@@ -300,15 +305,18 @@ def test_a_decode_restarted_under_its_tier_serves_the_next_turn_from_it(tmp_path
             return r.choices[0].token_ids
 
         answer = complete(first, session)
-        assert stack.metric("decode-0", "baton_kv_retained_blocks") > 0  # kept for the session
+        (served,) = [  # kept for the session
+            name for name in stack.services("decode")
+            if stack.metric(name, "baton_kv_retained_blocks") > 0
+        ]  # fmt: skip
         full_blocks = (len(first) + len(answer) - 1) // 4
         deadline = time.monotonic() + 30
         while len(list(tier_dir.glob("*/*.kv"))) < full_blocks:  # written through, behind
             assert time.monotonic() < deadline, "the session's blocks never reached the tier"
             time.sleep(0.1)
 
-        old = stack.services()["decode-0"]
-        stack.kill("decode-0")
+        old = stack.services()[served]
+        stack.kill(served)
         argv = list(old["argv"])
         argv[argv.index("--id") + 1] = "decode-again"
         argv[argv.index("--http-port") + 1] = str(port := free_port())
@@ -316,7 +324,7 @@ def test_a_decode_restarted_under_its_tier_serves_the_next_turn_from_it(tmp_path
             argv, stdout=(tmp_path / "again.log").open("w"), stderr=subprocess.STDOUT
         )
         deadline = time.monotonic() + 120
-        while httpx.get(f"{stack.url}/health").json()["decode"] != 1 or not _joined(port):
+        while httpx.get(f"{stack.url}/health").json()["decode"] != 2 or not _joined(port):
             assert time.monotonic() < deadline and joined.poll() is None, "it never joined"
             time.sleep(0.3)
 

@@ -118,12 +118,17 @@ class BlockPool:
                 else:
                     self._evictable[block] = None
 
-    def register(self, block: int, block_hash: bytes) -> None:
-        """Record that a held block now holds the full block with this chained hash."""
+    def register(self, block: int, block_hash: bytes) -> bool:
+        """Record that a held block now holds the full block with this chained hash; False
+        where it was cached already (here, or the same content in another block)."""
         if self.block_hashes[block] is not None or block_hash in self._by_hash:
-            return  # already cached (here, or the same content in another block)
+            return False
         self.block_hashes[block] = block_hash
         self._by_hash[block_hash] = block
+        return True
+
+    def cached_hashes(self) -> list[bytes]:
+        return list(self._by_hash)
 
     def check_invariants(self) -> None:
         free, evictable = set(self._free), set(self._evictable) | set(self._retained)

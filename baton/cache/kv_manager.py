@@ -5,6 +5,7 @@ prefixes; the first block's parent is the request's cache salt (SamplingParams.c
 only requests of one salt share blocks. A prefix hit never covers the whole prompt: the last prompt token is always computed,
 because its logits give the first output token. Below the pool, an optional KV tier
 (baton.cache.tier) keeps what the pool evicts; `tier_prefix` says how much further it reaches.
+What the two hold between them is published as it changes (`events`, for the gateway's index).
 """
 
 import hashlib
@@ -12,6 +13,7 @@ from array import array
 from typing import TYPE_CHECKING
 
 from baton.cache.block_pool import BlockPool, OutOfBlocks
+from baton.cache.events import CacheEvents
 from baton.request import Sequence
 
 if TYPE_CHECKING:
@@ -33,9 +35,34 @@ class KVCacheManager:
         tier: "DiskTier | None" = None,
     ):
         self.tier = tier if enable_prefix_caching else None
-        self.pool = BlockPool(num_blocks, on_evict=tier.save if self.tier else None)
+        self.events = CacheEvents(self.held_hashes) if enable_prefix_caching else None
+        self.pool = BlockPool(num_blocks, on_evict=self._evicted if self.events else None)
+        if self.tier is not None:
+            self.tier.on_change = self._tier_changed
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+
+    def held_hashes(self) -> list[bytes]:
+        """Every full block a prefix can hit here: cached in the pool, or in the tier."""
+        held = self.pool.cached_hashes()
+        if self.tier is not None:
+            held += [h for h in self.tier.hashes() if self.pool.lookup(h) is None]
+        return held
+
+    def _evicted(self, block: int, block_hash: bytes) -> None:
+        """The pool reuses a cached block: the tier copies it out first (if it can)."""
+        if self.tier is not None:
+            self.tier.save(block, block_hash)
+            if self.tier.indexed(block_hash):
+                return
+        self.events.removed(block_hash)
+
+    def _tier_changed(self, block_hash: bytes, held: bool) -> None:
+        """The tier gained or lost a file (on its worker thread, for a loss)."""
+        if held:
+            self.events.stored(block_hash)
+        elif self.pool.lookup(block_hash) is None:
+            self.events.removed(block_hash)
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -89,7 +116,8 @@ class KVCacheManager:
         full = seq.num_computed_tokens // self.block_size
         self._update_hashes(seq, full * self.block_size)
         for i in range(seq.num_cached_blocks, full):
-            self.pool.register(seq.block_ids[i], seq.block_hashes[i])
+            if self.pool.register(seq.block_ids[i], seq.block_hashes[i]):
+                self.events.stored(seq.block_hashes[i])
             if self.tier is not None and seq.params.session_ttl_s:  # written through
                 self.tier.save(seq.block_ids[i], seq.block_hashes[i])
         seq.num_cached_blocks = max(seq.num_cached_blocks, full)

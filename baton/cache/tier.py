@@ -29,6 +29,7 @@ import struct
 import threading
 import zlib
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,9 @@ class DiskTier:
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._done: queue.SimpleQueue = queue.SimpleQueue()
         self._scan()
+        # hears each hash the index gains or loses (KVCacheManager's events; a loss from the
+        # worker thread)
+        self.on_change: Callable[[bytes, bool], None] | None = None
         self._worker = threading.Thread(target=self._work, name="kv-tier", daemon=True)
         self._worker.start()
 
@@ -102,14 +106,35 @@ class DiskTier:
     def _path(self, block_hash: bytes) -> Path:
         return self.dir / f"{block_hash.hex()}.kv"
 
+    def indexed(self, block_hash: bytes) -> bool:
+        """Whether it is on disk or queued for it, as this service knows (no disk access)."""
+        return block_hash in self._index
+
+    def hashes(self) -> list[bytes]:
+        with self._lock:
+            return list(self._index)
+
     def holds(self, block_hash: bytes) -> bool:
         if block_hash in self._index:
             return True
         if self._path(block_hash).exists():  # written by a service sharing the directory
-            with self._lock:
-                self._index[block_hash] = None
+            self._add(block_hash)
             return True
         return False
+
+    def _add(self, block_hash: bytes, queued_bytes: int = 0) -> None:
+        with self._lock:
+            self._index[block_hash] = None
+            self._queued_bytes += queued_bytes
+        if self.on_change is not None:
+            self.on_change(block_hash, True)
+
+    def _drop(self, block_hash: bytes) -> None:
+        with self._lock:
+            if self._index.pop(block_hash, False) is False:
+                return
+        if self.on_change is not None:
+            self.on_change(block_hash, False)
 
     def save(self, block: int, block_hash: bytes) -> None:
         """Copy `block`'s bytes now, for the disk: the pool is about to reuse it, or it is a
@@ -121,9 +146,7 @@ class DiskTier:
             self.stats.dropped_writes += 1
             return
         data = self.blocks[block].tobytes()
-        with self._lock:
-            self._index[block_hash] = None
-            self._queued_bytes += n
+        self._add(block_hash, n)
         self._jobs.put((self._save, block_hash, data))
 
     def load(self, key: Any, pairs: list[tuple[int, bytes]]) -> None:
@@ -165,8 +188,7 @@ class DiskTier:
             os.replace(tmp, path)
         except OSError:
             tmp.unlink(missing_ok=True)
-            with self._lock:
-                self._index.pop(block_hash, None)
+            self._drop(block_hash)
             raise
         finally:
             with self._lock:
@@ -177,7 +199,8 @@ class DiskTier:
     def _trim(self) -> None:
         while len(self._index) > self.cap_files:
             with self._lock:
-                oldest, _ = self._index.popitem(last=False)
+                oldest = next(iter(self._index))
+            self._drop(oldest)
             self._path(oldest).unlink(missing_ok=True)
             self.stats.deleted_files += 1
 
@@ -197,8 +220,7 @@ class DiskTier:
                 header = f.read(HEADER.size)
                 got = f.readinto(memoryview(dest)) if len(header) == HEADER.size else 0
         except FileNotFoundError:  # deleted over the cap (here or by a neighbour)
-            with self._lock:
-                self._index.pop(block_hash, None)
+            self._drop(block_hash)
             return False
         ok = len(header) == HEADER.size and got == dest.size
         if ok:
@@ -206,13 +228,12 @@ class DiskTier:
             ok = (magic, fingerprint, stored_hash, length) == (
                 MAGIC, self.fingerprint, block_hash, dest.size
             ) and crc == zlib.crc32(dest)  # fmt: skip
-        with self._lock:
-            if ok:
+        if ok:
+            with self._lock:
                 self._index[block_hash] = None
                 self._index.move_to_end(block_hash)
-            else:
-                self._index.pop(block_hash, None)
-        if not ok:
+        else:
+            self._drop(block_hash)
             self.stats.corrupt_files += 1
             path.unlink(missing_ok=True)
             log.warning("KV tier: %s is torn or foreign; deleted, its tokens recomputed", path)

@@ -11,6 +11,7 @@ import pytest
 from stack import Stack, free_port
 from transformers import AutoTokenizer
 
+from baton.bench import llamacpp
 from baton.bench.arms import Limits, cpu_spec, resolve
 from baton.bench.load import Bench, Load, Run, arrival_times
 from baton.bench.metrics import SLO, RequestRecord, buckets, quantiles, stats_ms, summarize
@@ -185,6 +186,38 @@ def test_builtin_arms_share_model_dtype_limits_and_cores(tmp_path):
     missing = resolve(["vllm-cpu"], limits, 9000, tmp_path, tmp_path / "none.sh")
     assert "not found" in missing[0].unavailable
     assert cpu_spec([5, 0, 1, 2]) == "0-2,5"
+
+
+def test_llama_cpp_arms_get_the_same_cores_slots_and_kv_bytes(tmp_path, monkeypatch):
+    """The argv only: building llama.cpp (minutes) is `baton bench compare`'s first run's job."""
+    model = tmp_path / "m"
+    model.mkdir()
+    config = {"num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+              "hidden_size": 576}  # fmt: skip
+    (model / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(llamacpp, "build", lambda base, log: tmp_path / "bin")
+    converted = []
+    monkeypatch.setattr(
+        llamacpp, "convert",
+        lambda base, m, dtype, q8, bin_dir, log: converted.append((dtype, q8)) or tmp_path / "m.gguf",
+    )  # fmt: skip
+    monkeypatch.setenv("ANCHORS", str(tmp_path))
+    limits = Limits(str(model), "bfloat16", [0, 1, 2, 3], 64, 512, 2, max_model_len=None)
+    bf16, q8 = resolve(["llama-cpp", "llama-cpp-q8"], limits, 9000, tmp_path, tmp_path / "x.sh")
+    assert converted == [("bfloat16", False), ("bfloat16", True)]
+    assert bf16.start[:3] == ["taskset", "-c", "0-3"] and q8.url == "http://127.0.0.1:9001"
+    assert bf16.start[-2:] == ["-kvu", "--no-webui"]  # one KV cache for all the slots
+    flags = dict(zip(bf16.start[4:-2:2], bf16.start[5:-2:2], strict=True))
+    assert (flags["-t"], flags["-tb"], flags["-np"], flags["-ub"]) == ("4", "4", "64", "512")
+    # 2 GiB of bf16 KV: 2 x 30 layers x 3 heads x 64 dims x 2 bytes = 23,040 bytes a token
+    assert (flags["-c"], flags["-ctk"], flags["-ctv"]) == (str((2 << 30) // 23_040), "bf16", "bf16")
+
+    def fails(base, log):
+        raise subprocess.CalledProcessError(2, ["cmake"])
+
+    monkeypatch.setattr(llamacpp, "build", fails)
+    (broken,) = resolve(["llama-cpp"], limits, 9000, tmp_path, tmp_path / "x.sh")
+    assert "could not prepare it" in broken.unavailable and "prepare.log" in broken.unavailable
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import msgspec
 
+from baton.bench import llamacpp
+
 
 class Arm(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     name: str
@@ -105,7 +107,16 @@ def vllm_cpu(limits: Limits, port: int, script: Path) -> Arm:
     )
 
 
-BUILTIN = ("baton-disagg", "baton-agg", "vllm-cpu")
+def llama_cpp(name: str, limits: Limits, port: int) -> Arm:
+    """llama.cpp's llama-server (baton.bench.llamacpp), at the run's dtype or Q8_0."""
+    try:
+        argv = llamacpp.serve_argv(limits, port, name == "llama-cpp-q8", cpu_spec(limits.cpus))
+    except llamacpp.Unprepared as e:
+        return Arm(name=name, url="", unavailable=str(e))
+    return Arm(name=name, url=f"http://127.0.0.1:{port}", start=argv)
+
+
+BUILTIN = ("baton-disagg", "baton-agg", "vllm-cpu", "llama-cpp", "llama-cpp-q8")
 
 
 def resolve(
@@ -122,6 +133,8 @@ def resolve(
             arms.append(baton_up(name, limits, port, log_dir / name))
         elif name == "vllm-cpu":
             arms.append(vllm_cpu(limits, port, vllm_script))
+        elif name in ("llama-cpp", "llama-cpp-q8"):
+            arms.append(llama_cpp(name, limits, port))
         else:
             raise SystemExit(f"unknown arm {name!r}: use {', '.join(BUILTIN)} or NAME=URL")
     return arms

@@ -34,6 +34,7 @@ ENGINE_FLAGS = {
     "--model": ("engine.model", str),
     "--dtype": ("engine.dtype", str),
     "--kv-dtype": ("engine.kv_dtype", str),
+    "--quantization": ("engine.quantization", str),
     "--block-size": ("engine.block_size", int),
     "--num-blocks": ("engine.num_blocks", int),
     "--kv-cache-gib": ("engine.kv_cache_gib", float),

@@ -43,6 +43,13 @@ class EngineConfig(Section):
             "half the bytes each decode step reads and each hand-off moves"
         ),
     ] = "auto"
+    quantization: Annotated[
+        Literal["int8"] | None,
+        doc(
+            "int8: every projection's weight in 8 bits with a scale per output row (weights "
+            "only: activations stay in dtype); unset: the weights in dtype"
+        ),
+    ] = None
     block_size: Annotated[Positive, doc("tokens per KV block")] = 16
     num_blocks: Annotated[Positive | None, doc("KV pool in blocks; overrides kv_cache_gib")] = None
     kv_cache_gib: Annotated[float, Meta(gt=0), doc("KV pool size per service")] = 1.0

@@ -49,7 +49,7 @@ class Engine:
         model_dir = resolve_model_dir(config.model)
         dtype = DTYPES[config.dtype]
         kv_dtype = torch.int8 if config.kv_dtype == "int8" else dtype
-        model = load_model(model_dir, dtype)
+        model = load_model(model_dir, dtype, config.quantization)
         tokenizer = load_tokenizer(model_dir)
         eos = eos_token_ids(model_dir, tokenizer)
         args = model.args
@@ -59,9 +59,10 @@ class Engine:
         storage = kv_storage and kv_storage(num_blocks * per_block)
         kv = KVCache(args, num_blocks, config.block_size, kv_dtype, storage)
         log.info(
-            "model %s (%s, KV %s), %d KV blocks of %d tokens (%.2f GiB)",
+            "model %s (%s, weights %s, KV %s), %d KV blocks of %d tokens (%.2f GiB)",
             model_dir,
             config.dtype,
+            config.quantization or config.dtype,
             config.kv_dtype,
             num_blocks,
             config.block_size,

@@ -1,13 +1,14 @@
 """Engine throughput on SmolLM2: baton.LLM beside transformers and the memory roofline.
 
     python -m baton.benchmarks.engine_bench [--dtypes bfloat16 float32] [--batches 1 8 32 64]
-        [--prefill-lens 512 4096]
+        [--prefill-lens 512 4096] [--quantization int8]
 
 Prefill: one prompt of each length (512 by default), tokens/s (best of 3), in steps of up to
 2,048 tokens (the budget below). Decode: `batch` prompts of 128 tokens, 64 new tokens each;
 tokens/s over the decode steps only (after every first token), beside transformers `generate`
-on the same prompts (its prefill subtracted). Roofline: weight bytes /
-measured copy bandwidth per decode step, times the batch (issue 2's definition); compute bound:
+on the same prompts (its prefill subtracted). Roofline: the bytes of the projections' weights (as
+the engine holds them: int8 with --quantization int8) / measured copy bandwidth per decode
+step, times the batch (issue 2's definition); compute bound:
 the step's projection FLOPs / the FLOP/s the engine's own Linear reaches on a large matmul. The
 lower of the two is what a step could at best take.
 """
@@ -38,11 +39,21 @@ def bandwidth_gbs() -> float:
     return 2 * src.numel() / best / 1e9  # read + write
 
 
-def peak_flops(dtype: torch.dtype, prepack: bool) -> float:
-    """FLOP/s of the engine's Linear (prepacked as the model's, where it is) on a 1024-row
-    matmul at SmolLM2's widest shape: the most its projections can reach here."""
+def weight_bytes(m: Linear) -> int:
+    """What a projection reads a step: its packed int8 weight, or its float one."""
+    if m.scale is not None:
+        q = m.packed if m.native else m.qweight
+        return q.numel() + m.scale.numel() * 4
+    return m.weight.numel() * m.weight.element_size()
+
+
+def peak_flops(dtype: torch.dtype, like: Linear) -> float:
+    """FLOP/s of the engine's Linear (quantized or prepacked as the model's `like` is) on a
+    1024-row matmul at SmolLM2's widest shape: the most its projections can reach here."""
     layer = Linear(576, 3072, bias=False).to(dtype)
-    if prepack:
+    if like.scale is not None:
+        layer.quantize()
+    elif like.packed is not None:
         layer.prepack()
     x = torch.randn(1024, 576, dtype=dtype)
     best = float("inf")
@@ -51,7 +62,7 @@ def peak_flops(dtype: torch.dtype, prepack: bool) -> float:
             t = time.perf_counter()
             layer(x)
             best = min(best, time.perf_counter() - t)
-    return 2 * x.shape[0] * layer.weight.numel() / best
+    return 2 * x.shape[0] * layer.in_features * layer.out_features / best
 
 
 def prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -101,6 +112,9 @@ def main() -> None:
     ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32, 64])
     ap.add_argument("--prefill-lens", nargs="+", type=int, default=[512])
+    ap.add_argument(
+        "--quantization", choices=["int8"], help="Baton's weights (transformers': dtype)"
+    )
     args = ap.parse_args()
     model_dir = resolve_model_dir(None)
     gbs = bandwidth_gbs()
@@ -117,28 +131,30 @@ def main() -> None:
             num_blocks=4096,
             max_num_seqs=128,
             max_num_batched_tokens=2048,
+            quantization=args.quantization,
         )
         hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
         vocab = llm.engine.model.args.vocab_size
         model = llm.engine.model
-        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        step_s = weight_bytes / (gbs * 1e9)
+        linears = [m for m in model.modules() if isinstance(m, Linear)]
+        step_s = sum(map(weight_bytes, linears)) / (gbs * 1e9)
         # per sequence per step: every projection's weights once, multiply and add
-        flops = 2 * sum(m.weight.numel() for m in model.modules() if isinstance(m, Linear))
-        peak = peak_flops(getattr(torch, dtype), model.lm_head.packed is not None)
-        print(f"{dtype}: Linear peak {peak / 1e9:,.0f} GFLOP/s\n")
+        flops = 2 * sum(m.in_features * m.out_features for m in linears)
+        peak = peak_flops(getattr(torch, dtype), model.lm_head)
+        label = f"{dtype}, weights {args.quantization}" if args.quantization else dtype
+        print(f"{label}: Linear peak {peak / 1e9:,.0f} GFLOP/s\n")
         one = baton.SamplingParams(max_tokens=1, temperature=0)
         for n in args.prefill_lens:
             b = prefill_rate(lambda p: llm.generate([p], one), n, vocab)  # noqa: B023
             with torch.inference_mode():
                 h = prefill_rate(lambda p: hf(torch.tensor([p])), n, vocab)  # noqa: B023
-            print(f"| {dtype} | prefill {n} | {b:,.0f} | {h:,.0f} | {b / h:.2f} | | | | |")
+            print(f"| {label} | prefill {n} | {b:,.0f} | {h:,.0f} | {b / h:.2f} | | | | |")
         for batch in args.batches:
             b = baton_decode(llm, batch, vocab)
             h = hf_decode(hf, batch, vocab)
             roof, bound = batch / step_s, peak / flops
             print(
-                f"| {dtype} | decode batch {batch} | {b:,.0f} | {h:,.0f} | {b / h:.2f} "
+                f"| {label} | decode batch {batch} | {b:,.0f} | {h:,.0f} | {b / h:.2f} "
                 f"| {roof:,.0f} | {b / roof:.0%} | {bound:,.0f} | {b / min(roof, bound):.0%} |",
                 flush=True,
             )

@@ -1,6 +1,8 @@
-"""bf16 linear layer in C for a CPU with AVX-512 BF16 and no AMX (kernels/csrc/linear.c);
-`F.linear` is the reference. The weight is packed once (`pack`), then every call multiplies
-against the packed copy; each output row is summed in the same order whatever the batch."""
+"""bf16 linear layer in C for a CPU with AVX-512 BF16 (kernels/csrc/linear.c), its weight in
+bf16 (`F.linear` is the reference; on an AMX CPU oneDNN serves instead) or in int8 with a scale
+per output column (`reference_int8`; `quantize_int8` makes the pair). The weight is packed once
+(`pack`, `pack_int8`), then every call multiplies against the packed copy; each output row is
+summed in the same order whatever the batch."""
 
 import torch
 
@@ -24,13 +26,47 @@ def pack(weight: torch.Tensor) -> torch.Tensor | None:
     return packed
 
 
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight-only int8: each output row scaled to +-127 by its largest magnitude (symmetric,
+    per output channel), rounded to nearest. Returns (q [out, in] int8, scale [out] fp32)."""
+    w = weight.float()
+    scale = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def reference_int8(
+    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """x @ (q * scale).T + bias in fp32, rounded to x's dtype once: what `linear_int8`
+    computes, in another summing order; also the model's path where the kernel does not serve."""
+    y = torch.nn.functional.linear(x.float(), q.float()) * scale
+    return (y if bias is None else y + bias.float()).to(x.dtype)
+
+
+def pack_int8(q: torch.Tensor) -> torch.Tensor | None:
+    """An int8 weight [out, in] packed for `linear_int8`, or None where the kernel does not
+    serve (no C library, no AVX-512 BF16, an odd `in`)."""
+    lib = native.load()
+    if lib is None or q.dtype != torch.int8 or q.device.type != "cpu":
+        return None
+    q = q.contiguous()
+    out_features, in_features = q.shape
+    packed = torch.empty(-(-out_features // COLS) * COLS * in_features, dtype=torch.int8)
+    if lib.linear_i8_pack(q.data_ptr(), out_features, in_features, packed.data_ptr()):
+        return None
+    return packed
+
+
 def linear(
     x: torch.Tensor,  # [..., in] bf16
-    packed: torch.Tensor,  # from pack(weight)
+    packed: torch.Tensor,  # from pack(weight) or pack_int8(q)
     bias: torch.Tensor | None,  # [out]
     out_features: int,
+    scale: torch.Tensor | None = None,  # [out] fp32: the weight is int8 (quantize_int8)
 ) -> torch.Tensor:
-    """x @ weight.T + bias, [..., out]: fp32 sums, rounded to bf16 once."""
+    """x @ weight.T + bias, [..., out]: fp32 sums (times the column's scale), rounded to
+    bf16 once."""
     lib = native.load()
     assert lib is not None, "pack() returns None where the library did not build"
     assert x.dtype == torch.bfloat16 and (bias is None or bias.dtype == torch.bfloat16)
@@ -40,9 +76,11 @@ def linear(
     out = torch.empty(*x.shape[:-1], out_features, dtype=torch.bfloat16)
     bias = None if bias is None else bias.contiguous()
     bias_ptr = None if bias is None else bias.data_ptr()
-    status = lib.linear_bf16(
-        rows.data_ptr(), rows.shape[0], in_features, packed.data_ptr(), out_features, bias_ptr,
-        out.data_ptr(),
-    )  # fmt: skip
-    assert status == 0, "linear_bf16 refused a weight that linear_bf16_pack took"
+    shape = (rows.data_ptr(), rows.shape[0], in_features, packed.data_ptr())
+    if scale is None:
+        status = lib.linear_bf16(*shape, out_features, bias_ptr, out.data_ptr())
+    else:
+        assert scale.dtype == torch.float32 and scale.is_contiguous()
+        status = lib.linear_i8(*shape, scale.data_ptr(), out_features, bias_ptr, out.data_ptr())
+    assert status == 0, "the kernel refused a weight its pack took"
     return out

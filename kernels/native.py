@@ -1,5 +1,5 @@
 """C kernels for the CPU (kernels/csrc/: decode and extend attention, the KV scatter, the fused
-add + RMSNorm, rotary, the bf16 linear layer, greedy sampling's argmax), built into one library
+add + RMSNorm, rotary, the linear layer (bf16 or int8 weights), greedy sampling's argmax), built into one library
 at first use with the system C compiler and called through ctypes: no torch headers, so a build
 takes about a second. OpenMP threads come from the libgomp torch has loaded already (same
 soname), so the kernels and torch's own ops share one pool.
@@ -91,8 +91,9 @@ def load() -> ctypes.CDLL | None:
         ("paged_decode_i8",): decode_i8,
         ("add_rms_norm_bf16",): [ptr, ptr, ptr, i64, i64, f32, ptr, ptr],
         ("apply_rotary_bf16", "apply_rotary_f32"): rotary,
-        ("linear_bf16_pack",): [ptr, i64, i64, ptr],
+        ("linear_bf16_pack", "linear_i8_pack"): [ptr, i64, i64, ptr],
         ("linear_bf16",): [ptr, i64, i64, ptr, i64, ptr, ptr],
+        ("linear_i8",): [ptr, i64, i64, ptr, ptr, i64, ptr, ptr],
         ("argmax_f32",): [ptr, i64, i64, ptr],
         ("apply_token_bitmask_f32",): [ptr, i64, ptr, i64, ptr, i64],
         ("write_kv",): [ptr, ptr, i64, i64, i64, ptr, i64, ptr, i64, i64, ptr, ptr, i64],

@@ -183,6 +183,10 @@ def test_builtin_arms_share_model_dtype_limits_and_cores(tmp_path):
     argv = agg.start[5:]
     flags = dict(zip(argv[::2], argv[1::2], strict=True))  # one decode on every core
     assert (flags["--prefill"], flags["--decode"], flags["--decode-cpus"]) == ("0", "1", "0-3")
+    (int8,) = resolve(["baton-disagg-int8"], limits, 9000, tmp_path, script)
+    assert (
+        int8.start[-2:] == ["--quantization", "int8"] and len(int8.start) == len(disagg.start) + 2
+    )
     missing = resolve(["vllm-cpu"], limits, 9000, tmp_path, tmp_path / "none.sh")
     assert "not found" in missing[0].unavailable
     assert cpu_spec([5, 0, 1, 2]) == "0-2,5"

@@ -61,9 +61,10 @@ def cpu_spec(cpus: list[int]) -> str:
 def baton_up(name: str, limits: Limits, port: int, log_dir: Path) -> Arm:
     """baton-disagg: 1 prefill + 1 decode, each pinned to half the cores (`baton up`'s
     default split). baton-agg: one decode on all the cores that prefills locally (no
-    prefill pool), the engine of `baton.LLM` behind the same gateway."""
+    prefill pool), the engine of `baton.LLM` behind the same gateway. A `-int8` name: the
+    same with int8 weights (`--quantization int8`)."""
     half = max(1, len(limits.cpus) // 2)
-    if name == "baton-disagg":
+    if name.startswith("baton-disagg"):
         pools = ["--prefill", "1", "--decode", "1", "--prefill-cpus", cpu_spec(limits.cpus[:half])]
         pools += ["--decode-cpus", cpu_spec(limits.cpus[half:] or limits.cpus)]
     else:
@@ -77,6 +78,8 @@ def baton_up(name: str, limits: Limits, port: int, log_dir: Path) -> Arm:
     ]  # fmt: skip
     if limits.max_model_len:
         argv += ["--max-model-len", str(limits.max_model_len)]
+    if name.endswith("-int8"):
+        argv += ["--quantization", "int8"]
     return Arm(name=name, url=f"http://127.0.0.1:{port}", start=argv)
 
 
@@ -116,7 +119,8 @@ def llama_cpp(name: str, limits: Limits, port: int) -> Arm:
     return Arm(name=name, url=f"http://127.0.0.1:{port}", start=argv)
 
 
-BUILTIN = ("baton-disagg", "baton-agg", "vllm-cpu", "llama-cpp", "llama-cpp-q8")
+BATON = ("baton-disagg", "baton-agg", "baton-disagg-int8", "baton-agg-int8")
+BUILTIN = (*BATON, "vllm-cpu", "llama-cpp", "llama-cpp-q8")
 
 
 def resolve(
@@ -129,7 +133,7 @@ def resolve(
         if "=" in name:
             label, url = name.split("=", 1)
             arms.append(Arm(name=label, url=url.rstrip("/")))
-        elif name in ("baton-disagg", "baton-agg"):
+        elif name in BATON:
             arms.append(baton_up(name, limits, port, log_dir / name))
         elif name == "vllm-cpu":
             arms.append(vllm_cpu(limits, port, vllm_script))

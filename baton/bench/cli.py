@@ -57,8 +57,8 @@ def add_parser(sub) -> None:
 
     c = b.add_argument_group("compare: the arms and the limits they share")
     c.add_argument("--arms", nargs="*", default=["baton-disagg", "baton-agg", "vllm-cpu"],
-                   help="built-in names (baton-disagg, baton-agg, vllm-cpu, llama-cpp, "
-                   "llama-cpp-q8) or NAME=URL; "
+                   help="built-in names (baton-disagg, baton-agg, each also -int8, vllm-cpu, "
+                   "llama-cpp, llama-cpp-q8) or NAME=URL; "
                    "none: only --arms-file's")  # fmt: skip
     c.add_argument("--arms-file", help="TOML of [[arm]] tables: name, url, start, stop, env, "
                    "ready_path, ready_timeout_s (run after --arms)")  # fmt: skip

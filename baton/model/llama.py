@@ -56,6 +56,9 @@ class ModelArgs:
     # Gemma 2: scores and logits soft-capped, cap * tanh(x / cap)
     attn_softcap: float | None = None
     logit_softcap: float | None = None
+    # "int8": every projection's weight int8 with a scale per output row (Linear.quantize);
+    # part of the KV layout's fingerprint, so a quantized service and another never share KV
+    quantization: str | None = None
 
 
 def _onednn_bf16() -> bool:
@@ -71,6 +74,20 @@ class Linear(nn.Linear):
 
     packed: torch.Tensor | None = None
     native: bool = False  # packed for kernels/linear_native.py, not for oneDNN
+    scale: torch.Tensor | None = None  # int8 weight (quantize): each output row's scale
+    qweight: torch.Tensor | None = None  # int8 weight, where the C kernel does not serve
+
+    def quantize(self) -> None:
+        """Weight-only int8 (`--quantization int8`): the weight as int8 rows and their scales
+        (kernels/linear_native.quantize_int8), packed for the C kernel where it serves (bf16
+        activations on AVX-512 BF16), else kept for the torch reference. The float weight is
+        dropped; a tied lm_head's stays with the embedding, which reads it."""
+        q, self.scale = linear_native.quantize_int8(self.weight)
+        if kernels.BACKEND == "native" and self.weight.dtype == torch.bfloat16:
+            self.packed = linear_native.pack_int8(q)
+            self.native = self.packed is not None
+        self.qweight = None if self.native else q
+        self.register_parameter("weight", None)
 
     def prepack(self) -> None:
         if kernels.BACKEND == "native":
@@ -82,7 +99,9 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.native:
-            return linear_native.linear(x, self.packed, self.bias, self.out_features)
+            return linear_native.linear(x, self.packed, self.bias, self.out_features, self.scale)
+        if self.qweight is not None:
+            return linear_native.reference_int8(x, self.qweight, self.scale, self.bias)
         if self.packed is None:
             return super().forward(x)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
@@ -296,12 +315,16 @@ class CausalLM(nn.Module):
         self.tie_weights()
 
     def prepack(self) -> None:
-        """Prepack every bf16 projection for a faster matmul on a CPU (see Linear)."""
+        """Quantize every projection (args.quantization), or prepack every bf16 one for a
+        faster matmul on a CPU (see Linear)."""
         w = self.lm_head.weight
-        if w.dtype == torch.bfloat16 and w.device.type == "cpu":
-            for m in self.modules():
-                if isinstance(m, Linear):
-                    m.prepack()
+        linears = [m for m in self.modules() if isinstance(m, Linear)]
+        if self.args.quantization == "int8":
+            for m in linears:
+                m.quantize()
+        elif w.dtype == torch.bfloat16 and w.device.type == "cpu":
+            for m in linears:
+                m.prepack()
 
     def tie_weights(self) -> None:
         if self.args.tie_word_embeddings:

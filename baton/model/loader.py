@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -90,11 +91,12 @@ def load_hf_config(model_dir: Path) -> PretrainedConfig:
     return AutoConfig.from_pretrained(model_dir)
 
 
-def load_model(model_dir: Path, dtype: torch.dtype) -> CausalLM:
-    """The model with its weights. The kernels are bound first (kernels.bind_default): the
-    projections pack their weights for the backend."""
+def load_model(model_dir: Path, dtype: torch.dtype, quantization: str | None = None) -> CausalLM:
+    """The model with its weights, its projections quantized as asked (ModelArgs.quantization).
+    The kernels are bound first (kernels.bind_default): the projections pack their weights for
+    the backend."""
     kernels.bind_default()
-    args = model_args(load_hf_config(model_dir))
+    args = replace(model_args(load_hf_config(model_dir)), quantization=quantization)
     with torch.device("meta"):
         model = CausalLM(args).to(dtype)
     model.to_empty(device="cpu")

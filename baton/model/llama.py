@@ -320,6 +320,8 @@ class CausalLM(nn.Module):
         w = self.lm_head.weight
         linears = [m for m in self.modules() if isinstance(m, Linear)]
         if self.args.quantization == "int8":
+            if any(isinstance(m, Experts) for m in self.modules()):  # 3D weights, no Linear
+                raise ValueError("--quantization int8 does not cover MoE experts yet")
             for m in linears:
                 m.quantize()
         elif w.dtype == torch.bfloat16 and w.device.type == "cpu":

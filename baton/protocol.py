@@ -79,7 +79,7 @@ class Load(msgspec.Struct, frozen=True):
     # (baton.slo.PromptPacer.rate; 0: not measured yet)
     prompt_rate: Annotated[float, msgspec.Meta(ge=0, le=1e9)] = 0.0
     prompt_budget: Count = 0  # decode: prompt tokens a step takes at most (its token budget)
-    tier_blocks: Count = 0  # blocks its KV tier holds (baton.cache.tier), beyond the pool's
+    tier_capacity_blocks: Count = 0  # blocks its KV tier can hold (baton.cache.tier)
 
 
 class Heartbeat(msgspec.Struct, tag=True, frozen=True):
@@ -111,7 +111,8 @@ class RequestError(msgspec.Struct, tag=True, frozen=True):
 
 
 BlockHash = Annotated[bytes, msgspec.Meta(min_length=16, max_length=16)]  # chain_hash's
-MAX_CACHE_EVENTS = 200_000  # hashes in one CacheEvents at most (3.2 MB: under the gateway's cap)
+# hashes in one CacheEvents at most: 18 bytes each in msgpack, 3.6 MB, under the gateway's 4 MiB
+MAX_CACHE_EVENTS = 200_000
 Hashes = Annotated[list[BlockHash], msgspec.Meta(max_length=MAX_CACHE_EVENTS)]
 
 

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 KEEPALIVE_S = 1.0  # between KV peers; renews leases
 CACHE_EVENTS_S = 0.1  # the prefix cache's changes go to the gateway this often, at most
+RESYNC_WAIT_S = 1.0  # after a batch the gateway could not take, the snapshot waits this long
 
 KV_BLOCKS_USED = Gauge("baton_kv_blocks_used", "KV blocks held", ["service"])
 KV_BLOCKS_TOTAL = Gauge("baton_kv_blocks_total", "KV blocks in the pool", ["service"])
@@ -208,12 +209,13 @@ class ServiceLoop:
 
     def publish_cache(self) -> None:
         """What the prefix cache gained and lost, for the gateway's index of it; a batch that
-        cannot be sent makes the next one a snapshot."""
-        events = self.sched.kv.events
-        if events is None or not self.cache_batches.due():
+        cannot be sent makes the next one a snapshot, a second later (a gateway that takes
+        nothing now is not sent one ten times a second)."""
+        if not self.cache_batches.due():
             return
-        if (batch := events.take()) is not None and not self.gateway.send(batch):
-            events.resync()
+        if (batch := self.sched.kv.cache_events()) is not None and not self.gateway.send(batch):
+            self.sched.kv.events.resync()
+            self.cache_batches.next += RESYNC_WAIT_S
 
     def start_heartbeats(self) -> None:
         self.snapshot()
@@ -244,7 +246,7 @@ class ServiceLoop:
             step_per_unit_s=per_unit,
             step_budget=self.step_budget(),
             requests_seen=self.requests_seen,
-            tier_blocks=tier.num_blocks if (tier := self.sched.kv.tier) else 0,
+            tier_capacity_blocks=tier.cap_files if (tier := self.sched.kv.tier) else 0,
         )
 
     def send_token(self, seq: Sequence, token: SampledToken, finished: bool) -> None:

@@ -332,7 +332,8 @@ class Backend:
         self.streams.pop(stream.req_id, None)
         decode = self.registry.services.get(stream.decode_id)
         if token_ids and decode is not None and decode.role == "decode":  # not a kept one's
-            self.router.prefixes.add(decode.id, token_ids, held_blocks(decode), stream.salt)
+            # the last token was sampled, never fed: its KV was not computed
+            self.router.prefixes.add(decode.id, token_ids[:-1], held_blocks(decode), stream.salt)
         self._end_prefill_on_decode(stream)
         if stream.kept and (prefill := self.registry.services.get(stream.decode_id)) is not None:
             prefill.kept -= 1
@@ -348,4 +349,4 @@ class Backend:
 
 def held_blocks(service: Service) -> int:
     """Blocks a service's prefix cache can hold: its pool's, and its KV tier's."""
-    return service.load.total_blocks + service.load.tier_blocks
+    return service.load.total_blocks + service.load.tier_capacity_blocks

@@ -1,5 +1,6 @@
-"""What the multi-process tests share: the engine flags their stacks run with, and
-transformers' greedy output, the reference every served token is compared with."""
+"""What the tests share: the engine flags their stacks run with, transformers' greedy output
+(the reference every served token is compared with), and a kernel's closeness to its torch
+reference in ulps."""
 
 from collections import Counter
 
@@ -37,3 +38,10 @@ def adjusted(logits: list[float], prompt, out, bias=(), rep=1.0, freq=0.0, pres=
     for t, count in Counter(out).items():
         logits[t] -= freq * count + pres
     return logits
+
+
+def assert_close(got: torch.Tensor, want: torch.Tensor, ulps: int) -> None:
+    """Equal within `ulps` units of the dtype's precision, relative and absolute; NaN (an
+    element never written) only where the reference has NaN too."""
+    tol = ulps * torch.finfo(want.dtype).eps
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol, equal_nan=True)

@@ -51,7 +51,7 @@ def settle(tier: DiskTier | None) -> None:
 
 
 def publish(kv: KVCacheManager) -> P.CacheEvents:
-    batch = kv.events.take()
+    batch = kv.cache_events()
     assert batch is not None
     return WIRE.decode(WIRE.encode(batch))  # as the gateway receives it
 
@@ -77,7 +77,7 @@ def test_the_gateway_index_follows_the_cache_exactly(tmp_path, with_tier):
     assert kv.pool.cached_hashes() and (tier is None or tier.stats.deleted_files > 0)  # churned
 
     serve(kv, prefixes[0] + [7] * 20, session=False)
-    kv.events.take()  # a batch the gateway never gets (a dropped send)
+    kv.cache_events()  # a batch the gateway never gets (a dropped send)
     serve(kv, prefixes[1] + [8] * 20, session=False)
     settle(tier)
     assert index.apply("d", publish(kv), held)  # out of step: ask for a snapshot
@@ -115,3 +115,25 @@ def test_a_restarted_service_reports_what_its_tier_holds(tmp_path):
     prompt = [*range(3, 3 + 13), 99]
     assert index.cached_tokens(prompt, None) == {"d": 12}
     again.tier.close()
+
+
+def test_the_gateways_own_record_counts_only_until_the_service_reports():
+    """Where a service reports its cache, what the gateway sent it is a guess for a moment
+    (the next turn may come first), then only what the service says it computed counts."""
+    clock = Clock()
+    index = PrefixIndex(4, clock)
+    computed = [*range(3, 3 + 8), 99]  # two full blocks, then the last token
+    index.apply("d", P.CacheEvents(1, [], [], reset=True), 100)  # in step, holding nothing
+    index.add("d", computed, 100, None)
+    assert index.cached_tokens([*computed, 5], None) == {"d": 8}
+    clock.now += 3  # it never said it computed them (the request failed, say)
+    assert index.cached_tokens([*computed, 5], None) == {}
+    index.add("d", computed, 100, None)
+    confirmed = index.hashes(computed, None)
+    index.apply("d", P.CacheEvents(2, confirmed, []), 100)
+    clock.now += 3
+    assert index.cached_tokens([*computed, 5], None) == {"d": 8}  # reported: it stays
+
+    index.add("p", computed, 100, None)  # a service that reports nothing: the record is all
+    clock.now += 3
+    assert index.cached_tokens([*computed, 5], None)["p"] == 8

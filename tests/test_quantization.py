@@ -1,17 +1,71 @@
-"""Weight-only int8 (`--quantization int8`): SmolLM2 with every projection in 8 bits generates
-tokens whose logprobs stay within a stated bound of the fp32 model's (transformers), and a
-quantized model's KV crosses the prefill/decode hand-off exactly. The kernel against its
-reference is in test_kernels.py."""
+"""Weight-only int8 (`--quantization int8`): the quantizer and the C kernel against its torch
+reference; SmolLM2 with every projection in 8 bits generates tokens whose logprobs stay within
+a stated bound of the fp32 model's (transformers); a quantized model's KV crosses the
+prefill/decode hand-off exactly."""
 
 import asyncio
 
 import httpx
+import pytest
 import torch
+from reference import assert_close
 from stack import Stack
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import baton
+from baton.kernels import linear_native
 from baton.sampling_params import SamplingParams
+
+
+def packed_int8_or_skip(q: torch.Tensor) -> torch.Tensor:
+    packed = linear_native.pack_int8(q)
+    if packed is None:
+        pytest.skip("the int8 C linear serves only on a CPU with AVX-512 BF16")
+    return packed
+
+
+@pytest.mark.parametrize("rows", [1, 5, 8, 70])
+@pytest.mark.parametrize("out_features", [16, 40, 150])
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_linear_is_its_reference(rows, out_features, bias):
+    seed = rows * 1000 + out_features
+    print(f"seed {seed}")
+    torch.manual_seed(seed)
+    in_features = 70
+    x = torch.randn(rows, in_features).bfloat16()
+    q, scale = linear_native.quantize_int8(torch.randn(out_features, in_features))
+    b = torch.randn(out_features).bfloat16() if bias else None
+    got = linear_native.linear(x, packed_int8_or_skip(q), b, out_features, scale)
+    # the same fp32 products (int8 widens to bf16 exactly) summed in another order, scaled,
+    # rounded once: within one bf16 ulp
+    assert_close(got, linear_native.reference_int8(x, q, scale, b), ulps=1)
+    assert got.shape == (rows, out_features)
+
+
+def test_int8_quantization_is_per_output_channel_and_round_to_nearest():
+    weight = torch.tensor([[0.5, -1.0, 0.25], [100.0, 3.0, -50.0]])
+    q, scale = linear_native.quantize_int8(weight)
+    assert torch.equal(scale, torch.tensor([1.0, 100.0]) / 127)
+    assert q.tolist() == [[64, -127, 32], [127, 4, -64]]  # 63.5 -> 64, 3.81 -> 4, 31.75 -> 32
+    # the error is at most half a step of its row's scale
+    assert ((q.float() * scale[:, None] - weight).abs() <= scale[:, None] / 2 + 1e-6).all()
+
+
+def test_int8_linear_row_does_not_depend_on_its_batch():
+    torch.manual_seed(3)
+    x = torch.randn(21, 576).bfloat16()
+    q, scale = linear_native.quantize_int8(torch.randn(100, 576))
+    packed = packed_int8_or_skip(q)
+    batched = linear_native.linear(x, packed, None, 100, scale)
+    for i in range(21):
+        assert torch.equal(
+            linear_native.linear(x[i : i + 1], packed, None, 100, scale)[0], batched[i]
+        )
+
+
+def test_int8_linear_declines_what_it_cannot_run():
+    assert linear_native.pack_int8(torch.zeros(16, 7, dtype=torch.int8)) is None  # pairs
+
 
 QUESTIONS = [
     "What is the capital of France?",

@@ -63,7 +63,8 @@ def source(base: Path, log: Path) -> Path:
         return src
     with tempfile.TemporaryDirectory(dir=base) as tmp:
         pip = [sys.executable, "-m", "pip", "download", "-q", "--no-deps"]
-        run([*pip, "--no-binary", ":all:", SDIST, "-d", tmp], log)
+        # the sdist only (":all:" would also build its build backend from source)
+        run([*pip, "--no-binary", SDIST.split("==")[0], SDIST, "-d", tmp], log)
         (sdist,) = Path(tmp).glob("*.tar.gz")
         with tarfile.open(sdist) as tar:
             top = tar.getmembers()[0].name.split("/")[0]

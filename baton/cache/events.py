@@ -1,4 +1,5 @@
-"""What a service's prefix cache gains and loses, published for the gateway's index of it.
+"""What a service's prefix cache gains and loses, published for the gateway's index of it
+(all on the engine thread: KVCacheManager judges the KV tier's worker's drops there).
 
 A service holds a full block's chained hash while its pool caches the block or its KV tier
 has the file; the gateway routes by what it holds (gateway.prefix_index). Changes are kept
@@ -8,7 +9,6 @@ on a full queue, a gateway restart, changes piling up past MAX_CHANGES) is mende
 snapshot of everything held: sent first, after a dropped send, and when the gateway asks.
 """
 
-import threading
 from collections.abc import Callable, Iterable
 
 from baton import protocol as P
@@ -23,7 +23,6 @@ class CacheEvents:
         self.seq = 0
         self.reset_due = True  # the gateway knows nothing of this process yet
         self._changes: dict[bytes, bool] = {}  # hash -> held now; the latest word wins
-        self._lock = threading.Lock()  # the tier's worker thread drops files too
 
     def stored(self, block_hash: bytes) -> None:
         self._note(block_hash, True)
@@ -32,19 +31,17 @@ class CacheEvents:
         self._note(block_hash, False)
 
     def _note(self, block_hash: bytes, held: bool) -> None:
-        with self._lock:
-            if self.reset_due:  # the snapshot will say it
-                return
-            self._changes[block_hash] = held
-            if len(self._changes) > MAX_CHANGES:
-                self._changes.clear()
-                self.reset_due = True
+        if self.reset_due:  # the snapshot will say it
+            return
+        self._changes[block_hash] = held
+        if len(self._changes) > MAX_CHANGES:
+            self._changes.clear()
+            self.reset_due = True
 
     def take(self) -> P.CacheEvents | None:
         """The next batch: the changes since the last, or a snapshot; None with neither."""
-        with self._lock:
-            changes, self._changes = self._changes, {}
-            reset, self.reset_due = self.reset_due, False
+        changes, self._changes = self._changes, {}
+        reset, self.reset_due = self.reset_due, False
         if not changes and not reset:
             return None
         self.seq += 1
@@ -57,6 +54,5 @@ class CacheEvents:
 
     def resync(self) -> None:
         """The gateway missed a batch (or asks after its restart): send everything next."""
-        with self._lock:
-            self._changes.clear()
-            self.reset_due = True
+        self._changes.clear()
+        self.reset_due = True

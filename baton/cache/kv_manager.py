@@ -9,9 +9,11 @@ What the two hold between them is published as it changes (`events`, for the gat
 """
 
 import hashlib
+import queue
 from array import array
 from typing import TYPE_CHECKING
 
+from baton import protocol as P
 from baton.cache.block_pool import BlockPool, OutOfBlocks
 from baton.cache.events import CacheEvents
 from baton.request import Sequence
@@ -38,7 +40,7 @@ class KVCacheManager:
         self.events = CacheEvents(self.held_hashes) if enable_prefix_caching else None
         self.pool = BlockPool(num_blocks, on_evict=self._evicted if self.events else None)
         if self.tier is not None:
-            self.tier.on_change = self._tier_changed
+            self.tier.on_stored = self.events.stored
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
 
@@ -57,12 +59,21 @@ class KVCacheManager:
                 return
         self.events.removed(block_hash)
 
-    def _tier_changed(self, block_hash: bytes, held: bool) -> None:
-        """The tier gained or lost a file (on its worker thread, for a loss)."""
-        if held:
-            self.events.stored(block_hash)
-        elif self.pool.lookup(block_hash) is None:
-            self.events.removed(block_hash)
+    def cache_events(self) -> P.CacheEvents | None:
+        """The next batch of what the pool and the tier gained and lost (baton.cache.events).
+        A file the tier dropped (its worker trims) is judged here, on the engine thread: it
+        is gone only where the pool does not cache the block and the tier has not taken it
+        again since."""
+        if self.events is None:
+            return None
+        if self.tier is not None:
+            if self.tier.dropped is None:  # from the first batch, a snapshot, on
+                self.tier.dropped = queue.SimpleQueue()
+            while not self.tier.dropped.empty():
+                block_hash = self.tier.dropped.get_nowait()
+                if self.pool.lookup(block_hash) is None and not self.tier.indexed(block_hash):
+                    self.events.removed(block_hash)
+        return self.events.take()
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)

@@ -73,9 +73,11 @@ class DiskTier:
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._done: queue.SimpleQueue = queue.SimpleQueue()
         self._scan()
-        # hears each hash the index gains or loses (KVCacheManager's events; a loss from the
-        # worker thread)
-        self.on_change: Callable[[bytes, bool], None] | None = None
+        # hears each hash the index gains (on the engine thread: KVCacheManager's events);
+        # what it loses, on either thread, is queued in `dropped` for the engine thread to judge
+        # (the pool may hold the block, or the tier take it again, by then)
+        self.on_stored: Callable[[bytes], None] | None = None
+        self.dropped: queue.SimpleQueue[bytes] | None = None  # None: nobody reads them
         self._worker = threading.Thread(target=self._work, name="kv-tier", daemon=True)
         self._worker.start()
 
@@ -123,18 +125,20 @@ class DiskTier:
         return False
 
     def _add(self, block_hash: bytes, queued_bytes: int = 0) -> None:
+        """On the engine thread (save, holds)."""
         with self._lock:
             self._index[block_hash] = None
             self._queued_bytes += queued_bytes
-        if self.on_change is not None:
-            self.on_change(block_hash, True)
+        if self.on_stored is not None:
+            self.on_stored(block_hash)
 
     def _drop(self, block_hash: bytes) -> None:
         with self._lock:
-            if self._index.pop(block_hash, False) is False:
+            if block_hash not in self._index:
                 return
-        if self.on_change is not None:
-            self.on_change(block_hash, False)
+            del self._index[block_hash]
+        if self.dropped is not None:
+            self.dropped.put(block_hash)
 
     def save(self, block: int, block_hash: bytes) -> None:
         """Copy `block`'s bytes now, for the disk: the pool is about to reuse it, or it is a

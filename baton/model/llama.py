@@ -6,6 +6,7 @@ and writes the paged KV cache through AttentionMetadata. q/k/v and gate/up are f
 matmul each; `packed_modules` tells the loader how Hugging Face names map onto them.
 """
 
+import logging
 from dataclasses import dataclass
 from functools import partial
 from typing import ClassVar
@@ -17,6 +18,8 @@ from torch import nn
 from baton import kernels
 from baton.kernels import linear_native
 from baton.model.attention import AttentionMetadata, PagedAttention
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,9 @@ class Linear(nn.Linear):
             self.native = self.packed is not None
         self.qweight = None if self.native else q
         self.register_parameter("weight", None)
+        # in the state dict, so the KV tier's fingerprint (Engine) samples the int8 weights
+        self.register_buffer("int8_weight", self.packed if self.native else q)
+        self.register_buffer("int8_scale", self.scale)
 
     def prepack(self) -> None:
         if kernels.BACKEND == "native":
@@ -320,10 +326,13 @@ class CausalLM(nn.Module):
         w = self.lm_head.weight
         linears = [m for m in self.modules() if isinstance(m, Linear)]
         if self.args.quantization == "int8":
-            if any(isinstance(m, Experts) for m in self.modules()):  # 3D weights, no Linear
-                raise ValueError("--quantization int8 does not cover MoE experts yet")
             for m in linears:
                 m.quantize()
+            if not all(m.native for m in linears):
+                log.warning(
+                    "int8 weights run on torch here (the C kernel needs AVX-512 BF16 and bf16): "
+                    "slower than unquantized weights"
+                )
         elif w.dtype == torch.bfloat16 and w.device.type == "cpu":
             for m in linears:
                 m.prepack()

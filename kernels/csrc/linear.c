@@ -52,11 +52,12 @@ int linear_bf16_pack(const uint16_t *w, int64_t n, int64_t k, uint16_t *packed) 
 int linear_i8_pack(const int8_t *w, int64_t n, int64_t k, int8_t *packed) { PACK(int8_t) }
 #undef PACK
 
-/* The packed weight's values `at` on (bf16: 2 bytes each; int8: 1), as a bf16 vector. */
+/* Where the packed weight's value number `at` is (bf16: 2 bytes each; int8: 1). */
 ALWAYS_INLINE const char *values(const void *w, int64_t at, const int int8) {
     return (const char *)w + at * (int8 ? 1 : 2);
 }
 
+/* The 32 values from number `at` on, as a bf16 vector. */
 ALWAYS_INLINE __m512bh weights(const void *w, int64_t at, const int int8) {
     if (!int8) return (__m512bh)_mm512_loadu_si512(values(w, at, 0));
     const __m128i *q = (const __m128i *)values(w, at, 1);

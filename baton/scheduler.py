@@ -160,12 +160,19 @@ class Scheduler:
     def reserve_remote(self, seq: Sequence, num_tokens: int) -> bool:
         """Reserve blocks for `num_tokens` of `seq`'s KV, all at once (a streamed prompt's
         reads never wait on blocks that others hold half of), keeping enough free for the
-        running batch to grow by one block each; False while they do not fit."""
+        running batch to grow by one block each; False while they do not fit. The leading
+        blocks this pool caches already (an agent's earlier turns it decoded) are shared, not
+        reserved: `seq.num_cached_blocks` of them, which the hand-off does not read."""
         if seq.block_ids:
             return True
-        if self.kv.blocks_needed(num_tokens) + len(self.running) > self.kv.pool.num_free:
+        self.kv.match_prefix(seq)
+        need = self.kv.blocks_needed(num_tokens) - len(seq.block_ids)
+        if need + len(self.running) > self.kv.pool.num_free:
+            self.kv.free(seq)  # the shared ones back, until the rest fits
+            seq.num_computed_tokens = 0
             return False
-        self.kv.allocate(seq, num_tokens)  # num_computed_tokens stays 0 until it lands
+        self.num_prefix_hit_tokens += seq.num_computed_tokens
+        self.kv.allocate(seq, num_tokens - seq.num_computed_tokens)
         return True
 
     def kv_landed(self, seq: Sequence, num_computed: int) -> None:

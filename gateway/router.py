@@ -2,7 +2,8 @@
 
 Services register by heartbeat and are dropped when silent for `timeout_s`, so pools grow
 and shrink while running. Routing is one decision per prompt, decode first: the decode with
-the most free KV blocks per running sequence (or the one that holds the prompt's prefix), then
+the most free KV blocks per running sequence, less the share of the prompt it holds (the
+hand-off does not move what it holds), or the one that holds all but a few tokens of it, then
 whether that decode prefills it itself, else the prefill with the fewest prompt tokens to
 compute before this one's first token: its queue, and the part of this prompt its prefix cache
 does not hold (the gateway's record of what each computed lately: a shared system prompt, an
@@ -235,7 +236,12 @@ class Router:
                 best = max(held, key=lambda s: (hits[s.id], -decode_load(s)))
                 if n - hits[best.id] <= self.cached_prefill_tokens:
                     return Placement(best, None, Why.CACHED, n)
-        decode = min(spared or decodes, key=decode_load, default=None)
+        # the least loaded decode, less the share of the prompt it holds (its KV need not move:
+        # an agent's next turn goes back to the decode that served the last, unless it is busier
+        # by more than that turn is worth)
+        decode = min(
+            spared or decodes, key=lambda s: decode_load(s) - hits.get(s.id, 0) / n, default=None
+        )
         if decode is None:
             raise NoCapacity("no decode service is available")
         prefills = [s for s in self.registry.pool("prefill") if s.id not in avoid]

@@ -2,7 +2,8 @@
 
 Each prefill peer gets a Reader at its Hello (kvtransfer.handshake picks the transport). An
 offered request waits in the scheduler as WAITING_FOR_KV; `pull` asks the scheduler to reserve
-its blocks (whole, under the scheduler's headroom rule) and starts a read of what is new,
+its blocks (whole, under the scheduler's headroom rule; the leading ones this decode's prefix
+cache holds are shared instead, and never read) and starts a read of what is new,
 one read in flight per request; when the final offer's blocks have all landed the request
 joins the scheduler's queue and the prefill gets KVRelease. Every other ending (KVAbort,
 the gateway's Abort, a failed or stuck read, a silent or restarted prefill) returns the
@@ -213,6 +214,8 @@ class KVReceiver:
             total = p.num_computed if p.final else p.seq.num_tokens
             if not self.sched.reserve_remote(p.seq, total):
                 break
+            # the leading blocks its own prefix cache held (shared at the reservation) stay
+            p.num_started = max(p.num_started, min(p.seq.num_cached_blocks, len(p.src_block_ids)))
             if not p.unread:
                 if p.final:  # nothing (more) to read
                     self._join(p)

@@ -223,6 +223,29 @@ def test_a_streamed_prompt_lands_whole_and_joins_the_queue(reader):
     assert_all_free(pair)
 
 
+def test_the_blocks_the_decode_caches_already_are_not_read_again():
+    """An agent's next turn handed off to the decode that served the last: the prompt's
+    leading blocks are in its prefix cache, so only the rest is read."""
+    pair = Pair("one-sided", stream=False)
+    kv = pair.d_sched.kv
+    earlier = Sequence("earlier", [*PROMPT[:8], 3], SamplingParams())  # its two full blocks
+    kv.match_prefix(earlier)
+    kv.allocate(earlier, earlier.num_tokens)
+    earlier.num_computed_tokens = earlier.num_tokens
+    kv.cache_computed(earlier)
+    cached = list(earlier.block_ids[:2])
+    kv.free(earlier)
+    pair.read_started()
+    ((src, dst),) = pair.one_sided.reading.values()
+    assert src == [2] and len(dst) == 1  # the prefill's third block only
+    pair.one_sided.land()
+    pair.decode_apply()
+    pair.deliver()
+    seq = joined(pair)
+    assert seq.block_ids[:2] == cached and pair.d_sched.num_prefix_hit_tokens == 8
+    assert_all_free(pair)
+
+
 def test_an_abort_that_overtakes_the_offer_leaves_no_orphan_sequence():
     """The gateway's Abort reaches the decode before the prefill's offer does; shm and NIXL
     read at once, so the prefill's KVAbort would come too late: the offer is let go."""

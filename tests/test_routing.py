@@ -318,6 +318,27 @@ def test_a_placement_whose_service_left_before_the_send_is_made_again():
     asyncio.run(scenario())
 
 
+def test_a_handed_off_turn_goes_to_the_decode_holding_its_conversation_unless_much_busier():
+    """More new tokens than a decode computes itself: a prefill computes them, and the
+    decode that holds the earlier turns takes the KV (only the new blocks move), while it is
+    not busier than the other by more than the turn's held share."""
+    services = ("prefill-0", "prefill"), ("decode-0", "decode"), ("decode-1", "decode")
+    backend = gateway(*services, cached_prefill_tokens=64, block_size=16)
+    conversation = prompt(960, 100)
+    backend.router.prefixes.add("decode-1", conversation, 1000, None)
+    turn = [*conversation, *prompt(100, 9000)]  # 100 new: over the 64 computed on a decode
+    (placement,) = backend.router.place([turn])
+    assert (placement.why, placement.decode.id) == (Why.REMOTE, "decode-1")
+    for running in (30, 80):  # its share (960 of 1,060) outweighs 30 more requests, not 80
+        registry = backend.registry
+        registry.heartbeat(heartbeat("decode-1", "decode"))
+        registry.services["decode-1"].load = msgspec.structs.replace(
+            registry.services["decode-1"].load, running=running
+        )
+        (placement,) = backend.router.place([turn])
+        assert placement.decode.id == ("decode-1" if running == 30 else "decode-0")
+
+
 def test_a_prompt_goes_to_the_prefill_holding_its_prefix_while_its_queue_allows():
     async def scenario() -> None:
         services = ("prefill-0", "prefill"), ("prefill-1", "prefill"), ("decode-0", "decode")

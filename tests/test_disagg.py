@@ -319,7 +319,8 @@ def test_short_prompts_prefill_on_their_decode_long_ones_hand_off(
 def test_a_next_turn_prefills_on_the_decode_that_holds_its_prefix(tmp_path, tiny_text_model):
     """Conditional disaggregation by cache: turn 2 of a conversation (turn 1, its answer,
     a few new tokens) goes to the decode that served turn 1, which still holds its KV:
-    only the new tokens are computed, no KV moves, and the tokens are still exact."""
+    only the new tokens are computed, no KV moves, and the tokens are still exact. Turn 3,
+    too long to compute there, is handed off to it, and only its new blocks move."""
     rng = random.Random(11)
     turn1 = [rng.randrange(3, 49152) for _ in range(70)]
     stack = Stack(tmp_path / "logs", tiny_text_model, *ENGINE, decode=2)
@@ -337,6 +338,23 @@ def test_a_next_turn_prefills_on_the_decode_that_holds_its_prefix(tmp_path, tiny
         hits = {n: stack.metric(n, "baton_prefix_cache_hit_tokens_total") for n in decodes}
         assert sorted(hits.values()) == [0, (len(turn1) + NEW - 1) // 16 * 16]
         assert stack.metric("prefill-0", "baton_prefix_cache_hit_tokens_total") == 0
+
+        # turn 3 brings 300 new tokens, more than a decode computes itself: the prefill
+        # computes it, and the decode holding turns 1-2 takes it, reading only the new blocks
+        (holder,) = [n for n, h in hits.items() if h]
+        received = {n: stack.metric(n, "baton_kv_bytes_received_total") for n in decodes}
+        block_bytes = received[holder] / -(-len(turn1) // 16)  # turn 1 moved whole
+        turn3 = (
+            turn2 + r2["choices"][0]["token_ids"] + [rng.randrange(3, 49152) for _ in range(300)]
+        )
+        (r3,) = asyncio.run(complete_all(stack.url, [turn3]))
+        assert r3["choices"][0]["token_ids"] == hf_greedy(tiny_text_model, [turn3], NEW)[0]
+        held = (len(turn2) + NEW - 1) // 16  # turn 2 and its answer, but its last token
+        read = stack.metric(holder, "baton_kv_bytes_received_total") - received[holder]
+        assert read == (-(-len(turn3) // 16) - held) * block_bytes
+        assert (
+            stack.metric(holder, "baton_prefix_cache_hit_tokens_total") == hits[holder] + held * 16
+        )
         assert len(prefills) == 1 and set(stack.wait_blocks_free().values()) == {0}
     finally:
         stack.stop()

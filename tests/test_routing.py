@@ -220,14 +220,16 @@ def test_prompts_sent_after_a_heartbeats_snapshot_count_until_a_heartbeat_counts
 def test_a_turn_goes_to_the_decode_that_holds_its_prefix_when_little_of_it_is_new():
     async def scenario() -> None:
         services = ("prefill-0", "prefill"), ("decode-0", "decode"), ("decode-1", "decode")
-        backend = gateway(*services, cached_prefill_tokens=32, block_size=16)
+        backend = gateway(*services, cached_prefill_tokens=40, block_size=16)
         registry = backend.registry
         turn1 = prompt(200, 100)  # handed off
         stream = await send(backend, turn1)
         assert stream.prefill_id == "prefill-0"
         answer = prompt(8, 900)
         await backend.finish(stream, turn1 + answer)  # its decode now caches turn1 + answer
-        turn2 = turn1 + answer + prompt(20, 5000)  # 20 new tokens after 208 held
+        # 36 new tokens after the 12 full blocks held (the answer's last token was sampled,
+        # never fed: its block is not full)
+        turn2 = turn1 + answer + prompt(20, 5000)
         (placement,) = backend.router.place([turn2])
         assert (placement.decode.id, placement.why) == (stream.decode_id, Why.CACHED)
         stream2 = await send(backend, turn2)
@@ -322,21 +324,24 @@ def test_a_handed_off_turn_goes_to_the_decode_holding_its_conversation_unless_mu
     """More new tokens than a decode computes itself: a prefill computes them, and the
     decode that holds the earlier turns takes the KV (only the new blocks move), while it is
     not busier than the other by more than the turn's held share."""
-    services = ("prefill-0", "prefill"), ("decode-0", "decode"), ("decode-1", "decode")
-    backend = gateway(*services, cached_prefill_tokens=64, block_size=16)
-    conversation = prompt(960, 100)
-    backend.router.prefixes.add("decode-1", conversation, 1000, None)
-    turn = [*conversation, *prompt(100, 9000)]  # 100 new: over the 64 computed on a decode
-    (placement,) = backend.router.place([turn])
-    assert (placement.why, placement.decode.id) == (Why.REMOTE, "decode-1")
-    for running in (30, 80):  # its share (960 of 1,060) outweighs 30 more requests, not 80
-        registry = backend.registry
-        registry.heartbeat(heartbeat("decode-1", "decode"))
-        registry.services["decode-1"].load = msgspec.structs.replace(
-            registry.services["decode-1"].load, running=running
-        )
+
+    async def scenario() -> None:
+        services = ("prefill-0", "prefill"), ("decode-0", "decode"), ("decode-1", "decode")
+        backend = gateway(*services, cached_prefill_tokens=64, block_size=16)
+        conversation = prompt(960, 100)
+        backend.router.prefixes.add("decode-1", conversation, 1000, None)
+        turn = [*conversation, *prompt(100, 9000)]  # 100 new: over the 64 computed on a decode
         (placement,) = backend.router.place([turn])
-        assert placement.decode.id == ("decode-1" if running == 30 else "decode-0")
+        assert (placement.why, placement.decode.id) == (Why.REMOTE, "decode-1")
+        holder = backend.registry.services["decode-1"]
+        for running, expected in ((30, "decode-1"), (80, "decode-0")):
+            # its share (960 of 1,060) outweighs 30 more requests, not 80
+            holder.load = msgspec.structs.replace(holder.load, running=running)
+            (placement,) = backend.router.place([turn])
+            assert placement.decode.id == expected
+        await backend.close()
+
+    asyncio.run(scenario())
 
 
 def test_a_prompt_goes_to_the_prefill_holding_its_prefix_while_its_queue_allows():

@@ -206,12 +206,15 @@ class FakePrefill:
         self.sock.send_multipart([self.codec.encode(msg), *frames])
 
     def reply(self, timeout_s: float = 10):
-        """The decode's next message, answering its keep-alives on the way (so it keeps us)."""
-        while self.sock.poll(timeout_s * 1000):
+        """The decode's next message within `timeout_s` (None: none came), answering its
+        keep-alives on the way (so it keeps us)."""
+        deadline = time.monotonic() + timeout_s
+        while self.sock.poll(max(0.0, deadline - time.monotonic()) * 1000):
             msg = self.codec.decode(self.sock.recv())
             if not isinstance(msg, P.KeepAlive):
                 return msg
             self.send(P.KeepAlive())
+        return None
         raise TimeoutError(f"the decode did not answer {self.name}")
 
 
@@ -355,7 +358,12 @@ def test_decode_reads_a_streamed_prompt_as_offered_into_blocks_reserved_whole(st
         peer = FakePrefill(ctx, f"tcp://127.0.0.1:{kv_port}", "stream-prefill")
         peer.send(P.Hello("stream-prefill", layout, 64, "zmq-tcp"))
         assert peer.reply().ok
-        prompt, params, nbytes = [5] * 40, SamplingParams(max_tokens=2), layout.block_nbytes
+        # tokens no other test sends: a block the decode caches already would not be pulled
+        prompt, params, nbytes = (
+            list(range(600, 640)),
+            SamplingParams(max_tokens=2),
+            layout.block_nbytes,
+        )
         peer.send(P.KVOffer("streamed", prompt, 40, 16, params, [7], final=False))
         assert peer.reply() == P.KVPull("streamed", [7])
         peer.send(P.KVBlocks("streamed", [(7, 1)]), bytes(nbytes))

@@ -168,8 +168,7 @@ class Scheduler:
         self.kv.match_prefix(seq)
         need = self.kv.blocks_needed(num_tokens) - len(seq.block_ids)
         if need + len(self.running) > self.kv.pool.num_free:
-            self.kv.free(seq)  # the shared ones back, until the rest fits
-            seq.num_computed_tokens = 0
+            self._unmatch(seq)  # the shared ones back, until the rest fits
             return False
         self.num_prefix_hit_tokens += seq.num_computed_tokens
         self.kv.allocate(seq, num_tokens - seq.num_computed_tokens)
@@ -225,10 +224,14 @@ class Scheduler:
                     return seq
         return None
 
-    def _preempt(self, seq: Sequence) -> None:
-        self.num_preemptions += 1
+    def _unmatch(self, seq: Sequence) -> None:
+        """Its blocks back (a prefix hit's shares too), and nothing of it computed."""
         self.kv.free(seq)
         seq.num_computed_tokens = 0
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.num_preemptions += 1
+        self._unmatch(seq)
         seq.status = SeqStatus.WAITING
         insert_by_priority(self.waiting, seq, ahead=True)  # it was running: first among equals
 
@@ -325,8 +328,7 @@ class Scheduler:
                 hit = seq.num_computed_tokens
             n = self._chunk(seq, budget, prompt_room)
             if n == 0 or not self.kv.can_allocate(seq, n):
-                self.kv.free(seq)  # give back the prefix hit until it fits
-                seq.num_computed_tokens = 0
+                self._unmatch(seq)  # give back the prefix hit until it fits
                 break
             self.kv.allocate(seq, n)
             self.waiting.popleft()

@@ -45,11 +45,7 @@ class PrefixIndex:
         """The gateway's own record: `token_ids`' KV is (or will be) computed on the service."""
         if service_id not in self.seq:  # it reports nothing the gateway can go by
             blocks = self.held.setdefault(service_id, OrderedDict())
-            for h in self.hashes(token_ids, salt):
-                blocks[h] = None
-                blocks.move_to_end(h)
-            while len(blocks) > capacity_blocks:
-                blocks.popitem(last=False)
+            _remember(blocks, self.hashes(token_ids, salt), capacity_blocks)
             return
         now = self.clock()
         record = self.provisional.setdefault(service_id, OrderedDict())
@@ -94,14 +90,19 @@ class PrefixIndex:
         for h in batch.removed:
             blocks.pop(h, None)
             guessed.pop(h, None)
-        for h in batch.stored:
-            blocks[h] = None
-            blocks.move_to_end(h)
-        while len(blocks) > capacity_blocks:
-            blocks.popitem(last=False)
+        _remember(blocks, batch.stored, capacity_blocks)
         return False
 
     def forget(self, service_id: str) -> None:
         """A service died or restarted: its cache is gone."""
         for record in (self.held, self.provisional, self.seq, self.asked):
             record.pop(service_id, None)
+
+
+def _remember(blocks: OrderedDict[bytes, None], hashes: list[bytes], capacity: int) -> None:
+    """`hashes` as the most recent of `blocks`, the oldest dropped past `capacity`."""
+    for h in hashes:
+        blocks[h] = None
+        blocks.move_to_end(h)
+    while len(blocks) > capacity:
+        blocks.popitem(last=False)

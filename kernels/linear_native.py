@@ -14,14 +14,17 @@ COLS = 16  # the packed weight's columns come in runs of this many (csrc/linear.
 def pack(weight: torch.Tensor) -> torch.Tensor | None:
     """The weight [out, in] packed for `linear`, or None where the kernel does not serve: no C
     library, no AVX-512 BF16 (or AMX, where oneDNN is faster), not bf16, an odd `in`."""
+    return _pack(weight, torch.bfloat16, "linear_bf16_pack")
+
+
+def _pack(weight: torch.Tensor, dtype: torch.dtype, c_pack: str) -> torch.Tensor | None:
     lib = native.load()
-    if lib is None or weight.dtype != torch.bfloat16 or weight.device.type != "cpu":
+    if lib is None or weight.dtype != dtype or weight.device.type != "cpu":
         return None
     weight = weight.contiguous()
     out_features, in_features = weight.shape
-    padded = -(-out_features // COLS) * COLS
-    packed = torch.empty(padded * in_features, dtype=torch.bfloat16)
-    if lib.linear_bf16_pack(weight.data_ptr(), out_features, in_features, packed.data_ptr()):
+    packed = torch.empty(-(-out_features // COLS) * COLS * in_features, dtype=dtype)
+    if getattr(lib, c_pack)(weight.data_ptr(), out_features, in_features, packed.data_ptr()):
         return None
     return packed
 
@@ -47,15 +50,7 @@ def reference_int8(
 def pack_int8(q: torch.Tensor) -> torch.Tensor | None:
     """An int8 weight [out, in] packed for `linear_int8`, or None where the kernel does not
     serve (no C library, no AVX-512 BF16, an odd `in`)."""
-    lib = native.load()
-    if lib is None or q.dtype != torch.int8 or q.device.type != "cpu":
-        return None
-    q = q.contiguous()
-    out_features, in_features = q.shape
-    packed = torch.empty(-(-out_features // COLS) * COLS * in_features, dtype=torch.int8)
-    if lib.linear_i8_pack(q.data_ptr(), out_features, in_features, packed.data_ptr()):
-        return None
-    return packed
+    return _pack(q, torch.int8, "linear_i8_pack")
 
 
 def linear(

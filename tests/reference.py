@@ -4,6 +4,7 @@ reference in ulps."""
 
 from collections import Counter
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -45,3 +46,10 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, ulps: int) -> None:
     element never written) only where the reference has NaN too."""
     tol = ulps * torch.finfo(want.dtype).eps
     torch.testing.assert_close(got, want, atol=tol, rtol=tol, equal_nan=True)
+
+
+def packed_or_skip(packed: torch.Tensor | None, needs: str) -> torch.Tensor:
+    """A C kernel's packed weight, or the test skipped: this CPU lacks what the kernel `needs`."""
+    if packed is None:
+        pytest.skip(f"the C linear layer serves only on a CPU with {needs}")
+    return packed

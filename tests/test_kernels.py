@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import torch
-from reference import assert_close
+from reference import assert_close, packed_or_skip
 from test_engine_exact import hf_greedy, prompts
 
 import baton
@@ -384,11 +384,8 @@ def test_native_token_bitmask_is_the_torch_one(vocab):
     assert torch.isinf(short[4, (words - 1) * 32 :]).all()
 
 
-def packed_or_skip(weight: torch.Tensor) -> torch.Tensor:
-    packed = linear_native.pack(weight)
-    if packed is None:
-        pytest.skip("the C linear serves only on a CPU with AVX-512 BF16 and no AMX")
-    return packed
+def packed_bf16(weight: torch.Tensor) -> torch.Tensor:
+    return packed_or_skip(linear_native.pack(weight), "AVX-512 BF16 and no AMX")
 
 
 # rows: one, a part tile, a tile (8), tiles and a part; out: one vector (16), a part vector,
@@ -401,7 +398,7 @@ def test_native_linear_is_the_fp32_sum_rounded_once(rows, out_features, bias):
     x = torch.randn(rows, in_features).bfloat16()
     weight = torch.randn(out_features, in_features).bfloat16()
     b = torch.randn(out_features).bfloat16() if bias else None
-    got = linear_native.linear(x, packed_or_skip(weight), b, out_features)
+    got = linear_native.linear(x, packed_bf16(weight), b, out_features)
     want = torch.nn.functional.linear(x.float(), weight.float(), None if b is None else b.float())
     # fp32 sums in another order than torch's, then one rounding: within one bf16 ulp
     assert_close(got, want.bfloat16(), ulps=1)
@@ -414,7 +411,7 @@ def test_native_linear_row_does_not_depend_on_its_batch():
     x, weight = torch.randn(21, 576), torch.randn(100, 576)
     x[:, 0], x[:, -1], weight[:, 0], weight[:, -1] = 2.0**20, -(2.0**20), 1, 1
     x, weight = x.bfloat16(), weight.bfloat16()
-    packed = packed_or_skip(weight)
+    packed = packed_bf16(weight)
     batched = linear_native.linear(x, packed, None, 100)
     for i in range(21):  # alone, in another tile, at another position in its tile
         assert torch.equal(linear_native.linear(x[i : i + 1], packed, None, 100)[0], batched[i])

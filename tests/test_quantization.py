@@ -8,7 +8,7 @@ import asyncio
 import httpx
 import pytest
 import torch
-from reference import assert_close
+from reference import assert_close, packed_or_skip
 from stack import Stack
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -17,11 +17,8 @@ from baton.kernels import linear_native
 from baton.sampling_params import SamplingParams
 
 
-def packed_int8_or_skip(q: torch.Tensor) -> torch.Tensor:
-    packed = linear_native.pack_int8(q)
-    if packed is None:
-        pytest.skip("the int8 C linear serves only on a CPU with AVX-512 BF16")
-    return packed
+def packed_int8(q: torch.Tensor) -> torch.Tensor:
+    return packed_or_skip(linear_native.pack_int8(q), "AVX-512 BF16")
 
 
 @pytest.mark.parametrize("rows", [1, 5, 8, 70])
@@ -35,7 +32,7 @@ def test_int8_linear_is_its_reference(rows, out_features, bias):
     x = torch.randn(rows, in_features).bfloat16()
     q, scale = linear_native.quantize_int8(torch.randn(out_features, in_features))
     b = torch.randn(out_features).bfloat16() if bias else None
-    got = linear_native.linear(x, packed_int8_or_skip(q), b, out_features, scale)
+    got = linear_native.linear(x, packed_int8(q), b, out_features, scale)
     # the same fp32 products (int8 widens to bf16 exactly) summed in another order, scaled,
     # rounded once: within one bf16 ulp
     assert_close(got, linear_native.reference_int8(x, q, scale, b), ulps=1)
@@ -55,7 +52,7 @@ def test_int8_linear_row_does_not_depend_on_its_batch():
     torch.manual_seed(3)
     x = torch.randn(21, 576).bfloat16()
     q, scale = linear_native.quantize_int8(torch.randn(100, 576))
-    packed = packed_int8_or_skip(q)
+    packed = packed_int8(q)
     batched = linear_native.linear(x, packed, None, 100, scale)
     for i in range(21):
         assert torch.equal(

@@ -19,6 +19,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from baton.kernels.native import cpu_flags
+
 if TYPE_CHECKING:
     from baton.bench.arms import Limits
 
@@ -38,15 +40,7 @@ def root() -> Path:
 
 def cpu_key() -> str:
     """Which build this CPU takes: a hash of its feature flags."""
-    flags = next(
-        (
-            line
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("flags")
-        ),
-        "",
-    )
-    return hashlib.sha256(flags.encode()).hexdigest()[:12]
+    return hashlib.sha256(cpu_flags().encode()).hexdigest()[:12]
 
 
 def run(argv: list, log: Path) -> None:

@@ -146,6 +146,16 @@ class GatewayConfig(Section):
         Meta(gt=0, le=1),
         doc("slo admission takes a request if its predicted TTFT <= margin x ttft_ms"),
     ] = 0.85
+    admission_load: Annotated[
+        float,
+        Meta(ge=0),
+        doc(
+            "below this offered load (prompt work asked over what the stack computes, the last "
+            "30 s), slo admission still takes a request predicted to miss its TTFT when the queue "
+            "ahead of it is shorter than the target: the stack keeps up, so it is served late, "
+            "not refused. 0: refuse every predicted miss"
+        ),
+    ] = 0.9
     request_timeout_s: Annotated[
         float, Meta(gt=0), doc("a request still running after this ends with an error")
     ] = 600.0

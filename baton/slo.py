@@ -154,6 +154,15 @@ class Admission:
     reason: str = ""
 
 
+def late_ok(predicted_s: float, own_s: float, ttft_s: float, keeping_up: bool) -> bool:
+    """Whether a request predicted to miss the TTFT target is taken all the same: while the
+    stack keeps up with the load (its queue drains), when it is late by its own length or by a
+    queue ahead of it shorter than the target. A 429 there would turn away what the stack
+    serves, only late; past capacity every predicted miss is refused, so the queue stays short
+    enough for the rest to meet the target."""
+    return keeping_up and predicted_s - own_s < ttft_s
+
+
 def prefill_seconds(tokens: int, fit: tuple[float, float], budget: int) -> float:
     """Time to prefill `tokens` in steps of at most `budget` tokens each."""
     fixed, per_token = fit
@@ -187,17 +196,19 @@ def admit(
     scale: float = 1.0,
     ahead_tokens: int | None = None,
     chunk_tokens: int = 0,
+    keeping_up: bool = False,
 ) -> Admission:
     """Predict TTFT from the prefill's fitted step times over tokens_until_done, times the
-    calibration `scale`. Refuse when it
-    misses the target; with no fit yet, admit. Retry-After is when the whole queue has
-    drained. Steps all of one size fit as a fixed cost and no slope: the prediction is then
+    calibration `scale`. Refuse when it misses the target (late_ok: unless the stack is
+    `keeping_up` with the load); with no fit yet, admit. Retry-After is when the whole queue
+    has drained. Steps all of one size fit as a fixed cost and no slope: the prediction is then
     steps x that cost."""
     if fit is None or fit[0] + fit[1] <= 0:
         return Admission(True)
     tokens = tokens_until_done(queued_tokens, prompt_tokens, budget, ahead_tokens, chunk_tokens)
     predicted = scale * prefill_seconds(tokens, fit, budget)
-    if predicted <= ttft_s or queued_tokens == 0:  # an idle prefill takes even a long prompt
+    own = scale * prefill_seconds(prompt_tokens, fit, budget)
+    if predicted <= ttft_s or queued_tokens == 0 or late_ok(predicted, own, ttft_s, keeping_up):
         return Admission(True, predicted)
     drain = scale * prefill_seconds(queued_tokens, fit, budget)  # when the queue has cleared
     return Admission(

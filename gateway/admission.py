@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from baton.config import GatewayConfig, SLOConfig
 from baton.gateway import metrics as M
 from baton.gateway.router import Placement, prefill_cost
-from baton.slo import Calibration, admit
+from baton.slo import Calibration, admit, late_ok
 
 
 class Overloaded(RuntimeError):
@@ -31,6 +31,7 @@ class Admission:
     def __init__(self, gateway: GatewayConfig, slo: SLOConfig):
         self.max_inflight = gateway.max_queued_requests
         self.policy = gateway.admission
+        self.keeping_up_below = gateway.admission_load
         # aim below the target: the requests admitted last sit at the prediction's edge
         self.ttft_s = gateway.admission_margin * slo.ttft_ms / 1000
         self.calibration = Calibration()
@@ -42,16 +43,18 @@ class Admission:
         self.calibration.observe(admitted.predicted_ttft_s, ttft_s)
         M.TTFT_CALIBRATION.set(self.calibration.ratio)
 
-    def check(self, inflight: int, placements: list[Placement]) -> Admitted:
+    def check(self, inflight: int, placements: list[Placement], load: float = 0.0) -> Admitted:
         """Takes a request placed so, or raises Overloaded. Prompts prefilled on their decode
         count against the in-flight limit, and against the TTFT target where it was predicted
-        (Placement.wait_s)."""
+        (Placement.wait_s). `load`: the offered load (Autoscaler.offered_load); below
+        `admission_load` a predicted miss may still be taken (baton.slo.late_ok)."""
         if inflight + len(placements) > self.max_inflight:
             M.REJECTED.labels("queue_full").inc()
             raise Overloaded(f"{inflight} requests in flight (limit {self.max_inflight})", 1)
         if self.policy != "slo":
             return Admitted(placements)
-        stolen = self.check_stolen(placements)
+        keeping_up = load < self.keeping_up_below
+        stolen = self.check_stolen(placements, keeping_up)
         remote = [p for p in placements if p.prefill is not None]
         if not remote:
             return Admitted(placements, stolen)
@@ -66,7 +69,7 @@ class Admission:
         ahead = p.load.ahead_tokens + p.inflight_tokens
         queued = int(prefill_cost(p))
         decision = admit(
-            queued, tokens, fit, budget, self.ttft_s, scale, ahead, p.load.chunk_tokens
+            queued, tokens, fit, budget, self.ttft_s, scale, ahead, p.load.chunk_tokens, keeping_up
         )
         M.PREDICTED_TTFT.observe(decision.predicted_ttft_s or 0.0)
         if not decision.admitted:
@@ -74,7 +77,7 @@ class Admission:
             raise Overloaded(decision.reason, decision.retry_after_s)
         return Admitted(placements, max(decision.predicted_ttft_s or 0.0, stolen or 0.0))
 
-    def check_stolen(self, placements: list[Placement]) -> float | None:
+    def check_stolen(self, placements: list[Placement], keeping_up: bool) -> float | None:
         """The predicted TTFT of the prompts a decode's core computes (stolen, or with no
         prefill to take them), or Overloaded when it misses the target behind other prompts
         there (the router stole them because every prefill would be later still). A decode
@@ -84,8 +87,13 @@ class Admission:
             return None
         worst = max(stolen, key=lambda p: p.wait_s or 0.0)
         predicted = self.calibration.ratio * (worst.wait_s or 0.0)
+        own = self.calibration.ratio * (worst.own_s or 0.0)
         M.PREDICTED_TTFT.observe(predicted)
-        if predicted > self.ttft_s and worst.decode.local_tokens > 0:
+        if (
+            predicted > self.ttft_s
+            and worst.decode.local_tokens > 0
+            and not late_ok(predicted, own, self.ttft_s, keeping_up)
+        ):
             M.REJECTED.labels("ttft_slo").inc()
             why = f"predicted time to first token {predicted:.1f}s exceeds the {self.ttft_s:.1f}s"
             raise Overloaded(why + " target", max(1, int(predicted)))

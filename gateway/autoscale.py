@@ -25,6 +25,7 @@ from baton.slo import STEP_AIM
 
 MAX_SAMPLES = 10_000  # per window: a burst beyond it keeps the latest
 MIN_REQUESTS = 10  # before a p90 says anything
+MIN_SPAN_S = 5.0  # the shortest time a rate of asked tokens is taken over: one request is no rate
 
 
 class Autoscaler:
@@ -56,12 +57,29 @@ class Autoscaler:
         if tpot_s is not None:
             self.tpots.append((now, tpot_s))
 
-    def decide(self, registry: Registry) -> dict[str, int]:
-        """The count each pool wants now (hysteresis applied)."""
-        now = self.clock()
+    def trim(self, now: float) -> None:
         for samples in (self.asked, self.ttfts, self.tpots):
             while samples and now - samples[0][0] > self.window_s:
                 samples.popleft()
+
+    def offered_load(self, registry: Registry) -> float:
+        """The prompt work asked for over what the services computing prompts do in the time:
+        tokens asked in the window (since the first of them, when later, but over at least
+        MIN_SPAN_S) per second, over the tokens a second the prefills' fits and the decodes'
+        measured prompt rates give. Below 1 the stack keeps up; 0 before anything is measured."""
+        now = self.clock()
+        self.trim(now)
+        rate = sum(1 / c for s in registry.pool("prefill") if (c := per_token_s(s)) > 0)
+        rate += sum(s.load.prompt_rate for s in registry.pool("decode"))
+        if rate <= 0 or not self.asked:
+            return 0.0
+        span = max(now - self.asked[0][0], MIN_SPAN_S)
+        return sum(n for _, n in self.asked) / span / rate
+
+    def decide(self, registry: Registry) -> dict[str, int]:
+        """The count each pool wants now (hysteresis applied)."""
+        now = self.clock()
+        self.trim(now)
         prefills, decodes = registry.pool("prefill"), registry.pool("decode")
         wanted = {
             "prefill": self.prefills_wanted(prefills),

@@ -267,7 +267,9 @@ class Backend:
                 "([gateway] max_queued_requests)", "prompt",
             )  # fmt: skip
         self.autoscaler.demand(sum(map(len, prompts)))  # asked for, whether admitted or not
-        admitted = self.admission.check(self.inflight, self.router.place(prompts, set(), salt))
+        placements = self.router.place(prompts, set(), salt)
+        load = self.autoscaler.offered_load(self.registry)
+        admitted = self.admission.check(self.inflight, placements, load)
         self.router.reserve(admitted.placements)
         self.inflight += len(admitted.placements)
         return admitted

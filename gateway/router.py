@@ -90,15 +90,20 @@ def remote_wait_s(prefill: Service, tokens: float) -> float | None:
     return prefill_seconds(int(tokens), fit, prefill.load.step_budget or int(tokens) or 1)
 
 
-def local_wait_s(decode: Service, placed: int, n: int, prefill: Service | None) -> float | None:
-    """Seconds until a decode's core has computed a new prompt of `n` tokens beside its batch
-    (Load.prompt_rate), after its own prompts queued there and `placed` tokens just placed
-    there: its scheduler interleaves the newcomer's chunks with the queue's (tokens_until_done).
+def prompt_rate(decode: Service, prefill: Service | None) -> float:
+    """Prompt tokens a second a decode's core computes beside its batch (Load.prompt_rate).
     Before it has computed any, half a prefill core's speed is the guess (the other half
-    decodes); None with neither measured."""
-    rate = decode.load.prompt_rate
-    if rate <= 0 and prefill is not None and prefill.load.step_per_unit_s > 0:
-        rate = 0.5 / prefill.load.step_per_unit_s
+    decodes); 0 with neither measured."""
+    if decode.load.prompt_rate <= 0 and prefill is not None and prefill.load.step_per_unit_s > 0:
+        return 0.5 / prefill.load.step_per_unit_s
+    return decode.load.prompt_rate
+
+
+def local_wait_s(decode: Service, placed: int, n: int, rate: float) -> float | None:
+    """Seconds until a decode's core, computing `rate` prompt tokens a second, has computed a
+    new prompt of `n` tokens, after its own prompts queued there and `placed` tokens just placed
+    there: its scheduler interleaves the newcomer's chunks with the queue's (tokens_until_done).
+    None when the rate is not known."""
     if rate <= 0:
         return None
     load = decode.load
@@ -165,8 +170,10 @@ class Placement:
     prefill: Service | None
     why: Why
     num_tokens: int
-    # prefilled on its decode (SHORT, STOLEN): predicted seconds until its prompt is computed
+    # prefilled on its decode (SHORT, STOLEN): predicted seconds until its prompt is computed,
+    # and of those its own prompt's, were the core computing nothing else
     wait_s: float | None = None
+    own_s: float | None = None
 
     @property
     def prefiller(self) -> Service:
@@ -250,9 +257,11 @@ class Router:
         prefill = min(prefills, key=lambda s: prefill_load(s) - hits.get(s.id, 0), default=None)
         # the prompts just placed on its core (this request's before this one)
         local = sum(p.num_tokens for p in before if p.decode is decode and not p.prefill)
-        local_s = local_wait_s(decode, local, n, prefill)
+        rate = prompt_rate(decode, prefill)
+        local_s = local_wait_s(decode, local, n, rate)
+        own_s = n / rate if rate > 0 else None
         if n <= self.local_prefill_tokens or prefill is None:
-            return Placement(decode, None, Why.SHORT, n, local_s)
+            return Placement(decode, None, Why.SHORT, n, local_s, own_s)
         placed = sum(p.decode is decode for p in before)
         if decode_full(decode, placed, self.tpot_s):
             keepers = [
@@ -265,7 +274,7 @@ class Router:
         if n <= self.busy_prefill_tokens:
             remote_s = remote_wait_s(prefill, prefill_load(prefill) + n - hits.get(prefill.id, 0))
             if local_s is not None and remote_s is not None and local_s < remote_s:
-                return Placement(decode, None, Why.STOLEN, n, local_s)
+                return Placement(decode, None, Why.STOLEN, n, local_s, own_s)
         return Placement(decode, prefill, Why.REMOTE, n)
 
     def reserve(self, placements: list[Placement]) -> None:

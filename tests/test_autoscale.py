@@ -3,6 +3,7 @@ test moves: no model, no services."""
 
 import asyncio
 
+import pytest
 from prometheus_client import REGISTRY
 
 from baton import protocol as P
@@ -92,6 +93,26 @@ def test_an_aggregated_stack_scales_its_decodes_on_prompt_work_too():
     for _ in range(30):
         scaler.demand(1000)
     assert scaler.decide(registry) == {"prefill": 0, "decode": 3}  # 2 / 0.7
+
+
+def test_offered_load_is_prompt_work_asked_over_what_the_stack_computes():
+    clock = Clock()
+    scaler = Autoscaler(SLO, window_s=30, clock=clock)
+    # a prefill at 1 ms a token + 10 ms a step of 512 (~981 tokens a second), a decode at 500
+    registry = pools(service("p0", "prefill"), service("d0", "decode", prompt_rate=500.0))
+    assert scaler.offered_load(registry) == 0.0  # nothing asked
+    scaler.demand(1480)
+    # one request is no rate: over the shortest span, 5 s
+    assert scaler.offered_load(registry) == pytest.approx(
+        1480 / 5 / (1 / (0.001 + 0.01 / 512) + 500)
+    )
+    for _ in range(29):
+        clock.now += 1
+        scaler.demand(1480)
+    assert scaler.offered_load(registry) == pytest.approx(30 * 1480 / 29 / 1480, rel=0.01)
+    clock.now += 60  # the window has passed
+    assert scaler.offered_load(registry) == 0.0
+    assert scaler.offered_load(pools(service("d0", "decode"))) == 0.0  # nothing measured
 
 
 def test_the_gateway_exports_what_it_decides_each_reap():

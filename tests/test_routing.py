@@ -144,6 +144,32 @@ def test_a_stolen_prompt_that_would_miss_the_ttft_target_behind_others_is_refuse
     asyncio.run(scenario())
 
 
+def test_below_capacity_a_stolen_prompt_late_behind_a_short_queue_is_taken_not_refused():
+    async def scenario(backend: Backend) -> None:
+        registry = backend.registry
+        registry.heartbeat(busy_prefill(5000))  # 5.8 s at the prefill: the decode's core steals
+        # 100 tokens queued on the decode's core at 100 a second: a 150-token prompt is done in
+        # 2.5 s, past 0.85 x 2 s, but late by a queue (1 s) shorter than the target
+        stream = await send(backend, prompt(100))
+        registry.heartbeat(heartbeat("decode-0", "decode", prompt_rate=100.0, ahead_tokens=100))
+        placement = backend.admit([prompt(150, 1000)]).placements[0]  # the stack keeps up: taken
+        assert placement.why is Why.STOLEN and placement.wait_s == pytest.approx(2.5)
+        for _ in range(40):  # 40 x 150 asked within the shortest span: past what it computes
+            backend.autoscaler.demand(150)
+        with pytest.raises(Overloaded, match="time to first token"):
+            backend.admit([prompt(150, 3000)])
+        await backend.finish(stream)
+
+    async def closing() -> None:
+        backend = gateway(("prefill-0", "prefill"), ("decode-0", "decode"), busy_prefill_tokens=800)
+        try:
+            await scenario(backend)
+        finally:
+            await backend.close()  # an open socket would hang the test instead of failing it
+
+    asyncio.run(closing())
+
+
 def test_a_prefill_keeps_a_request_to_decode_while_every_decode_is_full():
     async def scenario() -> None:
         backend = gateway(("prefill-0", "prefill"), ("decode-0", "decode"))

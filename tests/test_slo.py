@@ -73,6 +73,19 @@ def test_admission_predicts_ttft_from_the_queue_ahead():
     assert admit(10**6, 10, None, 512, ttft_s=1.0).admitted  # no measurement: no basis to refuse
 
 
+def test_below_capacity_a_request_late_by_its_own_length_or_a_short_queue_is_taken():
+    fit = (0.0, 0.001)  # 1 ms a prompt token
+    # 1,800 tokens alone take 1.8 s, past a 1 s target; 300 tokens ahead make it 2.1 s
+    long_behind_short = dict(queued_tokens=300, prompt_tokens=1800, fit=fit, budget=4096)
+    assert not admit(**long_behind_short, ttft_s=1.0).admitted  # refused past capacity
+    late = admit(**long_behind_short, ttft_s=1.0, keeping_up=True)
+    assert late.admitted and late.predicted_ttft_s == pytest.approx(2.1)  # served late
+    # 600 tokens alone meet the target; behind 900 they are 0.5 s late: taken while keeping up
+    assert admit(900, 600, fit, 4096, ttft_s=1.0, keeping_up=True).admitted
+    # a queue ahead as long as the target is a backlog, not a late request: refused even so
+    assert not admit(1000, 200, fit, 4096, ttft_s=1.0, keeping_up=True).admitted
+
+
 def test_a_short_prompt_waits_for_one_chunk_of_a_long_one_not_all_of_it():
     fit = (0.01, 0.001)
     # 3000 tokens queued in one long prompt, of which a newcomer waits for one 256-token chunk,

@@ -152,10 +152,11 @@ class GatewayConfig(Section):
         doc(
             "below this offered load (prompt work asked over what the stack computes, the last "
             "30 s), slo admission still takes a request predicted to miss its TTFT when the queue "
-            "ahead of it is shorter than the target: the stack keeps up, so it is served late, "
-            "not refused. 0: refuse every predicted miss"
+            "ahead of it is shorter than the target: served late, not refused. 0 (the default): "
+            "refuse every predicted miss. 0.9 turned fewer requests away at light load but cost "
+            "goodput at the onset of overload (benchmarks/RESULTS.md, 2026-12-07 seventh session)"
         ),
-    ] = 0.9
+    ] = 0.0
     request_timeout_s: Annotated[
         float, Meta(gt=0), doc("a request still running after this ends with an error")
     ] = 600.0

@@ -162,6 +162,7 @@ def test_below_capacity_a_stolen_prompt_late_behind_a_short_queue_is_taken_not_r
 
     async def closing() -> None:
         backend = gateway(("prefill-0", "prefill"), ("decode-0", "decode"), busy_prefill_tokens=800)
+        backend.admission.keeping_up_below = 0.9  # [gateway] admission_load (off by default)
         try:
             await scenario(backend)
         finally:

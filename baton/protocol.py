@@ -200,10 +200,14 @@ class KVPull(msgspec.Struct, tag=True, frozen=True):
 
     req_id: str
     block_ids: list[int]
+    # the leading blocks wanted only in these (offset, nbytes) ranges of each (kvtransfer InPart)
+    num_in_part: int = 0
+    ranges: list[tuple[int, int]] = []
 
 
 class KVBlocks(msgspec.Struct, tag=True, frozen=True):
-    """Followed by one frame per run: runs[i] = (first block, count) in the sender's ids."""
+    """Followed by one frame per run: runs[i] = (first block, count) in the sender's ids; the
+    runs of blocks pulled in part come first, each frame their ranges' bytes, block by block."""
 
     req_id: str
     runs: list[tuple[int, int]]

@@ -47,6 +47,9 @@ class Sequence:
     block_ids: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)  # of the full blocks, chained
     num_cached_blocks: int = 0  # leading blocks already published for prefix hits
+    # its KV came without what its sliding-window layers no longer see (kvtransfer Window):
+    # its blocks are never published, since a shorter prompt sharing them would need that part
+    kv_in_part: bool = False
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: FinishReason | None = None
     logprobs: list[Logprob] = field(default_factory=list)

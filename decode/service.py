@@ -20,9 +20,11 @@ from functools import partial
 import zmq
 
 from baton import protocol as P
+from baton.cache.kv_cache import full_layer_ranges
 from baton.config import EngineConfig
 from baton.engine import Engine
 from baton.kvtransfer import shm
+from baton.kvtransfer.base import Window
 from baton.kvtransfer.handshake import choose, start_nixl
 from baton.kvtransfer.receiver import KVReceiver
 from baton.kvtransfer.zmq import ZmqReader
@@ -35,6 +37,17 @@ from baton.service_links import advertised, send_nowait
 from baton.slo import max_batch_for_tpot
 
 log = logging.getLogger("baton.decode")
+
+
+def window(engine: Engine) -> Window | None:
+    """What a hand-off to this decode may leave out: the KV its sliding-window layers no
+    longer see (None: no layer slides)."""
+    args, block_size = engine.model.args, engine.config.block_size
+    if not args.sliding_window or not args.sliding_layers:
+        return None
+    return Window(
+        args.sliding_window, block_size, full_layer_ranges(args, block_size, engine.kv.dtype)
+    )
 
 
 class DecodeService(ServiceLoop):
@@ -85,6 +98,7 @@ class DecodeService(ServiceLoop):
             transfer_timeout_s,
             peer_timeout_s,
             on_bad=self.count_bad,
+            window=window(engine),
         )
         self.kv_peers = self.receiver.kv_peers
         self.preemptions_seen = 0

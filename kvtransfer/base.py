@@ -47,12 +47,37 @@ class Landed(NamedTuple):
     error: str | None = None
 
 
+class InPart(NamedTuple):
+    """Blocks read only in part: those a model's sliding-window layers no longer see need
+    only the other layers' bytes (baton.cache.kv_cache.full_layer_ranges)."""
+
+    num_blocks: int  # the read's leading blocks
+    ranges: tuple[tuple[int, int], ...]  # (offset, nbytes) within a block; () none of it
+
+
+class Window(NamedTuple):
+    """A model with sliding-window layers, as the decode reads its hand-offs."""
+
+    tokens: int  # a query sees this many positions, its own the last
+    block_size: int
+    ranges: tuple[tuple[int, int], ...]  # full_layer_ranges
+
+    def blocks_behind(self, first_position: int) -> int:
+        """Leading blocks no sliding layer reads once the queries start at `first_position`:
+        the earliest it sees is first_position - tokens + 1."""
+        return max(0, first_position - self.tokens + 1) // self.block_size
+
+
 class Reader(Protocol):
     transport: str  # what /health and the metrics call it: zmq-tcp | zmq-ipc | shm | nixl
+    reads_in_part: bool  # honours start's `in_part` (else it reads those blocks whole)
 
-    def start(self, req_id: str, src_ids: list[int], dst_ids: list[int]) -> None:
-        """Begin copying the peer's blocks `src_ids` into ours, `dst_ids` (same length);
-        raises TransferError if the peer cannot be read at all."""
+    def start(
+        self, req_id: str, src_ids: list[int], dst_ids: list[int], in_part: InPart | None = None
+    ) -> None:
+        """Begin copying the peer's blocks `src_ids` into ours, `dst_ids` (same length), the
+        leading `in_part.num_blocks` of them only in its ranges; raises TransferError if the
+        peer cannot be read at all."""
         ...
 
     def poll(self) -> list[Landed]:
@@ -79,3 +104,27 @@ def joint_runs(src_ids: list[int], dst_ids: list[int]) -> list[tuple[int, int, i
         else:
             runs.append((s, d, 1))
     return runs
+
+
+def split_runs(
+    src_ids: list[int], dst_ids: list[int], in_part: InPart | None
+) -> tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]]:
+    """joint_runs of the blocks read in part (the leading ones), then of those read whole."""
+    n = in_part.num_blocks if in_part else 0
+    return joint_runs(src_ids[:n], dst_ids[:n]), joint_runs(src_ids[n:], dst_ids[n:])
+
+
+def read_nbytes(num_blocks: int, block_nbytes: int, in_part: InPart | None) -> int:
+    """The bytes a read of `num_blocks` blocks moves."""
+    n = in_part.num_blocks if in_part else 0
+    return n * sum(size for _, size in in_part.ranges) + (num_blocks - n) * block_nbytes
+
+
+def valid_in_part(in_part: InPart, num_blocks: int, block_nbytes: int, num_layers: int) -> bool:
+    """A peer's InPart: within the blocks named and their bytes, and no more ranges than a
+    block has layers (values and int8 scales apart)."""
+    return (
+        0 < in_part.num_blocks <= num_blocks
+        and 0 < len(in_part.ranges) <= 2 * num_layers
+        and all(o >= 0 and size > 0 and o + size <= block_nbytes for o, size in in_part.ranges)
+    )

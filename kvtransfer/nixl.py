@@ -7,7 +7,10 @@ with one descriptor per block. Once per peer, at the handshake (`NixlReader`): t
 agent metadata loaded and its pool's per-block list prepared. Per request: one
 make_prepped_xfer("READ") with the two block id lists; NIXL merges descriptors that are
 consecutive on both sides, so a run of blocks costs one descriptor (~6-10 us each) and no
-Python touches the bytes.
+Python touches the bytes. Blocks read in part (a sliding-window model's, kvtransfer.base.InPart)
+go through a second pair of lists, each block cut into pieces at the ranges' edges, prepared
+at the first such read: the blocks read whole are all of their pieces (merged again), those
+read in part the covered ones, still one transfer.
 
 A READ needs nothing of the prefill over shared memory, cross-memory attach or RDMA; over
 UCX's TCP transport (hosts without RDMA) the prefill's worker must answer it: `Progress`.
@@ -25,7 +28,7 @@ import numpy as np
 import torch
 
 from baton import protocol as P
-from baton.kvtransfer.base import Landed, TransferError, joint_runs
+from baton.kvtransfer.base import InPart, Landed, TransferError, read_nbytes, split_runs
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,25 @@ def block_descs(addr: int, num_blocks: int, block_nbytes: int) -> np.ndarray:
     descs[:, 0] = addr + np.arange(num_blocks, dtype=np.uint64) * block_nbytes
     descs[:, 1] = block_nbytes
     return descs
+
+
+def pieces(block_nbytes: int, ranges: tuple[tuple[int, int], ...]) -> tuple[list[int], list[int]]:
+    """A block cut at the edges of `ranges`: each piece's start (the last ends the block), and
+    which pieces the ranges cover. A block read whole is all of its pieces, which NIXL merges
+    back into one descriptor; one read in part, the covered ones."""
+    cuts = sorted({0, block_nbytes, *(o for o, _ in ranges), *(o + size for o, size in ranges)})
+    covered = [i for i, c in enumerate(cuts[:-1]) if any(o <= c < o + n for o, n in ranges)]
+    return cuts, covered
+
+
+def piece_descs(addr: int, num_blocks: int, block_nbytes: int, cuts: list[int]) -> np.ndarray:
+    """[num_blocks * pieces, 3]: row b * pieces + j is piece j of block b."""
+    starts = np.asarray(cuts[:-1], dtype=np.uint64)
+    blocks = addr + np.arange(num_blocks, dtype=np.uint64)[:, None] * block_nbytes
+    descs = np.zeros((num_blocks, len(starts), 3), dtype=np.uint64)
+    descs[:, :, 0] = blocks + starts
+    descs[:, :, 1] = np.diff(np.asarray(cuts, dtype=np.uint64))
+    return descs.reshape(-1, 3)
 
 
 class Agent:
@@ -73,6 +95,15 @@ class Agent:
         descs = block_descs(pool.data_ptr(), num_blocks, self.block_nbytes)
         self.local = self.agent.prep_xfer_dlist("NIXL_INIT_AGENT", descs, "DRAM")
         self.region = P.NixlRegion(self.agent.get_agent_metadata(), pool.data_ptr(), pool.numel())
+        self.addr, self.num_blocks = pool.data_ptr(), num_blocks
+        self.local_pieces: dict[tuple, Any] = {}  # ranges -> our pool's list of block pieces
+
+    def pieces(self, ranges: tuple[tuple[int, int], ...], cuts: list[int]) -> Any:
+        """Our pool as a list of block pieces, prepared at its first read in part."""
+        if ranges not in self.local_pieces:
+            descs = piece_descs(self.addr, self.num_blocks, self.block_nbytes, cuts)
+            self.local_pieces[ranges] = self.agent.prep_xfer_dlist("NIXL_INIT_AGENT", descs, "DRAM")
+        return self.local_pieces[ranges]
 
 
 class NixlReader:
@@ -80,6 +111,7 @@ class NixlReader:
     (except by `cancel`)."""
 
     transport = "nixl"
+    reads_in_part = True
 
     def __init__(self, agent: Agent, region: P.NixlRegion):
         """Raises TransferError if NIXL cannot attach the peer."""
@@ -91,21 +123,48 @@ class NixlReader:
             self.remote = nx.prep_xfer_dlist(self.peer, descs, "DRAM")
         except agent.errors as e:
             raise TransferError(f"NIXL could not attach the prefill: {e}") from e
+        self.region, self.remote_pieces = region, {}  # ranges -> its pool's block pieces
         self.in_flight: dict[str, tuple[Any, int, int]] = {}  # req_id -> handle, bytes, runs
         self.landed: list[Landed] = []
         self.gone: str | None = None  # why this peer cannot be read any more
 
-    def start(self, req_id: str, src_ids: list[int], dst_ids: list[int]) -> None:
+    def start(
+        self, req_id: str, src_ids: list[int], dst_ids: list[int], in_part: InPart | None = None
+    ) -> None:
+        """Blocks read in part go as their pieces (Agent.pieces): one transfer either way."""
         if self.gone:
             raise TransferError(self.gone)
         nx = self.agent.agent
         try:
-            handle = nx.make_prepped_xfer("READ", self.agent.local, dst_ids, self.remote, src_ids)
+            local, remote, dst, src = self.agent.local, self.remote, dst_ids, src_ids
+            if in_part is not None:
+                cuts, covered = pieces(self.agent.block_nbytes, in_part.ranges)
+                local, remote = self.agent.pieces(in_part.ranges, cuts), self._pieces(in_part, cuts)
+                every, n = range(len(cuts) - 1), in_part.num_blocks
+                dst, src = (
+                    [b * len(every) + j for i, b in enumerate(ids) for j in (covered if i < n else every)]
+                    for ids in (dst_ids, src_ids)
+                )  # fmt: skip
+            handle = nx.make_prepped_xfer("READ", local, dst, remote, src)
         except self.agent.errors as e:
             raise TransferError(f"NIXL could not prepare the read: {e}") from e
-        num_bytes = len(src_ids) * self.agent.block_nbytes
-        self.in_flight[req_id] = (handle, num_bytes, len(joint_runs(src_ids, dst_ids)))
+        num_bytes = read_nbytes(len(src_ids), self.agent.block_nbytes, in_part)
+        self.in_flight[req_id] = (
+            handle,
+            num_bytes,
+            sum(map(len, split_runs(src_ids, dst_ids, in_part))),
+        )
         self.settle(req_id, self.state(partial(nx.transfer, handle)))
+
+    def _pieces(self, in_part: InPart, cuts: list[int]) -> Any:
+        """The peer's pool as a list of block pieces, prepared at its first read in part."""
+        if in_part.ranges not in self.remote_pieces:
+            num_blocks = self.region.nbytes // self.agent.block_nbytes
+            descs = piece_descs(self.region.addr, num_blocks, self.agent.block_nbytes, cuts)
+            self.remote_pieces[in_part.ranges] = self.agent.agent.prep_xfer_dlist(
+                self.peer, descs, "DRAM"
+            )
+        return self.remote_pieces[in_part.ranges]
 
     def poll(self) -> list[Landed]:
         for req_id, (handle, _, _) in list(self.in_flight.items()):
@@ -151,7 +210,8 @@ class NixlReader:
         self.gone = why
         for req_id in list(self.in_flight):
             self.settle(req_id, "ERR")  # a dead peer's reads write nothing any more
-        self.remote.release()
+        for dlist in (self.remote, *self.remote_pieces.values()):
+            dlist.release()
         self.agent.agent.remove_remote_agent(self.peer)
 
     def close(self) -> None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from baton import protocol as P
 from baton.kvtransfer import shm
-from baton.kvtransfer.base import Landed, Reader, Stop, TransferError
+from baton.kvtransfer.base import InPart, Landed, Reader, Stop, TransferError, Window
 from baton.kvtransfer.handshake import Refused
 from baton.kvtransfer.metrics import (
     KV_BYTES_RECEIVED,
@@ -87,9 +87,11 @@ class KVReceiver:
         peer_timeout_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
         on_bad: Callable[[Exception], None] = lambda e: None,
+        window: Window | None = None,
     ):
-        """on_bad: hears of each message dropped as malformed (the service counts them)."""
-        self.id, self.sched, self.layout = service_id, sched, layout
+        """on_bad: hears of each message dropped as malformed (the service counts them);
+        window: the model's sliding-window layers, whose KV behind the window is not read."""
+        self.id, self.sched, self.layout, self.window = service_id, sched, layout, window
         self.choose_reader, self._send, self.clock, self.on_bad = choose_reader, send, clock, on_bad
         self.transfer_timeout_s, self.peer_timeout_s = transfer_timeout_s, peer_timeout_s
         self.pending: dict[str, Pending] = {}
@@ -216,6 +218,10 @@ class KVReceiver:
                 break
             # the leading blocks its own prefix cache held (shared at the reservation) stay
             p.num_started = max(p.num_started, min(p.seq.num_cached_blocks, len(p.src_block_ids)))
+            # the leading blocks only its sliding layers' windows have left behind
+            behind = self.window.blocks_behind(total) if self.window else 0
+            if behind > p.num_started and not self.window.ranges:  # every layer slides
+                p.num_started, p.seq.kv_in_part = min(behind, len(p.src_block_ids)), True
             if not p.unread:
                 if p.final:  # nothing (more) to read
                     self._join(p)
@@ -224,8 +230,11 @@ class KVReceiver:
             first, p.num_started = p.num_started, len(p.src_block_ids)
             peer = self.peers[p.peer]
             src, dst = p.src_block_ids[first:], p.seq.block_ids[first : p.num_started]
+            in_part = None
+            if (n := min(behind, p.num_started) - first) > 0 and peer.reader.reads_in_part:
+                in_part, p.seq.kv_in_part = InPart(n, self.window.ranges), True
             try:
-                peer.reader.start(req_id, src, dst)
+                peer.reader.start(req_id, src, dst, in_part)
             except TransferError as e:
                 self._end(req_id, f"cannot read prefill {peer.prefill_id}: {e}")
         self._poll()

@@ -27,7 +27,7 @@ import torch
 
 from baton import protocol as P
 from baton.cache.block_pool import BlockPool
-from baton.kvtransfer.base import Stop, Unreachable
+from baton.kvtransfer.base import InPart, Stop, Unreachable, valid_in_part
 from baton.kvtransfer.metrics import (
     KV_BYTES_SENT,
     KV_EARLY_OFFERS,
@@ -253,7 +253,14 @@ class KVSender:
             # gone meanwhile (or never offered): tell the decode, which holds reserved blocks
             self._send(addr, P.KVAbort(pull.req_id, "no longer held"), [])
             return
-        runs, frames = block_frames(self.pool_bytes, pull.block_ids)
+        in_part = None
+        if pull.num_in_part:
+            in_part = InPart(pull.num_in_part, tuple(map(tuple, pull.ranges)))
+            layers, block_nbytes = self.hello.layout.num_layers, self.pool_bytes.shape[1]
+            if not valid_in_part(in_part, len(pull.block_ids), block_nbytes, layers):
+                self._send(addr, P.KVAbort(pull.req_id, "a pull with bad ranges"), [])
+                return
+        runs, frames = block_frames(self.pool_bytes, pull.block_ids, in_part)
         # frames point into the pool; the pins keep those blocks until the release
         self._send(addr, P.KVBlocks(pull.req_id, runs), frames)
 

@@ -25,7 +25,7 @@ import stat
 import torch
 
 from baton import protocol as P
-from baton.kvtransfer.base import Landed, joint_runs
+from baton.kvtransfer.base import InPart, Landed, read_nbytes, split_runs
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,7 @@ class ShmReader:
     """A peer's shared pool, mapped once; reads are synchronous copies."""
 
     transport = "shm"
+    reads_in_part = True
 
     def __init__(self, region: P.ShmRegion, pool: torch.Tensor):
         """pool: our [num_blocks, block_nbytes] uint8 pool. Raises OSError if the file is not
@@ -153,11 +154,18 @@ class ShmReader:
         self.dst = pool
         self.landed: list[Landed] = []
 
-    def start(self, req_id: str, src_ids: list[int], dst_ids: list[int]) -> None:
-        runs = joint_runs(src_ids, dst_ids)
-        for s, d, n in runs:
+    def start(
+        self, req_id: str, src_ids: list[int], dst_ids: list[int], in_part: InPart | None = None
+    ) -> None:
+        part, whole = split_runs(src_ids, dst_ids, in_part)
+        for s, d, n in part:
+            for offset, size in in_part.ranges:
+                cols = slice(offset, offset + size)
+                self.dst[d : d + n, cols].copy_(self.src[s : s + n, cols])
+        for s, d, n in whole:
             self.dst[d : d + n].copy_(self.src[s : s + n])
-        self.landed.append(Landed(req_id, len(src_ids) * self.dst.shape[1], len(runs)))
+        nbytes = read_nbytes(len(src_ids), self.dst.shape[1], in_part)
+        self.landed.append(Landed(req_id, nbytes, len(part) + len(whole)))
 
     def poll(self) -> list[Landed]:
         landed, self.landed = self.landed, []

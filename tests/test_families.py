@@ -10,11 +10,13 @@ import random
 
 import httpx
 import pytest
+import torch
 from reference import ENGINE, hf_greedy
 from stack import Stack
 from tiny_models import make_tiny_model
-from transformers import Phi3Config
+from transformers import AutoConfig, Phi3Config
 
+from baton.cache.kv_cache import block_nbytes, full_layer_ranges
 from baton.model.registry import UnsupportedModel, model_args
 
 SEED = 24
@@ -38,6 +40,24 @@ async def complete_all(url: str, token_lists) -> list[dict]:
     return [r.json() for r in rs]
 
 
+def handed_off_bytes(model_dir, token_lists: list[list[int]], block_size: int = 16) -> int:
+    """The fp32 KV bytes a decode reads for these prompts, each handed off: the blocks their
+    tokens fill, but where some layers slide, the leading blocks no query of the decode's
+    sees through those layers (the first it computes, at len(ids), sees from len(ids) -
+    window + 1) only in the other layers' ranges."""
+    args = model_args(AutoConfig.from_pretrained(model_dir))
+    whole = block_nbytes(args, block_size, torch.float32)
+    part = sum(size for _, size in full_layer_ranges(args, block_size, torch.float32))
+    total = 0
+    for ids in token_lists:
+        blocks = -(-len(ids) // block_size)
+        behind = 0
+        if args.sliding_layers:
+            behind = max(0, len(ids) - args.sliding_window + 1) // block_size
+        total += behind * part + (blocks - behind) * whole
+    return total
+
+
 @pytest.mark.parametrize("family", ["qwen3", "qwen3_moe", "mixtral", "phi3", "gemma2", "gemma3"])
 def test_one_prefill_one_decode_serve_each_family_token_exact(
     tmp_path, tiny_root, smollm2_dir, family
@@ -50,7 +70,9 @@ def test_one_prefill_one_decode_serve_each_family_token_exact(
         results = asyncio.run(complete_all(stack.url, token_lists))
         assert [r["choices"][0]["token_ids"] for r in results] == expected
         decode = next(iter(stack.services("decode")))
-        assert stack.metric(decode, "baton_kv_bytes_received_total") > 0  # the KV moved
+        # every prompt was handed off, Gemma's without what its sliding layers left behind
+        received = stack.metric(decode, "baton_kv_bytes_received_total")
+        assert received == handed_off_bytes(model, token_lists)
         assert set(stack.wait_blocks_free().values()) == {0}
     finally:
         stack.stop()

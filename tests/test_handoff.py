@@ -9,7 +9,7 @@ import torch
 
 from baton import protocol as P
 from baton.cache.kv_manager import KVCacheManager
-from baton.kvtransfer.base import Landed, Stop
+from baton.kvtransfer.base import Landed, Stop, Window
 from baton.kvtransfer.receiver import KVReceiver
 from baton.kvtransfer.sender import KVSender
 from baton.kvtransfer.zmq import ZmqReader
@@ -46,8 +46,11 @@ class OneSidedReader:
         self.stuck = stuck  # cancel() cannot stop a read
         self.closed = False
 
-    def start(self, req_id, src_ids, dst_ids):
+    reads_in_part = True
+
+    def start(self, req_id, src_ids, dst_ids, in_part=None):
         self.reading[req_id] = (src_ids, dst_ids)
+        self.in_part = in_part
 
     def land(self, error: str | None = None) -> None:
         for req_id, (src, _) in self.reading.items():
@@ -72,7 +75,13 @@ class OneSidedReader:
 class Pair:
     """A prefill and a decode, their messages queued until `deliver`; time moves by `advance`."""
 
-    def __init__(self, reader: str = "zmq", stream: bool = True, stuck: bool = False):
+    def __init__(
+        self,
+        reader: str = "zmq",
+        stream: bool = True,
+        stuck: bool = False,
+        window: Window | None = None,
+    ):
         self.now = 0.0
         clock = lambda: self.now  # noqa: E731
         self.to_decode: list[tuple[object, list]] = []
@@ -98,6 +107,7 @@ class Pair:
         self.receiver = KVReceiver(
             "decode", self.d_sched, LAYOUT, "auto", choose,
             lambda peer, msg: self.to_prefill.append(msg), TIMEOUT_S, TIMEOUT_S, clock,
+            window=window,
         )  # fmt: skip
         self.prefill_stops: list[Stop] = []
         self.decode_stops: list[Stop] = []
@@ -243,6 +253,33 @@ def test_the_blocks_the_decode_caches_already_are_not_read_again():
     pair.deliver()
     seq = joined(pair)
     assert seq.block_ids[:2] == cached and pair.d_sched.num_prefix_hit_tokens == 8
+    assert_all_free(pair)
+
+
+@pytest.mark.parametrize(
+    ("reader", "ranges"), [("zmq", ((0, 3),)), ("one-sided", ())], ids=["some slide", "all slide"]
+)
+def test_blocks_behind_a_sliding_window_are_read_only_in_the_full_layers(reader, ranges):
+    """Sliding layers of 3 positions: the decode's first query, at 10 (after the prompt),
+    sees 8-10 through them, so blocks 0-1 (tokens 0-7) are read only in the other layers'
+    bytes (`ranges`), or not at all where every layer slides; the sequence's blocks are then
+    never published for prefix hits (a shorter prompt would need what was left out)."""
+    pair = Pair(reader, stream=False, window=Window(3, BLOCK, ranges))
+    pair.read_started()
+    if reader == "one-sided":
+        ((src, _),) = pair.one_sided.reading.values()
+        assert src == [2] and pair.one_sided.in_part is None  # blocks 0-1: nothing to read
+        pair.one_sided.land()
+        pair.decode_apply()
+        pair.deliver()
+    seq = joined(pair)
+    if reader == "zmq":
+        got = pair.d_bytes[seq.block_ids]
+        assert torch.equal(got[:2, :3], pair.p_bytes[:2, :3]) and not got[:2, 3:].any()
+        assert torch.equal(got[2], pair.p_bytes[2])
+    assert seq.kv_in_part and seq.num_cached_blocks == 0
+    pair.d_sched.kv.cache_computed(seq)
+    assert pair.d_sched.kv.held_hashes() == []  # nothing of it for a later prompt to match
     assert_all_free(pair)
 
 

@@ -16,10 +16,12 @@ import torch
 import zmq
 
 from baton import protocol as P
+from baton.cache.kv_cache import block_nbytes, full_layer_ranges
 from baton.kvtransfer import nixl, shm
-from baton.kvtransfer.base import Landed, TransferError, joint_runs
+from baton.kvtransfer.base import InPart, Landed, TransferError, Window, joint_runs
 from baton.kvtransfer.handshake import Refused, choose
 from baton.kvtransfer.zmq import ZmqReader, block_frames
+from baton.model.llama import ModelArgs
 
 NUM_BLOCKS, BLOCK_NBYTES = 64, 4608
 LAYOUT = P.KVLayout("test", "bfloat16", 16, 3, 1, 6, BLOCK_NBYTES)
@@ -37,6 +39,28 @@ def random_pool(seed: int) -> torch.Tensor:
 def test_joint_runs_need_both_sides_consecutive():
     assert joint_runs(SRC, DST) == [(5, 10, 3), (40, 13, 1), (2, 30, 2), (63, 1, 1), (0, 50, 1)]
     assert joint_runs([], []) == []
+
+
+def test_a_block_a_sliding_window_left_behind_is_needed_only_in_its_full_layers():
+    # Gemma 3's pattern: layers 0, 1, 3, 4 slide; 2 and 5 see everything. A layer's K and V
+    # in a 16-token block of 2 KV heads x 8 dims: 2 x 16 x 2 x 8 values
+    args = ModelArgs(64, 32, 64, 6, 4, 2, 8, 1e-6, 512, (1.0,), sliding_window=40,
+                     sliding_layers=(0, 1, 3, 4))  # fmt: skip
+    layer = 2 * 16 * 2 * 8
+    assert full_layer_ranges(args, 16, torch.bfloat16) == ((2 * layer * 2, layer * 2),
+                                                          (5 * layer * 2, layer * 2))  # fmt: skip
+    # int8: the values, then fp32 scales per (K/V, token, head) of all layers after them
+    scales, per = 6 * layer, 2 * 16 * 2 * 4
+    assert full_layer_ranges(args, 16, torch.int8) == (
+        (2 * layer, layer), (5 * layer, layer), (scales + 2 * per, per), (scales + 5 * per, per),
+    )  # fmt: skip
+    assert block_nbytes(args, 16, torch.int8) == scales + 6 * per
+    # every layer slides (Mistral): nothing of such a block is needed
+    assert full_layer_ranges(ModelArgs(**{**vars(args), "sliding_layers": tuple(range(6))}),
+                             16, torch.bfloat16) == ()  # fmt: skip
+    # a query at 100 sees 61..100: blocks 0-2 (tokens 0-47) hold none of it, block 3 does
+    window = Window(40, 16, full_layer_ranges(args, 16, torch.bfloat16))
+    assert [window.blocks_behind(p) for p in (39, 40, 55, 56, 100)] == [0, 0, 1, 1, 3]
 
 
 def source(transport: str, conn: Connection, seed: int) -> None:
@@ -71,8 +95,8 @@ def spawned_source(transport: str, seed: int) -> Iterator[tuple[mp.Process, P.He
         proc.kill()
 
 
-def read(reader, req_id: str = "r") -> Landed:
-    reader.start(req_id, SRC, DST)
+def read(reader, req_id: str = "r", in_part: InPart | None = None) -> Landed:
+    reader.start(req_id, SRC, DST, in_part)
     deadline = time.monotonic() + 10
     while not (landed := reader.poll()):
         assert time.monotonic() < deadline, "the read never landed"
@@ -84,6 +108,21 @@ def assert_copied(dst: torch.Tensor, seed: int) -> None:
     assert torch.equal(dst[DST], random_pool(seed)[SRC])
     untouched = sorted(set(range(NUM_BLOCKS)) - set(DST))
     assert not dst[untouched].any()
+
+
+# the first 4 blocks (5, 6, 7 -> 10, 11, 12 and 40 -> 13) wanted only in two ranges
+IN_PART = InPart(4, ((0, 512), (2048, 1024)))
+IN_PART_BYTES = 4 * 1536 + 4 * BLOCK_NBYTES
+
+
+def assert_copied_in_part(dst: torch.Tensor, seed: int) -> None:
+    src, n = random_pool(seed), IN_PART.num_blocks
+    assert torch.equal(dst[DST[n:]], src[SRC[n:]])
+    wanted = torch.zeros(BLOCK_NBYTES, dtype=torch.bool)
+    for offset, size in IN_PART.ranges:
+        wanted[offset : offset + size] = True
+    assert torch.equal(dst[DST[:n]][:, wanted], src[SRC[:n]][:, wanted])
+    assert not dst[DST[:n]][:, ~wanted].any()  # the rest of those blocks never moved
 
 
 @pytest.fixture
@@ -99,6 +138,10 @@ def test_one_sided_read_copies_scattered_blocks_from_another_process(transport, 
         assert (reader.transport, skipped) == (transport, [])
         assert read(reader) == Landed("r", len(SRC) * BLOCK_NBYTES, NUM_RUNS)
         assert_copied(dst, seed=1)
+        if reader.reads_in_part:  # (NIXL reads whole blocks)
+            dst.zero_()
+            assert read(reader, "p", IN_PART) == Landed("p", IN_PART_BYTES, NUM_RUNS)
+            assert_copied_in_part(dst, seed=1)
         reader.close()
         path = hello.shm.path if hello.shm else None
     if path:  # the owner unlinked its segment at exit
@@ -114,8 +157,8 @@ def test_zmq_reader_copies_the_runs_it_pulled_and_drops_cancelled_ones(dst):
     pulls: list[P.KVPull] = []
     reader = ZmqReader("zmq-ipc", pulls.append, dst)
 
-    def deliver(req_id: str) -> None:
-        runs, frames = block_frames(src, SRC)  # what the prefill sends on KVPull
+    def deliver(req_id: str, in_part: InPart | None = None) -> None:
+        runs, frames = block_frames(src, SRC, in_part)  # what the prefill sends on KVPull
         b.send_multipart([b"header", *frames], copy=False)
         got = a.recv_multipart(copy=False)[1:]
         reader.receive(P.KVBlocks(req_id, runs), [f.buffer for f in got])
@@ -132,6 +175,12 @@ def test_zmq_reader_copies_the_runs_it_pulled_and_drops_cancelled_ones(dst):
     assert reader.cancel("late")
     deliver("late")
     assert reader.poll() == [] and not dst.any()
+    # in part: the leading blocks' ranges only, gathered into a frame per run (5-7, 40; 2-3, 63, 0)
+    reader.start("p", SRC, DST, IN_PART)
+    assert pulls[-1] == P.KVPull("p", SRC, 4, [(0, 512), (2048, 1024)])
+    deliver("p", IN_PART)
+    assert reader.poll() == [Landed("p", IN_PART_BYTES, 5)]
+    assert_copied_in_part(dst, seed=2)
     ctx.destroy(linger=0)
 
 

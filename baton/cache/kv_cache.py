@@ -23,6 +23,28 @@ from baton.model.llama import ModelArgs
 SCALE_DTYPE = torch.float32
 
 
+def full_layer_ranges(
+    args: ModelArgs, block_size: int, dtype: torch.dtype
+) -> tuple[tuple[int, int], ...]:
+    """(offset, nbytes) within a block of the KV (and int8 scales) of every layer that is not
+    a sliding-window one, neighbours merged: what a block holds that a sliding layer's window
+    has left behind is still needed for. Empty where every layer slides (Mistral)."""
+    full = [i for i in range(args.num_layers) if i not in args.sliding_layers]
+    rows = 2 * block_size * args.num_kv_heads  # a layer's K and V rows
+    sections = [(0, rows * args.head_dim * dtype.itemsize)]  # values, then int8's scales
+    if dtype == torch.int8:
+        sections.append((args.num_layers * sections[0][1], rows * SCALE_DTYPE.itemsize))
+    ranges: list[tuple[int, int]] = []
+    for start, per_layer in sections:
+        for i in full:
+            offset = start + i * per_layer
+            if ranges and sum(ranges[-1]) == offset:
+                ranges[-1] = (ranges[-1][0], ranges[-1][1] + per_layer)
+            else:
+                ranges.append((offset, per_layer))
+    return tuple(ranges)
+
+
 def block_nbytes(args: ModelArgs, block_size: int, dtype: torch.dtype) -> int:
     rows = args.num_layers * 2 * block_size * args.num_kv_heads
     if dtype == torch.int8:

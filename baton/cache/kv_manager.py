@@ -122,7 +122,7 @@ class KVCacheManager:
 
     def cache_computed(self, seq: Sequence) -> None:
         """Publish the sequence's newly computed full blocks for prefix hits."""
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or seq.kv_in_part:
             return
         full = seq.num_computed_tokens // self.block_size
         self._update_hashes(seq, full * self.block_size)
@@ -140,6 +140,7 @@ class KVCacheManager:
         self.pool.release(seq.block_ids[::-1], keep_until)
         seq.block_ids = []
         seq.num_cached_blocks = 0
+        seq.kv_in_part = False  # computed again (preempted), its blocks are whole
 
 
 __all__ = ["KVCacheManager", "OutOfBlocks", "chain_hash"]

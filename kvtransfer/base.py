@@ -116,7 +116,9 @@ def split_runs(
 
 def read_nbytes(num_blocks: int, block_nbytes: int, in_part: InPart | None) -> int:
     """The bytes a read of `num_blocks` blocks moves."""
-    n = in_part.num_blocks if in_part else 0
+    if in_part is None:
+        return num_blocks * block_nbytes
+    n = in_part.num_blocks
     return n * sum(size for _, size in in_part.ranges) + (num_blocks - n) * block_nbytes
 
 

@@ -7,6 +7,9 @@ exactly is refused or capped, by name."""
 
 import asyncio
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import httpx
 import pytest
@@ -16,8 +19,12 @@ from stack import Stack
 from tiny_models import make_tiny_model
 from transformers import AutoConfig, Phi3Config
 
+import baton
+from baton.bench import llamacpp
 from baton.cache.kv_cache import block_nbytes, full_layer_ranges
+from baton.model.files import resolve_model_dir
 from baton.model.registry import UnsupportedModel, model_args
+from baton.sampling_params import SamplingParams
 
 SEED = 24
 NEW = 32
@@ -99,3 +106,59 @@ def test_rotary_over_part_of_each_head_is_refused_by_name():
     config = Phi3Config(rope_parameters={"rope_type": "default", "partial_rotary_factor": 0.75})
     with pytest.raises(UnsupportedModel, match="partial_rotary_factor 0.75"):
         model_args(config)
+
+
+@pytest.fixture(scope="session")
+def gguf_converter() -> Path:
+    """llama.cpp's convert_hf_to_gguf.py, from the llama-cpp-python sdist on PyPI (downloaded
+    once into the anchors' cache, as the llama-cpp benchmark arms do)."""
+    base = llamacpp.root()
+    base.mkdir(parents=True, exist_ok=True)
+    try:
+        return llamacpp.source(base, base / "prepare.log") / "convert_hf_to_gguf.py"
+    except subprocess.CalledProcessError as e:  # no package index reachable
+        pytest.skip(f"llama.cpp's converter could not be fetched ({e}; see {base}/prepare.log)")
+
+
+def gguf_of(converter: Path, model: Path, out: Path) -> Path:
+    """The model as llama.cpp writes it (f32: the weights exactly)."""
+    argv = [sys.executable, converter, model, "--outtype", "f32", "--outfile", out]
+    subprocess.run(argv, check=True, capture_output=True)
+    return out
+
+
+# llama.cpp's Qwen3-MoE has no dense layers between the sparse ones, and its Gemma 3 always
+# Gemma 3's pattern (every sixth layer global: a GGUF does not say)
+GGUF_SHAPES = {
+    "qwen3_moe": {"mlp_only_layers": []},
+    "gemma3": {"num_hidden_layers": 6, "layer_types": None},
+}
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gemma3"])
+def test_a_gguf_from_llama_cpps_converter_serves_its_checkpoints_tokens(
+    tmp_path, tiny_root, smollm2_dir, gguf_converter, monkeypatch, family
+):
+    """Qwen3-MoE's head size (32 here) and expert width are read from the file: transformers'
+    GGUF reader leaves both at the family's defaults (Qwen3's head size too)."""
+    shape = GGUF_SHAPES.get(family, {})
+    model = make_tiny_model(tiny_root / "gguf", family, tokenizer_from=smollm2_dir, **shape)
+    gguf = gguf_of(gguf_converter, model, tmp_path / f"{family}.gguf")
+    monkeypatch.setenv("BATON_CACHE", str(tmp_path / "cache"))
+    token_lists = prompts()[:4]
+    llm = baton.LLM(str(resolve_model_dir(gguf)), dtype="float32")
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)  # past the window
+    got = [o.outputs[0].token_ids for o in llm.generate(token_lists, params)]
+    assert got == hf_greedy(model, token_lists, 24)
+
+
+def test_a_gguf_transformers_reads_only_in_part_is_refused_not_served(
+    tmp_path, tiny_root, smollm2_dir, gguf_converter, monkeypatch
+):
+    """llama.cpp writes Mixtral as `llama` with experts; transformers reads that as a dense
+    Llama whose MLPs it cannot fill, and would initialize them at random."""
+    model = make_tiny_model(tiny_root / "gguf", "mixtral", tokenizer_from=smollm2_dir)
+    gguf = gguf_of(gguf_converter, model, tmp_path / "mixtral.gguf")
+    monkeypatch.setenv("BATON_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(UnsupportedModel, match=r"leaves 9 weights unset \(model.layers.0.mlp"):
+        resolve_model_dir(gguf)

@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
 from baton import kernels
 from baton.model.llama import CausalLM, FusedLinear
-from baton.model.registry import model_args
+from baton.model.registry import UnsupportedModel, model_args
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +32,25 @@ def convert_gguf(path: Path, out: Path) -> Path:
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     kw = {"gguf_file": path.name}
+    config = gguf_config(path)
+    hf, info = AutoModelForCausalLM.from_pretrained(
+        path.parent,
+        config=config,
+        dtype=torch.float32,
+        output_loading_info=True,
+        ignore_mismatched_sizes=True,  # reported below, by name
+        **kw,
+    )
+    # transformers builds what the config names and fills what it can map; the rest would be
+    # served as random weights (a Mixtral GGUF is read as a dense Llama): refused instead
+    unread = sorted({*info["missing_keys"], *(k for k, *_ in info["mismatched_keys"])})
+    if unread:
+        raise UnsupportedModel(
+            f"{path.name}: transformers' GGUF reader ({config.model_type}) leaves "
+            f"{len(unread)} weights unset ({', '.join(unread[:4])}, ...); convert the "
+            "Hugging Face checkpoint instead"
+        )
     AutoTokenizer.from_pretrained(path.parent, **kw).save_pretrained(tmp)
-    hf = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kw)
     state = hf.state_dict()
     if hf.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
@@ -49,6 +66,27 @@ def convert_gguf(path: Path, out: Path) -> Path:
     else:
         tmp.rename(out)
     return out
+
+
+# GGUF keys (after "<arch>.") that transformers' reader leaves at its family's defaults (Qwen3's
+# head size 128 whatever `key_length` says), and the config fields they set
+GGUF_SIZES = {
+    "attention.key_length": "head_dim",
+    "expert_feed_forward_length": "moe_intermediate_size",
+}
+
+
+def gguf_config(path: Path) -> PretrainedConfig:
+    """The config transformers reads from a GGUF, with the sizes the file states (GGUF_SIZES)."""
+    from gguf import GGUFReader
+
+    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    fields = GGUFReader(path).fields
+    arch = bytes(fields["general.architecture"].parts[-1]).decode()
+    for key, attr in GGUF_SIZES.items():
+        if (field := fields.get(f"{arch}.{key}")) is not None and hasattr(config, attr):
+            setattr(config, attr, int(field.parts[-1][0]))
+    return config
 
 
 # one expert's projection as checkpoints store it (Qwen3-MoE's names, Mixtral's w1/w3/w2)

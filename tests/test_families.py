@@ -7,6 +7,7 @@ exactly is refused or capped, by name."""
 
 import asyncio
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -127,37 +128,72 @@ def gguf_of(converter: Path, model: Path, out: Path) -> Path:
     return out
 
 
-# llama.cpp's Qwen3-MoE has no dense layers between the sparse ones, and its Gemma 3 always
-# Gemma 3's pattern (every sixth layer global: a GGUF does not say)
+@pytest.fixture(scope="session")
+def sentencepiece_model(tmp_path_factory) -> Path:
+    """A 512-piece SentencePiece model trained on seeded random words: llama.cpp converts
+    Gemma and Phi-3 only with one (their checkpoints ship it)."""
+    import sentencepiece
+
+    root = tmp_path_factory.mktemp("spm")
+    rng = random.Random(SEED)
+    words = [
+        "".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 8))) for _ in range(2000)
+    ]
+    (root / "text.txt").write_text(
+        "\n".join(" ".join(rng.choices(words, k=12)) for _ in range(3000))
+    )
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(root / "text.txt"), model_prefix=str(root / "tok"), vocab_size=512,
+        model_type="bpe", pad_id=0, eos_id=1, bos_id=2, unk_id=3, byte_fallback=True,
+    )  # fmt: skip
+    return root / "tok.model"
+
+
+# llama.cpp's Qwen3-MoE has no dense layers between the sparse ones; a GGUF does not say
+# Gemma 2's query_pre_attn_scalar (256 but for the 27B) nor Gemma 3's layer pattern (every
+# sixth layer global)
 GGUF_SHAPES = {
     "qwen3_moe": {"mlp_only_layers": []},
+    "gemma2": {"query_pre_attn_scalar": 256},
     "gemma3": {"num_hidden_layers": 6, "layer_types": None},
 }
+SPM_IDS = {"vocab_size": 512, "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2}
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "gemma3"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "gemma2", "gemma3", "phi3"])
 def test_a_gguf_from_llama_cpps_converter_serves_its_checkpoints_tokens(
-    tmp_path, tiny_root, smollm2_dir, gguf_converter, monkeypatch, family
+    tmp_path, tiny_root, smollm2_dir, sentencepiece_model, gguf_converter, monkeypatch, family
 ):
-    """Qwen3-MoE's head size (32 here) and expert width are read from the file: transformers'
-    GGUF reader leaves both at the family's defaults (Qwen3's head size too)."""
+    """Qwen3-MoE's head size (32 here) and expert width, and Gemma 2's soft-caps, are read
+    from the file: transformers' GGUF reader leaves them at the family's defaults."""
     shape = GGUF_SHAPES.get(family, {})
-    model = make_tiny_model(tiny_root / "gguf", family, tokenizer_from=smollm2_dir, **shape)
+    if family.startswith("qwen3"):  # a BPE tokenizer, as Qwen's
+        model = make_tiny_model(tiny_root / "gguf", family, tokenizer_from=smollm2_dir, **shape)
+    else:
+        model = make_tiny_model(tiny_root / "gguf", family, **SPM_IDS, **shape)
+        shutil.copy(sentencepiece_model, model / "tokenizer.model")
     gguf = gguf_of(gguf_converter, model, tmp_path / f"{family}.gguf")
     monkeypatch.setenv("BATON_CACHE", str(tmp_path / "cache"))
-    token_lists = prompts()[:4]
-    llm = baton.LLM(str(resolve_model_dir(gguf)), dtype="float32")
+    token_lists = [[t % 500 + 4 for t in ids] for ids in prompts()[:4]]
+    served = resolve_model_dir(gguf)
+    # what the file states is what is served (soft-caps pass greedy decoding unnoticed)
+    original, converted = AutoConfig.from_pretrained(model), AutoConfig.from_pretrained(served)
+    for name in ("head_dim", "moe_intermediate_size", "attn_logit_softcapping",
+                 "final_logit_softcapping", "sliding_window"):  # fmt: skip
+        assert getattr(converted, name, None) == getattr(original, name, None), name
+    llm = baton.LLM(str(served), dtype="float32")
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)  # past the window
     got = [o.outputs[0].token_ids for o in llm.generate(token_lists, params)]
     assert got == hf_greedy(model, token_lists, 24)
 
 
 def test_a_gguf_transformers_reads_only_in_part_is_refused_not_served(
-    tmp_path, tiny_root, smollm2_dir, gguf_converter, monkeypatch
+    tmp_path, tiny_root, sentencepiece_model, gguf_converter, monkeypatch
 ):
     """llama.cpp writes Mixtral as `llama` with experts; transformers reads that as a dense
     Llama whose MLPs it cannot fill, and would initialize them at random."""
-    model = make_tiny_model(tiny_root / "gguf", "mixtral", tokenizer_from=smollm2_dir)
+    model = make_tiny_model(tiny_root / "gguf", "mixtral", **SPM_IDS)
+    shutil.copy(sentencepiece_model, model / "tokenizer.model")
     gguf = gguf_of(gguf_converter, model, tmp_path / "mixtral.gguf")
     monkeypatch.setenv("BATON_CACHE", str(tmp_path / "cache"))
     with pytest.raises(UnsupportedModel, match=r"leaves 9 weights unset \(model.layers.0.mlp"):

@@ -69,23 +69,27 @@ def convert_gguf(path: Path, out: Path) -> Path:
 
 
 # GGUF keys (after "<arch>.") that transformers' reader leaves at its family's defaults (Qwen3's
-# head size 128 whatever `key_length` says), and the config fields they set
-GGUF_SIZES = {
+# head size 128 whatever `key_length` says, Gemma 2's soft-caps 50 and 30), and the config
+# fields they set. Gemma's query_pre_attn_scalar is not in a GGUF: transformers' default, 256,
+# is right for every Gemma 2 and 3 but the 27B ones (llama.cpp itself tells those by size).
+GGUF_FIELDS = {
     "attention.key_length": "head_dim",
     "expert_feed_forward_length": "moe_intermediate_size",
+    "attn_logit_softcapping": "attn_logit_softcapping",
+    "final_logit_softcapping": "final_logit_softcapping",
 }
 
 
 def gguf_config(path: Path) -> PretrainedConfig:
-    """The config transformers reads from a GGUF, with the sizes the file states (GGUF_SIZES)."""
+    """The config transformers reads from a GGUF, with what the file states (GGUF_FIELDS)."""
     from gguf import GGUFReader
 
     config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     fields = GGUFReader(path).fields
     arch = bytes(fields["general.architecture"].parts[-1]).decode()
-    for key, attr in GGUF_SIZES.items():
+    for key, attr in GGUF_FIELDS.items():
         if (field := fields.get(f"{arch}.{key}")) is not None and hasattr(config, attr):
-            setattr(config, attr, int(field.parts[-1][0]))
+            setattr(config, attr, field.parts[-1][0].item())
     return config
 
 

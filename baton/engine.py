@@ -85,8 +85,11 @@ class Engine:
             runner=ModelRunner(model, kv, Sampler(eos, Grammars(tokenizer, args.vocab_size, eos))),
         )
 
-    def scheduler(self) -> Scheduler:
-        c = self.config
+    def scheduler(self, hands_off: bool = False) -> Scheduler:
+        """hands_off: a prefill's, whose prompts' blocks all go to a decode (the blocks behind
+        a sliding window are then not given back early: the offers name them)."""
+        c, args = self.config, self.model.args
+        every_layer_slides = len(args.sliding_layers) == args.num_layers
         return Scheduler(
             self.kv_manager,
             max_num_seqs=c.max_num_seqs,
@@ -94,7 +97,8 @@ class Engine:
             max_chunk_tokens=c.max_chunk_tokens,
             max_model_len=self.max_model_len,
             eos_token_ids=self.eos_token_ids,
-            vocab_size=self.model.args.vocab_size,
+            vocab_size=args.vocab_size,
+            window=args.sliding_window if every_layer_slides and not hands_off else None,
         )
 
     def close(self) -> None:

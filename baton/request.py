@@ -50,6 +50,9 @@ class Sequence:
     # its KV came without what its sliding-window layers no longer see (kvtransfer Window):
     # its blocks are never published, since a shorter prompt sharing them would need that part
     kv_in_part: bool = False
+    # leading blocks given back: every layer slides, and no query will see them again (their
+    # ids stay in block_ids, so positions keep their index; the kernels read only the window)
+    num_freed_blocks: int = 0
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: FinishReason | None = None
     logprobs: list[Logprob] = field(default_factory=list)

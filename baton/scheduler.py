@@ -83,8 +83,11 @@ class Scheduler:
         eos_token_ids: frozenset[int],
         max_chunk_tokens: int | None = None,
         vocab_size: int | None = None,
+        window: int | None = None,
     ):
-        self.kv = kv
+        """window: every layer of the model slides over this many positions; the blocks behind
+        it go back to the pool as each sequence moves on (KVCacheManager.free_behind)."""
+        self.kv, self.window = kv, window
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         # a prompt's tokens per step while others wait (chunk_cap)
@@ -350,6 +353,8 @@ class Scheduler:
             seq = s.seq
             seq.num_computed_tokens += s.num_new_tokens
             self.kv.cache_computed(seq)
+            if self.window:
+                self.kv.free_behind(seq, self.window)
             if out is None:
                 continue
             seq.token_ids.append(out.token_id)

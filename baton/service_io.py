@@ -110,7 +110,7 @@ class ServiceLoop:
     ):
         """keys: the service plane's (baton.plane); None: plain sockets."""
         self.engine, self.id, self.keys = engine, service_id, keys
-        self.sched = engine.scheduler()
+        self.sched = engine.scheduler(hands_off=self.role is P.Role.PREFILL)
         self.ctx = zmq.Context()
         codec = P.Codec(P.ToService, self.count_bad)
         self.gateway = GatewayLink(self.ctx, gateway_addr, service_id, codec, keys, self.role)

@@ -19,6 +19,8 @@ write into it (`cancel` says when it is safe).
 
 from typing import NamedTuple, Protocol
 
+from baton.cache.kv_manager import blocks_behind
+
 
 class TransferError(Exception):
     """A peer's blocks cannot be read (it died, or it is gone from the transport)."""
@@ -63,9 +65,8 @@ class Window(NamedTuple):
     ranges: tuple[tuple[int, int], ...]  # full_layer_ranges
 
     def blocks_behind(self, first_position: int) -> int:
-        """Leading blocks no sliding layer reads once the queries start at `first_position`:
-        the earliest it sees is first_position - tokens + 1."""
-        return max(0, first_position - self.tokens + 1) // self.block_size
+        """Leading blocks no sliding layer reads once the queries start at `first_position`."""
+        return blocks_behind(first_position, self.tokens, self.block_size)
 
 
 class Reader(Protocol):

@@ -22,6 +22,12 @@ if TYPE_CHECKING:
     from baton.cache.tier import DiskTier
 
 
+def blocks_behind(first_position: int, window: int, block_size: int) -> int:
+    """Leading blocks a sliding layer of `window` positions no longer reads once its queries
+    start at `first_position`: the earliest it sees is first_position - window + 1."""
+    return max(0, first_position - window + 1) // block_size
+
+
 def chain_hash(parent: bytes | None, tokens: list[int]) -> bytes:
     h = hashlib.blake2b(parent or b"", digest_size=16)
     h.update(array("q", tokens).tobytes())
@@ -133,13 +139,22 @@ class KVCacheManager:
                 self.tier.save(seq.block_ids[i], seq.block_hashes[i])
         seq.num_cached_blocks = max(seq.num_cached_blocks, full)
 
+    def free_behind(self, seq: Sequence, window: int) -> None:
+        """Give back the leading blocks no query of a model whose every layer slides over
+        `window` positions reads again (the next is at num_computed_tokens). Published ones stay
+        cached for prefix hits, as any released block."""
+        behind = blocks_behind(seq.num_computed_tokens, window, self.block_size)
+        if behind > seq.num_freed_blocks:
+            self.pool.release(seq.block_ids[seq.num_freed_blocks : behind][::-1])
+            seq.num_freed_blocks = behind
+
     def free(self, seq: Sequence) -> None:
         """Release its blocks; a live session's stay cached longest (SamplingParams.session_ttl_s)."""
         ttl = seq.params.session_ttl_s
         keep_until = self.pool.clock() + ttl if ttl else None
-        self.pool.release(seq.block_ids[::-1], keep_until)
+        self.pool.release(seq.block_ids[seq.num_freed_blocks :][::-1], keep_until)
         seq.block_ids = []
-        seq.num_cached_blocks = 0
+        seq.num_cached_blocks = seq.num_freed_blocks = 0
         seq.kv_in_part = False  # computed again (preempted), its blocks are whole
 
 

@@ -120,6 +120,8 @@ class Scheduler:
                 "(prompt + at least one new token)"
             )
         need = self.kv.blocks_needed(min(num_tokens + max_new_tokens, self.max_model_len))
+        if self.window:  # the blocks behind go back: a window and a step's tokens at most
+            need = min(need, self.kv.blocks_needed(self.window + self.max_num_batched_tokens) + 1)
         if need > self.kv.pool.num_blocks:
             raise ValueError(
                 f"request needs up to {need} KV blocks ({num_tokens} prompt + {max_new_tokens} "

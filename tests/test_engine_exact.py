@@ -92,6 +92,22 @@ def test_greedy_matches_transformers_token_for_token(tiny_root, variant):
     assert llm.engine.kv_manager.pool.num_used == 0
 
 
+def test_where_every_layer_slides_a_pool_smaller_than_the_requests_serves_them_exactly(
+    tiny_root,
+):
+    """Mistral's window of 8: the blocks behind it go back and are taken again (by the other
+    sequences) while the batch runs: 40 blocks of 4 for requests that span 97."""
+    model_dir = make_tiny_model(tiny_root / "mistral-sliding8", "mistral", sliding_window=8)
+    llm = baton.LLM(
+        str(model_dir), dtype="float32", block_size=4, num_blocks=40, max_num_batched_tokens=24
+    )
+    token_lists = prompts(llm.engine.model.args.vocab_size)
+    assert sum(-(-(len(ids) + NEW) // 4) for ids in token_lists) == 97
+    outs = llm.generate(token_lists, SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True))
+    assert [o.outputs[0].token_ids for o in outs] == hf_greedy(model_dir, token_lists, NEW)
+    assert llm.engine.kv_manager.pool.num_used == 0
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_logprobs_equal_transformers_log_softmax_at_every_step(tiny_root, variant):
     # greedy tokens alone would pass a model whose logits are off by any monotonic function

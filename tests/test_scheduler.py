@@ -194,8 +194,8 @@ def test_a_reservation_keeps_a_block_of_headroom_per_running_sequence():
 
 def test_where_every_layer_slides_the_blocks_behind_the_window_go_back_as_it_moves_on():
     """Window 6, blocks of 4: the next query at position p reads p-5..p, so once p reaches
-    9 block 0 (0-3) is behind it, at 13 block 1. 40 positions take 10 blocks; at most 3 are
-    held at once, and a second sequence runs in the ones given back."""
+    9 block 0 (0-3) is behind it, at 13 block 1. 40 positions take 10 blocks, more than the
+    pool's 6; at most 3 are held at once, and a second sequence runs in the ones given back."""
     s = make(num_blocks=6, budget=8, chunk=8, window=6)
     s.add(Sequence("long", list(range(10, 16)), SamplingParams(max_tokens=34, ignore_eos=True)))
     (seq,) = s.waiting
@@ -203,8 +203,9 @@ def test_where_every_layer_slides_the_blocks_behind_the_window_go_back_as_it_mov
     while s.has_work:
         if seq.num_computed_tokens == 20:  # blocks 0-2 are back: another prompt takes two
             s.add(Sequence("next", list(range(40, 47)), SamplingParams(max_tokens=1)))
-        step(s)
-        held.append(len(seq.block_ids) - seq.num_freed_blocks)
+        batch = s.schedule()
+        held.append(len(seq.block_ids) - seq.num_freed_blocks)  # while the step runs
+        s.postprocess(batch, [SampledToken(5) if x.samples else None for x in batch])
         s.kv.pool.check_invariants()
     assert seq.num_tokens == 40 and max(held) == 3
     assert s.kv.pool.num_used == 0  # the rest went back at the end, each block once

@@ -120,8 +120,10 @@ class Scheduler:
                 "(prompt + at least one new token)"
             )
         need = self.kv.blocks_needed(min(num_tokens + max_new_tokens, self.max_model_len))
-        if self.window:  # the blocks behind go back: a window and a step's tokens at most
-            need = min(need, self.kv.blocks_needed(self.window + self.max_num_batched_tokens) + 1)
+        if self.window:  # behind the window blocks go back, but a prompt is reserved whole
+            # (handed off: all its blocks at once) and a prefix hit may hold all of it
+            bound = self.kv.blocks_needed(self.window + self.max_num_batched_tokens) + 1
+            need = min(need, max(bound, self.kv.blocks_needed(num_tokens + 1)))
         if need > self.kv.pool.num_blocks:
             raise ValueError(
                 f"request needs up to {need} KV blocks ({num_tokens} prompt + {max_new_tokens} "

@@ -268,7 +268,9 @@ class Backend:
             )  # fmt: skip
         self.autoscaler.demand(sum(map(len, prompts)))  # asked for, whether admitted or not
         placements = self.router.place(prompts, set(), salt)
-        load = self.autoscaler.offered_load(self.registry)
+        load = 0.0  # only admission_load reads it (a sum over the window's requests)
+        if self.admission.keeping_up_below:
+            load = self.autoscaler.offered_load(self.registry)
         admitted = self.admission.check(self.inflight, placements, load)
         self.router.reserve(admitted.placements)
         self.inflight += len(admitted.placements)

@@ -54,7 +54,12 @@ class InPart(NamedTuple):
     only the other layers' bytes (baton.cache.kv_cache.full_layer_ranges)."""
 
     num_blocks: int  # the read's leading blocks
-    ranges: tuple[tuple[int, int], ...]  # (offset, nbytes) within a block; () none of it
+    ranges: tuple[tuple[int, int], ...]  # (offset, nbytes) within a block, in order, not empty
+
+    @property
+    def nbytes(self) -> int:
+        """What each of those blocks moves."""
+        return sum(size for _, size in self.ranges)
 
 
 class Window(NamedTuple):
@@ -71,7 +76,6 @@ class Window(NamedTuple):
 
 class Reader(Protocol):
     transport: str  # what /health and the metrics call it: zmq-tcp | zmq-ipc | shm | nixl
-    reads_in_part: bool  # honours start's `in_part` (else it reads those blocks whole)
 
     def start(
         self, req_id: str, src_ids: list[int], dst_ids: list[int], in_part: InPart | None = None
@@ -120,14 +124,17 @@ def read_nbytes(num_blocks: int, block_nbytes: int, in_part: InPart | None) -> i
     if in_part is None:
         return num_blocks * block_nbytes
     n = in_part.num_blocks
-    return n * sum(size for _, size in in_part.ranges) + (num_blocks - n) * block_nbytes
+    return n * in_part.nbytes + (num_blocks - n) * block_nbytes
 
 
 def valid_in_part(in_part: InPart, num_blocks: int, block_nbytes: int, num_layers: int) -> bool:
-    """A peer's InPart: within the blocks named and their bytes, and no more ranges than a
-    block has layers (values and int8 scales apart)."""
+    """A peer's InPart: within the blocks named, its ranges in order without overlap inside a
+    block (no pull asks for more than the blocks' bytes), and no more of them than a block has
+    layers (values and int8 scales apart)."""
+    ends = [0, *(o + size for o, size in in_part.ranges)]
     return (
         0 < in_part.num_blocks <= num_blocks
         and 0 < len(in_part.ranges) <= 2 * num_layers
-        and all(o >= 0 and size > 0 and o + size <= block_nbytes for o, size in in_part.ranges)
+        and all(size > 0 and o >= end for (o, size), end in zip(in_part.ranges, ends, strict=False))
+        and ends[-1] <= block_nbytes
     )

@@ -111,7 +111,6 @@ class NixlReader:
     (except by `cancel`)."""
 
     transport = "nixl"
-    reads_in_part = True
 
     def __init__(self, agent: Agent, region: P.NixlRegion):
         """Raises TransferError if NIXL cannot attach the peer."""

@@ -231,7 +231,7 @@ class KVReceiver:
             peer = self.peers[p.peer]
             src, dst = p.src_block_ids[first:], p.seq.block_ids[first : p.num_started]
             in_part = None
-            if (n := min(behind, p.num_started) - first) > 0 and peer.reader.reads_in_part:
+            if (n := min(behind, p.num_started) - first) > 0:
                 in_part, p.seq.kv_in_part = InPart(n, self.window.ranges), True
             try:
                 peer.reader.start(req_id, src, dst, in_part)

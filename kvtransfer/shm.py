@@ -133,7 +133,6 @@ class ShmReader:
     """A peer's shared pool, mapped once; reads are synchronous copies."""
 
     transport = "shm"
-    reads_in_part = True
 
     def __init__(self, region: P.ShmRegion, pool: torch.Tensor):
         """pool: our [num_blocks, block_nbytes] uint8 pool. Raises OSError if the file is not

@@ -47,7 +47,7 @@ def write_blocks(
     """Copy received frames into the destination's own blocks, in order (block_frames' rows:
     the leading `in_part` ones only their ranges); returns bytes."""
     n = in_part.num_blocks if in_part else 0
-    part_width = sum(size for _, size in in_part.ranges) if in_part else 0
+    part_width = in_part.nbytes if in_part else 0
     rows: list[torch.Tensor] = []
     for f in frames:
         width = part_width if len(rows) < n else pool.shape[1]
@@ -73,8 +73,6 @@ def write_blocks(
 class ZmqReader:
     """Asks the prefill for the bytes (KVPull); they come back on the KV socket as KVBlocks
     frames, which the decode hands to `receive`."""
-
-    reads_in_part = True
 
     def __init__(self, transport: str, send: Callable[[P.KVPull], None], pool: torch.Tensor):
         self.transport, self.send, self.pool = transport, send, pool

@@ -110,9 +110,9 @@ def test_offered_load_is_prompt_work_asked_over_what_the_stack_computes():
         clock.now += 1
         scaler.demand(1480)
     assert scaler.offered_load(registry) == pytest.approx(30 * 1480 / 29 / 1480, rel=0.01)
+    assert scaler.offered_load(pools(service("d0", "decode"))) == 0.0  # nothing measured
     clock.now += 60  # the window has passed
     assert scaler.offered_load(registry) == 0.0
-    assert scaler.offered_load(pools(service("d0", "decode"))) == 0.0  # nothing measured
 
 
 def test_the_gateway_exports_what_it_decides_each_reap():

@@ -46,8 +46,6 @@ class OneSidedReader:
         self.stuck = stuck  # cancel() cannot stop a read
         self.closed = False
 
-    reads_in_part = True
-
     def start(self, req_id, src_ids, dst_ids, in_part=None):
         self.reading[req_id] = (src_ids, dst_ids)
         self.in_part = in_part

@@ -18,7 +18,14 @@ import zmq
 from baton import protocol as P
 from baton.cache.kv_cache import block_nbytes, full_layer_ranges
 from baton.kvtransfer import nixl, shm
-from baton.kvtransfer.base import InPart, Landed, TransferError, Window, joint_runs
+from baton.kvtransfer.base import (
+    InPart,
+    Landed,
+    TransferError,
+    Window,
+    joint_runs,
+    valid_in_part,
+)
 from baton.kvtransfer.handshake import Refused, choose
 from baton.kvtransfer.zmq import ZmqReader, block_frames
 from baton.model.llama import ModelArgs
@@ -61,6 +68,11 @@ def test_a_block_a_sliding_window_left_behind_is_needed_only_in_its_full_layers(
     # a query at 100 sees 61..100: blocks 0-2 (tokens 0-47) hold none of it, block 3 does
     window = Window(40, 16, full_layer_ranges(args, 16, torch.bfloat16))
     assert [window.blocks_behind(p) for p in (39, 40, 55, 56, 100)] == [0, 0, 1, 1, 3]
+    # what a prefill takes from a decode's pull: ranges in order, apart, inside a block
+    assert valid_in_part(IN_PART, 8, BLOCK_NBYTES, num_layers=3)
+    for bad in (((0, 512), (256, 512)), ((2048, 8), (0, 8)), ((4600, 16),), ((0, 0),), ()):
+        assert not valid_in_part(InPart(4, bad), 8, BLOCK_NBYTES, num_layers=3), bad
+    assert not valid_in_part(InPart(9, IN_PART.ranges), 8, BLOCK_NBYTES, num_layers=3)
 
 
 def source(transport: str, conn: Connection, seed: int) -> None:
@@ -138,10 +150,9 @@ def test_one_sided_read_copies_scattered_blocks_from_another_process(transport, 
         assert (reader.transport, skipped) == (transport, [])
         assert read(reader) == Landed("r", len(SRC) * BLOCK_NBYTES, NUM_RUNS)
         assert_copied(dst, seed=1)
-        if reader.reads_in_part:  # (NIXL reads whole blocks)
-            dst.zero_()
-            assert read(reader, "p", IN_PART) == Landed("p", IN_PART_BYTES, NUM_RUNS)
-            assert_copied_in_part(dst, seed=1)
+        dst.zero_()
+        assert read(reader, "p", IN_PART) == Landed("p", IN_PART_BYTES, NUM_RUNS)
+        assert_copied_in_part(dst, seed=1)
         reader.close()
         path = hello.shm.path if hello.shm else None
     if path:  # the owner unlinked its segment at exit

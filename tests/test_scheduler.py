@@ -209,3 +209,6 @@ def test_where_every_layer_slides_the_blocks_behind_the_window_go_back_as_it_mov
         s.kv.pool.check_invariants()
     assert seq.num_tokens == 40 and max(held) == 3
     assert s.kv.pool.num_used == 0  # the rest went back at the end, each block once
+    # a prompt is still held whole at first (a hand-off reserves all of it): 24 tokens + 1
+    with pytest.raises(ValueError, match="needs up to 7 KV blocks"):
+        s.check_fits(24, 16)

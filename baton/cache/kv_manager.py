@@ -145,14 +145,18 @@ class KVCacheManager:
         cached for prefix hits, as any released block."""
         behind = blocks_behind(seq.num_computed_tokens, window, self.block_size)
         if behind > seq.num_freed_blocks:
-            self.pool.release(seq.block_ids[seq.num_freed_blocks : behind][::-1])
+            freed = seq.block_ids[seq.num_freed_blocks : behind][::-1]
+            self.pool.release(freed, self._keep_until(seq))
             seq.num_freed_blocks = behind
 
-    def free(self, seq: Sequence) -> None:
-        """Release its blocks; a live session's stay cached longest (SamplingParams.session_ttl_s)."""
+    def _keep_until(self, seq: Sequence) -> float | None:
+        """A live session's blocks stay cached longest (SamplingParams.session_ttl_s)."""
         ttl = seq.params.session_ttl_s
-        keep_until = self.pool.clock() + ttl if ttl else None
-        self.pool.release(seq.block_ids[seq.num_freed_blocks :][::-1], keep_until)
+        return self.pool.clock() + ttl if ttl else None
+
+    def free(self, seq: Sequence) -> None:
+        """Release its blocks (_keep_until)."""
+        self.pool.release(seq.block_ids[seq.num_freed_blocks :][::-1], self._keep_until(seq))
         seq.block_ids = []
         seq.num_cached_blocks = seq.num_freed_blocks = 0
         seq.kv_in_part = False  # computed again (preempted), its blocks are whole

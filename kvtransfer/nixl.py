@@ -44,14 +44,6 @@ def unavailable() -> str | None:
     return None
 
 
-def block_descs(addr: int, num_blocks: int, block_nbytes: int) -> np.ndarray:
-    """[num_blocks, 3] (address, length, device 0): row b is block b."""
-    descs = np.zeros((num_blocks, 3), dtype=np.uint64)
-    descs[:, 0] = addr + np.arange(num_blocks, dtype=np.uint64) * block_nbytes
-    descs[:, 1] = block_nbytes
-    return descs
-
-
 def pieces(block_nbytes: int, ranges: tuple[tuple[int, int], ...]) -> tuple[list[int], list[int]]:
     """A block cut at the edges of `ranges`: each piece's start (the last ends the block), and
     which pieces the ranges cover. A block read whole is all of its pieces, which NIXL merges
@@ -62,7 +54,8 @@ def pieces(block_nbytes: int, ranges: tuple[tuple[int, int], ...]) -> tuple[list
 
 
 def piece_descs(addr: int, num_blocks: int, block_nbytes: int, cuts: list[int]) -> np.ndarray:
-    """[num_blocks * pieces, 3]: row b * pieces + j is piece j of block b."""
+    """[num_blocks * pieces, 3] (address, length, device 0): row b * pieces + j is piece j of
+    block b; with `cuts` [0, block_nbytes], one row per whole block."""
     starts = np.asarray(cuts[:-1], dtype=np.uint64)
     blocks = addr + np.arange(num_blocks, dtype=np.uint64)[:, None] * block_nbytes
     descs = np.zeros((num_blocks, len(starts), 3), dtype=np.uint64)
@@ -92,7 +85,7 @@ class Agent:
         self.agent.create_backend("UCX", {"ucx_error_handling_mode": "none"})
         self.agent.register_memory(pool)
         num_blocks, self.block_nbytes = pool.shape
-        descs = block_descs(pool.data_ptr(), num_blocks, self.block_nbytes)
+        descs = piece_descs(pool.data_ptr(), num_blocks, self.block_nbytes, [0, self.block_nbytes])
         self.local = self.agent.prep_xfer_dlist("NIXL_INIT_AGENT", descs, "DRAM")
         self.region = P.NixlRegion(self.agent.get_agent_metadata(), pool.data_ptr(), pool.numel())
         self.addr, self.num_blocks = pool.data_ptr(), num_blocks
@@ -118,7 +111,9 @@ class NixlReader:
         try:
             self.peer = nx.add_remote_agent(region.agent_metadata)
             num_blocks = region.nbytes // agent.block_nbytes
-            descs = block_descs(region.addr, num_blocks, agent.block_nbytes)
+            descs = piece_descs(
+                region.addr, num_blocks, agent.block_nbytes, [0, agent.block_nbytes]
+            )
             self.remote = nx.prep_xfer_dlist(self.peer, descs, "DRAM")
         except agent.errors as e:
             raise TransferError(f"NIXL could not attach the prefill: {e}") from e

@@ -68,6 +68,7 @@ UP_FLAGS = {
     "--decode-cpus": ("decode.cpus", str),
     "--transport": ("transport", str),
     "--stream-kv": ("stream_kv", on_off),
+    "--max-services": ("autoscale.max_services", int),
 }
 
 
@@ -191,7 +192,12 @@ def cmd_config_show(args) -> None:
 def cmd_up(args) -> None:
     from baton.up import up
 
-    up(config_from(args), Path(args.log_dir), args.start_timeout)
+    config = config_from(args)
+    if args.autoscale and not config.autoscale.max_services:  # a service per CPU
+        services = max(2, len(os.sched_getaffinity(0)))
+        autoscale = msgspec.structs.replace(config.autoscale, max_services=services)
+        config = msgspec.structs.replace(config, autoscale=autoscale)
+    up(config, Path(args.log_dir), args.start_timeout)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -202,6 +208,12 @@ def parser() -> argparse.ArgumentParser:
     add_config_args(up, UP_FLAGS)
     up.add_argument("--log-dir", default="logs")
     up.add_argument("--start-timeout", type=float, default=300)
+    up.add_argument(
+        "--autoscale",
+        action="store_true",
+        help="move services between the pools as the load's mix shifts (--max-services of "
+        "them; unset: one per CPU)",
+    )
     up.set_defaults(func=cmd_up)
 
     gw = sub.add_parser("gateway", help="the OpenAI-compatible HTTP gateway")

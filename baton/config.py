@@ -10,6 +10,7 @@ effective values.
     [decode]    the decode pool: count, CPUs, its batch cap
     [gateway]   HTTP and service addresses, queue limit, admission, local-prefill threshold
     [slo]       the targets the knobs serve: TTFT, TPOT, attainment
+    [autoscale] how fast the pools' desired sizes move; `baton up`'s own services to split
 """
 
 import os
@@ -245,6 +246,22 @@ class SLOConfig(Section):
     )
 
 
+class AutoscaleConfig(Section):
+    max_services: Annotated[
+        int,
+        Meta(ge=0),
+        doc(
+            "`baton up` runs this many services and moves them between the pools as the "
+            "load's mix shifts (each on its share of the CPUs; no prefill at all when prompts "
+            "are a small part of the work); 0: the pools' counts, fixed"
+        ),
+    ] = 0
+    window_s: Annotated[float, Meta(gt=0), doc("the signals' window (requests, latencies)")] = 30.0
+    down_after_s: Annotated[
+        float, Meta(ge=0), doc("a smaller pool (or another split) is wanted this long first")
+    ] = 60.0
+
+
 # auto: shm when prefill and decode share a host, else NIXL, else zmq-tcp (kvtransfer.handshake)
 Transport = Literal["auto", "zmq-tcp", "zmq-ipc", "shm", "nixl"]
 
@@ -271,6 +288,7 @@ class BatonConfig(Section):
     decode: PoolConfig = msgspec.field(default_factory=PoolConfig)
     gateway: GatewayConfig = msgspec.field(default_factory=GatewayConfig)
     slo: SLOConfig = msgspec.field(default_factory=SLOConfig)
+    autoscale: AutoscaleConfig = msgspec.field(default_factory=AutoscaleConfig)
 
     def engine_for(self, role: str) -> EngineConfig:
         """The [engine] table with the pool's own knobs applied."""

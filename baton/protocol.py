@@ -79,6 +79,7 @@ class Load(msgspec.Struct, frozen=True):
     # (baton.slo.PromptPacer.rate; 0: not measured yet)
     prompt_rate: Annotated[float, msgspec.Meta(ge=0, le=1e9)] = 0.0
     prompt_budget: Count = 0  # decode: prompt tokens a step takes at most (its token budget)
+    prompt_token_s: Seconds = 0.0  # decode: what a prompt token adds to its step (PromptPacer)
     tier_capacity_blocks: Count = 0  # blocks its KV tier can hold (baton.cache.tier)
 
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -91,6 +92,7 @@ def up(config: BatonConfig, log_dir: Path, start_timeout: float) -> None:
     gw = config.gateway
     if config.key_dir and not (Path(config.key_dir) / "server.key").exists():
         print(f"service-plane keys made in {plane.generate(config.key_dir)}", flush=True)
+    scaler = Supervisor.of(config)
     stack = Stack(log_dir)
     zmq_addr = gw.zmq_addr or stack.ipc_addr("gateway")
     config = msgspec.structs.replace(
@@ -107,28 +109,17 @@ def up(config: BatonConfig, log_dir: Path, start_timeout: float) -> None:
         f.write(to_toml(config, redact=False))  # the gateway reads its key from it
     url = f"http://{gw.host}:{gw.port}"
     stack.spawn("gateway", ["gateway", "--config", str(config_file)], None, role="gateway", url=url)
-    for role in ("prefill", "decode"):
-        pool = getattr(config, role)
-        aggregated = config.prefill.count == 0
-        cpus = parse_cpus(pool.cpus if pool.cpus is not None else default_cpus(role, aggregated))
-        threads = config.engine.threads or (len(cpus) if cpus else None)
-        for i in range(pool.count):
-            port = free_port()
-            argv = [role, "--config", str(config_file), "--id", f"{role}-{i}"]
-            argv += ["--gateway", zmq_addr, "--http-port", str(port)]
-            if threads:
-                argv += ["--threads", str(threads)]
-            if role == "decode":
-                # one host: a socket file in the 0700 run directory, but where the KV itself
-                # is to cross TCP (transport zmq-tcp: its test and benchmark)
-                kv_addr = stack.ipc_addr(f"{role}-{i}-kv")
-                if config.transport == "zmq-tcp":
-                    kv_addr = "tcp://127.0.0.1:*"  # the port is chosen at bind: no race
-                argv += ["--kv-addr", kv_addr]
-            probe = f"http://127.0.0.1:{port}"
-            if config.key_dir:  # its own key: a leaked one speaks for this service alone
-                plane.issue(config.key_dir, role, f"{role}-{i}")
-            stack.spawn(f"{role}-{i}", argv, cpus, role=role, url=probe)
+    launch = Launcher(stack, config, config_file, zmq_addr)
+    counts = {"prefill": config.prefill.count, "decode": config.decode.count}
+    if scaler:
+        counts = scaler.start(launch)
+    else:
+        for role, count in counts.items():
+            aggregated = config.prefill.count == 0
+            cpus = getattr(config, role).cpus
+            cpus = parse_cpus(cpus if cpus is not None else default_cpus(role, aggregated))
+            for _ in range(count):
+                launch(role, cpus)
 
     def shutdown(*_):
         print("stopping ...", flush=True)
@@ -138,7 +129,7 @@ def up(config: BatonConfig, log_dir: Path, start_timeout: float) -> None:
     signal.signal(signal.SIGTERM, shutdown)
     signal.signal(signal.SIGINT, shutdown)
     deadline = time.monotonic() + start_timeout
-    while not healthy(url, {"prefill": config.prefill.count, "decode": config.decode.count}):
+    while not healthy(url, counts):
         if dead := stack.dead():
             stack.stop()
             sys.exit(f"{', '.join(dead)} exited during start-up; see {log_dir}/")
@@ -147,7 +138,7 @@ def up(config: BatonConfig, log_dir: Path, start_timeout: float) -> None:
             sys.exit(f"the stack was not healthy after {start_timeout}s; see {log_dir}/")
         time.sleep(0.3)
     print(
-        f"Baton is up: {config.prefill.count} prefill + {config.decode.count} decode, "
+        f"Baton is up: {counts['prefill']} prefill + {counts['decode']} decode, "
         f"model {model_dir.name}",
         flush=True,
     )
@@ -158,16 +149,122 @@ def up(config: BatonConfig, log_dir: Path, start_timeout: float) -> None:
             stack.stop()
             sys.exit(f"the gateway exited: the stack is stopped; see {log_dir}/")
         if dead:  # a service: its streams fail over, the pool serves on
-            print(f"warning: {', '.join(dead)} exited; see {log_dir}/", flush=True)
+            if scaler is None or any(name not in scaler.draining for name in dead):
+                print(f"warning: {', '.join(dead)} exited; see {log_dir}/", flush=True)
             for name in dead:
                 stack.procs.pop(name)
+        if scaler:
+            scaler.act(status(url).get("desired", {}), launch)
+
+
+def status(url: str) -> dict:
+    """The gateway's /health body; {} while it does not answer."""
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:  # 503: not healthy, but it says why
+        return json.loads(e.read())
+    except OSError:
+        return {}
 
 
 def healthy(url: str, pools: dict[str, int]) -> bool:
     """The gateway is healthy and every service of `pools` has registered."""
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-            status = json.loads(r.read())
-    except OSError:
-        return False
-    return all(status.get(role) == n for role, n in pools.items())
+    body = status(url)
+    return bool(body.get("healthy")) and all(body.get(role) == n for role, n in pools.items())
+
+
+class Launcher:
+    """Starts a prefill or decode service of the stack on `cpus`, with an id of its own."""
+
+    def __init__(self, stack: Stack, config: BatonConfig, config_file: Path, zmq_addr: str):
+        self.stack, self.config, self.config_file, self.zmq_addr = (
+            stack,
+            config,
+            config_file,
+            zmq_addr,
+        )
+        self.started = {"prefill": 0, "decode": 0}
+
+    def __call__(self, role: str, cpus: set[int] | None) -> str:
+        config, stack = self.config, self.stack
+        name = f"{role}-{self.started[role]}"
+        self.started[role] += 1
+        threads = config.engine.threads or (len(cpus) if cpus else None)
+        port = free_port()
+        argv = [role, "--config", str(self.config_file), "--id", name]
+        argv += ["--gateway", self.zmq_addr, "--http-port", str(port)]
+        if threads:
+            argv += ["--threads", str(threads)]
+        if role == "decode":
+            # one host: a socket file in the 0700 run directory, but where the KV itself is to
+            # cross TCP (transport zmq-tcp: its test and benchmark)
+            kv_addr = stack.ipc_addr(f"{name}-kv")
+            if config.transport == "zmq-tcp":
+                kv_addr = "tcp://127.0.0.1:*"  # the port is chosen at bind: no race
+            argv += ["--kv-addr", kv_addr]
+        if config.key_dir:  # its own key: a leaked one speaks for this service alone
+            plane.issue(config.key_dir, role, name)
+        stack.spawn(name, argv, cpus, role=role, url=f"http://127.0.0.1:{port}")
+        return name
+
+
+class Supervisor:
+    """`baton up --autoscale`: `max_services` services, each on its own share of the CPUs (a
+    slot), split between the pools as the gateway's autoscaler wants (its /health `desired`).
+    A move drains one service of the pool that has too many (SIGTERM: it finishes what it
+    holds and takes nothing new) and starts one of the other pool on its CPUs once it exits;
+    a service that dies is replaced the same way."""
+
+    def __init__(self, slots: list[set[int]]):
+        self.slots = slots
+        self.held: dict[int, str] = {}  # slot -> the service on it (draining ones included)
+        self.draining: set[str] = set()
+
+    @classmethod
+    def of(cls, config: BatonConfig) -> "Supervisor | None":
+        total = config.autoscale.max_services
+        if not total:
+            return None
+        if config.prefill.count >= total:
+            sys.exit(
+                f"--max-services {total} leaves no decode beside {config.prefill.count} prefills"
+            )
+        cpus = sorted(os.sched_getaffinity(0))
+        if total <= len(cpus):  # a slot each of about equal size
+            slots = [
+                set(cpus[i * len(cpus) // total : (i + 1) * len(cpus) // total])
+                for i in range(total)
+            ]
+        else:
+            slots = [{cpus[i % len(cpus)]} for i in range(total)]
+        return cls(slots)
+
+    def start(self, launch: Launcher) -> dict[str, int]:
+        """The configured prefills, the rest of the slots decodes."""
+        prefills = launch.config.prefill.count
+        counts = {"prefill": prefills, "decode": len(self.slots) - prefills}
+        for slot, cpus in enumerate(self.slots):
+            self.held[slot] = launch("prefill" if slot < prefills else "decode", cpus)
+        return counts
+
+    def act(self, desired: dict[str, int], launch: Launcher) -> None:
+        """One move toward `desired` at a time: fill a free slot, or drain a service."""
+        procs, manifest = launch.stack.procs, launch.stack.manifest
+        for slot, name in list(self.held.items()):
+            if name not in procs:  # exited (drained or died): the slot is free
+                del self.held[slot]
+                self.draining.discard(name)
+        active = {n: manifest[n]["role"] for n in self.held.values() if n not in self.draining}
+        roles = list(active.values())
+        short = [r for r in ("decode", "prefill") if desired.get(r, 0) > roles.count(r)]
+        free = [slot for slot in range(len(self.slots)) if slot not in self.held]
+        if free and (short or not desired):  # no word from the gateway: keep the slot busy
+            role = short[0] if short else "decode"
+            self.held[free[0]] = launch(role, self.slots[free[0]])
+        elif short and not self.draining and sum(desired.values()) == len(self.slots):
+            over = next(r for r in ("prefill", "decode") if desired.get(r, 0) < roles.count(r))
+            name = [n for n, r in active.items() if r == over][-1]  # the latest started
+            print(f"autoscale: {name} drains, a {short[0]} takes its CPUs", flush=True)
+            self.draining.add(name)
+            procs[name].terminate()

@@ -175,6 +175,7 @@ class DecodeService(ServiceLoop):
             chunk_tokens=self.sched.max_chunk_tokens,
             prompt_rate=self.pacer.rate(self.decode_fit, self.sched.num_decoding()),
             prompt_budget=self.sched.max_num_batched_tokens,
+            prompt_token_s=self.pacer.per_token_s,
         )
 
 

@@ -158,7 +158,8 @@ HANDLERS = {
 
 def health_body(backend: Backend) -> tuple[bool, dict]:
     pools = {r: len(backend.registry.pool(r)) for r in ("prefill", "decode")}
-    return backend.healthy, {"healthy": backend.healthy, **pools}
+    desired = backend.autoscaler.desired  # what `baton up --autoscale` acts on
+    return backend.healthy, {"healthy": backend.healthy, **pools, "desired": desired}
 
 
 def refresh_gauges(backend: Backend, sessions: LiveSessions) -> None:
@@ -250,9 +251,10 @@ def create_app(model_dir: Path, config: BatonConfig, probe: Probe | None = None)
             service_timeout_s=gw.service_timeout_s,
             tpot_s=config.slo.tpot_ms / 1000,
         )
-        aggregated = config.prefill.count == 0
+        # `baton up --autoscale` may move every prefill's CPUs to decodes
+        aggregated = config.prefill.count == 0 or config.autoscale.max_services > 0
         keys = Keys(config.key_dir) if config.key_dir else None
-        admission, autoscaler = Admission(gw, config.slo), Autoscaler(config.slo)
+        admission, autoscaler = Admission(gw, config.slo), Autoscaler(config.slo, config.autoscale)
         backend = Backend(gw.zmq_addr, admission, router, aggregated, keys, autoscaler)
         backend.on_heartbeat = M.observe_heartbeat
         backend.start()

@@ -12,14 +12,20 @@ KEDA; `baton k8s render` writes both). Plain state, fed by the gateway, decided 
   one prefill (decode) more than there is, whatever the fits say.
 - hysteresis: up at once; down one service at a time, once the lower count has held for
   `down_after_s`.
+
+With a fixed number of services (`[autoscale] max_services`: `baton up --autoscale` acts on it)
+the question is their split instead (`split`): none prefills while the decodes' slack beside
+their batches computes the prompts asked for, in time for TTFT; otherwise the prefill pool's
+share follows its share of the work, one service at least on each side. A new split is taken
+once it has been wanted for `down_after_s`.
 """
 
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
-from baton.config import SLOConfig
+from baton.config import AutoscaleConfig, SLOConfig
 from baton.gateway.router import Registry, Service
 from baton.slo import STEP_AIM
 
@@ -32,15 +38,17 @@ class Autoscaler:
     def __init__(
         self,
         slo: SLOConfig,
-        window_s: float = 30.0,
-        down_after_s: float = 60.0,
+        config: AutoscaleConfig | None = None,
         headroom: float = 0.7,
         max_replicas: int = 64,
         clock: Callable[[], float] = time.monotonic,
     ):
+        config = config or AutoscaleConfig()
         self.ttft_s, self.tpot_s = slo.ttft_ms / 1000, slo.tpot_ms / 1000
-        self.window_s, self.down_after_s, self.headroom = window_s, down_after_s, headroom
+        self.window_s, self.down_after_s = config.window_s, config.down_after_s
+        self.total, self.headroom = config.max_services, headroom
         self.max_replicas, self.clock = max_replicas, clock
+        self.token_s = 0.0  # the last measured cost of a prompt token on one service
         self.asked: deque[tuple[float, int]] = deque(maxlen=MAX_SAMPLES)  # (when, tokens)
         self.ttfts: deque[tuple[float, float]] = deque(maxlen=MAX_SAMPLES)
         self.tpots: deque[tuple[float, float]] = deque(maxlen=MAX_SAMPLES)
@@ -81,14 +89,60 @@ class Autoscaler:
         now = self.clock()
         self.trim(now)
         prefills, decodes = registry.pool("prefill"), registry.pool("decode")
+        present = {"prefill": len(prefills), "decode": len(decodes)}
+        if self.total and not self.desired and sum(present.values()) < self.total:
+            return present  # still starting: no split to keep yet
+        if self.total:
+            return self.settle_split(self.split(prefills, decodes), present, now)
         wanted = {
             "prefill": self.prefills_wanted(prefills),
             "decode": self.decodes_wanted(decodes, aggregated=not prefills),
         }
-        present = {"prefill": len(prefills), "decode": len(decodes)}
         for pool, count in wanted.items():
             wanted_now = min(count, self.max_replicas)
             self.desired[pool] = self.settle(pool, wanted_now, present[pool], now)
+        return dict(self.desired)
+
+    def split(self, prefills: list[Service], decodes: list[Service]) -> int | None:
+        """The prefills `total` services should hold for the work asked now (in services'
+        worth: prompt tokens at a token's measured cost, running sequences over what a decode
+        runs within TPOT); None before anything is measured or asked."""
+        costs = [c for s in prefills if (c := per_token_s(s)) > 0]
+        costs = costs or [s.load.prompt_token_s for s in decodes if s.load.prompt_token_s > 0]
+        if costs:
+            self.token_s = sum(costs) / len(costs)
+        prompt_work = sum(n for _, n in self.asked) / self.window_s * self.token_s
+        decode_work = sum(
+            s.load.running / cap for s in decodes if (cap := batch_within_tpot(s, self.tpot_s))
+        )
+        if prompt_work + decode_work <= 0:
+            return None
+        # aggregated: every service decodes, and computes prompts in the slack beside its batch
+        slack = self.headroom * (self.total - decode_work)
+        longest = p90_of(n for _, n in self.asked) * self.token_s
+        share = max(slack / self.total, 1e-9)  # of one service's time, for one prompt
+        apart = prompt_work > slack or longest / share > self.ttft_s
+        wanted = (
+            max(1, round(self.total * prompt_work / (prompt_work + decode_work))) if apart else 0
+        )
+        # the SLO missed on one side only: one service more on that side, whatever the fits say
+        late, slow = p90(self.ttfts) > self.ttft_s, p90(self.tpots) > self.tpot_s
+        if late and not slow:
+            wanted = max(wanted, len(prefills) + 1)
+        elif slow and not late:
+            wanted = min(wanted, len(prefills) - 1)
+        return min(max(wanted, 0), self.total - 1)
+
+    def settle_split(self, prefills: int | None, present: dict[str, int], now: float) -> dict:
+        """From the last split (the pools' sizes at the first), to `prefills` once it has been
+        wanted for down_after_s."""
+        current = self.desired.get("prefill", present["prefill"])
+        if prefills is None or prefills == current:
+            self.lower_since.pop("split", None)
+        elif now - self.lower_since.setdefault("split", now) >= self.down_after_s:
+            self.lower_since.pop("split")
+            current = prefills
+        self.desired = {"prefill": current, "decode": self.total - current}
         return dict(self.desired)
 
     def prefills_wanted(self, prefills: list[Service]) -> int:
@@ -154,7 +208,9 @@ def batch_within_tpot(decode: Service, tpot_s: float) -> float | None:
 
 def p90(samples: deque[tuple[float, float]]) -> float:
     """The 90th percentile of the window's values; 0 with too few to tell."""
-    if len(samples) < MIN_REQUESTS:
-        return 0.0
-    values = sorted(v for _, v in samples)
-    return values[int(0.9 * (len(values) - 1))]
+    return p90_of(v for _, v in samples) if len(samples) >= MIN_REQUESTS else 0.0
+
+
+def p90_of(values: Iterable[float]) -> float:
+    ordered = sorted(values)
+    return ordered[int(0.9 * (len(ordered) - 1))] if ordered else 0.0

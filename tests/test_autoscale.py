@@ -7,7 +7,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from baton import protocol as P
-from baton.config import GatewayConfig, SLOConfig
+from baton.config import AutoscaleConfig, GatewayConfig, SLOConfig
 from baton.gateway.admission import Admission
 from baton.gateway.autoscale import Autoscaler
 from baton.gateway.backend import Backend
@@ -43,7 +43,9 @@ def pools(*heartbeats: P.Heartbeat) -> Registry:
 
 def test_prefills_follow_the_prompt_tokens_asked_for_and_leave_one_at_a_time():
     clock = Clock()
-    scaler = Autoscaler(SLO, window_s=30, down_after_s=60, headroom=0.7, clock=clock)
+    scaler = Autoscaler(
+        SLO, AutoscaleConfig(window_s=30, down_after_s=60), headroom=0.7, clock=clock
+    )
     registry = pools(service("p0", "prefill"), service("d0", "decode"))
     assert scaler.decide(registry) == {"prefill": 1, "decode": 1}
     # 2,000 prompt tokens a second for 30 s: ~2.04 prefill-seconds a second, over 0.7 of each
@@ -97,7 +99,7 @@ def test_an_aggregated_stack_scales_its_decodes_on_prompt_work_too():
 
 def test_offered_load_is_prompt_work_asked_over_what_the_stack_computes():
     clock = Clock()
-    scaler = Autoscaler(SLO, window_s=30, clock=clock)
+    scaler = Autoscaler(SLO, AutoscaleConfig(window_s=30), clock=clock)
     # a prefill at 1 ms a token + 10 ms a step of 512 (~981 tokens a second), a decode at 500
     registry = pools(service("p0", "prefill"), service("d0", "decode", prompt_rate=500.0))
     assert scaler.offered_load(registry) == 0.0  # nothing asked
@@ -113,6 +115,63 @@ def test_offered_load_is_prompt_work_asked_over_what_the_stack_computes():
     assert scaler.offered_load(pools(service("d0", "decode"))) == 0.0  # nothing measured
     clock.now += 60  # the window has passed
     assert scaler.offered_load(registry) == 0.0
+
+
+def split_scaler(clock: Clock) -> Autoscaler:
+    """Two services to split; a move once it has been wanted for 10 s."""
+    config = AutoscaleConfig(max_services=2, window_s=30, down_after_s=10)
+    return Autoscaler(SLO, config, headroom=0.7, clock=clock)
+
+
+def test_a_fixed_number_of_services_splits_by_the_work_asked_and_moves_once_it_has_held():
+    clock = Clock()
+    scaler = split_scaler(clock)
+    # aggregated: two decodes, each running 3 sequences of the 30 it runs within TPOT, and a
+    # prompt token costing 1 ms beside their batches
+    aggregated = pools(*(service(f"d{i}", "decode", 3, prompt_token_s=0.001) for i in range(2)))
+    assert scaler.decide(aggregated) == {"prefill": 0, "decode": 2}  # nothing asked yet
+    for _ in range(30):  # chat: 200-token prompts, one a second: 0.2 s of a core a second
+        clock.now += 1
+        scaler.demand(200)
+        assert scaler.decide(aggregated) == {"prefill": 0, "decode": 2}  # the slack holds them
+    clock.now += 30  # the chat has left the window
+    # long prompts: 2,000 tokens take 2 s of a core, 3.2 s in the slack beside the batches
+    # (0.7 x 1.8 cores' worth over 2), past the 2 s TTFT
+    for _ in range(10):
+        clock.now += 1
+        scaler.demand(2000)
+        assert scaler.decide(aggregated) == {"prefill": 0, "decode": 2}  # not held 10 s yet
+    clock.now += 1
+    assert scaler.decide(aggregated) == {"prefill": 1, "decode": 1}
+    # split: the prefill's own fit now prices a token (~1 ms); the chat comes back
+    split = pools(service("p0", "prefill"), service("d0", "decode", 6))
+    clock.now += 30
+    for _ in range(10):
+        clock.now += 1
+        scaler.demand(200)
+        assert scaler.decide(split) == {"prefill": 1, "decode": 1}
+    clock.now += 1
+    assert scaler.decide(split) == {"prefill": 0, "decode": 2}
+
+
+def test_a_split_waits_for_its_services_and_turns_toward_the_side_missing_the_slo():
+    clock = Clock()
+    scaler = split_scaler(clock)
+    assert scaler.decide(pools(service("d0", "decode"))) == {"prefill": 0, "decode": 1}
+    assert scaler.desired == {}  # still starting: nothing for `baton up` to act on
+    aggregated = pools(service("d0", "decode", 1), service("d1", "decode", 1))
+    scaler.demand(10)  # hardly any work: the fits want no prefill
+    for _ in range(10):
+        scaler.served(ttft_s=3.0, tpot_s=0.05)  # but TTFT alone misses
+    scaler.decide(aggregated)
+    clock.now += 10
+    assert scaler.decide(aggregated) == {"prefill": 1, "decode": 1}
+    for _ in range(30):  # TPOT alone misses now: back to decoding
+        scaler.served(ttft_s=0.1, tpot_s=0.5)
+    split = pools(service("p0", "prefill"), service("d0", "decode", 1))
+    scaler.decide(split)
+    clock.now += 10
+    assert scaler.decide(split) == {"prefill": 0, "decode": 2}
 
 
 def test_the_gateway_exports_what_it_decides_each_reap():

@@ -3,6 +3,7 @@
 CPUs, each with its own log; healthy, then watched until Ctrl-C or SIGTERM stops them all."""
 
 import ctypes
+import http.client
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ from baton.config import BatonConfig, to_toml
 from baton.cpus import default_cpus, parse_cpus
 
 PR_SET_PDEATHSIG = 1  # prctl(2)
+DRAIN_KILL_S = 45.0  # a service drains for up to 30 s after SIGTERM (run_forever), then exits
 
 
 def free_port() -> int:
@@ -62,6 +64,7 @@ class Stack:
         self.procs[name] = subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=setup
         )
+        log.close()  # the child has its own descriptor
         pid = self.procs[name].pid
         self.manifest[name] = {"pid": pid, "cpus": sorted(cpus or []), "argv": cmd, **info}
         # stack.json: who runs where and how (to restart one by hand), for operators and tests
@@ -149,8 +152,8 @@ def up(config: BatonConfig, log_dir: Path, start_timeout: float) -> None:
             stack.stop()
             sys.exit(f"the gateway exited: the stack is stopped; see {log_dir}/")
         if dead:  # a service: its streams fail over, the pool serves on
-            if scaler is None or any(name not in scaler.draining for name in dead):
-                print(f"warning: {', '.join(dead)} exited; see {log_dir}/", flush=True)
+            if failed := [n for n in dead if scaler is None or n not in scaler.draining]:
+                print(f"warning: {', '.join(failed)} exited; see {log_dir}/", flush=True)
             for name in dead:
                 stack.procs.pop(name)
         if scaler:
@@ -163,8 +166,11 @@ def status(url: str) -> dict:
         with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
             return json.loads(r.read())
     except urllib.error.HTTPError as e:  # 503: not healthy, but it says why
-        return json.loads(e.read())
-    except OSError:
+        try:
+            return json.loads(e.read())
+        except ValueError:
+            return {}
+    except (OSError, ValueError, http.client.HTTPException):
         return {}
 
 
@@ -219,7 +225,8 @@ class Supervisor:
     def __init__(self, slots: list[set[int]]):
         self.slots = slots
         self.held: dict[int, str] = {}  # slot -> the service on it (draining ones included)
-        self.draining: set[str] = set()
+        self.draining: dict[str, float] = {}  # name -> when it was told to drain
+        self.desired: dict[str, int] = {}  # the gateway's last word (it may miss a poll)
 
     @classmethod
     def of(cls, config: BatonConfig) -> "Supervisor | None":
@@ -249,22 +256,29 @@ class Supervisor:
         return counts
 
     def act(self, desired: dict[str, int], launch: Launcher) -> None:
-        """One move toward `desired` at a time: fill a free slot, or drain a service."""
+        """One move toward the split the gateway wants at a time: fill a free slot, or drain
+        a service (killed if it has not left DRAIN_KILL_S later)."""
         procs, manifest = launch.stack.procs, launch.stack.manifest
+        if sum(desired.values()) == len(self.slots):
+            self.desired = desired
         for slot, name in list(self.held.items()):
             if name not in procs:  # exited (drained or died): the slot is free
                 del self.held[slot]
-                self.draining.discard(name)
+                self.draining.pop(name, None)
+        for name, since in self.draining.items():
+            if time.monotonic() - since > DRAIN_KILL_S:
+                procs[name].kill()
         active = {n: manifest[n]["role"] for n in self.held.values() if n not in self.draining}
         roles = list(active.values())
-        short = [r for r in ("decode", "prefill") if desired.get(r, 0) > roles.count(r)]
+        want = self.desired
+        short = [r for r in ("decode", "prefill") if want.get(r, 0) > roles.count(r)]
         free = [slot for slot in range(len(self.slots)) if slot not in self.held]
-        if free and (short or not desired):  # no word from the gateway: keep the slot busy
+        if free and (short or not want):  # no word from the gateway yet: keep the slot busy
             role = short[0] if short else "decode"
             self.held[free[0]] = launch(role, self.slots[free[0]])
-        elif short and not self.draining and sum(desired.values()) == len(self.slots):
-            over = next(r for r in ("prefill", "decode") if desired.get(r, 0) < roles.count(r))
+        elif short and not self.draining:
+            over = next(r for r in ("prefill", "decode") if want.get(r, 0) < roles.count(r))
             name = [n for n, r in active.items() if r == over][-1]  # the latest started
             print(f"autoscale: {name} drains, a {short[0]} takes its CPUs", flush=True)
-            self.draining.add(name)
+            self.draining[name] = time.monotonic()
             procs[name].terminate()

@@ -158,8 +158,10 @@ HANDLERS = {
 
 def health_body(backend: Backend) -> tuple[bool, dict]:
     pools = {r: len(backend.registry.pool(r)) for r in ("prefill", "decode")}
-    desired = backend.autoscaler.desired  # what `baton up --autoscale` acts on
-    return backend.healthy, {"healthy": backend.healthy, **pools, "desired": desired}
+    body = {"healthy": backend.healthy, **pools}
+    if backend.autoscaler.total:  # the split `baton up --autoscale` acts on
+        body["desired"] = dict(backend.autoscaler.desired)
+    return backend.healthy, body
 
 
 def refresh_gauges(backend: Backend, sessions: LiveSessions) -> None:

@@ -118,19 +118,20 @@ class Autoscaler:
         if prompt_work + decode_work <= 0:
             return None
         # aggregated: every service decodes, and computes prompts in the slack beside its batch
-        slack = self.headroom * (self.total - decode_work)
+        slack = self.headroom * max(self.total - decode_work, 0.0)
         longest = p90_of(n for _, n in self.asked) * self.token_s
         share = max(slack / self.total, 1e-9)  # of one service's time, for one prompt
-        apart = prompt_work > slack or longest / share > self.ttft_s
+        apart = prompt_work > 0 and (prompt_work > slack or longest / share > self.ttft_s)
         wanted = (
             max(1, round(self.total * prompt_work / (prompt_work + decode_work))) if apart else 0
         )
         # the SLO missed on one side only: one service more on that side, whatever the fits say
         late, slow = p90(self.ttfts) > self.ttft_s, p90(self.tpots) > self.tpot_s
+        current = self.desired.get("prefill", len(prefills))  # a move may be under way
         if late and not slow:
-            wanted = max(wanted, len(prefills) + 1)
+            wanted = max(wanted, current + 1)
         elif slow and not late:
-            wanted = min(wanted, len(prefills) - 1)
+            wanted = min(wanted, current - 1)
         return min(max(wanted, 0), self.total - 1)
 
     def settle_split(self, prefills: int | None, present: dict[str, int], now: float) -> dict:
@@ -142,6 +143,8 @@ class Autoscaler:
         elif now - self.lower_since.setdefault("split", now) >= self.down_after_s:
             self.lower_since.pop("split")
             current = prefills
+            self.ttfts.clear()  # they tell of the split before
+            self.tpots.clear()
         self.desired = {"prefill": current, "decode": self.total - current}
         return dict(self.desired)
 

@@ -98,7 +98,7 @@ class Backend:
         self.admission = admission
         self.router = router
         self.registry = router.registry  # fed by the heartbeats read here
-        self.aggregated = aggregated  # no prefill pool is configured: decodes serve alone
+        self.aggregated = aggregated  # the prefill pool may be empty: decodes serve alone
         self.autoscaler = autoscaler or Autoscaler(SLOConfig())
         self.streams: dict[str, Stream] = {}
         # prompts admitted and not yet answered: what admission counts. Not len(streams): a
@@ -266,7 +266,8 @@ class Backend:
                 f"{len(prompts)} prompts in one request; at most {most} are served at once "
                 "([gateway] max_queued_requests)", "prompt",
             )  # fmt: skip
-        self.autoscaler.demand(sum(map(len, prompts)))  # asked for, whether admitted or not
+        for prompt in prompts:  # asked for, whether admitted or not
+            self.autoscaler.demand(len(prompt))
         placements = self.router.place(prompts, set(), salt)
         load = 0.0  # only admission_load reads it (a sum over the window's requests)
         if self.admission.keeping_up_below:

@@ -166,7 +166,8 @@ def test_a_split_waits_for_its_services_and_turns_toward_the_side_missing_the_sl
     scaler.decide(aggregated)
     clock.now += 10
     assert scaler.decide(aggregated) == {"prefill": 1, "decode": 1}
-    for _ in range(30):  # TPOT alone misses now: back to decoding
+    clock.now += 30  # (the misses before the move no longer count after it)
+    for _ in range(10):  # TPOT alone misses now: back to decoding
         scaler.served(ttft_s=0.1, tpot_s=0.5)
     split = pools(service("p0", "prefill"), service("d0", "decode", 1))
     scaler.decide(split)

@@ -5,7 +5,7 @@
 
 | module | job |
 |---|---|
-| `workloads.py` | seeded sessions of turns with exact token lengths (random, shared-prefix, mixed, agent) |
+| `workloads.py` | seeded sessions of turns with exact token lengths (random, shared-prefix, mixed, shift, agent) |
 | `client.py` | one streamed /v1/completions request, timed chunk by chunk |
 | `load.py` | open-loop (Poisson / gamma) or closed-loop arrivals, time bound, warm-up, sweeps |
 | `metrics.py` | TTFT / TPOT / ITL / E2E percentiles, throughput, goodput over every sent request |

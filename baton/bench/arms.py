@@ -61,16 +61,21 @@ def cpu_spec(cpus: list[int]) -> str:
 def baton_up(name: str, limits: Limits, port: int, log_dir: Path) -> Arm:
     """baton-disagg: 1 prefill + 1 decode, each pinned to half the cores (`baton up`'s
     default split). baton-agg: one decode on all the cores that prefills locally (no
-    prefill pool), the engine of `baton.LLM` behind the same gateway. A `-int8` name: the
-    same with int8 weights (`--quantization int8`)."""
+    prefill pool), the engine of `baton.LLM` behind the same gateway. baton-autoscale: a
+    service per core, split as the load's mix wants (`--autoscale`, aggregated at first). A
+    `-int8` name: the same with int8 weights (`--quantization int8`)."""
     half = max(1, len(limits.cpus) // 2)
-    if name.startswith("baton-disagg"):
+    taskset = []
+    if name == "baton-autoscale":  # its services' cores: the ones `baton up` may run on
+        taskset = ["taskset", "-c", cpu_spec(limits.cpus)]
+        pools = ["--prefill", "0", "--autoscale", "--max-services", str(len(limits.cpus))]
+    elif name.startswith("baton-disagg"):
         pools = ["--prefill", "1", "--decode", "1", "--prefill-cpus", cpu_spec(limits.cpus[:half])]
         pools += ["--decode-cpus", cpu_spec(limits.cpus[half:] or limits.cpus)]
     else:
         pools = ["--prefill", "0", "--decode", "1", "--decode-cpus", cpu_spec(limits.cpus)]
     argv = [
-        sys.executable, "-P", "-m", "baton.cli", "up", "--model", limits.model,
+        *taskset, sys.executable, "-P", "-m", "baton.cli", "up", "--model", limits.model,
         "--dtype", limits.dtype, "--port", str(port), "--log-dir", str(log_dir), *pools,
         "--max-num-seqs", str(limits.max_num_seqs),
         "--max-num-batched-tokens", str(limits.max_num_batched_tokens),
@@ -119,7 +124,7 @@ def llama_cpp(name: str, limits: Limits, port: int) -> Arm:
     return Arm(name=name, url=f"http://127.0.0.1:{port}", start=argv)
 
 
-BATON = ("baton-disagg", "baton-agg", "baton-disagg-int8", "baton-agg-int8")
+BATON = ("baton-disagg", "baton-agg", "baton-autoscale", "baton-disagg-int8", "baton-agg-int8")
 BUILTIN = (*BATON, "vllm-cpu", "llama-cpp", "llama-cpp-q8")
 
 

@@ -20,7 +20,7 @@ def add_parser(sub) -> None:
 
     w = b.add_argument_group("workload (seeded; lengths are DIST: N, uniform:LO:HI, "
                              "normal:MEAN:STD, lognormal:MEDIAN:SIGMA, exp:MEAN)")  # fmt: skip
-    w.add_argument("--workload", choices=["random", "shared-prefix", "mixed", "agent", "tools"],
+    w.add_argument("--workload", choices=["random", "shared-prefix", "mixed", "shift", "agent", "tools"],
                    default="random",
                    help="tools: chat turns with tool_choice required (start Baton with "
                    "--chat-template hermes --tool-call-parser hermes)")  # fmt: skip
@@ -28,8 +28,8 @@ def add_parser(sub) -> None:
     w.add_argument("--input-len", default="512", help="prompt; the short ones in mixed")
     w.add_argument("--output-len", default="128")
     w.add_argument("--prefix-len", type=int, default=1024, help="shared-prefix: system prompt")
-    w.add_argument("--long-len", default="uniform:2048:4096", help="mixed: long prompts")
-    w.add_argument("--long-output-len", default="64", help="mixed: their outputs")
+    w.add_argument("--long-len", default="uniform:2048:4096", help="mixed, shift: long prompts")
+    w.add_argument("--long-output-len", default="64", help="mixed, shift: their outputs")
     w.add_argument("--long-fraction", type=float, default=0.1, help="mixed: share of long ones")
     w.add_argument("--turns", type=int, default=4, help="agent: turns per session")
     w.add_argument("--tool-len", default="uniform:64:256", help="agent: tool result per turn")
@@ -58,7 +58,7 @@ def add_parser(sub) -> None:
     c = b.add_argument_group("compare: the arms and the limits they share")
     c.add_argument("--arms", nargs="*", default=["baton-disagg", "baton-agg", "vllm-cpu"],
                    help="built-in names (baton-disagg, baton-agg, each also -int8, vllm-cpu, "
-                   "llama-cpp, llama-cpp-q8) or NAME=URL; "
+                   "baton-autoscale, llama-cpp, llama-cpp-q8) or NAME=URL; "
                    "none: only --arms-file's")  # fmt: skip
     c.add_argument("--arms-file", help="TOML of [[arm]] tables: name, url, start, stop, env, "
                    "ready_path, ready_timeout_s (run after --arms)")  # fmt: skip

@@ -71,13 +71,13 @@ class Session:
 
 @dataclass(frozen=True)
 class WorkloadSpec:
-    name: str = "random"  # random | shared-prefix | mixed | agent | tools
+    name: str = "random"  # random | shared-prefix | mixed | shift | agent | tools
     num_requests: int = 64  # turns in all; agent sessions get num_requests // turns
     # the prompt; the short ones in mixed; what follows the prefix in shared-prefix
     input_len: Dist = Dist("fixed", (512,))
     output_len: Dist = Dist("fixed", (128,))
     prefix_len: int = 1024  # shared-prefix: the system prompt every request starts with
-    long_len: Dist = Dist("uniform", (2048, 4096))  # mixed: the long prompts
+    long_len: Dist = Dist("uniform", (2048, 4096))  # mixed, shift: the long prompts
     long_output_len: Dist = Dist("fixed", (64,))
     long_fraction: float = 0.1
     turns: int = 4  # agent: turns per session
@@ -90,6 +90,7 @@ class WorkloadSpec:
             "random": "",
             "shared-prefix": f", prefix {self.prefix_len}",
             "mixed": f", {self.long_fraction:.0%} long in {self.long_len} out {self.long_output_len}",
+            "shift": f", then as many in {self.long_len} out {self.long_output_len}",
             "agent": f", {self.turns} turns, tool {self.tool_len}, think {self.think_s}s",
             "tools": ", chat turns that must call a tool (output: its cap)",
         }[self.name]
@@ -139,6 +140,18 @@ def mixed(spec: WorkloadSpec, rng: np.random.Generator, ids: Ids) -> list[Sessio
     return single_turns(prompts, outputs)
 
 
+def shift(spec: WorkloadSpec, rng: np.random.Generator, ids: Ids) -> list[Session]:
+    """The mix shifts halfway: the first half's lengths are input_len/output_len, the second
+    half's long_len/long_output_len (long answers, then long prompts: a split that suits one
+    half does not suit the other)."""
+    first, second = spec.num_requests // 2, spec.num_requests - spec.num_requests // 2
+    prompts = [
+        ids(k) for k in spec.input_len.lengths(rng, first) + spec.long_len.lengths(rng, second)
+    ]
+    outputs = spec.output_len.lengths(rng, first) + spec.long_output_len.lengths(rng, second)
+    return single_turns(prompts, outputs)
+
+
 def agent(spec: WorkloadSpec, rng: np.random.Generator, ids: Ids) -> list[Session]:
     """Each turn after the first adds the last answer (known only at run time) and a tool
     result to the context, after a think time."""
@@ -167,6 +180,7 @@ BUILDERS = {
     "random": random_lengths,
     "shared-prefix": shared_prefix,
     "mixed": mixed,
+    "shift": shift,
     "agent": agent,
 }
 

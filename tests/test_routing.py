@@ -1,4 +1,5 @@
-"""The gateway's routing decisions, on a registry fed by heartbeats (no model, no services)."""
+"""The gateway's routing decisions, on a registry fed by heartbeats (no model, no services):
+where a prompt prefills and which decode takes it, counting what was sent, failures."""
 
 import asyncio
 import os
@@ -7,207 +8,17 @@ import time
 import msgspec
 import pytest
 import zmq
+from gateway_harness import gateway, heartbeat, prompt, send, why
 from prometheus_client import REGISTRY
 
 from baton import protocol as P
-from baton.config import GatewayConfig, SLOConfig
 from baton.cpus import default_cpus
 from baton.gateway import metrics as M
-from baton.gateway.admission import Admission, Overloaded
-from baton.gateway.backend import Backend, ServiceFailed, Stream
+from baton.gateway.admission import Overloaded
+from baton.gateway.backend import ServiceFailed
 from baton.gateway.openai_types import BadRequest
-from baton.gateway.router import NoCapacity, Router, Why, prefill_cost
+from baton.gateway.router import NoCapacity, Why, prefill_cost
 from baton.sampling_params import SamplingParams
-
-
-def heartbeat(
-    service_id: str,
-    role: str,
-    queued_tokens: int = 0,
-    requests_seen: int = 0,
-    blocks: int = 64,
-    **load,
-) -> P.Heartbeat:
-    """`blocks`: its pool, all free; `load`: more Load fields (step times, prompt_rate)."""
-    load = P.Load(queued_tokens, 0, blocks, blocks, requests_seen=requests_seen, **load)
-    return P.Heartbeat(service_id, role, "tcp://127.0.0.1:1" if role == "decode" else "", load)
-
-
-def gateway(*services: tuple[str, str], max_queued: int = 256, **router: int) -> Backend:
-    """The gateway's backend with these (id, role) services registered, routing with the
-    `router` settings."""
-    admission = Admission(GatewayConfig(max_queued_requests=max_queued), SLOConfig())
-    backend = Backend("tcp://127.0.0.1:0", admission, Router(**router), aggregated=False)
-    for sid, role in services:
-        backend.registry.heartbeat(heartbeat(sid, role))
-    return backend
-
-
-def prompt(num_tokens: int, first: int = 0) -> list[int]:
-    return list(range(first, first + num_tokens))
-
-
-def why(backend: Backend, ids: list[int], avoid: set[str] = frozenset()) -> Why:
-    """Why a prompt would prefill where it would."""
-    return backend.router.place([ids], avoid)[0].why
-
-
-async def send(backend: Backend, ids: list[int]) -> Stream:
-    """Admit a one-prompt request and send it as placed."""
-    (placement,) = backend.admit([ids]).placements
-    return await backend.submit(placement, ids, SamplingParams(max_tokens=4))
-
-
-# a prefill that computes 1,000 prompt tokens a second in steps of up to 512 (10 ms each
-# besides): 100 tokens behind an empty queue take 0.11 s
-PREFILL_STEPS = {"step_fixed_s": 0.01, "step_per_unit_s": 0.001, "step_budget": 512}
-
-
-def busy_prefill(queued_tokens: int) -> P.Heartbeat:
-    return heartbeat("prefill-0", "prefill", queued_tokens, **PREFILL_STEPS)
-
-
-def test_a_decode_core_takes_a_prompt_it_would_finish_before_every_prefill():
-    async def scenario() -> None:
-        backend = gateway(("prefill-0", "prefill"), ("decode-0", "decode"), busy_prefill_tokens=800)
-        registry = backend.registry
-        # the decode computes 500 prompt tokens a second beside its batch: 100 take 0.2 s
-        registry.heartbeat(heartbeat("decode-0", "decode", prompt_rate=500.0))
-        registry.heartbeat(busy_prefill(0))
-        assert why(backend, prompt(100)) is Why.REMOTE  # 0.11 s at the idle prefill
-        registry.heartbeat(busy_prefill(200))  # 0.31 s there now
-        assert why(backend, prompt(100)) is Why.STOLEN
-        assert why(backend, prompt(801)) is Why.REMOTE  # longer than a decode may take
-        # its own prompts count until their first tokens come back (or they end)
-        stream = await send(backend, prompt(50))
-        decode = registry.services["decode-0"]
-        assert stream.prefill_id == stream.decode_id == "decode-0"
-        assert decode.local_tokens == 50
-        # its scheduler computes that one first (a prompt per step, as it reports)
-        registry.heartbeat(heartbeat("decode-0", "decode", prompt_rate=500.0, ahead_tokens=50))
-        assert why(backend, prompt(100)) is Why.STOLEN  # 150 tokens: 0.30 s < 0.31 s
-        assert why(backend, prompt(120)) is Why.REMOTE  # 170 tokens: 0.34 s > 0.33 s
-        await backend.finish(stream)
-        assert decode.local_tokens == 0
-        # before the decode has computed a prompt, half the prefill's speed is assumed
-        registry.heartbeat(heartbeat("decode-0", "decode"))
-        assert why(backend, prompt(100)) is Why.STOLEN  # 0.2 s again
-        registry.heartbeat(busy_prefill(50))  # 0.16 s there
-        assert why(backend, prompt(100)) is Why.REMOTE
-        await backend.close()
-
-    asyncio.run(scenario())
-
-
-def test_stolen_prompts_of_one_request_queue_on_one_core_and_a_restart_drops_them():
-    async def scenario() -> None:
-        backend = gateway(("decode-0", "decode"), busy_prefill_tokens=800)
-        registry = backend.registry
-        registry.heartbeat(heartbeat("decode-0", "decode", prompt_rate=500.0))
-        registry.heartbeat(busy_prefill(200))
-        # alone, each would be done sooner on the decode (0.2 s < 0.31 s); the second queues
-        # behind the first there (0.4 s) and goes to the prefill
-        half = prompt(100)
-        placements = backend.admit([half, half]).placements
-        assert [p.why for p in placements] == [Why.STOLEN, Why.REMOTE]
-        assert placements[0].prefill is None and placements[1].prefill.id == "prefill-0"
-        stream = await backend.submit(placements[0], half, SamplingParams(max_tokens=4))
-        assert registry.services["decode-0"].local_tokens == len(half)
-        # the decode restarts: its stolen prompt died with it, and the successor starts at 0
-        restarted = P.Heartbeat("decode-0", "decode", "tcp://127.0.0.1:1", P.Load(0, 0, 64, 64))
-        restarted = msgspec.structs.replace(restarted, incarnation="again")
-        backend.fail_requests(registry.heartbeat(restarted))
-        await backend.finish(stream)
-        assert registry.services["decode-0"].local_tokens == 0
-        await backend.close()
-
-    asyncio.run(scenario())
-
-
-def test_a_stolen_prompt_that_would_miss_the_ttft_target_behind_others_is_refused():
-    async def scenario() -> None:
-        backend = gateway(("prefill-0", "prefill"), ("decode-0", "decode"), busy_prefill_tokens=800)
-        registry = backend.registry
-        registry.heartbeat(heartbeat("decode-0", "decode", prompt_rate=100.0))
-        registry.heartbeat(busy_prefill(5000))  # 5.8 s at the prefill
-        # alone on the decode it is taken, however late (an idle core takes any prompt)
-        stream = await send(backend, prompt(400))  # 4 s there
-        assert stream.prefill_id == "decode-0"
-        registry.heartbeat(heartbeat("decode-0", "decode", prompt_rate=100.0, ahead_tokens=400))
-        with pytest.raises(Overloaded, match="time to first token"):
-            backend.admit([prompt(100)])  # 5 s behind it: over 0.85 x 2 s, and still stolen
-        await backend.finish(stream)
-        registry.heartbeat(heartbeat("decode-0", "decode", prompt_rate=100.0))
-        assert backend.admit([prompt(100)]).placements[0].why is Why.STOLEN  # 1 s: in time
-        await backend.close()
-
-    asyncio.run(scenario())
-
-
-def test_below_capacity_a_stolen_prompt_late_behind_a_short_queue_is_taken_not_refused():
-    async def scenario(backend: Backend) -> None:
-        registry = backend.registry
-        registry.heartbeat(busy_prefill(5000))  # 5.8 s at the prefill: the decode's core steals
-        # 100 tokens queued on the decode's core at 100 a second: a 150-token prompt is done in
-        # 2.5 s, past 0.85 x 2 s, but late by a queue (1 s) shorter than the target
-        stream = await send(backend, prompt(100))
-        registry.heartbeat(heartbeat("decode-0", "decode", prompt_rate=100.0, ahead_tokens=100))
-        placement = backend.admit([prompt(150, 1000)]).placements[0]  # the stack keeps up: taken
-        assert placement.why is Why.STOLEN and placement.wait_s == pytest.approx(2.5)
-        for _ in range(40):  # 40 x 150 asked within the shortest span: past what it computes
-            backend.autoscaler.demand(150)
-        with pytest.raises(Overloaded, match="time to first token"):
-            backend.admit([prompt(150, 3000)])
-        await backend.finish(stream)
-
-    async def closing() -> None:
-        backend = gateway(("prefill-0", "prefill"), ("decode-0", "decode"), busy_prefill_tokens=800)
-        backend.admission.keeping_up_below = 0.9  # [gateway] admission_load (off by default)
-        try:
-            await scenario(backend)
-        finally:
-            await backend.close()  # an open socket would hang the test instead of failing it
-
-    asyncio.run(closing())
-
-
-def test_a_prefill_keeps_a_request_to_decode_while_every_decode_is_full():
-    async def scenario() -> None:
-        backend = gateway(("prefill-0", "prefill"), ("decode-0", "decode"))
-        registry = backend.registry
-        # a decode step of 19 ms + 2 ms a sequence: 30 take 79 ms, within 0.8 x the 100 ms
-        # TPOT target; 31 take 81 ms
-        steps = {"step_fixed_s": 0.019, "step_per_unit_s": 0.002}
-        registry.heartbeat(heartbeat("decode-0", "decode", **steps))
-        registry.heartbeat(busy_prefill(0))
-        streams = [await send(backend, prompt(8, 100 * i)) for i in range(29)]
-        assert why(backend, prompt(8)) is Why.REMOTE  # the 30th fits
-        streams.append(await send(backend, prompt(8)))
-        placement = backend.router.place([prompt(8)])[0]
-        assert placement.why is Why.KEPT and placement.decode.id == "prefill-0"
-        kept = await send(backend, prompt(8))
-        assert kept.prefill_id == kept.decode_id == "prefill-0"
-        assert registry.services["prefill-0"].kept == 1
-        # a prefill keeps requests only with at most a step of prompts queued
-        registry.heartbeat(busy_prefill(600))
-        assert why(backend, prompt(8)) is Why.REMOTE
-        await backend.finish(kept)
-        assert registry.services["prefill-0"].kept == 0
-        for stream in streams:
-            await backend.finish(stream)
-        await backend.close()
-
-    asyncio.run(scenario())
-
-
-def test_with_work_stealing_off_a_busy_prefill_still_takes_every_prompt():
-    async def scenario() -> None:
-        backend = gateway(("decode-0", "decode"))
-        backend.registry.heartbeat(heartbeat("prefill-0", "prefill", queued_tokens=500))
-        assert why(backend, prompt(1)) is Why.REMOTE
-        await backend.close()
-
-    asyncio.run(scenario())
 
 
 def test_prompts_sent_after_a_heartbeats_snapshot_count_until_a_heartbeat_counts_them():

@@ -194,8 +194,8 @@ def cmd_up(args) -> None:
 
     config = config_from(args)
     if args.autoscale and not config.autoscale.max_services:  # a service per CPU
-        services = max(2, len(os.sched_getaffinity(0)))
-        autoscale = msgspec.structs.replace(config.autoscale, max_services=services)
+        shares = len(os.sched_getaffinity(0))
+        autoscale = msgspec.structs.replace(config.autoscale, max_services=shares)
         config = msgspec.structs.replace(config, autoscale=autoscale)
     up(config, Path(args.log_dir), args.start_timeout)
 
@@ -211,8 +211,8 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--autoscale",
         action="store_true",
-        help="move services between the pools as the load's mix shifts (--max-services of "
-        "them; unset: one per CPU)",
+        help="move the CPUs between a prefill and a decode engine as the load's mix shifts, "
+        "in --max-services shares (unset: one per CPU)",
     )
     up.set_defaults(func=cmd_up)
 

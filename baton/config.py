@@ -251,11 +251,14 @@ class AutoscaleConfig(Section):
         int,
         Meta(ge=0),
         doc(
-            "`baton up` runs this many services and moves them between the pools as the "
-            "load's mix shifts (each on its share of the CPUs; no prefill at all when prompts "
-            "are a small part of the work); 0: the pools' counts, fixed"
+            "`baton up` cuts its CPUs into this many shares and moves them between a prefill "
+            "and a decode engine as the load's mix shifts (one decode engine on them all while "
+            "no prefill is wanted); 0: the pools' counts, fixed"
         ),
     ] = 0
+    share_cores: Annotated[
+        Positive, doc("cores in each share (`baton up --autoscale` sets it from its CPUs)")
+    ] = 1
     window_s: Annotated[float, Meta(gt=0), doc("the signals' window (requests, latencies)")] = 30.0
     down_after_s: Annotated[
         float, Meta(ge=0), doc("a smaller pool (or another split) is wanted this long first")

@@ -80,6 +80,7 @@ class Load(msgspec.Struct, frozen=True):
     prompt_rate: Annotated[float, msgspec.Meta(ge=0, le=1e9)] = 0.0
     prompt_budget: Count = 0  # decode: prompt tokens a step takes at most (its token budget)
     prompt_token_s: Seconds = 0.0  # decode: what a prompt token adds to its step (PromptPacer)
+    threads: Count = 0  # the engine's threads (its cores): a step's time is for that many
     tier_capacity_blocks: Count = 0  # blocks its KV tier can hold (baton.cache.tier)
 
 

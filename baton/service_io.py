@@ -11,6 +11,7 @@ import weakref
 from typing import ClassVar
 
 import msgspec
+import torch
 import zmq
 from prometheus_client import REGISTRY, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -247,6 +248,7 @@ class ServiceLoop:
             step_budget=self.step_budget(),
             requests_seen=self.requests_seen,
             tier_capacity_blocks=tier.cap_files if (tier := self.sched.kv.tier) else 0,
+            threads=torch.get_num_threads(),
         )
 
     def send_token(self, seq: Sequence, token: SampledToken, finished: bool) -> None:

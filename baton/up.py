@@ -25,6 +25,7 @@ from baton.cpus import default_cpus, parse_cpus
 
 PR_SET_PDEATHSIG = 1  # prctl(2)
 DRAIN_KILL_S = 45.0  # a service drains for up to 30 s after SIGTERM (run_forever), then exits
+START_S = 300.0  # an engine started by --autoscale registers within this, or is started again
 
 
 def free_port() -> int:
@@ -95,7 +96,8 @@ def up(config: BatonConfig, log_dir: Path, start_timeout: float) -> None:
     gw = config.gateway
     if config.key_dir and not (Path(config.key_dir) / "server.key").exists():
         print(f"service-plane keys made in {plane.generate(config.key_dir)}", flush=True)
-    scaler = Supervisor.of(config)
+    if scaler := Supervisor.of(config):
+        config = scaler.configure(config)
     stack = Stack(log_dir)
     zmq_addr = gw.zmq_addr or stack.ipc_addr("gateway")
     config = msgspec.structs.replace(
@@ -157,7 +159,7 @@ def up(config: BatonConfig, log_dir: Path, start_timeout: float) -> None:
             for name in dead:
                 stack.procs.pop(name)
         if scaler:
-            scaler.act(status(url).get("desired", {}), launch)
+            scaler.act(status(url), launch)
 
 
 def status(url: str) -> dict:
@@ -216,69 +218,93 @@ class Launcher:
 
 
 class Supervisor:
-    """`baton up --autoscale`: `max_services` services, each on its own share of the CPUs (a
-    slot), split between the pools as the gateway's autoscaler wants (its /health `desired`).
-    A move drains one service of the pool that has too many (SIGTERM: it finishes what it
-    holds and takes nothing new) and starts one of the other pool on its CPUs once it exits;
-    a service that dies is replaced the same way."""
+    """`baton up --autoscale`: the CPUs, in `max_services` equal shares, split between one
+    prefill engine and one decode engine as the gateway's autoscaler wants (its /health
+    `desired`, in shares), or one decode engine on them all while it wants no prefill. A move
+    starts the engines of the new split beside the old ones (sharing their cores meanwhile)
+    and, once the gateway lists them, drains the old (SIGTERM: each finishes what it holds and
+    takes nothing new; killed if it has not left DRAIN_KILL_S later), so no pool is ever empty.
+    An engine of the split in effect that dies, or does not register within START_S, is
+    started again."""
 
-    def __init__(self, slots: list[set[int]]):
-        self.slots = slots
-        self.held: dict[int, str] = {}  # slot -> the service on it (draining ones included)
+    def __init__(self, shares: list[set[int]], prefill: int):
+        self.shares, self.prefill = shares, prefill  # the split wanted, in shares
+        self.target = self.layout()  # the split in effect (or being moved to)
+        self.running: dict[str, tuple[str, frozenset[int]]] = {}  # name -> (role, cores)
+        self.starting: dict[str, float] = {}  # running, not listed by the gateway yet: since
         self.draining: dict[str, float] = {}  # name -> when it was told to drain
-        self.desired: dict[str, int] = {}  # the gateway's last word (it may miss a poll)
 
     @classmethod
     def of(cls, config: BatonConfig) -> "Supervisor | None":
         total = config.autoscale.max_services
         if not total:
             return None
+        cpus = sorted(os.sched_getaffinity(0))
+        if not 2 <= total <= len(cpus):
+            sys.exit(f"--max-services {total}: 2 to {len(cpus)} shares of the {len(cpus)} CPUs")
         if config.prefill.count >= total:
             sys.exit(
                 f"--max-services {total} leaves no decode beside {config.prefill.count} prefills"
             )
-        cpus = sorted(os.sched_getaffinity(0))
-        if total <= len(cpus):  # a slot each of about equal size
-            slots = [
-                set(cpus[i * len(cpus) // total : (i + 1) * len(cpus) // total])
-                for i in range(total)
-            ]
-        else:
-            slots = [{cpus[i % len(cpus)]} for i in range(total)]
-        return cls(slots)
+        if config.engine.threads:
+            sys.exit("--autoscale gives each engine a thread per core: unset [engine] threads")
+        k = len(cpus) // total
+        return cls([set(cpus[i * k : (i + 1) * k]) for i in range(total)], config.prefill.count)
+
+    def configure(self, config: BatonConfig) -> BatonConfig:
+        """The config with the shares' size, for the gateway's autoscaler."""
+        autoscale = msgspec.structs.replace(config.autoscale, share_cores=len(self.shares[0]))
+        return msgspec.structs.replace(config, autoscale=autoscale)
+
+    def layout(self) -> list[tuple[str, frozenset[int]]]:
+        """The engines of the split wanted: (role, cores)."""
+        p = self.prefill
+        engines = [("decode", frozenset().union(*self.shares[p:]))]
+        if p:
+            engines.insert(0, ("prefill", frozenset().union(*self.shares[:p])))
+        return engines
 
     def start(self, launch: Launcher) -> dict[str, int]:
-        """The configured prefills, the rest of the slots decodes."""
-        prefills = launch.config.prefill.count
-        counts = {"prefill": prefills, "decode": len(self.slots) - prefills}
-        for slot, cpus in enumerate(self.slots):
-            self.held[slot] = launch("prefill" if slot < prefills else "decode", cpus)
-        return counts
+        """The engines of the configured split; how many of each role there are."""
+        for role, cores in self.target:
+            self.running[launch(role, set(cores))] = (role, cores)
+        return {"prefill": int(self.prefill > 0), "decode": 1}
 
-    def act(self, desired: dict[str, int], launch: Launcher) -> None:
-        """One move toward the split the gateway wants at a time: fill a free slot, or drain
-        a service (killed if it has not left DRAIN_KILL_S later)."""
-        procs, manifest = launch.stack.procs, launch.stack.manifest
-        if sum(desired.values()) == len(self.slots):
-            self.desired = desired
-        for slot, name in list(self.held.items()):
-            if name not in procs:  # exited (drained or died): the slot is free
-                del self.held[slot]
-                self.draining.pop(name, None)
-        for name, since in self.draining.items():
-            if time.monotonic() - since > DRAIN_KILL_S:
+    def act(self, health: dict, launch: Launcher) -> None:
+        """One step toward the split the gateway wants: start what it lacks, wait until the
+        gateway lists them, then drain what it does not want."""
+        procs, now = launch.stack.procs, time.monotonic()
+        for name, since in list(self.starting.items()):
+            if now - since > START_S:  # never registered: ended, and started again below
                 procs[name].kill()
-        active = {n: manifest[n]["role"] for n in self.held.values() if n not in self.draining}
-        roles = list(active.values())
-        want = self.desired
-        short = [r for r in ("decode", "prefill") if want.get(r, 0) > roles.count(r)]
-        free = [slot for slot in range(len(self.slots)) if slot not in self.held]
-        if free and (short or not want):  # no word from the gateway yet: keep the slot busy
-            role = short[0] if short else "decode"
-            self.held[free[0]] = launch(role, self.slots[free[0]])
-        elif short and not self.draining:
-            over = next(r for r in ("prefill", "decode") if want.get(r, 0) < roles.count(r))
-            name = [n for n, r in active.items() if r == over][-1]  # the latest started
-            print(f"autoscale: {name} drains, a {short[0]} takes its CPUs", flush=True)
-            self.draining[name] = time.monotonic()
+        for name in [n for n in self.running if n not in procs]:
+            del self.running[name]
+            self.starting.pop(name, None)
+        for name, since in list(self.draining.items()):
+            if name not in procs:
+                del self.draining[name]
+            elif now - since > DRAIN_KILL_S:
+                procs[name].kill()
+        prefill = health.get("desired", {}).get("prefill")
+        if isinstance(prefill, int) and 0 <= prefill < len(self.shares):
+            self.prefill = prefill  # else the gateway's last word stands
+        listed = set(health.get("services", ()))
+        for name in [n for n in self.starting if n in listed]:
+            del self.starting[name]
+        if not self.starting and not self.draining and self.layout() != self.target:
+            self.target = self.layout()
+            print(
+                f"autoscale: moving to {self.prefill} of {len(self.shares)} shares on prefill",
+                flush=True,
+            )
+        for role, cores in [e for e in self.target if e not in self.running.values()]:
+            name = launch(role, set(cores))  # a new split's, or one that died
+            self.running[name], self.starting[name] = (role, cores), now
+            print(f"autoscale: {name} starting on CPUs {sorted(cores)}", flush=True)
+        if self.starting:
+            return
+        for name in [n for n, engine in self.running.items() if engine not in self.target]:
+            print(f"autoscale: {name} drains", flush=True)
+            del self.running[name]
+            self.draining[name] = now
             procs[name].terminate()

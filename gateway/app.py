@@ -159,8 +159,11 @@ HANDLERS = {
 def health_body(backend: Backend) -> tuple[bool, dict]:
     pools = {r: len(backend.registry.pool(r)) for r in ("prefill", "decode")}
     body = {"healthy": backend.healthy, **pools}
-    if backend.autoscaler.total:  # the split `baton up --autoscale` acts on
+    if backend.autoscaler.total:  # the split `baton up --autoscale` acts on, and who is in
         body["desired"] = dict(backend.autoscaler.desired)
+        body["services"] = sorted(
+            s.id for r in ("prefill", "decode") for s in backend.registry.pool(r)
+        )
     return backend.healthy, body
 
 

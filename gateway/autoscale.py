@@ -13,11 +13,12 @@ KEDA; `baton k8s render` writes both). Plain state, fed by the gateway, decided 
 - hysteresis: up at once; down one service at a time, once the lower count has held for
   `down_after_s`.
 
-With a fixed number of services (`[autoscale] max_services`: `baton up --autoscale` acts on it)
-the question is their split instead (`split`): none prefills while the decodes' slack beside
-their batches computes the prompts asked for, in time for TTFT; otherwise the prefill pool's
-share follows its share of the work, one service at least on each side. A new split is taken
-once it has been wanted for `down_after_s`.
+With a fixed number of cores (`[autoscale] max_services` shares of them: `baton up --autoscale`
+acts on it) the question is their split instead (`split`), in cores: none for prefill (one
+engine on every core) while the slack beside its batch computes the prompts asked for in time
+for TTFT, or where a prefill pool's own cores would compute them no faster than that slack;
+otherwise the prefill pool's share follows its share of the work, one at least on each side. A
+new split is taken once it has been wanted for `down_after_s`.
 """
 
 import math
@@ -46,9 +47,9 @@ class Autoscaler:
         config = config or AutoscaleConfig()
         self.ttft_s, self.tpot_s = slo.ttft_ms / 1000, slo.tpot_ms / 1000
         self.window_s, self.down_after_s = config.window_s, config.down_after_s
-        self.total, self.headroom = config.max_services, headroom
-        self.max_replicas, self.clock = max_replicas, clock
-        self.token_s = 0.0  # the last measured cost of a prompt token on one service
+        self.total, self.share_cores = config.max_services, config.share_cores  # (in shares)
+        self.headroom, self.max_replicas, self.clock = headroom, max_replicas, clock
+        self.token_s = 0.0  # the last measured cost of a prompt token, in a core's seconds
         self.asked: deque[tuple[float, int]] = deque(maxlen=MAX_SAMPLES)  # (when, tokens)
         self.ttfts: deque[tuple[float, float]] = deque(maxlen=MAX_SAMPLES)
         self.tpots: deque[tuple[float, float]] = deque(maxlen=MAX_SAMPLES)
@@ -89,11 +90,13 @@ class Autoscaler:
         now = self.clock()
         self.trim(now)
         prefills, decodes = registry.pool("prefill"), registry.pool("decode")
-        present = {"prefill": len(prefills), "decode": len(decodes)}
-        if self.total and not self.desired and sum(present.values()) < self.total:
-            return present  # still starting: no split to keep yet
         if self.total:
-            return self.settle_split(self.split(prefills, decodes), present, now)
+            cores = sum(map(cores_of, prefills)) + sum(map(cores_of, decodes))
+            if not self.desired and cores < self.total * self.share_cores:
+                return {}  # still starting: no split to keep yet
+            present = round(sum(map(cores_of, prefills)) / self.share_cores)
+            return self.settle_split(self.split(prefills, decodes, present), present, now)
+        present = {"prefill": len(prefills), "decode": len(decodes)}
         wanted = {
             "prefill": self.prefills_wanted(prefills),
             "decode": self.decodes_wanted(decodes, aggregated=not prefills),
@@ -103,41 +106,64 @@ class Autoscaler:
             self.desired[pool] = self.settle(pool, wanted_now, present[pool], now)
         return dict(self.desired)
 
-    def split(self, prefills: list[Service], decodes: list[Service]) -> int | None:
-        """The prefills `total` services should hold for the work asked now (in services'
-        worth: prompt tokens at a token's measured cost, running sequences over what a decode
-        runs within TPOT); None before anything is measured or asked."""
-        costs = [c for s in prefills if (c := per_token_s(s)) > 0]
-        costs = costs or [s.load.prompt_token_s for s in decodes if s.load.prompt_token_s > 0]
+    def split(self, prefills: list[Service], decodes: list[Service], present: int) -> int | None:
+        """The shares (of `total`) the prefill pool should have for the work asked now,
+        weighed in cores' worth: prompt tokens at a token's measured cost on one core, and
+        running sequences over what a decode runs within TPOT (and its batch cap) times its
+        cores. `present`: the prefill's shares now. None before anything is measured or asked."""
+        costs = [c * cores_of(s) for s in prefills if (c := per_token_s(s)) > 0]
+        costs = costs or [
+            s.load.prompt_token_s * cores_of(s) for s in decodes if s.load.prompt_token_s > 0
+        ]
         if costs:
             self.token_s = sum(costs) / len(costs)
         prompt_work = sum(n for _, n in self.asked) / self.window_s * self.token_s
-        decode_work = sum(
-            s.load.running / cap for s in decodes if (cap := batch_within_tpot(s, self.tpot_s))
+        # the decodes' sequences and the prompts in progress on prefills (which aggregated
+        # would be the decode's), over what the decodes run within TPOT (and their caps)
+        measured = [(s, cap) for s in decodes if (cap := batch_within_tpot(s, self.tpot_s))]
+        capacity = sum(min(cap, s.load.step_budget or cap) for s, cap in measured)
+        sequences = sum(s.load.running for s in decodes + prefills)
+        decode_work = (
+            sequences / capacity * sum(cores_of(s) for s, _ in measured) if capacity else 0.0
         )
         if prompt_work + decode_work <= 0:
             return None
-        # aggregated: every service decodes, and computes prompts in the slack beside its batch
-        slack = self.headroom * max(self.total - decode_work, 0.0)
-        longest = p90_of(n for _, n in self.asked) * self.token_s
-        share = max(slack / self.total, 1e-9)  # of one service's time, for one prompt
-        apart = prompt_work > 0 and (prompt_work > slack or longest / share > self.ttft_s)
-        wanted = (
-            max(1, round(self.total * prompt_work / (prompt_work + decode_work))) if apart else 0
+        # aggregated, one engine on every core computes prompts in the slack beside its batch;
+        # split, the prefill's cores compute nothing else: worth it where they are more
+        slack = self.headroom * max(self.total * self.share_cores - decode_work, 0.0)
+        longest = p90_of(n for _, n in self.asked) * self.token_s  # a core's seconds
+        misses = prompt_work > slack or longest > self.ttft_s * slack
+        share = round(self.total * prompt_work / (prompt_work + decode_work))
+        wanted = min(max(1, share), self.total - 1)
+        helps = wanted * self.share_cores > slack
+        wanted = wanted if prompt_work > 0 and misses and helps else 0
+        # the SLO missed on one side only: a core more on that side, whatever the fits say
+        # (toward prefill only where its cores would outdo the slack)
+        print(
+            "DBG",
+            round(self.clock()),
+            dict(
+                pw=round(prompt_work, 3),
+                dw=round(decode_work, 3),
+                slack=round(slack, 3),
+                lw=round(longest, 3),
+                ttft=round(p90(self.ttfts), 3),
+                want=wanted,
+            ),
+            flush=True,
         )
-        # the SLO missed on one side only: one service more on that side, whatever the fits say
         late, slow = p90(self.ttfts) > self.ttft_s, p90(self.tpots) > self.tpot_s
-        current = self.desired.get("prefill", len(prefills))  # a move may be under way
-        if late and not slow:
+        current = self.desired.get("prefill", present)  # a move may be under way
+        if late and not slow and (current + 1) * self.share_cores > slack:
             wanted = max(wanted, current + 1)
         elif slow and not late:
             wanted = min(wanted, current - 1)
         return min(max(wanted, 0), self.total - 1)
 
-    def settle_split(self, prefills: int | None, present: dict[str, int], now: float) -> dict:
-        """From the last split (the pools' sizes at the first), to `prefills` once it has been
-        wanted for down_after_s."""
-        current = self.desired.get("prefill", present["prefill"])
+    def settle_split(self, prefills: int | None, present: int, now: float) -> dict:
+        """From the last split (the prefill's `present` shares at the first), to `prefills`
+        once it has been wanted for down_after_s."""
+        current = self.desired.get("prefill", present)
         if prefills is None or prefills == current:
             self.lower_since.pop("split", None)
         elif now - self.lower_since.setdefault("split", now) >= self.down_after_s:
@@ -190,6 +216,10 @@ class Autoscaler:
             return current
         self.lower_since[pool] = now  # the next step down waits as long again
         return current - 1
+
+
+def cores_of(service: Service) -> int:
+    return max(service.load.threads, 1)
 
 
 def per_token_s(prefill: Service) -> float:

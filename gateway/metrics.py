@@ -52,7 +52,8 @@ TTFT_PREDICTION_ERROR = Histogram(
 SERVICES = Gauge("baton_services", "live services per role", ["role"])
 DESIRED_REPLICAS = Gauge(
     "baton_desired_replicas",
-    "services each pool wants for the load now (gateway/autoscale.py): an autoscaler's target",
+    "services each pool wants for the load now (gateway/autoscale.py): an autoscaler's target "
+    "(under `baton up --autoscale`, its shares of the cores)",
     ["pool"],
 )
 BAD_MESSAGES = Counter("baton_gateway_bad_messages", "malformed service messages dropped")

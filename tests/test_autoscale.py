@@ -118,60 +118,93 @@ def test_offered_load_is_prompt_work_asked_over_what_the_stack_computes():
 
 
 def split_scaler(clock: Clock) -> Autoscaler:
-    """Two services to split; a move once it has been wanted for 10 s."""
+    """Two cores to split; a move once it has been wanted for 10 s."""
     config = AutoscaleConfig(max_services=2, window_s=30, down_after_s=10)
     return Autoscaler(SLO, config, headroom=0.7, clock=clock)
 
 
-def test_a_fixed_number_of_services_splits_by_the_work_asked_and_moves_once_it_has_held():
+def aggregated(running: int) -> Registry:
+    """One decode on both cores; a prompt token adds 0.5 ms to its step (1 ms of a core)."""
+    return pools(service("d0", "decode", running, threads=2, prompt_token_s=0.0005))
+
+
+def ask(scaler: Autoscaler, clock: Clock, tokens: int, registry: Registry, seconds: int) -> None:
+    """A prompt of `tokens` a second for `seconds` (and one before): the split stays as it
+    was all along."""
+    before = scaler.decide(registry)
+    for _ in range(seconds):
+        clock.now += 1
+        scaler.demand(tokens)
+        assert scaler.decide(registry) == before
+
+
+def test_the_cores_split_only_where_a_prefill_pool_would_outdo_the_aggregated_slack():
     clock = Clock()
     scaler = split_scaler(clock)
-    # aggregated: two decodes, each running 3 sequences of the 30 it runs within TPOT, and a
-    # prompt token costing 1 ms beside their batches
-    aggregated = pools(*(service(f"d{i}", "decode", 3, prompt_token_s=0.001) for i in range(2)))
-    assert scaler.decide(aggregated) == {"prefill": 0, "decode": 2}  # nothing asked yet
-    for _ in range(30):  # chat: 200-token prompts, one a second: 0.2 s of a core a second
-        clock.now += 1
-        scaler.demand(200)
-        assert scaler.decide(aggregated) == {"prefill": 0, "decode": 2}  # the slack holds them
-    clock.now += 30  # the chat has left the window
-    # long prompts: 2,000 tokens take 2 s of a core, 3.2 s in the slack beside the batches
-    # (0.7 x 1.8 cores' worth over 2), past the 2 s TTFT
-    for _ in range(10):
-        clock.now += 1
-        scaler.demand(2000)
-        assert scaler.decide(aggregated) == {"prefill": 0, "decode": 2}  # not held 10 s yet
-    clock.now += 1
-    assert scaler.decide(aggregated) == {"prefill": 1, "decode": 1}
-    # split: the prefill's own fit now prices a token (~1 ms); the chat comes back
-    split = pools(service("p0", "prefill"), service("d0", "decode", 6))
+    assert scaler.decide(aggregated(6)) == {"prefill": 0, "decode": 2}  # nothing asked yet
+    # chat: 200-token prompts, one a second (0.2 of a core), beside 6 sequences (0.4 of the
+    # cores' capacity within TPOT): the slack, 0.7 x 1.6 cores, computes them in time
+    ask(scaler, clock, 200, aggregated(6), 30)
     clock.now += 30
-    for _ in range(10):
-        clock.now += 1
-        scaler.demand(200)
-        assert scaler.decide(split) == {"prefill": 1, "decode": 1}
+    # 2,000-token prompts (2 s of a core each) beside few sequences: the aggregated engine
+    # falls behind, but its slack (1.26 cores) outdoes the one core a prefill could have
+    ask(scaler, clock, 2000, aggregated(3), 30)
+    # beside 24 sequences (1.6 cores' worth) its slack is 0.28 of a core: a 2,000-token
+    # prompt would take 7 s there, 2 s on a prefill's core. Wanted from now, taken after 10 s
+    ask(scaler, clock, 2000, aggregated(24), 9)
+    clock.now += 1
+    assert scaler.decide(aggregated(24)) == {"prefill": 1, "decode": 1}
+    # split, the prompts in progress on the prefill count as the decode work they were: 26
+    # sequences leave 0.8 of a core's slack, and a prompt computes faster on the prefill's core
+    busy = pools(service("p0", "prefill", 20, threads=1), service("d0", "decode", 6, threads=1))
+    ask(scaler, clock, 2000, busy, 15)
+    # split: the prefill's own fit prices a token now (~1 ms); the chat comes back
+    split = pools(service("p0", "prefill", threads=1), service("d0", "decode", 6, threads=1))
+    clock.now += 30
+    ask(scaler, clock, 200, split, 9)
     clock.now += 1
     assert scaler.decide(split) == {"prefill": 0, "decode": 2}
 
 
-def test_a_split_waits_for_its_services_and_turns_toward_the_side_missing_the_slo():
+def test_a_decode_at_its_batch_cap_has_no_slack_whatever_its_step_time():
     clock = Clock()
     scaler = split_scaler(clock)
-    assert scaler.decide(pools(service("d0", "decode"))) == {"prefill": 0, "decode": 1}
-    assert scaler.desired == {}  # still starting: nothing for `baton up` to act on
-    aggregated = pools(service("d0", "decode", 1), service("d1", "decode", 1))
+    # 12 sequences, 12 of 30 within TPOT by its step time, but its max_num_seqs is 12: full
+    full = pools(service("d0", "decode", 12, threads=2, prompt_token_s=0.0005, step_budget=12))
+    ask(scaler, clock, 500, full, 10)  # (nothing asked at the first look)
+    clock.now += 1
+    assert scaler.decide(full) == {"prefill": 1, "decode": 1}
+
+
+def test_the_split_is_in_shares_of_the_cores():
+    clock = Clock()
+    config = AutoscaleConfig(max_services=2, share_cores=2, window_s=30, down_after_s=10)
+    scaler = Autoscaler(SLO, config, headroom=0.7, clock=clock)
+    assert scaler.decide(pools(service("d0", "decode", threads=2))) == {}  # 2 of 4 cores
+    full = pools(service("d0", "decode", 12, threads=4, prompt_token_s=0.0005, step_budget=12))
+    ask(scaler, clock, 500, full, 10)
+    clock.now += 1
+    assert scaler.decide(full) == {"prefill": 1, "decode": 1}  # one share each
+
+
+def test_a_split_waits_for_its_cores_and_turns_toward_the_side_missing_the_slo():
+    clock = Clock()
+    scaler = split_scaler(clock)
+    # one core of two registered: nothing for `baton up` to act on yet
+    assert scaler.decide(pools(service("d0", "decode", threads=1))) == {}
     scaler.demand(10)  # hardly any work: the fits want no prefill
     for _ in range(10):
         scaler.served(ttft_s=3.0, tpot_s=0.05)  # but TTFT alone misses
-    scaler.decide(aggregated)
-    clock.now += 10
-    assert scaler.decide(aggregated) == {"prefill": 1, "decode": 1}
+    ask(scaler, clock, 10, aggregated(1), 5)  # idle decodes: their slack outdoes a prefill
+    ask(scaler, clock, 10, aggregated(15), 9)  # busy ones (0.7 of a core's slack): a prefill
+    clock.now += 1
+    assert scaler.decide(aggregated(15)) == {"prefill": 1, "decode": 1}
     clock.now += 30  # (the misses before the move no longer count after it)
     for _ in range(10):  # TPOT alone misses now: back to decoding
         scaler.served(ttft_s=0.1, tpot_s=0.5)
-    split = pools(service("p0", "prefill"), service("d0", "decode", 1))
-    scaler.decide(split)
-    clock.now += 10
+    split = pools(service("p0", "prefill", threads=1), service("d0", "decode", 1, threads=1))
+    ask(scaler, clock, 10, split, 9)
+    clock.now += 1
     assert scaler.decide(split) == {"prefill": 0, "decode": 2}
 
 

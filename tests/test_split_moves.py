@@ -1,8 +1,10 @@
-"""`baton up --autoscale`: a fixed number of services whose split between the pools follows the
-load's mix. Short prompts with long answers keep every service decoding (aggregated); long
-prompts with short answers move one to prefill; the short ones again move it back. Every
-request is answered, and wherever it ran its greedy tokens equal transformers'."""
+"""`baton up --autoscale`: the cores split between the pools as the load's mix wants. Chat
+(short prompts, a few answers at a time) keeps one decode engine on both cores (aggregated);
+long prompts arriving while the decode batch is full move a core to a prefill engine; chat
+alone again moves it back. Every request is answered, and wherever it ran its greedy tokens
+equal transformers'."""
 
+import os
 import random
 import threading
 import time
@@ -14,7 +16,7 @@ from tiny_models import make_tiny_model
 
 SEED = 20261207
 CHAT = (4, 48)  # prompts of a few tokens, answers of 48
-LONG = (2600, 2)  # prompts a core takes a few hundred ms for, answers of 2
+LONG = (2600, 8)  # prompts a core takes a few hundred ms for, answers of 8
 
 
 def prompts(n: int, length: int, rng: random.Random) -> list[list[int]]:
@@ -23,9 +25,10 @@ def prompts(n: int, length: int, rng: random.Random) -> list[list[int]]:
 
 class Load:
     """`workers` clients, each sending the next of `batch` as soon as its last was answered,
-    until `stop` is set: what came back, per prompt."""
+    until finished: what came back, per prompt."""
 
     def __init__(self, url: str, batch: list[list[int]], new: int, workers: int):
+        self.batch, self.new = batch, new
         self.answers: list[tuple[int, int, list[int]]] = []  # (prompt, status, tokens)
         self.stop = threading.Event()
         self.sent = 0
@@ -47,15 +50,19 @@ class Load:
         for t in self.threads:
             t.start()
 
-    def until(self, done, timeout_s: float) -> bool:
-        """Runs until done() (polled each half second) or the timeout; then stops."""
-        deadline = time.monotonic() + timeout_s
-        while not (ok := done()) and time.monotonic() < deadline:
-            time.sleep(0.5)
+    def finish(self) -> "Load":
         self.stop.set()
         for t in self.threads:
             t.join()
-        return ok
+        return self
+
+
+def until(done, timeout_s: float) -> bool:
+    """Whether done() came true (polled each half second) within the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while not (ok := done()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return ok
 
 
 def test_the_split_follows_the_mix_and_loses_no_request(tmp_path, smollm2_dir):
@@ -67,47 +74,60 @@ def test_the_split_follows_the_mix_and_loses_no_request(tmp_path, smollm2_dir):
     )  # fmt: skip
     config = tmp_path / "baton.toml"
     # a move once wanted for 3 s over a 3 s window; a TTFT target between the two mixes' (a
-    # chat prompt's is a few ms, a long one's a few hundred); no TPOT pressure; every prompt
+    # chat prompt's is a few ms, a long one's a few hundred); no TPOT pressure, but a decode
+    # full at 4 sequences (2 chat clients leave it half its slack, 4 none); every prompt
     # computed (no prefix cache) and every request taken (no admission by SLO)
     config.write_text(
         "[autoscale]\nmax_services = 2\nwindow_s = 3.0\ndown_after_s = 3.0\n"
-        "[slo]\nttft_ms = 150\ntpot_ms = 1000\n"
+        "[slo]\nttft_ms = 150\ntpot_ms = 1000\n[decode]\nmax_num_seqs = 4\n"
         "[engine]\nenable_prefix_caching = false\n[gateway]\nadmission = 'queue-limit'\n"
     )
     chat, long = prompts(4, CHAT[0], rng), prompts(4, LONG[0], rng)
     stack = Stack(tmp_path / "logs", model, "--config", str(config), prefill=0)
-    served = []
+    up_log = tmp_path / "logs-up.log"
+    loads = []
     try:
 
         def split() -> dict[str, int]:
             health = stack.health("gateway")
             return {role: health[role] for role in ("prefill", "decode")}
 
-        assert split() == {"prefill": 0, "decode": 2}  # the configured prefills: none
-        phase = Load(stack.url, chat, CHAT[1], workers=2)
+        assert split() == {"prefill": 0, "decode": 1}  # as configured: one engine, both cores
+        loads.append(Load(stack.url, chat, CHAT[1], workers=2))
         time.sleep(4)  # more than a window of chat
-        phase.until(lambda: True, 0)
-        assert "drains" not in (tmp_path / "logs-up.log").read_text()  # nothing moved
-        served.append((chat, CHAT[1], phase))
-
-        phase = Load(stack.url, long, LONG[1], workers=3)
-        moved = phase.until(lambda: split() == {"prefill": 1, "decode": 1}, 120)
-        assert moved, stack.logs()
-        served.append((long, LONG[1], phase))  # a decode drained while these ran
-        phase = Load(stack.url, long, LONG[1], workers=3)  # served by the split
-        assert phase.until(lambda: len(phase.answers) >= 6, 60)
-        served.append((long, LONG[1], phase))
-
-        phase = Load(stack.url, chat, CHAT[1], workers=2)
-        assert phase.until(lambda: split() == {"prefill": 0, "decode": 2}, 120), stack.logs()
-        served.append((chat, CHAT[1], phase))
+        assert stack.health("gateway")["desired"] == {"prefill": 0, "decode": 2}
+        assert "autoscale" not in up_log.read_text()  # nothing moved
+        loads.append(Load(stack.url, chat, CHAT[1], workers=2))  # 4 chats: the batch is full
+        loads.append(Load(stack.url, long, LONG[1], workers=2))
+        # a prefill and a decode on a core each, and the engine on both drained
+        assert until(lambda: "decode-0 drains" in up_log.read_text(), 120), stack.logs()
+        assert split() == {"prefill": 1, "decode": 1}
+        served = len(loads[-1].answers)  # and long prompts served by the split
+        assert until(lambda: len(loads[-1].answers) >= served + 4, 60)
+        for load in loads[1:]:
+            load.finish()
+        assert until(lambda: "decode-1 drains" in up_log.read_text(), 120), stack.logs()
+        assert split() == {"prefill": 0, "decode": 1}  # chat alone: one engine on both again
+        loads[0].finish()
     finally:
+        for load in loads:
+            load.finish()
         stack.stop()
-    up_log = (tmp_path / "logs-up.log").read_text()
-    assert "decode-1 drains, a prefill takes its CPUs" in up_log
-    assert "prefill-0 drains, a decode takes its CPUs" in up_log
-    for batch, new, phase in served:
-        assert phase.answers and {status for _, status, _ in phase.answers} == {200}
-        want = hf_greedy(model, batch, new)
-        for i, _, tokens in phase.answers:
+    log = up_log.read_text()
+    # each move started the new engines before the old drained
+    assert log.index("decode-0 drains") > log.index("decode-1 starting")
+    assert log.index("decode-1 drains") > log.index("decode-2 starting")
+    cores = {n: s["cpus"] for n, s in stack.services().items() if s["role"] != "gateway"}
+    both = sorted(os.sched_getaffinity(0))  # (2 or more: a half each when split)
+    halves = both[: len(both) // 2], both[len(both) // 2 :]
+    assert cores == {
+        "decode-0": both,
+        "prefill-0": halves[0],
+        "decode-1": halves[1],
+        "decode-2": both,
+    }
+    for load in loads:
+        assert load.answers and {status for _, status, _ in load.answers} == {200}
+        want = hf_greedy(model, load.batch, load.new)
+        for i, _, tokens in load.answers:
             assert tokens == want[i]

@@ -61,8 +61,9 @@ def cpu_spec(cpus: list[int]) -> str:
 def baton_up(name: str, limits: Limits, port: int, log_dir: Path) -> Arm:
     """baton-disagg: 1 prefill + 1 decode, each pinned to half the cores (`baton up`'s
     default split). baton-agg: one decode on all the cores that prefills locally (no
-    prefill pool), the engine of `baton.LLM` behind the same gateway. baton-autoscale: a
-    service per core, split as the load's mix wants (`--autoscale`, aggregated at first). A
+    prefill pool), the engine of `baton.LLM` behind the same gateway. baton-autoscale: the
+    cores moved between a prefill and a decode engine as the load's mix wants (`--autoscale`,
+    a share per core; one decode engine at first). A
     `-int8` name: the same with int8 weights (`--quantization int8`)."""
     half = max(1, len(limits.cpus) // 2)
     taskset = []

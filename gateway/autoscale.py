@@ -139,19 +139,6 @@ class Autoscaler:
         wanted = wanted if prompt_work > 0 and misses and helps else 0
         # the SLO missed on one side only: a core more on that side, whatever the fits say
         # (toward prefill only where its cores would outdo the slack)
-        print(
-            "DBG",
-            round(self.clock()),
-            dict(
-                pw=round(prompt_work, 3),
-                dw=round(decode_work, 3),
-                slack=round(slack, 3),
-                lw=round(longest, 3),
-                ttft=round(p90(self.ttfts), 3),
-                want=wanted,
-            ),
-            flush=True,
-        )
         late, slow = p90(self.ttfts) > self.ttft_s, p90(self.tpots) > self.tpot_s
         current = self.desired.get("prefill", present)  # a move may be under way
         if late and not slow and (current + 1) * self.share_cores > slack:

@@ -15,6 +15,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -26,6 +27,7 @@ from baton.cpus import default_cpus, parse_cpus
 PR_SET_PDEATHSIG = 1  # prctl(2)
 DRAIN_KILL_S = 45.0  # a service drains for up to 30 s after SIGTERM (run_forever), then exits
 START_S = 300.0  # an engine started by --autoscale registers within this, or is started again
+RETRY_MAX_S = 60.0  # an engine that keeps dying before it registers: the longest wait between
 
 
 def free_port() -> int:
@@ -163,17 +165,17 @@ def up(config: BatonConfig, log_dir: Path, start_timeout: float) -> None:
 
 
 def status(url: str) -> dict:
-    """The gateway's /health body; {} while it does not answer."""
+    """The gateway's /health body (a 503's too: not healthy, but it says why); {} while it
+    does not answer, or answers something else."""
     try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-            return json.loads(r.read())
-    except urllib.error.HTTPError as e:  # 503: not healthy, but it says why
         try:
-            return json.loads(e.read())
-        except ValueError:
-            return {}
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                body = json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            body = json.loads(e.read())
     except (OSError, ValueError, http.client.HTTPException):
         return {}
+    return body if isinstance(body, dict) else {}
 
 
 def healthy(url: str, pools: dict[str, int]) -> bool:
@@ -227,12 +229,17 @@ class Supervisor:
     An engine of the split in effect that dies, or does not register within START_S, is
     started again."""
 
-    def __init__(self, shares: list[set[int]], prefill: int):
-        self.shares, self.prefill = shares, prefill  # the split wanted, in shares
+    def __init__(
+        self, shares: list[set[int]], prefill: int, clock: Callable[[], float] = time.monotonic
+    ):
+        self.shares, self.prefill, self.clock = shares, prefill, clock  # the split wanted
         self.target = self.layout()  # the split in effect (or being moved to)
         self.running: dict[str, tuple[str, frozenset[int]]] = {}  # name -> (role, cores)
         self.starting: dict[str, float] = {}  # running, not listed by the gateway yet: since
         self.draining: dict[str, float] = {}  # name -> when it was told to drain
+        # an engine that died before registering: how often, and when it may start again
+        self.failures: dict[tuple[str, frozenset[int]], int] = {}
+        self.retry_at: dict[tuple[str, frozenset[int]], float] = {}
 
     @classmethod
     def of(cls, config: BatonConfig) -> "Supervisor | None":
@@ -240,15 +247,15 @@ class Supervisor:
         if not total:
             return None
         cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            sys.exit("--autoscale moves CPUs between the pools: it needs 2 CPUs or more")
         if not 2 <= total <= len(cpus):
             sys.exit(f"--max-services {total}: 2 to {len(cpus)} shares of the {len(cpus)} CPUs")
         if config.prefill.count >= total:
-            sys.exit(
-                f"--max-services {total} leaves no decode beside {config.prefill.count} prefills"
-            )
+            sys.exit(f"--prefill {config.prefill.count} leaves no share of {total} to decode")
         if config.engine.threads:
             sys.exit("--autoscale gives each engine a thread per core: unset [engine] threads")
-        k = len(cpus) // total
+        k = len(cpus) // total  # equal shares: what is left over (len % total) stays idle
         return cls([set(cpus[i * k : (i + 1) * k]) for i in range(total)], config.prefill.count)
 
     def configure(self, config: BatonConfig) -> BatonConfig:
@@ -273,24 +280,28 @@ class Supervisor:
     def act(self, health: dict, launch: Launcher) -> None:
         """One step toward the split the gateway wants: start what it lacks, wait until the
         gateway lists them, then drain what it does not want."""
-        procs, now = launch.stack.procs, time.monotonic()
+        procs, now = launch.stack.procs, self.clock()
+        for name in [n for n in self.running if n not in procs]:  # exited: started again below
+            engine = self.running.pop(name)
+            if self.starting.pop(name, None) is not None:  # before it registered: back off
+                self.failures[engine] = failures = self.failures.get(engine, 0) + 1
+                self.retry_at[engine] = now + min(2.0**failures, RETRY_MAX_S)
         for name, since in list(self.starting.items()):
-            if now - since > START_S:  # never registered: ended, and started again below
+            if now - since > START_S:  # never registered: ended, and started again
                 procs[name].kill()
-        for name in [n for n in self.running if n not in procs]:
-            del self.running[name]
-            self.starting.pop(name, None)
         for name, since in list(self.draining.items()):
             if name not in procs:
                 del self.draining[name]
             elif now - since > DRAIN_KILL_S:
                 procs[name].kill()
-        prefill = health.get("desired", {}).get("prefill")
+        desired = health.get("desired")
+        prefill = desired.get("prefill") if isinstance(desired, dict) else None
         if isinstance(prefill, int) and 0 <= prefill < len(self.shares):
             self.prefill = prefill  # else the gateway's last word stands
         listed = set(health.get("services", ()))
         for name in [n for n in self.starting if n in listed]:
             del self.starting[name]
+            self.failures.pop(self.running[name], None)
         if not self.starting and not self.draining and self.layout() != self.target:
             self.target = self.layout()
             print(
@@ -298,11 +309,13 @@ class Supervisor:
                 flush=True,
             )
         for role, cores in [e for e in self.target if e not in self.running.values()]:
+            if now < self.retry_at.get((role, cores), 0.0):
+                continue
             name = launch(role, set(cores))  # a new split's, or one that died
             self.running[name], self.starting[name] = (role, cores), now
             print(f"autoscale: {name} starting on CPUs {sorted(cores)}", flush=True)
-        if self.starting:
-            return
+        if self.starting or any(e not in self.running.values() for e in self.target):
+            return  # the old engines serve until every new one is in
         for name in [n for n, engine in self.running.items() if engine not in self.target]:
             print(f"autoscale: {name} drains", flush=True)
             del self.running[name]

@@ -101,13 +101,13 @@ def test_the_split_follows_the_mix_and_loses_no_request(tmp_path, smollm2_dir):
         loads.append(Load(stack.url, long, LONG[1], workers=2))
         # a prefill and a decode on a core each, and the engine on both drained
         assert until(lambda: "decode-0 drains" in up_log.read_text(), 120), stack.logs()
-        assert split() == {"prefill": 1, "decode": 1}
+        assert until(lambda: split() == {"prefill": 1, "decode": 1}, 30)  # (its heartbeat)
         served = len(loads[-1].answers)  # and long prompts served by the split
         assert until(lambda: len(loads[-1].answers) >= served + 4, 60)
         for load in loads[1:]:
             load.finish()
         assert until(lambda: "decode-1 drains" in up_log.read_text(), 120), stack.logs()
-        assert split() == {"prefill": 0, "decode": 1}  # chat alone: one engine on both again
+        assert until(lambda: split() == {"prefill": 0, "decode": 1}, 30)  # one engine again
         loads[0].finish()
     finally:
         for load in loads:
@@ -118,7 +118,8 @@ def test_the_split_follows_the_mix_and_loses_no_request(tmp_path, smollm2_dir):
     assert log.index("decode-0 drains") > log.index("decode-1 starting")
     assert log.index("decode-1 drains") > log.index("decode-2 starting")
     cores = {n: s["cpus"] for n, s in stack.services().items() if s["role"] != "gateway"}
-    both = sorted(os.sched_getaffinity(0))  # (2 or more: a half each when split)
+    cpus = sorted(os.sched_getaffinity(0))  # 2 or more: two equal shares (an odd one idle)
+    both = cpus[: len(cpus) // 2 * 2]
     halves = both[: len(both) // 2], both[len(both) // 2 :]
     assert cores == {
         "decode-0": both,

@@ -33,6 +33,7 @@ from baton.kvtransfer.base import InPart, Landed, TransferError, read_nbytes, sp
 log = logging.getLogger(__name__)
 
 IDLE_S = 0.005  # how soon Progress sees a new lease
+LOCAL = "NIXL_INIT_AGENT"  # NIXL's name for this process's own memory in a descriptor list
 
 
 def unavailable() -> str | None:
@@ -84,19 +85,16 @@ class Agent:
         # 1 MiB, shared/machine.md); "none" does not, and a dead peer still fails the read.
         self.agent.create_backend("UCX", {"ucx_error_handling_mode": "none"})
         self.agent.register_memory(pool)
-        num_blocks, self.block_nbytes = pool.shape
-        descs = piece_descs(pool.data_ptr(), num_blocks, self.block_nbytes, [0, self.block_nbytes])
-        self.local = self.agent.prep_xfer_dlist("NIXL_INIT_AGENT", descs, "DRAM")
-        self.region = P.NixlRegion(self.agent.get_agent_metadata(), pool.data_ptr(), pool.numel())
-        self.addr, self.num_blocks = pool.data_ptr(), num_blocks
+        self.num_blocks, self.block_nbytes = pool.shape
+        self.addr, self.whole = pool.data_ptr(), [0, self.block_nbytes]
+        self.local = self.dlist(LOCAL, self.addr, self.num_blocks, self.whole)
+        self.region = P.NixlRegion(self.agent.get_agent_metadata(), self.addr, pool.numel())
         self.local_pieces: dict[tuple, Any] = {}  # ranges -> our pool's list of block pieces
 
-    def pieces(self, ranges: tuple[tuple[int, int], ...], cuts: list[int]) -> Any:
-        """Our pool as a list of block pieces, prepared at its first read in part."""
-        if ranges not in self.local_pieces:
-            descs = piece_descs(self.addr, self.num_blocks, self.block_nbytes, cuts)
-            self.local_pieces[ranges] = self.agent.prep_xfer_dlist("NIXL_INIT_AGENT", descs, "DRAM")
-        return self.local_pieces[ranges]
+    def dlist(self, owner: str, addr: int, num_blocks: int, cuts: list[int]) -> Any:
+        """A pool (ours: LOCAL; a peer's: its agent) as NIXL's list of block pieces."""
+        descs = piece_descs(addr, num_blocks, self.block_nbytes, cuts)
+        return self.agent.prep_xfer_dlist(owner, descs, "DRAM")
 
 
 class NixlReader:
@@ -110,11 +108,8 @@ class NixlReader:
         self.agent, nx = agent, agent.agent
         try:
             self.peer = nx.add_remote_agent(region.agent_metadata)
-            num_blocks = region.nbytes // agent.block_nbytes
-            descs = piece_descs(
-                region.addr, num_blocks, agent.block_nbytes, [0, agent.block_nbytes]
-            )
-            self.remote = nx.prep_xfer_dlist(self.peer, descs, "DRAM")
+            self.num_blocks = region.nbytes // agent.block_nbytes
+            self.remote = agent.dlist(self.peer, region.addr, self.num_blocks, agent.whole)
         except agent.errors as e:
             raise TransferError(f"NIXL could not attach the prefill: {e}") from e
         self.region, self.remote_pieces = region, {}  # ranges -> its pool's block pieces
@@ -125,7 +120,7 @@ class NixlReader:
     def start(
         self, req_id: str, src_ids: list[int], dst_ids: list[int], in_part: InPart | None = None
     ) -> None:
-        """Blocks read in part go as their pieces (Agent.pieces): one transfer either way."""
+        """Blocks read in part go as their pieces (piece_lists): one transfer either way."""
         if self.gone:
             raise TransferError(self.gone)
         nx = self.agent.agent
@@ -133,7 +128,7 @@ class NixlReader:
             local, remote, dst, src = self.agent.local, self.remote, dst_ids, src_ids
             if in_part is not None:
                 cuts, covered = pieces(self.agent.block_nbytes, in_part.ranges)
-                local, remote = self.agent.pieces(in_part.ranges, cuts), self._pieces(in_part, cuts)
+                local, remote = self.piece_lists(in_part.ranges, cuts)
                 every, n = range(len(cuts) - 1), in_part.num_blocks
                 dst, src = (
                     [b * len(every) + j for i, b in enumerate(ids) for j in (covered if i < n else every)]
@@ -150,15 +145,17 @@ class NixlReader:
         )
         self.settle(req_id, self.state(partial(nx.transfer, handle)))
 
-    def _pieces(self, in_part: InPart, cuts: list[int]) -> Any:
-        """The peer's pool as a list of block pieces, prepared at its first read in part."""
-        if in_part.ranges not in self.remote_pieces:
-            num_blocks = self.region.nbytes // self.agent.block_nbytes
-            descs = piece_descs(self.region.addr, num_blocks, self.agent.block_nbytes, cuts)
-            self.remote_pieces[in_part.ranges] = self.agent.agent.prep_xfer_dlist(
-                self.peer, descs, "DRAM"
+    def piece_lists(self, ranges: tuple[tuple[int, int], ...], cuts: list[int]) -> tuple:
+        """Our pool and the peer's as lists of block pieces, each prepared at its first read
+        in part (ours is shared by every reader)."""
+        agent = self.agent
+        if ranges not in agent.local_pieces:
+            agent.local_pieces[ranges] = agent.dlist(LOCAL, agent.addr, agent.num_blocks, cuts)
+        if ranges not in self.remote_pieces:
+            self.remote_pieces[ranges] = agent.dlist(
+                self.peer, self.region.addr, self.num_blocks, cuts
             )
-        return self.remote_pieces[in_part.ranges]
+        return agent.local_pieces[ranges], self.remote_pieces[ranges]
 
     def poll(self) -> list[Landed]:
         for req_id, (handle, _, _) in list(self.in_flight.items()):

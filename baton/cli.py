@@ -40,6 +40,7 @@ ENGINE_FLAGS = {
     "--kv-cache-gib": ("engine.kv_cache_gib", float),
     "--kv-tier-dir": ("engine.kv_tier_dir", str),
     "--kv-tier-gib": ("engine.kv_tier_gib", float),
+    "--kv-tier-ram-gib": ("engine.kv_tier_ram_gib", float),
     "--max-num-seqs": ("engine.max_num_seqs", int),
     "--max-num-batched-tokens": ("engine.max_num_batched_tokens", int),
     "--max-chunk-tokens": ("engine.max_chunk_tokens", int),

@@ -70,6 +70,13 @@ class EngineConfig(Section):
         ),
     ] = None
     kv_tier_gib: Annotated[float, Meta(gt=0), doc("the KV tier's size cap per service")] = 16.0
+    kv_tier_ram_gib: Annotated[
+        Annotated[float, Meta(gt=0)] | None,
+        doc(
+            "host RAM for KV blocks the pool evicts, above the disk tier when there is one (the "
+            "blocks it lets go spill there) or alone; unset: none"
+        ),
+    ] = None
     threads: Annotated[Positive | None, doc("torch threads; unset: one per pinned CPU")] = None
 
 

@@ -12,7 +12,8 @@ import torch
 from baton import protocol as P
 from baton.cache.kv_cache import KVCache, block_nbytes
 from baton.cache.kv_manager import KVCacheManager
-from baton.cache.tier import DiskTier
+from baton.cache.ram_tier import RamTier
+from baton.cache.tier import DiskTier, Tier
 from baton.config import EngineConfig
 from baton.model.files import resolve_model_dir
 from baton.model.llama import CausalLM
@@ -68,10 +69,12 @@ class Engine:
             config.block_size,
             num_blocks * kv.block_nbytes / 2**30,
         )
-        tier = None
+        tier: Tier | None = None  # the chain below the pool: RAM, then disk, either, or none
         if config.kv_tier_dir:
             cap = int(config.kv_tier_gib * 2**30)
             tier = DiskTier(config.kv_tier_dir, cap, fingerprint(model, kv), kv.bytes.numpy())
+        if config.kv_tier_ram_gib:
+            tier = RamTier(int(config.kv_tier_ram_gib * 2**30), kv.bytes.numpy(), below=tier)
         return cls(
             config=config,
             model=model,

@@ -208,7 +208,7 @@ def turns(seed: int = 11) -> tuple[list[int], list[int]]:
     return first, filler
 
 
-def engine(model: Path, tier_dir: Path | None) -> baton.LLM:
+def engine(model: Path, tier_dir: Path | None, ram_gib: float | None = None) -> baton.LLM:
     # 32 blocks of 4 tokens: the filler turn evicts everything the first turn left
     return baton.LLM(
         str(model),
@@ -216,13 +216,21 @@ def engine(model: Path, tier_dir: Path | None) -> baton.LLM:
         num_blocks=32,
         block_size=4,
         kv_tier_dir=tier_dir and str(tier_dir),
+        kv_tier_ram_gib=ram_gib,
     )
 
 
-def test_next_turn_loads_its_prefix_from_the_tier_token_exact(tmp_path, tiny_llama):
+# the chain below the pool: disk; RAM (room for ~140 of the tiny model's 768-byte blocks: all
+# the first turn's); RAM for ~14 above the disk, the rest spilled there
+CHAINS = {"disk": (True, None), "ram": (False, 1e-4), "ram+disk": (True, 1e-5)}
+
+
+@pytest.mark.parametrize("chain", CHAINS)
+def test_next_turn_loads_its_prefix_from_the_tier_token_exact(tmp_path, tiny_llama, chain):
     first, filler = turns()
     cold = baton.LLM(str(tiny_llama), dtype="float32", enable_prefix_caching=False)
-    llm = engine(tiny_llama, tmp_path)
+    disk, ram_gib = CHAINS[chain]
+    llm = engine(tiny_llama, tmp_path if disk else None, ram_gib)
     answer = llm.generate([first], SP)[0].outputs[0].token_ids
     llm.generate([filler], SP)
     follow_up = [*first, *answer, 7, 8, 9, 10, 11]
@@ -231,8 +239,8 @@ def test_next_turn_loads_its_prefix_from_the_tier_token_exact(tmp_path, tiny_lla
     pool_hits = llm.scheduler.num_prefix_hit_tokens
     got = llm.generate([follow_up], SP)[0].outputs[0].token_ids
     assert got == expected
-    # the first turn's prompt and answer (but the partial last block) came back: from disk,
-    # but for a block or so the pool had not reused yet
+    # the first turn's prompt and answer (but the partial last block) came back: from the
+    # tier, but for a block or so the pool had not reused yet
     tier_hits = llm.scheduler.num_tier_hit_tokens
     assert tier_hits >= len(first)
     assert (
@@ -241,6 +249,9 @@ def test_next_turn_loads_its_prefix_from_the_tier_token_exact(tmp_path, tiny_lla
     )
     assert llm.engine.kv_manager.pool.num_used == 0  # every block freed
     llm.engine.kv_manager.pool.check_invariants()
+    if chain == "ram+disk":  # what RAM let go went down to the disk, and came back from there
+        tier = llm.engine.kv_manager.tier
+        assert tier.below.num_blocks > 0 and tier.below.stats.loaded_blocks > 0
     llm.engine.close()
 
 

@@ -19,7 +19,7 @@ from baton.cache.events import CacheEvents
 from baton.request import Sequence
 
 if TYPE_CHECKING:
-    from baton.cache.tier import DiskTier
+    from baton.cache.tier import Tier
 
 
 def blocks_behind(first_position: int, window: int, block_size: int) -> int:
@@ -40,7 +40,7 @@ class KVCacheManager:
         num_blocks: int,
         block_size: int,
         enable_prefix_caching: bool = True,
-        tier: "DiskTier | None" = None,
+        tier: "Tier | None" = None,
     ):
         self.tier = tier if enable_prefix_caching else None
         self.events = CacheEvents(self.held_hashes) if enable_prefix_caching else None
@@ -60,7 +60,7 @@ class KVCacheManager:
     def _evicted(self, block: int, block_hash: bytes) -> None:
         """The pool reuses a cached block: the tier copies it out first (if it can)."""
         if self.tier is not None:
-            self.tier.save(block, block_hash)
+            self.tier.save(block, block_hash, durable=False)
             if self.tier.indexed(block_hash):
                 return
         self.events.removed(block_hash)
@@ -136,7 +136,7 @@ class KVCacheManager:
             if self.pool.register(seq.block_ids[i], seq.block_hashes[i]):
                 self.events.stored(seq.block_hashes[i])
             if self.tier is not None and seq.params.session_ttl_s:  # written through
-                self.tier.save(seq.block_ids[i], seq.block_hashes[i])
+                self.tier.save(seq.block_ids[i], seq.block_hashes[i], durable=True)
         seq.num_cached_blocks = max(seq.num_cached_blocks, full)
 
     def free_behind(self, seq: Sequence, window: int) -> None:

@@ -1,5 +1,10 @@
-"""A disk tier below a service's KV pool: blocks the pool evicts are written here, and a prompt
-whose prefix the pool has lost loads it back instead of computing it again.
+"""Tiers below a service's KV pool: blocks the pool evicts are kept there, and a prompt whose
+prefix the pool has lost loads it back instead of computing it again. A chain is configuration
+(Engine): a disk tier (`kv_tier_dir`), host RAM (`kv_tier_ram_gib`: baton.cache.ram_tier),
+or RAM above disk, where the blocks RAM lets go spill to the disk. Each has the interface of
+`Tier`, so the pool's manager sees one tier whatever the chain.
+
+The disk tier:
 
 One file per block, `<dir>/<fingerprint hex>/<block hash hex>.kv`: a header, then the block's
 bytes as the pool holds them (baton.cache.kv_cache: one range per block, every layer).
@@ -32,7 +37,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -45,14 +50,44 @@ QUEUE_BYTES = 256 << 20  # evicted blocks' copies waiting for the disk, at most
 
 @dataclass
 class TierStats:
-    """Counts since start, for the service's metrics."""
+    """Counts since start, for the service's metrics (a chain's: the sum of its tiers')."""
 
     loaded_blocks: int = 0
     read_bytes: int = 0
     written_bytes: int = 0
-    dropped_writes: int = 0  # evictions not written: the queue of copies was full
+    dropped_writes: int = 0  # evictions not kept: the queue of copies was full, or no room below
     corrupt_files: int = 0  # torn, truncated or foreign: deleted and recomputed
     deleted_files: int = 0  # over the size cap
+
+    def __add__(self, other: "TierStats") -> "TierStats":
+        return TierStats(
+            *(a + b for a, b in zip(vars(self).values(), vars(other).values(), strict=True))
+        )
+
+
+class Tier(Protocol):
+    """What the pool's manager, the scheduler and the service's metrics use of a tier (or a
+    chain of them). `on_stored` hears each hash the tier gains; `dropped`, once set, queues
+    each it may have lost (judged on the engine thread: the pool or the tier may hold it)."""
+
+    on_stored: Callable[[bytes], None] | None
+    dropped: "queue.SimpleQueue[bytes] | None"
+    stats: TierStats
+
+    @property
+    def cap_files(self) -> int: ...  # blocks it can hold
+    @property
+    def num_blocks(self) -> int: ...
+    @property
+    def size_bytes(self) -> int: ...
+    def indexed(self, block_hash: bytes) -> bool: ...  # held, as far as it knows
+    def holds(self, block_hash: bytes) -> bool: ...  # held, looking further if it must
+    def hashes(self) -> list[bytes]: ...
+    def save(self, block: int, block_hash: bytes, durable: bool = False) -> None: ...
+    def put(self, block_hash: bytes, data: bytes) -> None: ...
+    def load(self, key: Any, pairs: list[tuple[int, bytes]]) -> None: ...
+    def landed(self) -> list[tuple[Any, int]]: ...
+    def close(self) -> None: ...
 
 
 class DiskTier:
@@ -140,17 +175,25 @@ class DiskTier:
         if self.dropped is not None:
             self.dropped.put(block_hash)
 
-    def save(self, block: int, block_hash: bytes) -> None:
+    def save(self, block: int, block_hash: bytes, durable: bool = True) -> None:
         """Copy `block`'s bytes now, for the disk: the pool is about to reuse it, or it is a
-        session's, written through so that the session outlives this process."""
-        if block_hash in self._index:
-            return
-        n = self.blocks.shape[1]
-        if self._queued_bytes + n > QUEUE_BYTES:
-            self.stats.dropped_writes += 1
-            return
-        data = self.blocks[block].tobytes()
-        self._add(block_hash, n)
+        session's, written through (`durable`) so that the session outlives this process."""
+        if block_hash not in self._index and self._room():
+            self._write(block_hash, self.blocks[block].tobytes())
+
+    def put(self, block_hash: bytes, data: bytes) -> None:
+        """Bytes of a block from a tier above (it let them go)."""
+        if block_hash not in self._index and self._room():
+            self._write(block_hash, data)
+
+    def _room(self) -> bool:
+        if self._queued_bytes + self.blocks.shape[1] <= QUEUE_BYTES:
+            return True
+        self.stats.dropped_writes += 1
+        return False
+
+    def _write(self, block_hash: bytes, data: bytes) -> None:
+        self._add(block_hash, len(data))
         self._jobs.put((self._save, block_hash, data))
 
     def load(self, key: Any, pairs: list[tuple[int, bytes]]) -> None:

@@ -279,6 +279,8 @@ class Scheduler:
         hashes = self.kv.tier_prefix(seq)
         if not hashes or len(hashes) + len(self.running) > self.kv.pool.num_free:
             return False
+        if seq.req_id in self.loading:  # an aborted one of the same id still loads: compute
+            return False
         blocks = self.kv.pool.allocate(len(hashes))
         seq.block_ids.extend(blocks)
         self.waiting.popleft()

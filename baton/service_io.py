@@ -55,7 +55,10 @@ class TierMetrics(Collector):
         "read_bytes": ("baton_kv_tier_read_bytes", "bytes read back from the KV tier"),
         "written_bytes": ("baton_kv_tier_written_bytes", "bytes written to the KV tier"),
         "corrupt_files": ("baton_kv_tier_corrupt_files", "torn or foreign tier files deleted"),
-        "dropped_writes": ("baton_kv_tier_dropped_writes", "evictions not written: queue full"),
+        "dropped_writes": (
+            "baton_kv_tier_dropped_writes",
+            "evictions not kept: no room (the write queue, or RAM alone)",
+        ),
         "deleted_files": ("baton_kv_tier_deleted_files", "tier files deleted over the size cap"),
     }
 

@@ -75,6 +75,7 @@ def test_what_ram_lets_go_spills_to_the_disk_and_a_prefix_comes_back_from_both(t
     (tmp_path / FINGERPRINT.hex() / f"{h(1).hex()}.kv").unlink()
     chain.load("gone", [(8 + i, h(i)) for i in range(5)])
     assert landed(chain) == [("gone", 1)]
+    assert chain.stats.loaded_blocks == 6  # RAM's 3 and 4 were copied but are not the prefix
     chain.close()
 
 
@@ -89,6 +90,9 @@ def test_a_sessions_blocks_written_through_go_to_the_disk_and_outlive_the_proces
     restarted = RamTier(8 * BLOCK_NBYTES, blocks, DiskTier(tmp_path, 1 << 20, FINGERPRINT, blocks))
     assert restarted.holds(h(0)) and not restarted.holds(h(1))
     restarted.close()
+    alone = RamTier(8 * BLOCK_NBYTES, blocks)  # nothing below outlives the process: the pool
+    alone.save(0, h(0), durable=True)  # keeps it until it evicts it, and RAM takes it then
+    assert not alone.holds(h(0))
 
 
 @pytest.mark.parametrize("below", [False, True])

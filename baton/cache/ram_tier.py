@@ -76,8 +76,11 @@ class RamTier:
         return [*self._store, *(h for h in below if h not in self._store)]
 
     def save(self, block: int, block_hash: bytes, durable: bool = False) -> None:
-        if durable and self.below is not None:
-            self.below.save(block, block_hash, durable=True)
+        """durable: a session's block, still in the pool, written through to the tier below
+        (RAM alone cannot keep it past the process: it takes it when the pool evicts it)."""
+        if durable:
+            if self.below is not None:
+                self.below.save(block, block_hash, durable=True)
         elif not self.indexed(block_hash):
             self.put(block_hash, self.blocks[block].tobytes())
 
@@ -89,39 +92,46 @@ class RamTier:
         while len(self._store) > self.cap_blocks:
             old, old_data = self._store.popitem(last=False)
             if self.below is not None:
-                self.below.put(old, old_data)
-            if not (self.below and self.below.indexed(old)):  # no room below either: gone
+                self.below.put(old, old_data)  # (it counts what it has no room for)
+            else:
                 self._own.dropped_writes += 1
-                if self._dropped is not None:
-                    self._dropped.put(old)
+            if not (self.below and self.below.indexed(old)) and self._dropped is not None:
+                self._dropped.put(old)  # gone from the chain
 
     def load(self, key: Any, pairs: list[tuple[int, bytes]]) -> None:
         """Blocks held here are copied now; those below are read there (`landed` counts the
         prefix read, to the first block neither gives)."""
+        ram: list[int] = []  # positions in `pairs` copied from here
         below: list[int] = []  # positions in `pairs` the tier below is to read
         for i, (block, block_hash) in enumerate(pairs):
             if (data := self._store.get(block_hash)) is not None:
                 self.blocks[block] = np.frombuffer(data, np.uint8)
                 self._store.move_to_end(block_hash)
-                self._own.loaded_blocks += 1
-                self._own.read_bytes += len(data)
+                ram.append(i)
             elif self.below is not None and self.below.holds(block_hash):
                 below.append(i)
             else:
                 pairs = pairs[:i]
                 break
         if not below:
-            self._done.append((key, len(pairs)))
+            self._landed(key, len(pairs), ram)
             return
-        self._from_below[key] = (below, len(pairs))
+        self._from_below[key] = (below, len(pairs), ram)
         self.below.load(key, [pairs[i] for i in below])
 
     def landed(self) -> list[tuple[Any, int]]:
-        out, self._done = self._done, []
         for key, n in self.below.landed() if self.below is not None else ():
-            positions, whole = self._from_below.pop(key)
-            out.append((key, positions[n] if n < len(positions) else whole))
+            below, whole, ram = self._from_below.pop(key)
+            self._landed(key, below[n] if n < len(below) else whole, ram)
+        out, self._done = self._done, []
         return out
+
+    def _landed(self, key: Any, prefix: int, ram: list[int]) -> None:
+        """A load read `prefix` blocks; RAM's count as read where they fall within it."""
+        used = sum(i < prefix for i in ram)
+        self._own.loaded_blocks += used
+        self._own.read_bytes += used * self.blocks.shape[1]
+        self._done.append((key, prefix))
 
     def close(self) -> None:
         if self.below is not None:

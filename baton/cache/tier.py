@@ -35,7 +35,7 @@ import threading
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -61,7 +61,7 @@ class TierStats:
 
     def __add__(self, other: "TierStats") -> "TierStats":
         return TierStats(
-            *(a + b for a, b in zip(vars(self).values(), vars(other).values(), strict=True))
+            **{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)}
         )
 
 

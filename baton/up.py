@@ -121,8 +121,8 @@ def up(config: BatonConfig, log_dir: Path, start_timeout: float) -> None:
     if scaler:
         counts = scaler.start(launch)
     else:
+        aggregated = config.prefill.count == 0
         for role, count in counts.items():
-            aggregated = config.prefill.count == 0
             cpus = getattr(config, role).cpus
             cpus = parse_cpus(cpus if cpus is not None else default_cpus(role, aggregated))
             for _ in range(count):
@@ -188,12 +188,8 @@ class Launcher:
     """Starts a prefill or decode service of the stack on `cpus`, with an id of its own."""
 
     def __init__(self, stack: Stack, config: BatonConfig, config_file: Path, zmq_addr: str):
-        self.stack, self.config, self.config_file, self.zmq_addr = (
-            stack,
-            config,
-            config_file,
-            zmq_addr,
-        )
+        self.stack, self.config = stack, config
+        self.config_file, self.zmq_addr = config_file, zmq_addr
         self.started = {"prefill": 0, "decode": 0}
 
     def __call__(self, role: str, cpus: set[int] | None) -> str:

@@ -55,6 +55,7 @@ class Autoscaler:
         self.tpots: deque[tuple[float, float]] = deque(maxlen=MAX_SAMPLES)
         self.desired: dict[str, int] = {}
         self.lower_since: dict[str, float] = {}  # pool -> when a lower count was first wanted
+        self.split_since: float | None = None  # when another split was first wanted
 
     def demand(self, prompt_tokens: int) -> None:
         """A request asked for (admitted or refused)."""
@@ -91,10 +92,11 @@ class Autoscaler:
         self.trim(now)
         prefills, decodes = registry.pool("prefill"), registry.pool("decode")
         if self.total:
-            cores = sum(map(cores_of, prefills)) + sum(map(cores_of, decodes))
+            prefill_cores = sum(map(cores_of, prefills))
+            cores = prefill_cores + sum(map(cores_of, decodes))
             if not self.desired and cores < self.total * self.share_cores:
                 return {}  # still starting: no split to keep yet
-            present = round(sum(map(cores_of, prefills)) / self.share_cores)
+            present = round(prefill_cores / self.share_cores)
             return self.settle_split(self.split(prefills, decodes, present), present, now)
         present = {"prefill": len(prefills), "decode": len(decodes)}
         wanted = {
@@ -152,12 +154,14 @@ class Autoscaler:
         once it has been wanted for down_after_s."""
         current = self.desired.get("prefill", present)
         if prefills is None or prefills == current:
-            self.lower_since.pop("split", None)
-        elif now - self.lower_since.setdefault("split", now) >= self.down_after_s:
-            self.lower_since.pop("split")
-            current = prefills
-            self.ttfts.clear()  # they tell of the split before
-            self.tpots.clear()
+            self.split_since = None
+        else:
+            self.split_since = now if self.split_since is None else self.split_since
+            if now - self.split_since >= self.down_after_s:
+                self.split_since = None
+                current = prefills
+                self.ttfts.clear()  # they tell of the split before
+                self.tpots.clear()
         self.desired = {"prefill": current, "decode": self.total - current}
         return dict(self.desired)
 

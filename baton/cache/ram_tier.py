@@ -23,7 +23,9 @@ class RamTier:
         self._store: OrderedDict[bytes, bytes] = OrderedDict()  # least recently used first
         self._own = TierStats()
         self._done: list[tuple[Any, int]] = []
-        self._from_below: dict[Any, tuple[list[int], int]] = {}  # key -> where below's go, all
+        # a load waiting on the tier below: key -> (positions below reads, the prefix's length,
+        # positions copied from here)
+        self._from_below: dict[Any, tuple[list[int], int, list[int]]] = {}
         self._on_stored: Callable[[bytes], None] | None = None
         self._dropped: queue.SimpleQueue[bytes] | None = None
 

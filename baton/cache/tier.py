@@ -178,21 +178,16 @@ class DiskTier:
     def save(self, block: int, block_hash: bytes, durable: bool = True) -> None:
         """Copy `block`'s bytes now, for the disk: the pool is about to reuse it, or it is a
         session's, written through (`durable`) so that the session outlives this process."""
-        if block_hash not in self._index and self._room():
-            self._write(block_hash, self.blocks[block].tobytes())
+        self.put(block_hash, self.blocks[block])
 
-    def put(self, block_hash: bytes, data: bytes) -> None:
-        """Bytes of a block from a tier above (it let them go)."""
-        if block_hash not in self._index and self._room():
-            self._write(block_hash, data)
-
-    def _room(self) -> bool:
-        if self._queued_bytes + self.blocks.shape[1] <= QUEUE_BYTES:
-            return True
-        self.stats.dropped_writes += 1
-        return False
-
-    def _write(self, block_hash: bytes, data: bytes) -> None:
+    def put(self, block_hash: bytes, data: bytes | np.ndarray) -> None:
+        """A block's bytes (a pool block's are copied here, once there is room for them)."""
+        if block_hash in self._index:
+            return
+        if self._queued_bytes + self.blocks.shape[1] > QUEUE_BYTES:
+            self.stats.dropped_writes += 1
+            return
+        data = bytes(data)
         self._add(block_hash, len(data))
         self._jobs.put((self._save, block_hash, data))
 

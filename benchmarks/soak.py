@@ -1,11 +1,12 @@
 """Soak: a 2P+2D `baton up` under steady load for minutes while a decode is killed -9 and
-restarted every 30 s, a prefill every 90 s, and clients leave at random or stop reading.
+restarted every 30 s, a prefill every 90 s (--kill-every), and clients leave at random or stop
+reading.
 
 Prints, and writes to --out (JSON): requests ok / failed with an error that says why / hung
 (a stream silent for STALL_S: must be 0); the longest gap between two chunks of any stream
 that ended well; KV blocks in use on every service once the load stops (must be 0); RSS of
 each process over its life (the gateway's over the whole run; a service's since its last
-restart), from WARMUP_S after its start to its last sample.
+restart), from WARMUP_S after its start to its last sample, and one sample a minute.
 
     python -m baton.benchmarks.soak --minutes 20 --out benchmarks/results/soak.json
 """
@@ -164,13 +165,13 @@ class Soak:
         names = {r: sorted(n for n, s in self.manifest.items() if s["role"] == r)
                  for r in ("prefill", "decode")}  # fmt: skip
         loop = asyncio.get_running_loop()
-        start, next_at = loop.time(), {"decode": 30.0, "prefill": 90.0}
-        every = {"decode": 30.0, "prefill": 90.0}
+        every = {"decode": self.args.kill_every[0], "prefill": self.args.kill_every[1]}
+        start, next_at = loop.time(), dict(every)
         while loop.time() < until:
             await asyncio.sleep(1.0)
             self.sample_rss()
             for role in ("decode", "prefill"):
-                if names[role] and loop.time() - start >= next_at[role]:
+                if names[role] and every[role] and loop.time() - start >= next_at[role]:
                     next_at[role] += every[role]
                     name = names[role][self.kills[role] % len(names[role])]
                     await asyncio.to_thread(self.restart, name)
@@ -214,7 +215,8 @@ class Soak:
         # from WARMUP_S into each process's samples (a restarted one is loading its model
         # before), to the last
         rss = {f"{name} (pid {pid})": {"first_mib": s[WARMUP_S] / 1024, "last_mib": s[-1] / 1024,
-                                       "growth": s[-1] / s[WARMUP_S] - 1, "seconds": len(s)}
+                                       "growth": s[-1] / s[WARMUP_S] - 1, "seconds": len(s),
+                                       "each_minute_mib": [round(k / 1024) for k in s[::60]]}
                for (name, pid), s in self.rss.items() if len(s) >= WARMUP_S + 10}  # fmt: skip
         return {"minutes": self.args.minutes, "rate": self.args.rate, "seed": self.args.seed,
                 "kills": self.kills, "tally": self.tally.__dict__, "blocks_in_use": used,
@@ -229,6 +231,14 @@ def main() -> None:
     p.add_argument("--decode", type=int, default=2)
     p.add_argument("--max-prompt", type=int, default=256)
     p.add_argument("--max-new", type=int, default=128)
+    p.add_argument(
+        "--kill-every",
+        type=float,
+        nargs=2,
+        default=[30.0, 90.0],
+        metavar=("DECODE_S", "PREFILL_S"),
+        help="seconds between kills; 0: never",
+    )
     p.add_argument("--seed", type=int, default=20261207)
     p.add_argument("--out", help="write the figures here (JSON)")
     p.add_argument("up", nargs="*", help="more `baton up` flags, after --")

@@ -1,14 +1,17 @@
-"""bf16 linear layer in C for a CPU with AVX-512 BF16 (kernels/csrc/linear.c), its weight in
-bf16 (`F.linear` is the reference; on an AMX CPU oneDNN serves instead) or in int8 with a scale
-per output column (`reference_int8`; `quantize_int8` makes the pair). The weight is packed once
-(`pack`, `pack_int8`), then every call multiplies against the packed copy; each output row is
-summed in the same order whatever the batch."""
+"""The linear layer in C for a CPU with AVX-512 BF16, its weight in bf16 (kernels/csrc/linear.c;
+`F.linear` is the reference; on an AMX CPU oneDNN serves instead) or in int8 with a scale per
+output column (csrc/linear_i8.c, on AVX-512 VNNI; `quantize_int8` makes the pair), the
+activations then quantized to int8 in blocks of 32 as each call begins (`reference_int8`). The
+weight is packed once (`pack`, `pack_int8`), then every call multiplies against the packed
+copy; each output row is summed in the same order whatever the batch."""
 
 import torch
+import torch.nn.functional as F
 
 from baton.kernels import native
 
 COLS = 16  # the packed weight's columns come in runs of this many (csrc/linear.c)
+BLOCK = 32  # int8 activations share a scale over this many inputs (csrc/linear_i8.c)
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor | None:
@@ -23,10 +26,16 @@ def _pack(weight: torch.Tensor, dtype: torch.dtype, c_pack: str) -> torch.Tensor
         return None
     weight = weight.contiguous()
     out_features, in_features = weight.shape
+    if dtype == torch.int8:  # stored as q + 128 for VPDPBUSD, inputs padded to whole blocks
+        dtype, in_features = torch.uint8, _padded(in_features)
     packed = torch.empty(-(-out_features // COLS) * COLS * in_features, dtype=dtype)
-    if getattr(lib, c_pack)(weight.data_ptr(), out_features, in_features, packed.data_ptr()):
+    if getattr(lib, c_pack)(weight.data_ptr(), out_features, weight.shape[1], packed.data_ptr()):
         return None
     return packed
+
+
+def _padded(in_features: int) -> int:
+    return -(-in_features // BLOCK) * BLOCK
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,18 +47,40 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row of x [m, k] in blocks of BLOCK inputs (the last padded with zeros), each block
+    scaled to +-127 by its largest magnitude, rounded to nearest even. Returns (q [m, blocks,
+    BLOCK] as fp32 integers, scale [m, blocks] fp32), as csrc/linear_i8.c computes them."""
+    k = x.shape[-1]
+    blocks = F.pad(x.float(), (0, _padded(k) - k)).reshape(len(x), -1, BLOCK)
+    amax = blocks.abs().amax(dim=-1)
+    # a division, as the kernel does (`127 / amax` would be torch's reciprocal times 127)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127).div(amax), 0)
+    return torch.round(blocks * inv[..., None]), amax / 127
+
+
 def reference_int8(
     x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """x @ (q * scale).T + bias in fp32, rounded to x's dtype once: what `linear_int8`
-    computes, in another summing order; also the model's path where the kernel does not serve."""
-    y = torch.nn.functional.linear(x.float(), q.float()) * scale
-    return (y if bias is None else y + bias.float()).to(x.dtype)
+    """What `linear_int8` computes, summed in another order: x's blocks quantized
+    (quantize_activations), each block's integer dot product with q's (exact in fp32: 32
+    products of at most 127 x 127), times the block's scale, summed over blocks; times the
+    column's scale, plus the bias, rounded to x's dtype once. Also the model's path where the
+    kernel does not serve."""
+    rows = x.reshape(-1, x.shape[-1])
+    xq, xs = quantize_activations(rows)
+    k = q.shape[1]
+    wq = F.pad(q.float(), (0, _padded(k) - k)).reshape(len(q), -1, BLOCK)
+    y = torch.zeros(len(rows), len(q))
+    for b in range(wq.shape[1]):
+        y += xs[:, b, None] * (xq[:, b] @ wq[:, b].T)
+    y = y * scale
+    return (y if bias is None else y + bias.float()).to(x.dtype).reshape(*x.shape[:-1], len(q))
 
 
 def pack_int8(q: torch.Tensor) -> torch.Tensor | None:
     """An int8 weight [out, in] packed for `linear_int8`, or None where the kernel does not
-    serve (no C library, no AVX-512 BF16, an odd `in`)."""
+    serve (no C library, no AVX-512 VNNI and BF16)."""
     return _pack(q, torch.int8, "linear_i8_pack")
 
 
@@ -65,8 +96,9 @@ def linear(
     lib = native.load()
     assert lib is not None, "pack() returns None where the library did not build"
     assert x.dtype == torch.bfloat16 and (bias is None or bias.dtype == torch.bfloat16)
-    in_features = packed.numel() // (-(-out_features // COLS) * COLS)
-    assert x.shape[-1] == in_features, f"input has {x.shape[-1]} features, not {in_features}"
+    in_features = x.shape[-1]
+    stored = in_features if scale is None else _padded(in_features)
+    assert packed.numel() == -(-out_features // COLS) * COLS * stored, "not this weight's shape"
     rows = x.reshape(-1, in_features).contiguous()
     out = torch.empty(*x.shape[:-1], out_features, dtype=torch.bfloat16)
     bias = None if bias is None else bias.contiguous()

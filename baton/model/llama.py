@@ -81,9 +81,10 @@ class Linear(nn.Linear):
     qweight: torch.Tensor | None = None  # int8 weight, where the C kernel does not serve
 
     def quantize(self) -> None:
-        """Weight-only int8 (`--quantization int8`): the weight as int8 rows and their scales
+        """int8 weights (`--quantization int8`): the weight as int8 rows and their scales
         (kernels/linear_native.quantize_int8), packed for the C kernel where it serves (bf16
-        activations on AVX-512 BF16), else kept for the torch reference. The float weight is
+        activations on AVX-512 VNNI and BF16, quantized in blocks of 32 per call), else kept
+        for the torch reference, which computes the same. The float weight is
         dropped; a tied lm_head's stays with the embedding, which reads it."""
         q, self.scale = linear_native.quantize_int8(self.weight)
         if kernels.BACKEND == "native" and self.weight.dtype == torch.bfloat16:
@@ -330,7 +331,7 @@ class CausalLM(nn.Module):
                 m.quantize()
             if not all(m.native for m in linears):
                 log.warning(
-                    "int8 weights run on torch here (the C kernel needs AVX-512 BF16 and bf16): "
+                    "int8 weights run on torch here (the C kernel needs AVX-512 VNNI and BF16, and bf16): "
                     "slower than unquantized weights"
                 )
         elif w.dtype == torch.bfloat16 and w.device.type == "cpu":

@@ -1,21 +1,15 @@
 /* bf16 linear layer (y = x W^T + b) for a CPU with AVX-512 BF16: every projection of a bf16
- * model, prefill and decode alike, with the weight in bf16 or in int8 (weight-only, a scale
- * per output column: `--quantization int8`). At decode's few rows oneDNN spends a large part
- * of each call outside the multiply (1.2-4x this kernel's time at 1-64 rows, RESULTS.md); at
- * prefill's hundreds it is level. With AMX, oneDNN's bf16 tiles are far ahead: there
- * linear_bf16_pack refuses and the model keeps oneDNN (baton/model/llama.py); int8 has no
- * oneDNN path here, so linear_i8 serves on every CPU with AVX-512 BF16.
+ * model, prefill and decode alike (int8 weights: linear_i8.c). At decode's few rows oneDNN
+ * spends a large part of each call outside the multiply (1.2-4x this kernel's time at 1-64
+ * rows, RESULTS.md); at prefill's hundreds it is level. With AMX, oneDNN's bf16 tiles are far
+ * ahead: there linear_bf16_pack refuses and the model keeps oneDNN (baton/model/llama.py).
  *
  * The weight is packed once, [n / 16][k / 2][16][2]: for each 16 output columns, each pair of
  * inputs k, k + 1 of those columns as one vector of 32 values, the operand VDPBF16PS multiplies
- * with a broadcast pair of x. An int8 vector (32 bytes) is widened to bf16 as it is loaded:
- * exactly, since |q| <= 127 needs 7 significant bits and bf16 has 8. Decode is bound by the
- * weight's bytes, which int8 halves; the widening hides behind the loads. A tile of up to 8
- * rows x 48 columns keeps 24 fp32 sums in registers over the whole of k, so each output is
+ * with a broadcast pair of x. A tile of up to 8 rows x 48 columns keeps 24 fp32 sums in registers over the whole of k, so each output is
  * summed in one fixed order, whatever the number of rows and whichever tile holds its row: a
  * row's output does not depend on the batch it came in. Products are exact in fp32 (VDPBF16PS
- * treats bf16 subnormals as zero); the sum, times the column's scale (int8), plus the bias, is
- * rounded to bf16 once, on store. Columns are shared out over OpenMP threads, 48 at a time. */
+ * treats bf16 subnormals as zero); the sum plus the bias is rounded to bf16 once, on store. Columns are shared out over OpenMP threads, 48 at a time. */
 #include <stddef.h>
 
 #include "common.h"
@@ -27,51 +21,30 @@
 #define ROWS 8  /* rows of a tile: 8 x 3 sums, 3 weight vectors and a broadcast in 32 registers */
 #define VECS 3  /* column vectors in a tile */
 
-#define PACK(T)                                                                                 \
-    if (k % 2) return -1;                                                                       \
-    const int64_t pairs = k / 2, blocks = (n + COLS - 1) / COLS;                                \
-    for (int64_t b = 0; b < blocks; b++)                                                        \
-        for (int64_t p = 0; p < pairs; p++)                                                     \
-            for (int64_t c = 0; c < COLS; c++) { /* columns past n are zeros, never stored */ \
-                const int64_t col = b * COLS + c;                                               \
-                T *o = packed + ((b * pairs + p) * COLS + c) * 2;                               \
-                o[0] = col < n ? w[col * k + 2 * p] : 0;                                        \
-                o[1] = col < n ? w[col * k + 2 * p + 1] : 0;                                    \
-            }                                                                                   \
-    return 0;
-
 int linear_bf16_pack(const uint16_t *w, int64_t n, int64_t k, uint16_t *packed) {
 #ifdef __AMX_BF16__
     (void)w, (void)n, (void)k, (void)packed;
     return -1; /* oneDNN's AMX tiles serve bf16 */
 #else
-    PACK(uint16_t)
+    if (k % 2) return -1;
+    const int64_t pairs = k / 2, blocks = (n + COLS - 1) / COLS;
+    for (int64_t b = 0; b < blocks; b++)
+        for (int64_t p = 0; p < pairs; p++)
+            for (int64_t c = 0; c < COLS; c++) { /* columns past n are zeros, never stored */
+                const int64_t col = b * COLS + c;
+                uint16_t *o = packed + ((b * pairs + p) * COLS + c) * 2;
+                o[0] = col < n ? w[col * k + 2 * p] : 0;
+                o[1] = col < n ? w[col * k + 2 * p + 1] : 0;
+            }
+    return 0;
 #endif
 }
 
-int linear_i8_pack(const int8_t *w, int64_t n, int64_t k, int8_t *packed) { PACK(int8_t) }
-#undef PACK
-
-/* Where the packed weight's value number `at` is (bf16: 2 bytes each; int8: 1). */
-ALWAYS_INLINE const char *values(const void *w, int64_t at, const int int8) {
-    return (const char *)w + at * (int8 ? 1 : 2);
-}
-
-/* The 32 values from number `at` on, as a bf16 vector. */
-ALWAYS_INLINE __m512bh weights(const void *w, int64_t at, const int int8) {
-    if (!int8) return (__m512bh)_mm512_loadu_si512(values(w, at, 0));
-    const __m128i *q = (const __m128i *)values(w, at, 1);
-    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q)));
-    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q + 1)));
-    return _mm512_cvtne2ps_pbh(hi, lo); /* lo's 16 values first */
-}
-
-/* rows x vecs outputs of one tile, `rows`, `vecs` and `int8` constants where it is called.
- * `next`, where given, is the weight of the next tile of columns, fetched into L2 during this
- * one. `scale`: int8's, one per column of the tile. */
-ALWAYS_INLINE void tile(const uint16_t *x, int64_t k, const int rows, const void *w,
-                        const int vecs, const int int8, const void *next, const float *scale,
-                        const uint16_t *bias, uint16_t *y, int64_t n, int64_t cols_left) {
+/* rows x vecs outputs of one tile, `rows` and `vecs` constants where it is called. `next`,
+ * where given, is the weight of the next tile of columns, fetched into L2 during this one. */
+ALWAYS_INLINE void tile(const uint16_t *x, int64_t k, const int rows, const uint16_t *w,
+                        const int vecs, const uint16_t *next, const uint16_t *bias, uint16_t *y,
+                        int64_t n, int64_t cols_left) {
     const int64_t pairs = k / 2, block = pairs * COLS * 2;
     const uint32_t *xp = (const uint32_t *)x; /* a pair of bf16 inputs as one 32-bit lane */
     __m512 acc[ROWS][VECS];
@@ -82,10 +55,11 @@ ALWAYS_INLINE void tile(const uint16_t *x, int64_t k, const int rows, const void
     for (int64_t p = 0; p < pairs; p++) {
         __m512bh b[VECS];
 #pragma GCC unroll 3
-        for (int j = 0; j < vecs; j++) b[j] = weights(w, j * block + p * COLS * 2, int8);
-        if (next != NULL && (!int8 || p % 2 == 0)) /* a 64-byte line: 1 pair, or 2 of int8 */
+        for (int j = 0; j < vecs; j++)
+            b[j] = (__m512bh)_mm512_loadu_si512(w + j * block + p * COLS * 2);
+        if (next != NULL) /* a pair of 16 columns is one 64-byte line */
             for (int j = 0; j < vecs; j++)
-                _mm_prefetch(values(next, j * block + p * COLS * 2, int8), _MM_HINT_T1);
+                _mm_prefetch((const char *)(next + j * block + p * COLS * 2), _MM_HINT_T1);
 #pragma GCC unroll 8
         for (int i = 0; i < rows; i++) {
             const __m512bh a = (__m512bh)_mm512_set1_epi32((int)xp[i * pairs + p]);
@@ -101,20 +75,18 @@ ALWAYS_INLINE void tile(const uint16_t *x, int64_t k, const int rows, const void
         if (bias != NULL) /* bf16 -> fp32 is a 16-bit shift */
             b = _mm512_castsi512_ps(_mm512_slli_epi32(
                 _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, bias + j * COLS)), 16));
-        const __m512 cs = int8 ? _mm512_maskz_loadu_ps(mask, scale + j * COLS) : b;
         for (int i = 0; i < rows; i++) {
-            const __m512 sum = int8 ? _mm512_fmadd_ps(acc[i][j], cs, b) : _mm512_add_ps(acc[i][j], b);
-            const __m256bh out = _mm512_cvtneps_pbh(sum);
+            const __m256bh out = _mm512_cvtneps_pbh(_mm512_add_ps(acc[i][j], b));
             _mm256_mask_storeu_epi16(y + i * n + j * COLS, mask, (__m256i)out);
         }
     }
 }
 
-#define TILE(R, V) tile(x, k, R, w, V, int8, next, scale, bias, y, n, cols_left)
+#define TILE(R, V) tile(x, k, R, w, V, next, bias, y, n, cols_left)
 /* Full-width tiles get a constant row count so that their sums stay in registers. */
-ALWAYS_INLINE void any_tile(const uint16_t *x, int64_t k, int rows, const void *w, int vecs,
-                            const int int8, const void *next, const float *scale,
-                            const uint16_t *bias, uint16_t *y, int64_t n, int64_t cols_left) {
+ALWAYS_INLINE void any_tile(const uint16_t *x, int64_t k, int rows, const uint16_t *w, int vecs,
+                            const uint16_t *next, const uint16_t *bias, uint16_t *y, int64_t n,
+                            int64_t cols_left) {
     if (vecs < VECS) {
         TILE(rows, vecs);
         return;
@@ -132,37 +104,25 @@ ALWAYS_INLINE void any_tile(const uint16_t *x, int64_t k, int rows, const void *
 }
 #undef TILE
 
-ALWAYS_INLINE int linear(const uint16_t *x, int64_t m, int64_t k, const void *packed,
-                         const int int8, const float *scale, int64_t n, const uint16_t *bias,
-                         uint16_t *y) {
+int linear_bf16(const uint16_t *x, int64_t m, int64_t k, const uint16_t *packed, int64_t n,
+                const uint16_t *bias, uint16_t *y) {
     if (k % 2) return -1;
     const int64_t blocks = (n + COLS - 1) / COLS, strips = (blocks + VECS - 1) / VECS;
-    const int64_t strip_size = VECS * (k / 2) * COLS * 2; /* a strip: 48 columns of the weight */
+    const int64_t strip_size = VECS * k * COLS; /* a strip: 48 columns of the weight */
 #pragma omp parallel for schedule(static)
     for (int64_t s = 0; s < strips; s++) {
         const int vecs = (int)(blocks - s * VECS < VECS ? blocks - s * VECS : VECS);
         const int64_t col = s * VECS * COLS;
-        const char *w = values(packed, s * strip_size, int8);
+        const uint16_t *w = packed + s * strip_size;
         for (int64_t r = 0; r < m; r += ROWS) {
             /* with more than one tile of rows the multiply outlasts the fetch from DRAM: the
              * first tile brings the next strip in meanwhile (alone, it would only compete) */
-            const char *next = r == 0 && s + 2 < strips ? values(w, strip_size, int8) : NULL;
-            any_tile(x + r * k, k, (int)(m - r < ROWS ? m - r : ROWS), w, vecs, int8, next,
-                     int8 ? scale + col : NULL, bias == NULL ? NULL : bias + col,
-                     y + r * n + col, n, n - col);
+            const uint16_t *next = r == 0 && s + 2 < strips ? w + strip_size : NULL;
+            any_tile(x + r * k, k, (int)(m - r < ROWS ? m - r : ROWS), w, vecs, next,
+                     bias == NULL ? NULL : bias + col, y + r * n + col, n, n - col);
         }
     }
     return 0;
-}
-
-int linear_bf16(const uint16_t *x, int64_t m, int64_t k, const uint16_t *packed, int64_t n,
-                const uint16_t *bias, uint16_t *y) {
-    return linear(x, m, k, packed, 0, NULL, n, bias, y);
-}
-
-int linear_i8(const uint16_t *x, int64_t m, int64_t k, const int8_t *packed, const float *scale,
-              int64_t n, const uint16_t *bias, uint16_t *y) {
-    return linear(x, m, k, packed, 1, scale, n, bias, y);
 }
 
 #else /* torch serves: without AVX-512 BF16, oneDNN is as good as anything here */
@@ -174,17 +134,6 @@ int linear_bf16_pack(const uint16_t *w, int64_t n, int64_t k, uint16_t *packed) 
 int linear_bf16(const uint16_t *x, int64_t m, int64_t k, const uint16_t *packed, int64_t n,
                 const uint16_t *bias, uint16_t *y) {
     (void)x, (void)m, (void)k, (void)packed, (void)n, (void)bias, (void)y;
-    return -1;
-}
-
-int linear_i8_pack(const int8_t *w, int64_t n, int64_t k, int8_t *packed) {
-    (void)w, (void)n, (void)k, (void)packed;
-    return -1;
-}
-
-int linear_i8(const uint16_t *x, int64_t m, int64_t k, const int8_t *packed, const float *scale,
-              int64_t n, const uint16_t *bias, uint16_t *y) {
-    (void)x, (void)m, (void)k, (void)packed, (void)scale, (void)n, (void)bias, (void)y;
     return -1;
 }
 #endif

@@ -72,6 +72,13 @@ class TierMetrics(Collector):
                 metric.add_metric([loop.id], value_of(loop))
             return metric
 
+        def per_tier(kind, name, doc, value_of):  # one sample per tier of each chain
+            metric = kind(name, doc, labels=["service", "tier"])
+            for loop in list(self.loops):
+                for level in loop.sched.kv.tier.levels if loop.sched.kv.tier else []:
+                    metric.add_metric([loop.id, level.name], value_of(level))
+            return metric
+
         yield family(
             CounterMetricFamily, "baton_kv_tier_hit_tokens", "prompt tokens whose KV the tier gave",
             lambda loop: loop.sched.num_tier_hit_tokens,
@@ -80,15 +87,14 @@ class TierMetrics(Collector):
             GaugeMetricFamily, "baton_kv_retained_blocks", "cached blocks kept for live sessions",
             lambda loop: loop.sched.kv.pool.num_retained,
         )  # fmt: skip
-        yield family(
+        yield per_tier(
             GaugeMetricFamily, "baton_kv_tier_bytes", "bytes the KV tier holds",
-            lambda loop: loop.sched.kv.tier.size_bytes if loop.sched.kv.tier else 0,
+            lambda level: level.size_bytes,
         )  # fmt: skip
         for field, (name, doc) in self.COUNTERS.items():
-            yield family(
-                CounterMetricFamily, name, doc,
-                lambda loop, f=field: getattr(loop.sched.kv.tier.stats, f) if loop.sched.kv.tier else 0,
-            )  # fmt: skip
+            yield per_tier(
+                CounterMetricFamily, name, doc, lambda level, f=field: getattr(level.stats, f)
+            )
 
 
 TIER_METRICS = TierMetrics()

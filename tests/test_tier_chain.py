@@ -5,12 +5,14 @@ gains and loses as one tier."""
 
 import queue
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from baton.cache.ram_tier import RamTier
 from baton.cache.tier import DiskTier
+from baton.service_io import TierMetrics
 
 SEED = 7
 BLOCK_NBYTES = 64
@@ -21,6 +23,11 @@ def pool(num_blocks: int = 16) -> np.ndarray:
     print("seed", SEED)
     rng = np.random.default_rng(SEED)
     return rng.integers(0, 256, (num_blocks, BLOCK_NBYTES), dtype=np.uint8)
+
+
+class Loop:  # what TierMetrics reads of a service's loop (held by a weak reference)
+    id: str
+    sched: SimpleNamespace
 
 
 def h(i: int) -> bytes:
@@ -71,6 +78,26 @@ def test_what_ram_lets_go_spills_to_the_disk_and_a_prefix_comes_back_from_both(t
     assert landed(chain) == [("req", 5)]
     assert (blocks[8:13] == original[:5]).all()
     assert chain.stats.loaded_blocks == 5 and chain.stats.read_bytes == 5 * BLOCK_NBYTES
+    # and each tier's own, as the service's metrics show them (label tier="ram"/"disk")
+    ram, below = chain.levels
+    assert (ram.name, ram.stats.loaded_blocks, ram.size_bytes) == ("ram", 2, 2 * BLOCK_NBYTES)
+    assert (below.name, below.stats.loaded_blocks) == ("disk", 3)
+    assert below.size_bytes == disk.size_bytes and chain.size_bytes == sum(
+        level.size_bytes for level in chain.levels
+    )
+    metrics = TierMetrics()  # a service's collector, over a loop holding this chain
+    loop = Loop()
+    loop.id, loop.sched = "decode-0", SimpleNamespace(num_tier_hit_tokens=0, kv=SimpleNamespace(
+        tier=chain, pool=SimpleNamespace(num_retained=0)))  # fmt: skip
+    metrics.loops.add(loop)
+    samples = {
+        (m.name, s.labels["tier"]): s.value
+        for m in metrics.collect()
+        for s in m.samples
+        if "tier" in s.labels
+    }
+    assert samples[("baton_kv_tier_read_bytes", "ram")] == 2 * BLOCK_NBYTES
+    assert samples[("baton_kv_tier_read_bytes", "disk")] == 3 * BLOCK_NBYTES
     # a block the disk lost: the prefix ends there, whatever RAM holds after it
     (tmp_path / FINGERPRINT.hex() / f"{h(1).hex()}.kv").unlink()
     chain.load("gone", [(8 + i, h(i)) for i in range(5)])

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from baton.cache.tier import Tier, TierStats
+from baton.cache.tier import Level, Tier, TierStats
 
 
 class RamTier:
@@ -64,8 +64,12 @@ class RamTier:
 
     @property
     def size_bytes(self) -> int:
-        below = self.below.size_bytes if self.below is not None else 0
-        return len(self._store) * self.blocks.shape[1] + below
+        return sum(level.size_bytes for level in self.levels)
+
+    @property
+    def levels(self) -> list[Level]:
+        own = Level("ram", self._own, len(self._store) * self.blocks.shape[1])
+        return [own, *(self.below.levels if self.below is not None else [])]
 
     def indexed(self, block_hash: bytes) -> bool:
         return block_hash in self._store or bool(self.below and self.below.indexed(block_hash))

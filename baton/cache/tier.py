@@ -37,7 +37,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -65,6 +65,14 @@ class TierStats:
         )
 
 
+class Level(NamedTuple):
+    """One tier of a chain, for the metrics: its name, its own counts and bytes."""
+
+    name: str  # "ram", "disk"
+    stats: TierStats
+    size_bytes: int
+
+
 class Tier(Protocol):
     """What the pool's manager, the scheduler and the service's metrics use of a tier (or a
     chain of them). `on_stored` hears each hash the tier gains; `dropped`, once set, queues
@@ -80,6 +88,8 @@ class Tier(Protocol):
     def num_blocks(self) -> int: ...
     @property
     def size_bytes(self) -> int: ...
+    @property
+    def levels(self) -> "list[Level]": ...  # each tier of the chain on its own, top first
     def indexed(self, block_hash: bytes) -> bool: ...  # held, as far as it knows
     def holds(self, block_hash: bytes) -> bool: ...  # held, looking further if it must
     def hashes(self) -> list[bytes]: ...
@@ -139,6 +149,10 @@ class DiskTier:
     @property
     def size_bytes(self) -> int:
         return len(self._index) * self.file_nbytes
+
+    @property
+    def levels(self) -> list[Level]:
+        return [Level("disk", self.stats, self.size_bytes)]
 
     def _path(self, block_hash: bytes) -> Path:
         return self.dir / f"{block_hash.hex()}.kv"

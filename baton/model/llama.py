@@ -114,6 +114,14 @@ class Linear(nn.Linear):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
+def _linear_of(weight: torch.Tensor) -> Linear:
+    """A bias-free Linear over `weight` [out, in] (a view, not a copy)."""
+    with torch.device("meta"):
+        m = Linear(weight.shape[1], weight.shape[0], bias=False)
+    m.weight = nn.Parameter(weight, requires_grad=False)
+    return m
+
+
 class FusedLinear(Linear):
     """Several projections of the same input as one matmul; `sizes` are their output widths."""
 
@@ -227,8 +235,29 @@ class Experts(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         n, width, hidden = args.num_experts, args.moe_intermediate_size, args.hidden_size
+        self.num_experts = n
         self.gate_up_proj = nn.Parameter(torch.empty(n, 2 * width, hidden))
         self.down_proj = nn.Parameter(torch.empty(n, hidden, width))
+        self.int8: nn.ModuleList | None = None  # (gate_up, down) per expert, once quantized
+
+    def quantize(self) -> None:
+        """int8 weights (`--quantization int8`): each expert's two projections become Linear
+        modules quantized as every other projection is (Linear.quantize); the 3D weights go."""
+        pairs = []
+        for gate_up, down in zip(self.gate_up_proj, self.down_proj, strict=True):
+            pair = nn.ModuleList(_linear_of(w) for w in (gate_up, down))
+            for m in pair:
+                m.quantize()
+            pairs.append(pair)
+        self.int8 = nn.ModuleList(pairs)
+        self.register_parameter("gate_up_proj", None)
+        self.register_parameter("down_proj", None)
+
+    def project(self, expert: int, which: int, x: torch.Tensor) -> torch.Tensor:
+        """x through an expert's gate_up (which 0) or down (1) projection."""
+        if self.int8 is not None:
+            return self.int8[expert][which](x)
+        return F.linear(x, (self.gate_up_proj, self.down_proj)[which][expert])
 
     def forward(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, hidden]; chosen and weights [T, k]. The T x k rows are sorted by expert, and
@@ -236,7 +265,7 @@ class Experts(nn.Module):
         tokens. Each token's outputs are summed in expert order, as transformers sums them."""
         k = chosen.shape[1]
         order = torch.argsort(chosen.flatten(), stable=True)
-        counts = torch.bincount(chosen.flatten(), minlength=self.gate_up_proj.shape[0]).tolist()
+        counts = torch.bincount(chosen.flatten(), minlength=self.num_experts).tolist()
         tokens, row_weights = order // k, weights.flatten()[order].unsqueeze(1)
         out = torch.zeros_like(x)
         start = 0
@@ -244,8 +273,8 @@ class Experts(nn.Module):
             if n == 0:
                 continue
             rows = slice(start, start + n)
-            gate, up = F.linear(x[tokens[rows]], self.gate_up_proj[expert]).chunk(2, dim=-1)
-            y = F.linear(F.silu(gate) * up, self.down_proj[expert]) * row_weights[rows]
+            gate, up = self.project(expert, 0, x[tokens[rows]]).chunk(2, dim=-1)
+            y = self.project(expert, 1, F.silu(gate) * up) * row_weights[rows]
             out.index_add_(0, tokens[rows], y.to(out.dtype))
             start += n
         return out
@@ -325,14 +354,19 @@ class CausalLM(nn.Module):
         """Quantize every projection (args.quantization), or prepack every bf16 one for a
         faster matmul on a CPU (see Linear)."""
         w = self.lm_head.weight
-        linears = [m for m in self.modules() if isinstance(m, Linear)]
+        # a router stays in dtype: its few columns cost nothing to read, and 8 bits there
+        # could change which experts a token goes to
+        routers = {id(m.gate) for m in self.modules() if isinstance(m, SparseMoE)}
+        linears = [m for m in self.modules() if isinstance(m, Linear) and id(m) not in routers]
         if self.args.quantization == "int8":
-            for m in linears:
+            for m in [*linears, *(m for m in self.modules() if isinstance(m, Experts))]:
                 m.quantize()
-            if not all(m.native for m in linears):
+            if not all(
+                m.native for m in self.modules() if isinstance(m, Linear) and m.scale is not None
+            ):
                 log.warning(
-                    "int8 weights run on torch here (the C kernel needs AVX-512 VNNI and BF16, and bf16): "
-                    "slower than unquantized weights"
+                    "int8 weights run on torch here (the C kernel needs AVX-512 VNNI and BF16, "
+                    "and bf16): slower than unquantized weights"
                 )
         elif w.dtype == torch.bfloat16 and w.device.type == "cpu":
             for m in linears:

@@ -139,8 +139,6 @@ def load_model(model_dir: Path, dtype: torch.dtype, quantization: str | None = N
     the backend."""
     kernels.bind_default()
     args = replace(model_args(load_hf_config(model_dir)), quantization=quantization)
-    if quantization and args.num_experts:  # 3D weights, not Linear modules
-        raise ValueError("--quantization int8 does not cover MoE experts yet")
     with torch.device("meta"):
         model = CausalLM(args).to(dtype)
     model.to_empty(device="cpu")

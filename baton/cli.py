@@ -68,6 +68,7 @@ UP_FLAGS = {
     "--prefill-cpus": ("prefill.cpus", str),
     "--decode-cpus": ("decode.cpus", str),
     "--transport": ("transport", str),
+    "--kv-peer-timeout-s": ("kv_peer_timeout_s", float),
     "--stream-kv": ("stream_kv", on_off),
     "--max-services": ("autoscale.max_services", int),
 }
@@ -124,6 +125,7 @@ def cmd_decode(args) -> None:
         probe,
         tpot_s,
         plane_keys(config),
+        config.kv_peer_timeout_s,
     )
 
 

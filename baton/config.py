@@ -286,6 +286,14 @@ class BatonConfig(Section):
             "rest computes (false: one hand-off after the whole prompt)"
         ),
     ] = True
+    kv_peer_timeout_s: Annotated[
+        float,
+        Meta(gt=0),
+        doc(
+            "a decode forgets a prefill silent this long: hand-offs from it fail, and its "
+            "shared-memory segment is unlinked"
+        ),
+    ] = 30.0
     key_dir: Annotated[
         str | None,
         doc(

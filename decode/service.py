@@ -188,10 +188,11 @@ def main(
     probe: Probe | None,
     tpot_s: float | None = None,
     keys: Keys | None = None,
+    peer_timeout_s: float = 30.0,
 ) -> None:
     service = DecodeService(
-        Engine.build(config), service_id, gateway_addr, kv_addr, transport, tpot_s=tpot_s,
-        keys=keys,
+        Engine.build(config), service_id, gateway_addr, kv_addr, transport,
+        peer_timeout_s=peer_timeout_s, tpot_s=tpot_s, keys=keys,
     )  # fmt: skip
     if probe:
         probe.status = service.status

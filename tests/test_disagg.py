@@ -200,6 +200,9 @@ def test_decode_killed_with_no_other_decode_fails_its_requests_fast(tmp_path, ti
         stack.stop()
 
 
+PEER_TIMEOUT_S = 6  # the decode forgets a prefill silent this long (and unlinks its segment)
+
+
 @pytest.mark.parametrize("transport", ["zmq-tcp", "shm", "nixl"])
 def test_prefill_killed_while_holding_blocks_its_requests_resume(
     tmp_path, tiny_text_model, transport
@@ -208,7 +211,10 @@ def test_prefill_killed_while_holding_blocks_its_requests_resume(
     # wait at the prefill, which holds their KV blocks for the decode; the long decode of the
     # first leaves time to see the second's first token before the kill
     engine = ("--max-num-batched-tokens", "512", "--num-blocks", "12", "--transport", transport)
-    stack = Stack(tmp_path / "logs", tiny_text_model, *engine, "--busy-prefill-tokens", "0")
+    stack = Stack(
+        tmp_path / "logs", tiny_text_model, *engine, "--busy-prefill-tokens", "0",
+        "--kv-peer-timeout-s", str(PEER_TIMEOUT_S),
+    )  # fmt: skip
     try:
         rng = random.Random(1)
         prompts = [[rng.randrange(3, 49152) for _ in range(100)] for _ in range(3)]
@@ -242,7 +248,7 @@ def test_prefill_killed_while_holding_blocks_its_requests_resume(
         assert migrated >= (1 if transport == "shm" else 2)
         assert stack.wait_blocks_free() == {"decode-0": 0}
         # the decode unlinks the dead prefill's segment once it forgets the silent peer
-        deadline = time.monotonic() + 40  # the decode forgets a peer silent for 30 s
+        deadline = time.monotonic() + PEER_TIMEOUT_S + 10
         while segments_of(stack) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert segments_of(stack) == []

@@ -74,35 +74,39 @@ class PagedAttention(nn.Module):
         quantized = len(kv) == 4  # (K, V, K scales, V scales): 8-bit (baton.cache.kv_cache)
         write = kernels.write_kv_int8 if quantized else kernels.write_kv
         write(*kv, k, v, meta.slot_blocks, meta.slot_offsets)
-        out = torch.empty_like(q)
+        parts = []  # the prompts' rows, then the decodes': one of them alone is the output
         if meta.prefills:
             extend = (
                 kernels.extend_attention_varlen_int8
                 if quantized
                 else kernels.extend_attention_varlen
             )
-            out[: meta.decode_start] = extend(
-                q[: meta.decode_start],
-                *((kv,) if quantized else kv),
-                meta.prefill_block_tables,
-                meta.prefill_cu_seqlens,
-                meta.prefill_ctx_lens,
-                meta.prefill_max_num_new,
-                self.scale,
-                window=self.window,
-                softcap=self.softcap,
+            parts.append(
+                extend(
+                    q[: meta.decode_start],
+                    *((kv,) if quantized else kv),
+                    meta.prefill_block_tables,
+                    meta.prefill_cu_seqlens,
+                    meta.prefill_ctx_lens,
+                    meta.prefill_max_num_new,
+                    self.scale,
+                    window=self.window,
+                    softcap=self.softcap,
+                )
             )
         if meta.decode_block_tables is not None:
             decode = (
                 kernels.paged_decode_attention_int8 if quantized else kernels.paged_decode_attention
             )
-            out[meta.decode_start :] = decode(
-                q[meta.decode_start :],
-                *((kv,) if quantized else kv),
-                meta.decode_block_tables,
-                meta.decode_ctx_lens,
-                self.scale,
-                window=self.window,
-                softcap=self.softcap,
+            parts.append(
+                decode(
+                    q[meta.decode_start :],
+                    *((kv,) if quantized else kv),
+                    meta.decode_block_tables,
+                    meta.decode_ctx_lens,
+                    self.scale,
+                    window=self.window,
+                    softcap=self.softcap,
+                )
             )
-        return out
+        return parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from multiprocessing.connection import Connection
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -193,6 +194,22 @@ def test_zmq_reader_copies_the_runs_it_pulled_and_drops_cancelled_ones(dst):
     assert reader.poll() == [Landed("p", IN_PART_BYTES, 5)]
     assert_copied_in_part(dst, seed=2)
     ctx.destroy(linger=0)
+
+
+def rss_shmem_kib() -> int:
+    status = Path(f"/proc/{os.getpid()}/status").read_text().splitlines()
+    return int(next(line for line in status if line.startswith("RssShmem:")).split()[1])
+
+
+def test_an_shm_pool_is_resident_from_the_start():
+    # mapped whole as it is made (as a private pool is touched), so the service's RSS does
+    # not grow as prompts first reach each block, and no step takes those page faults
+    segment = shm.Segment(required=True)
+    before = rss_shmem_kib()
+    pool = segment.create(16 << 20)
+    assert rss_shmem_kib() - before >= 16 << 10
+    del pool
+    os.unlink(segment.region.path)
 
 
 def test_shm_blocks_stay_readable_after_the_owner_is_killed_and_sweep_unlinks_them(dst):

@@ -288,10 +288,10 @@ class BatonConfig(Section):
     ] = True
     kv_peer_timeout_s: Annotated[
         float,
-        Meta(gt=0),
+        Meta(ge=5),
         doc(
             "a decode forgets a prefill silent this long: hand-offs from it fail, and its "
-            "shared-memory segment is unlinked"
+            "shared-memory segment is unlinked (keep it above a prefill's longest step)"
         ),
     ] = 30.0
     key_dir: Annotated[

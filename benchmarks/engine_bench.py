@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM
 
 import baton
 from baton.model.files import resolve_model_dir
-from baton.model.llama import Linear
+from baton.model.linear import Linear
 from baton.request import Sequence
 
 NEW = 64

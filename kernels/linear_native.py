@@ -52,11 +52,12 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scaled to +-127 by its largest magnitude, rounded to nearest even. Returns (q [m, blocks,
     BLOCK] as fp32 integers, scale [m, blocks] fp32), as csrc/linear_i8.c computes them."""
     k = x.shape[-1]
-    blocks = F.pad(x.float(), (0, _padded(k) - k)).reshape(len(x), -1, BLOCK)
+    blocks = F.pad(x.float(), (0, _padded(k) - k)).reshape(len(x), _padded(k) // BLOCK, BLOCK)
     amax = blocks.abs().amax(dim=-1)
-    # a division, as the kernel does (`127 / amax` would be torch's reciprocal times 127)
-    inv = torch.where(amax > 0, torch.full_like(amax, 127).div(amax), 0)
-    return torch.round(blocks * inv[..., None]), amax / 127
+    # a division, as the kernel does (`127 / amax` would be torch's reciprocal times 127),
+    # capped where a tiny amax would give inf (and 0 x inf, NaN)
+    inv = torch.full_like(amax, 127).div(amax).clamp(max=torch.finfo(torch.float32).max)
+    return torch.round(blocks * torch.where(amax > 0, inv, 0)[..., None]), amax / 127
 
 
 def reference_int8(

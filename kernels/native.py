@@ -31,6 +31,9 @@ CSRC = Path(__file__).parent / "csrc"
 # -ffast-math only to compile (it vectorizes the reductions and expf): linked with it, the
 # library would set flush-to-zero for the whole process as it loads (crtfastmath.o)
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC"]
+# sources whose float arithmetic must round as their torch reference's: linear_i8.c quantizes
+# activations by true divisions (-ffast-math turns amax / 127 into amax times a rounded 1 / 127)
+EXACT = {"linear_i8": ["-fno-fast-math"]}
 OPENMP = ["-fopenmp"]  # where the compiler has no OpenMP (Apple's clang), the kernels run serial
 
 
@@ -47,7 +50,8 @@ def _compile(cc: str, openmp: list[str], tmp: Path) -> Path:
     objects = []
     for source in sorted(CSRC.glob("*.c")):
         objects.append(str(tmp / f"{source.stem}.o"))
-        run([cc, *FLAGS, *openmp, "-c", "-o", objects[-1], str(source)])
+        flags = [*FLAGS, *EXACT.get(source.stem, [])]
+        run([cc, *flags, *openmp, "-c", "-o", objects[-1], str(source)])
     lib = tmp / "kernels.so"
     run([cc, "-shared", *openmp, "-o", str(lib), *objects, "-lm"])
     return lib
@@ -70,7 +74,9 @@ def load() -> ctypes.CDLL | None:
         log.warning("no C compiler found: the kernels run on the torch path")
         return None
     sources = b"".join(p.name.encode() + p.read_bytes() for p in sorted(CSRC.iterdir()))
-    key = hashlib.blake2b(sources + repr(FLAGS).encode() + cpu_flags().encode()).hexdigest()
+    key = hashlib.blake2b(
+        sources + repr((FLAGS, EXACT)).encode() + cpu_flags().encode()
+    ).hexdigest()
     try:
         path = private_dir(cache_root() / "kernels") / f"kernels-{key[:16]}.so"
         if not path.exists():

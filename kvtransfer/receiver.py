@@ -40,7 +40,8 @@ Send = Callable[[bytes, object], None]
 # the reader for a prefill's Hello (kvtransfer.handshake.choose), given how to send to it;
 # with why each transport tried before it was skipped; raises Refused
 ChooseReader = Callable[[P.Hello, Callable[[object], None]], tuple[Reader, list[str]]]
-MAX_ENDED = 4096  # hand-offs ended here, remembered for offers still on their way
+MAX_ENDED = 4096  # hand-offs ended here, remembered for offers still on their way...
+ENDED_S = 30.0  # ...for this long at least
 
 
 @dataclass
@@ -335,7 +336,8 @@ class KVReceiver:
             if silent or stuck:
                 why = "stopped answering" if silent else "did not send the KV in time"
                 self._end(req_id, f"prefill {peer.prefill_id} {why}", HandoffEnd.EXPIRED)
-        while self.ended and now - next(iter(self.ended.values())) > self.peer_timeout_s:
+        keep_s = max(self.peer_timeout_s, ENDED_S)
+        while self.ended and now - next(iter(self.ended.values())) > keep_s:
             self.ended.popitem(last=False)
 
     def keepalive(self) -> None:

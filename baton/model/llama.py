@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from baton import kernels
-from baton.kernels import linear_native
 from baton.model.attention import AttentionMetadata, PagedAttention
+from baton.model.linear import FusedLinear, Linear
+from baton.model.moe import Experts, SparseMoE
 
 log = logging.getLogger(__name__)
 
@@ -62,72 +63,6 @@ class ModelArgs:
     # "int8": every projection's weight int8 with a scale per output row (Linear.quantize);
     # part of the KV layout's fingerprint, so a quantized service and another never share KV
     quantization: str | None = None
-
-
-def _onednn_bf16() -> bool:
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-class Linear(nn.Linear):
-    """nn.Linear whose weight `prepack` can pack once for a faster bf16 matmul on a CPU: the C
-    kernel (kernels/linear_native.py) where this CPU has AVX-512 BF16 without AMX, else oneDNN's
-    own layout where it has bf16 support (bit-identical to torch's). Either is 1.2-4x faster
-    than `F.linear` at decode batch sizes (RESULTS.md). fp32 is left to torch: another summing
-    order would break the tests' exact comparison of fp32 tokens with transformers."""
-
-    packed: torch.Tensor | None = None
-    native: bool = False  # packed for kernels/linear_native.py, not for oneDNN
-    scale: torch.Tensor | None = None  # int8 weight (quantize): each output row's scale
-    qweight: torch.Tensor | None = None  # int8 weight, where the C kernel does not serve
-
-    def quantize(self) -> None:
-        """int8 weights (`--quantization int8`): the weight as int8 rows and their scales
-        (kernels/linear_native.quantize_int8), packed for the C kernel where it serves (bf16
-        activations on AVX-512 VNNI and BF16, quantized in blocks of 32 per call), else kept
-        for the torch reference, which computes the same. The float weight is
-        dropped; a tied lm_head's stays with the embedding, which reads it."""
-        q, self.scale = linear_native.quantize_int8(self.weight)
-        if kernels.BACKEND == "native" and self.weight.dtype == torch.bfloat16:
-            self.packed = linear_native.pack_int8(q)
-            self.native = self.packed is not None
-        self.qweight = None if self.native else q
-        self.register_parameter("weight", None)
-        # in the state dict, so the KV tier's fingerprint (Engine) samples the int8 weights
-        self.register_buffer("int8_weight", self.packed if self.native else q)
-        self.register_buffer("int8_scale", self.scale)
-
-    def prepack(self) -> None:
-        if kernels.BACKEND == "native":
-            self.packed = linear_native.pack(self.weight)
-            self.native = self.packed is not None
-        if self.packed is None and _onednn_bf16():
-            # 32 rows is the batch oneDNN tunes the layout for; any row count runs
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, 32)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.native:
-            return linear_native.linear(x, self.packed, self.bias, self.out_features, self.scale)
-        if self.qweight is not None:
-            return linear_native.reference_int8(x, self.qweight, self.scale, self.bias)
-        if self.packed is None:
-            return super().forward(x)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-
-
-def _linear_of(weight: torch.Tensor) -> Linear:
-    """A bias-free Linear over `weight` [out, in] (a view, not a copy)."""
-    with torch.device("meta"):
-        m = Linear(weight.shape[1], weight.shape[0], bias=False)
-    m.weight = nn.Parameter(weight, requires_grad=False)
-    return m
-
-
-class FusedLinear(Linear):
-    """Several projections of the same input as one matmul; `sizes` are their output widths."""
-
-    def __init__(self, in_features: int, sizes: list[int], bias: bool):
-        super().__init__(in_features, sum(sizes), bias=bias)
-        self.sizes = sizes
 
 
 class RMSNorm(nn.Module):
@@ -229,75 +164,6 @@ class MLP(nn.Module):
         return self.down_proj(self.act(gate) * up)
 
 
-class Experts(nn.Module):
-    """Every expert's MLP as one 3D weight each (transformers' layout: gate and up stacked)."""
-
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        n, width, hidden = args.num_experts, args.moe_intermediate_size, args.hidden_size
-        self.num_experts = n
-        self.gate_up_proj = nn.Parameter(torch.empty(n, 2 * width, hidden))
-        self.down_proj = nn.Parameter(torch.empty(n, hidden, width))
-        self.int8: nn.ModuleList | None = None  # (gate_up, down) per expert, once quantized
-
-    def quantize(self) -> None:
-        """int8 weights (`--quantization int8`): each expert's two projections become Linear
-        modules quantized as every other projection is (Linear.quantize); the 3D weights go."""
-        pairs = []
-        for gate_up, down in zip(self.gate_up_proj, self.down_proj, strict=True):
-            pair = nn.ModuleList(_linear_of(w) for w in (gate_up, down))
-            for m in pair:
-                m.quantize()
-            pairs.append(pair)
-        self.int8 = nn.ModuleList(pairs)
-        self.register_parameter("gate_up_proj", None)
-        self.register_parameter("down_proj", None)
-
-    def project(self, expert: int, which: int, x: torch.Tensor) -> torch.Tensor:
-        """x through an expert's gate_up (which 0) or down (1) projection."""
-        if self.int8 is not None:
-            return self.int8[expert][which](x)
-        return F.linear(x, (self.gate_up_proj, self.down_proj)[which][expert])
-
-    def forward(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x [T, hidden]; chosen and weights [T, k]. The T x k rows are sorted by expert, and
-        each expert that any token chose runs once over its rows: a loop over experts, not
-        tokens. Each token's outputs are summed in expert order, as transformers sums them."""
-        k = chosen.shape[1]
-        order = torch.argsort(chosen.flatten(), stable=True)
-        counts = torch.bincount(chosen.flatten(), minlength=self.num_experts).tolist()
-        tokens, row_weights = order // k, weights.flatten()[order].unsqueeze(1)
-        out = torch.zeros_like(x)
-        start = 0
-        for expert, n in enumerate(counts):
-            if n == 0:
-                continue
-            rows = slice(start, start + n)
-            gate, up = self.project(expert, 0, x[tokens[rows]]).chunk(2, dim=-1)
-            y = self.project(expert, 1, F.silu(gate) * up) * row_weights[rows]
-            out.index_add_(0, tokens[rows], y.to(out.dtype))
-            start += n
-        return out
-
-
-class SparseMoE(nn.Module):
-    """A router picks each token's top-k experts from a softmax over all of them (in fp32);
-    their weights renormalized to sum to 1 where the family does."""
-
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.gate = Linear(args.hidden_size, args.num_experts, bias=False)
-        self.experts = Experts(args)
-        self.k, self.norm_topk = args.experts_per_token, args.norm_topk
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float32)
-        weights, chosen = torch.topk(probs, self.k, dim=-1)
-        if self.norm_topk:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        return self.experts(x, chosen, weights.to(x.dtype))
-
-
 class DecoderLayer(nn.Module):
     def __init__(self, args: ModelArgs, rotary: Rotary, index: int):
         super().__init__()
@@ -354,12 +220,13 @@ class CausalLM(nn.Module):
         """Quantize every projection (args.quantization), or prepack every bf16 one for a
         faster matmul on a CPU (see Linear)."""
         w = self.lm_head.weight
-        # a router stays in dtype: its few columns cost nothing to read, and 8 bits there
-        # could change which experts a token goes to
-        routers = {id(m.gate) for m in self.modules() if isinstance(m, SparseMoE)}
-        linears = [m for m in self.modules() if isinstance(m, Linear) and id(m) not in routers]
+        linears = [m for m in self.modules() if isinstance(m, Linear)]
         if self.args.quantization == "int8":
-            for m in [*linears, *(m for m in self.modules() if isinstance(m, Experts))]:
+            # a router stays in dtype: its few columns cost nothing to read, and 8 bits there
+            # could change which experts a token goes to
+            routers = {id(m.gate) for m in self.modules() if isinstance(m, SparseMoE)}
+            experts = [m for m in self.modules() if isinstance(m, Experts)]
+            for m in [*(m for m in linears if id(m) not in routers), *experts]:
                 m.quantize()
             if not all(
                 m.native for m in self.modules() if isinstance(m, Linear) and m.scale is not None

@@ -18,7 +18,8 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
 from baton import kernels
-from baton.model.llama import CausalLM, FusedLinear
+from baton.model.linear import FusedLinear
+from baton.model.llama import CausalLM
 from baton.model.registry import UnsupportedModel, model_args
 
 log = logging.getLogger(__name__)

@@ -6,10 +6,12 @@
  *
  * The weight is packed once, [n / 16][k / 2][16][2]: for each 16 output columns, each pair of
  * inputs k, k + 1 of those columns as one vector of 32 values, the operand VDPBF16PS multiplies
- * with a broadcast pair of x. A tile of up to 8 rows x 48 columns keeps 24 fp32 sums in registers over the whole of k, so each output is
- * summed in one fixed order, whatever the number of rows and whichever tile holds its row: a
- * row's output does not depend on the batch it came in. Products are exact in fp32 (VDPBF16PS
- * treats bf16 subnormals as zero); the sum plus the bias is rounded to bf16 once, on store. Columns are shared out over OpenMP threads, 48 at a time. */
+ * with a broadcast pair of x. A tile of up to 8 rows x 48 columns keeps 24 fp32 sums in
+ * registers over the whole of k, so each output is summed in one fixed order, whatever the
+ * number of rows and whichever tile holds its row: a row's output does not depend on the batch
+ * it came in. Products are exact in fp32 (VDPBF16PS treats bf16 subnormals as zero); the sum
+ * plus the bias is rounded to bf16 once, on store. Columns are shared out over OpenMP threads,
+ * 48 at a time. */
 #include <stddef.h>
 
 #include "common.h"

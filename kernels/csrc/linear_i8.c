@@ -16,6 +16,8 @@
  * a weight of 0 against an activation of 0): for each 16 output columns, each 4 inputs of those
  * columns as one 64-byte vector. A tile is up to 4 rows x 48 columns: 12 int32 block sums and
  * 12 fp32 sums in registers. Columns are shared out over OpenMP threads, 48 at a time. */
+#include <float.h>
+#include <math.h>
 #include <stdlib.h>
 
 #include "common.h"
@@ -56,7 +58,9 @@ static void quantize_row(const uint16_t *x, int64_t k, int8_t *xq, float *scale,
         const __m512 hi = _mm512_castsi512_ps(
             _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(h, 1)), 16));
         const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
-        const float inv = amax > 0 ? 127.0f / amax : 0.0f; /* the reference's division */
+        /* true divisions, as the reference's (this file builds without -ffast-math, which
+         * would multiply by a rounded 1 / 127); capped where a tiny amax would give inf */
+        const float inv = amax > 0 ? fminf(127.0f / amax, FLT_MAX) : 0.0f;
         const __m512i qlo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, _mm512_set1_ps(inv)));
         const __m512i qhi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, _mm512_set1_ps(inv)));
         _mm_storeu_si128((__m128i *)(xq + b * BLOCK), _mm512_cvtsepi32_epi8(qlo));

@@ -144,6 +144,7 @@ ALWAYS_INLINE void any_tile(const int8_t *xq, const float *xs, const int32_t *fi
 int linear_i8(const uint16_t *x, int64_t m, int64_t k, const uint8_t *packed, const float *scale,
               int64_t n, const uint16_t *bias, uint16_t *y) {
     const int64_t kpad = padded(k), nblocks = kpad / BLOCK;
+    if (m == 0) return 0; /* (malloc(0) may be NULL) */
     int8_t *xq = malloc((size_t)(m * kpad));
     float *xs = malloc(sizeof(float) * (size_t)(m * nblocks));
     int32_t *fix = malloc(sizeof(int32_t) * (size_t)(m * nblocks));

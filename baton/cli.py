@@ -57,6 +57,7 @@ GATEWAY_FLAGS = {
     "--tool-call-parser": ("gateway.tool_call_parser", str),
     "--reasoning-parser": ("gateway.reasoning_parser", str),
     "--write-timeout-s": ("gateway.write_timeout_s", float),
+    "--resume-wait-s": ("gateway.resume_wait_s", float),
     "--max-connections": ("gateway.max_connections", int),
 }
 UP_FLAGS = {

@@ -208,6 +208,11 @@ class GatewayConfig(Section):
     max_migrations: Annotated[
         int, Meta(ge=0), doc("times a stream resumes elsewhere after its service dies (0: off)")
     ] = 2
+    resume_wait_s: Annotated[
+        float,
+        Meta(gt=0),
+        doc("how long a stream to resume waits for a live service (its only decode restarting)"),
+    ] = 10.0
     local_prefill_tokens: Annotated[
         int, Meta(ge=0), doc("prompts up to this many new tokens prefill on the decode (0: never)")
     ] = 0

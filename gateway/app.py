@@ -39,7 +39,6 @@ from baton.gateway.openai_types import (
 )
 from baton.gateway.params import check_priority
 from baton.gateway.router import NoCapacity, Router
-from baton.gateway.serving import RESUME_WAIT_S as RESUME_WAIT_S  # tests/test_disagg.py's
 from baton.gateway.serving import Gateway
 from baton.gateway.sessions import CacheScope, LiveSessions, cache_salt, session_ttl
 from baton.gateway.tools import load_template
@@ -270,6 +269,7 @@ def create_app(model_dir: Path, config: BatonConfig, probe: Probe | None = None)
             config.engine.max_model_len,
             gw.max_migrations,
             gw.request_timeout_s,
+            gw.resume_wait_s,
             load_template(gw.chat_template),
             gw.tool_call_parser,
             gw.max_n,

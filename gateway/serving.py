@@ -46,7 +46,6 @@ from baton.text import IncrementalDetokenizer, StopStringMatcher, final_text
 log = logging.getLogger("baton.gateway")
 
 SHARED = CacheScope()  # no session, no salt: the prefix cache shared by all
-RESUME_WAIT_S = 10.0  # how long a stream to resume waits for a live decode
 # a token is rarely longer than this: text of more characters per context token cannot fit,
 # and is refused before it is tokenized (an 8 MB prompt took the tokenizer 7 s)
 MAX_CHARS_PER_TOKEN = 16
@@ -63,6 +62,7 @@ class Gateway:
         max_model_len: int | None,
         max_migrations: int,
         request_timeout_s: float,
+        resume_wait_s: float,
         chat_template: str | None = None,
         tool_parser: str | None = None,
         max_n: int = 1,
@@ -77,7 +77,7 @@ class Gateway:
         self.reasoning_parser = reasoning_parser
         self.backend = backend
         self.model_name = model_name
-        self.max_migrations = max_migrations
+        self.max_migrations, self.resume_wait_s = max_migrations, resume_wait_s
         self.request_timeout_s = request_timeout_s
         config = json.loads((model_dir / "config.json").read_text())
         self.max_model_len = max_model_len or config.get("max_position_embeddings", 1 << 30)
@@ -358,7 +358,7 @@ class Gateway:
         which prefill them and continue from the next token; the client sees one stream."""
         await self.backend.finish(old)  # frees whatever the surviving service still holds
         avoid = {old.prefill_id, old.decode_id}  # one of them failed it
-        deadline = time.monotonic() + RESUME_WAIT_S
+        deadline = time.monotonic() + self.resume_wait_s
         while True:
             try:
                 placement = self.backend.place(ids + streamed, avoid, params.cache_salt)

@@ -15,7 +15,6 @@ import pytest
 from reference import ENGINE, hf_greedy
 from stack import Stack, free_port
 
-from baton.gateway.app import RESUME_WAIT_S
 from baton.kvtransfer import shm
 
 NEW = 24
@@ -177,9 +176,14 @@ def streams(url: str, prompts, max_tokens: int, events_of: list[list[float]] | N
     return main
 
 
+RESUME_WAIT_S = 2  # how long a stream waits for a live decode to resume on
+
+
 def test_decode_killed_with_no_other_decode_fails_its_requests_fast(tmp_path, tiny_text_model):
     """Failover needs a live decode: with none left, every stream ends with a clear error."""
-    stack = Stack(tmp_path / "logs", tiny_text_model, *ENGINE)
+    stack = Stack(
+        tmp_path / "logs", tiny_text_model, *ENGINE, "--resume-wait-s", str(RESUME_WAIT_S)
+    )
     try:
         run = streams(stack.url, [[5, 6, 7, i] for i in range(4)], max_tokens=100_000 // 100)
 

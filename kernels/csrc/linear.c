@@ -17,11 +17,9 @@
 #include "common.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
-#include <immintrin.h>
+#include "linear.h"
 
-#define COLS 16 /* output columns in one vector */
-#define ROWS 8  /* rows of a tile: 8 x 3 sums, 3 weight vectors and a broadcast in 32 registers */
-#define VECS 3  /* column vectors in a tile */
+#define ROWS 8 /* rows of a tile: 8 x 3 sums, 3 weight vectors and a broadcast in 32 registers */
 
 int linear_bf16_pack(const uint16_t *w, int64_t n, int64_t k, uint16_t *packed) {
 #ifdef __AMX_BF16__
@@ -71,12 +69,8 @@ ALWAYS_INLINE void tile(const uint16_t *x, int64_t k, const int rows, const uint
         }
     }
     for (int j = 0; j < vecs; j++) {
-        const int64_t left = cols_left - j * COLS;
-        const __mmask16 mask = left >= COLS ? 0xFFFF : (__mmask16)((1u << left) - 1);
-        __m512 b = _mm512_setzero_ps();
-        if (bias != NULL) /* bf16 -> fp32 is a 16-bit shift */
-            b = _mm512_castsi512_ps(_mm512_slli_epi32(
-                _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, bias + j * COLS)), 16));
+        const __mmask16 mask = column_mask(cols_left - j * COLS);
+        const __m512 b = bias_f32(bias == NULL ? NULL : bias + j * COLS, mask);
         for (int i = 0; i < rows; i++) {
             const __m256bh out = _mm512_cvtneps_pbh(_mm512_add_ps(acc[i][j], b));
             _mm256_mask_storeu_epi16(y + i * n + j * COLS, mask, (__m256i)out);

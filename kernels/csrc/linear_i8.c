@@ -23,12 +23,10 @@
 #include "common.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512VNNI__)
-#include <immintrin.h>
+#include "linear.h"
 
-#define COLS 16  /* output columns in one vector */
 #define BLOCK 32 /* inputs sharing an activation scale */
 #define ROWS 4   /* rows of a tile: 4 x 3 int32 and fp32 sums, 3 weights, a broadcast */
-#define VECS 3
 
 static int64_t padded(int64_t k) { return (k + BLOCK - 1) / BLOCK * BLOCK; }
 
@@ -108,12 +106,8 @@ ALWAYS_INLINE void tile(const int8_t *xq, const float *xs, const int32_t *fix, i
         }
     }
     for (int j = 0; j < vecs; j++) {
-        const int64_t left = cols_left - j * COLS;
-        const __mmask16 mask = left >= COLS ? 0xFFFF : (__mmask16)((1u << left) - 1);
-        __m512 b = _mm512_setzero_ps();
-        if (bias != NULL) /* bf16 -> fp32 is a 16-bit shift */
-            b = _mm512_castsi512_ps(_mm512_slli_epi32(
-                _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, bias + j * COLS)), 16));
+        const __mmask16 mask = column_mask(cols_left - j * COLS);
+        const __m512 b = bias_f32(bias == NULL ? NULL : bias + j * COLS, mask);
         const __m512 cs = _mm512_maskz_loadu_ps(mask, scale + j * COLS);
         for (int i = 0; i < rows; i++) {
             const __m256bh out = _mm512_cvtneps_pbh(_mm512_fmadd_ps(acc[i][j], cs, b));

@@ -63,7 +63,7 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def reference_int8(
     x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """What `linear_int8` computes, summed in another order: x's blocks quantized
+    """What `linear` computes for an int8 weight, summed in another order: x's blocks quantized
     (quantize_activations), each block's integer dot product with q's (exact in fp32: 32
     products of at most 127 x 127), times the block's scale, summed over blocks; times the
     column's scale, plus the bias, rounded to x's dtype once. Also the model's path where the
@@ -80,8 +80,8 @@ def reference_int8(
 
 
 def pack_int8(q: torch.Tensor) -> torch.Tensor | None:
-    """An int8 weight [out, in] packed for `linear_int8`, or None where the kernel does not
-    serve (no C library, no AVX-512 VNNI and BF16)."""
+    """An int8 weight [out, in] packed for `linear` (with its scale), or None where the kernel
+    does not serve (no C library, no AVX-512 VNNI and BF16)."""
     return _pack(q, torch.int8, "linear_i8_pack")
 
 

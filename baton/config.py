@@ -47,9 +47,9 @@ class EngineConfig(Section):
     quantization: Annotated[
         Literal["int8"] | None,
         doc(
-            "int8: every projection's weight in 8 bits with a scale per output row, its input "
-            "quantized to 8 bits per 32 values as it runs (as llama.cpp's Q8_0); unset: the "
-            "weights in dtype"
+            "int8: every projection's weight in llama.cpp's Q8_0 (8 bits, an fp16 scale per 32 "
+            "inputs; a Q8_0 GGUF's own blocks), its input quantized to 8 bits per 32 values as "
+            "it runs; unset: the weights in dtype"
         ),
     ] = None
     block_size: Annotated[Positive, doc("tokens per KV block")] = 16

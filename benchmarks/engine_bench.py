@@ -43,7 +43,7 @@ def weight_bytes(m: Linear) -> int:
     """What a projection reads a step: its packed int8 weight, or its float one."""
     if m.scale is not None:
         q = m.packed if m.native else m.qweight
-        return q.numel() + m.scale.numel() * 4
+        return q.numel() + m.scale.numel() * m.scale.element_size()
     return m.weight.numel() * m.weight.element_size()
 
 

@@ -36,8 +36,9 @@ def main() -> None:
         )
     onednn = [torch.ops.mkldnn._reorder_linear_weight(w, 32) for w in weights]
     quantized = [linear_native.quantize_int8(w) for w in weights]
-    int8 = [(linear_native.pack_int8(q), scale) for q, scale in quantized]
-    int8_bound_ms = sum(q.numel() for q, _ in quantized) / bandwidth_gbs() / 1e6
+    int8 = [linear_native.pack_int8(q, scale) for q, scale in quantized]
+    int8_bytes = sum(p.numel() + s.numel() * s.element_size() for p, s in int8)
+    int8_bound_ms = int8_bytes / bandwidth_gbs() / 1e6
     flops_per_row = 2 * sum(w.numel() for w in weights)
     print(f"{args.threads} threads, int8 weight-read bound {int8_bound_ms:.2f} ms\n")
     print("| rows | oneDNN ms | C ms | speed-up | C GFLOP/s | C int8 ms | int8 / bf16 | of bound |")

@@ -1,7 +1,8 @@
 """The linear layer in C for a CPU with AVX-512 BF16, its weight in bf16 (kernels/csrc/linear.c;
-`F.linear` is the reference; on an AMX CPU oneDNN serves instead) or in int8 with a scale per
-output column (csrc/linear_i8.c, on AVX-512 VNNI; `quantize_int8` makes the pair), the
-activations then quantized to int8 in blocks of 32 as each call begins (`reference_int8`). The
+`F.linear` is the reference; on an AMX CPU oneDNN serves instead) or in int8 with an fp16 scale
+per block of 32 inputs of each output column, llama.cpp's Q8_0 (csrc/linear_i8.c, on AVX-512
+VNNI; `quantize_int8` makes the pair), the activations then quantized to int8 in the same
+blocks as each call begins (`reference_int8`). The
 weight is packed once (`pack`, `pack_int8`), then every call multiplies against the packed
 copy; each output row is summed in the same order whatever the batch."""
 
@@ -39,12 +40,19 @@ def _padded(in_features: int) -> int:
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weight-only int8: each output row scaled to +-127 by its largest magnitude (symmetric,
-    per output channel), rounded to nearest. Returns (q [out, in] int8, scale [out] fp32)."""
-    w = weight.float()
-    scale = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
-    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
-    return q, scale
+    """Weight-only int8 as llama.cpp's Q8_0: each output row in blocks of BLOCK inputs (the last
+    padded with zeros), each block's scale its largest magnitude over 127 in fp16, and the
+    weights divided by that (rounded) scale, rounded to nearest. Returns (q [..., out, in]
+    int8, scale [..., out, blocks] fp16) for weight [..., out, in]. Weights that are a Q8_0 tensor dequantized (d x q with max |q|
+    127 per block, as llama.cpp's quantizer writes them) come back as that tensor's q and d
+    exactly, so a Q8_0 GGUF serves its own 8-bit weights."""
+    *rows, k = weight.shape
+    blocks = F.pad(weight.float(), (0, _padded(k) - k)).reshape(*rows, -1, BLOCK)
+    scale = (blocks.abs().amax(dim=-1) / 127).clamp(max=torch.finfo(torch.float16).max).half()
+    # a block whose scale is 0 in fp16 (all below ~4e-6) stays 0, not 0 / 0
+    inv = torch.where(scale > 0, scale.float(), torch.inf)[..., None]
+    q = torch.round(blocks / inv).clamp(-127, 127).to(torch.int8)
+    return q.reshape(*rows, -1)[..., :k].contiguous(), scale
 
 
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,37 +71,44 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def reference_int8(
     x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """What `linear` computes for an int8 weight, summed in another order: x's blocks quantized
-    (quantize_activations), each block's integer dot product with q's (exact in fp32: 32
-    products of at most 127 x 127), times the block's scale, summed over blocks; times the
-    column's scale, plus the bias, rounded to x's dtype once. Also the model's path where the
-    kernel does not serve."""
+    """What `linear` computes for an int8 weight (q and its fp16 block scales, quantize_int8),
+    summed in another order: x's blocks quantized (quantize_activations), each block's integer
+    dot product with q's (exact in fp32: 32 products of at most 127 x 127), times both blocks'
+    scales, summed over blocks, plus the bias, rounded to x's dtype once. Also the model's path
+    where the kernel does not serve."""
     rows = x.reshape(-1, x.shape[-1])
     xq, xs = quantize_activations(rows)
     k = q.shape[1]
     wq = F.pad(q.float(), (0, _padded(k) - k)).reshape(len(q), -1, BLOCK)
+    ws = scale.float()
     y = torch.zeros(len(rows), len(q))
     for b in range(wq.shape[1]):
-        y += xs[:, b, None] * (xq[:, b] @ wq[:, b].T)
-    y = y * scale
+        y += (xq[:, b] @ wq[:, b].T) * (ws[:, b] * xs[:, b, None])
     return (y if bias is None else y + bias.float()).to(x.dtype).reshape(*x.shape[:-1], len(q))
 
 
-def pack_int8(q: torch.Tensor) -> torch.Tensor | None:
-    """An int8 weight [out, in] packed for `linear` (with its scale), or None where the kernel
-    does not serve (no C library, no AVX-512 VNNI and BF16)."""
-    return _pack(q, torch.int8, "linear_i8_pack")
+def pack_int8(q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """An int8 weight [out, in] and its block scales (quantize_int8) packed for `linear`, or
+    None where the kernel does not serve (no C library, no AVX-512 VNNI and BF16). The scales
+    go [out / 16][blocks][16]: a block's 16 columns side by side, as the kernel loads them."""
+    packed = _pack(q, torch.int8, "linear_i8_pack")
+    if packed is None:
+        return None
+    out_features, blocks = scale.shape
+    rows = -(-out_features // COLS) * COLS
+    scales = F.pad(scale, (0, 0, 0, rows - out_features)).reshape(-1, COLS, blocks)
+    return packed, scales.transpose(1, 2).contiguous()
 
 
 def linear(
     x: torch.Tensor,  # [..., in] bf16
-    packed: torch.Tensor,  # from pack(weight) or pack_int8(q)
+    packed: torch.Tensor,  # from pack(weight), or pack_int8's first
     bias: torch.Tensor | None,  # [out]
     out_features: int,
-    scale: torch.Tensor | None = None,  # [out] fp32: the weight is int8 (quantize_int8)
+    scale: torch.Tensor | None = None,  # pack_int8's second: the weight is int8
 ) -> torch.Tensor:
-    """x @ weight.T + bias, [..., out]: fp32 sums (times the column's scale), rounded to
-    bf16 once."""
+    """x @ weight.T + bias, [..., out]: fp32 sums (of int8 blocks times their scales), rounded
+    to bf16 once."""
     lib = native.load()
     assert lib is not None, "pack() returns None where the library did not build"
     assert x.dtype == torch.bfloat16 and (bias is None or bias.dtype == torch.bfloat16)
@@ -108,7 +123,8 @@ def linear(
     if scale is None:
         status = lib.linear_bf16(*shape, out_features, bias_ptr, out.data_ptr())
     else:
-        assert scale.dtype == torch.float32 and scale.is_contiguous()
+        assert scale.dtype == torch.float16 and scale.is_contiguous()
+        assert scale.numel() * BLOCK == packed.numel(), "not this weight's scales"
         status = lib.linear_i8(*shape, scale.data_ptr(), out_features, bias_ptr, out.data_ptr())
     assert status == 0, "the kernel refused a weight its pack took"
     return out

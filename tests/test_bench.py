@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -218,6 +219,13 @@ def test_llama_cpp_arms_get_the_same_cores_slots_and_kv_bytes(tmp_path, monkeypa
 
     def fails(base, log):
         raise subprocess.CalledProcessError(2, ["cmake"])
+
+    # a GGUF is served as it is, at its own precision (no second quantization)
+    monkeypatch.setattr(llamacpp, "resolve_model_dir", lambda gguf: model)
+    limits = replace(limits, model=str(tmp_path / "m.q8_0.gguf"))
+    given, requant = resolve(["llama-cpp", "llama-cpp-q8"], limits, 9000, tmp_path, tmp_path)
+    assert given.start[given.start.index("-m") + 1] == limits.model and len(converted) == 2
+    assert "serves it as it is" in requant.unavailable
 
     monkeypatch.setattr(llamacpp, "build", fails)
     (broken,) = resolve(["llama-cpp"], limits, 9000, tmp_path, tmp_path / "x.sh")

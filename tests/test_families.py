@@ -8,20 +8,16 @@ exactly is refused or capped, by name."""
 import asyncio
 import random
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import httpx
 import pytest
 import torch
 from reference import ENGINE, hf_greedy
 from stack import Stack
-from tiny_models import make_tiny_model
+from tiny_models import SPM_IDS, gguf_of, make_tiny_model
 from transformers import AutoConfig, Phi3Config
 
 import baton
-from baton.bench import llamacpp
 from baton.cache.kv_cache import block_nbytes, full_layer_ranges
 from baton.model.files import resolve_model_dir
 from baton.model.registry import UnsupportedModel, model_args
@@ -109,46 +105,6 @@ def test_rotary_over_part_of_each_head_is_refused_by_name():
         model_args(config)
 
 
-@pytest.fixture(scope="session")
-def gguf_converter() -> Path:
-    """llama.cpp's convert_hf_to_gguf.py, from the llama-cpp-python sdist on PyPI (downloaded
-    once into the anchors' cache, as the llama-cpp benchmark arms do)."""
-    base = llamacpp.root()
-    base.mkdir(parents=True, exist_ok=True)
-    try:
-        return llamacpp.source(base, base / "prepare.log") / "convert_hf_to_gguf.py"
-    except subprocess.CalledProcessError as e:  # no package index reachable
-        pytest.skip(f"llama.cpp's converter could not be fetched ({e}; see {base}/prepare.log)")
-
-
-def gguf_of(converter: Path, model: Path, out: Path) -> Path:
-    """The model as llama.cpp writes it (f32: the weights exactly)."""
-    argv = [sys.executable, converter, model, "--outtype", "f32", "--outfile", out]
-    subprocess.run(argv, check=True, capture_output=True)
-    return out
-
-
-@pytest.fixture(scope="session")
-def sentencepiece_model(tmp_path_factory) -> Path:
-    """A 512-piece SentencePiece model trained on seeded random words: llama.cpp converts
-    Gemma and Phi-3 only with one (their checkpoints ship it)."""
-    import sentencepiece
-
-    root = tmp_path_factory.mktemp("spm")
-    rng = random.Random(SEED)
-    words = [
-        "".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 8))) for _ in range(2000)
-    ]
-    (root / "text.txt").write_text(
-        "\n".join(" ".join(rng.choices(words, k=12)) for _ in range(3000))
-    )
-    sentencepiece.SentencePieceTrainer.train(
-        input=str(root / "text.txt"), model_prefix=str(root / "tok"), vocab_size=512,
-        model_type="bpe", pad_id=0, eos_id=1, bos_id=2, unk_id=3, byte_fallback=True,
-    )  # fmt: skip
-    return root / "tok.model"
-
-
 # llama.cpp's Qwen3-MoE has no dense layers between the sparse ones; a GGUF does not say
 # Gemma 2's query_pre_attn_scalar (256 but for the 27B) nor Gemma 3's layer pattern (every
 # sixth layer global)
@@ -157,7 +113,6 @@ GGUF_SHAPES = {
     "gemma2": {"query_pre_attn_scalar": 256},
     "gemma3": {"num_hidden_layers": 6, "layer_types": None},
 }
-SPM_IDS = {"vocab_size": 512, "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2}
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "gemma2", "gemma3", "phi3"])

@@ -1,5 +1,7 @@
 """Tiny random-weight models of each supported family, saved as Hugging Face directories."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -16,6 +18,10 @@ from transformers import (
     Qwen3Config,
     Qwen3MoeConfig,
 )
+
+# a vocabulary of the conftest's 512-piece SentencePiece model (tokenizer.model), which
+# llama.cpp's converter needs for Gemma and Phi-3 and reads in a moment
+SPM_IDS = {"vocab_size": 512, "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2}
 
 COMMON = dict(
     vocab_size=512,
@@ -106,3 +112,11 @@ def make_tiny_model(
     if tokenizer_from is not None:
         tokenizer.save_pretrained(path)
     return path
+
+
+def gguf_of(converter: Path, model: Path, out: Path, outtype: str = "f32") -> Path:
+    """The model as llama.cpp's converter writes it (f32: the weights exactly; q8_0: its 8-bit
+    blocks)."""
+    argv = [sys.executable, converter, model, "--outtype", outtype, "--outfile", out]
+    subprocess.run(argv, check=True, capture_output=True)
+    return out

@@ -1,5 +1,7 @@
 """llama.cpp's `llama-server` as arms of `baton bench compare`: `llama-cpp` serves the model's
-weights at the run's dtype (bf16 or f32), `llama-cpp-q8` quantized to Q8_0.
+weights at the run's dtype (bf16 or f32), `llama-cpp-q8` quantized to Q8_0. A `--model` that is
+a GGUF is served as it is (a Q8_0 one then holds the very int8 blocks Baton's `-int8` arms
+multiply).
 
 Made once into $ANCHORS/llama.cpp (default ~/.cache/baton-anchors, beside the vLLM anchor): the
 llama.cpp that PyPI's llama-cpp-python sdist vendors, compiled for this CPU (GGML_NATIVE, so one
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from baton.kernels.native import cpu_flags
+from baton.model.files import resolve_model_dir
 
 if TYPE_CHECKING:
     from baton.bench.arms import Limits
@@ -127,12 +130,15 @@ def serve_argv(limits: "Limits", port: int, q8: bool, cpus: str) -> list[str]:
     base.mkdir(parents=True, exist_ok=True)
     log = base / "prepare.log"
     model = Path(limits.model)
+    given = model.suffix == ".gguf"  # served as it is: Baton's arms serve the same weights
+    if given and q8:
+        raise Unprepared(f"{model.name} is a GGUF: the llama-cpp arm serves it as it is")
     try:
         bin_dir = build(base, log)
-        gguf = convert(base, model, limits.dtype, q8, bin_dir, log)
+        gguf = model if given else convert(base, model, limits.dtype, q8, bin_dir, log)
     except (OSError, subprocess.CalledProcessError, ValueError) as e:
         raise Unprepared(f"could not prepare it: {e} (see {log})") from e
-    ctx = kv_tokens(model, limits.dtype, limits.kv_cache_gib)
+    ctx = kv_tokens(resolve_model_dir(model) if given else model, limits.dtype, limits.kv_cache_gib)
     if limits.max_model_len:
         ctx = min(ctx, limits.max_num_seqs * limits.max_model_len)
     threads, kv_type = str(len(limits.cpus)), TYPES[limits.dtype][0]

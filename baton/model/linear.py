@@ -21,19 +21,23 @@ class Linear(nn.Linear):
 
     packed: torch.Tensor | None = None
     native: bool = False  # packed for kernels/linear_native.py, not for oneDNN
-    scale: torch.Tensor | None = None  # int8 weight (quantize): each output row's scale
+    scale: torch.Tensor | None = None  # int8 weight (quantize): its fp16 block scales
     qweight: torch.Tensor | None = None  # int8 weight, where the C kernel does not serve
 
-    def quantize(self) -> None:
-        """int8 weights (`--quantization int8`): the weight as int8 rows and their scales
-        (kernels/linear_native.quantize_int8), packed for the C kernel where it serves (bf16
-        activations on AVX-512 VNNI and BF16, quantized in blocks of 32 per call), else kept
-        for the torch reference, which computes the same. The float weight is
-        dropped; a tied lm_head's stays with the embedding, which reads it."""
-        q, self.scale = linear_native.quantize_int8(self.weight)
+    def quantize(self, blocks: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """int8 weights (`--quantization int8`): the weight as int8 in blocks of 32 with fp16
+        scales (llama.cpp's Q8_0, kernels/linear_native.quantize_int8), given as `blocks`
+        (the loader quantizes the checkpoint's tensors before their cast to dtype) or made
+        from the weight; packed for the C kernel where it serves (bf16 activations on AVX-512
+        VNNI and BF16, quantized in blocks of 32 per call), else kept for the torch reference,
+        which computes the same. The float weight is dropped; a tied lm_head's stays with the
+        embedding, which reads it."""
+        q, scale = blocks if blocks is not None else linear_native.quantize_int8(self.weight)
+        packed = None
         if kernels.BACKEND == "native" and self.weight.dtype == torch.bfloat16:
-            self.packed = linear_native.pack_int8(q)
-            self.native = self.packed is not None
+            packed = linear_native.pack_int8(q, scale)
+        self.native = packed is not None
+        self.packed, self.scale = packed if packed is not None else (None, scale)
         self.qweight = None if self.native else q
         self.register_parameter("weight", None)
         # in the state dict, so the KV tier's fingerprint (Engine) samples the int8 weights

@@ -60,7 +60,7 @@ class ModelArgs:
     # Gemma 2: scores and logits soft-capped, cap * tanh(x / cap)
     attn_softcap: float | None = None
     logit_softcap: float | None = None
-    # "int8": every projection's weight int8 with a scale per output row (Linear.quantize);
+    # "int8": every projection's weight int8 in Q8_0 blocks (Linear.quantize);
     # part of the KV layout's fingerprint, so a quantized service and another never share KV
     quantization: str | None = None
 
@@ -216,18 +216,34 @@ class CausalLM(nn.Module):
         self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
         self.tie_weights()
 
-    def prepack(self) -> None:
-        """Quantize every projection (args.quantization), or prepack every bf16 one for a
+    def int8_modules(self) -> dict[str, Linear | Experts]:
+        """What `--quantization int8` makes int8 (nothing without it), by the name of each
+        weight in named_parameters() (a tied lm_head's is the embedding's; an Experts has two):
+        every projection but MoE routers, whose few columns cost nothing to read and whose 8
+        bits could change which experts a token goes to."""
+        if self.args.quantization != "int8":
+            return {}
+        names = {id(p): n for n, p in self.named_parameters()}
+        routers = {id(m.gate) for m in self.modules() if isinstance(m, SparseMoE)}
+        found: dict[str, Linear | Experts] = {}
+        for m in self.modules():
+            if isinstance(m, Linear) and id(m) not in routers:
+                found[names[id(m.weight)]] = m
+            elif isinstance(m, Experts):
+                found |= {names[id(m.gate_up_proj)]: m, names[id(m.down_proj)]: m}
+        return found
+
+    def prepack(self, int8_blocks: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None):
+        """Quantize every projection (args.quantization; `int8_blocks` holds the loader's
+        quantization of each weight by name, int8_modules), or prepack every bf16 one for a
         faster matmul on a CPU (see Linear)."""
         w = self.lm_head.weight
-        linears = [m for m in self.modules() if isinstance(m, Linear)]
         if self.args.quantization == "int8":
-            # a router stays in dtype: its few columns cost nothing to read, and 8 bits there
-            # could change which experts a token goes to
-            routers = {id(m.gate) for m in self.modules() if isinstance(m, SparseMoE)}
-            experts = [m for m in self.modules() if isinstance(m, Experts)]
-            for m in [*(m for m in linears if id(m) not in routers), *experts]:
-                m.quantize()
+            by_module: dict[int, list] = {}
+            for name, m in self.int8_modules().items():
+                by_module.setdefault(id(m), [m]).append((int8_blocks or {}).get(name))
+            for m, *blocks in by_module.values():
+                m.quantize(*blocks)
             if not all(
                 m.native for m in self.modules() if isinstance(m, Linear) and m.scale is not None
             ):
@@ -236,8 +252,9 @@ class CausalLM(nn.Module):
                     "and bf16): slower than unquantized weights"
                 )
         elif w.dtype == torch.bfloat16 and w.device.type == "cpu":
-            for m in linears:
-                m.prepack()
+            for m in self.modules():
+                if isinstance(m, Linear):
+                    m.prepack()
 
     def tie_weights(self) -> None:
         if self.args.tie_word_embeddings:

@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
 from baton import kernels
+from baton.kernels.linear_native import BLOCK, quantize_int8
 from baton.model.linear import FusedLinear
 from baton.model.llama import CausalLM
 from baton.model.registry import UnsupportedModel, model_args
@@ -107,27 +109,27 @@ EXPERT_SHARDS = {
 }
 
 
-def _target(model: CausalLM, params: dict, name: str) -> tuple[str, torch.Tensor]:
-    """The parameter a checkpoint tensor fills, and the view of it that it fills: a shard of a
-    fused projection, one expert of the experts' 3D weights, or a whole parameter."""
+def _target(model: CausalLM, name: str) -> tuple[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """The parameter a checkpoint tensor fills, and the view of it that it fills (of the
+    parameter, or of anything shaped as it over the last dimension, as its int8 blocks): a
+    shard of a fused projection, one expert of the experts' 3D weights, or the whole."""
     if expert := EXPERT.fullmatch(name):
         experts, index, proj = expert.groups()
         fused, half = EXPERT_SHARDS[proj]
-        name = f"{experts}.{fused}"
-        target = params[name][int(index)]
-        if half is not None:
-            width = target.shape[0] // 2
-            target = target.narrow(0, half * width, width)
-        return name, target
+
+        def expert_view(t: torch.Tensor) -> torch.Tensor:
+            t = t[int(index)]
+            return t if half is None else t.narrow(0, half * (len(t) // 2), len(t) // 2)
+
+        return f"{experts}.{fused}", expert_view
     *prefix, proj, kind = name.split(".")
     if proj in CausalLM.packed_modules:
         fused, shard = CausalLM.packed_modules[proj]
         module = model.get_submodule(".".join([*prefix, fused]))
         assert isinstance(module, FusedLinear)
-        name = ".".join([*prefix, fused, kind])
         offset = sum(module.sizes[:shard])
-        return name, params[name].narrow(0, offset, module.sizes[shard])
-    return name, params[name]
+        return ".".join([*prefix, fused, kind]), lambda t: t.narrow(0, offset, module.sizes[shard])
+    return name, lambda t: t
 
 
 def load_hf_config(model_dir: Path) -> PretrainedConfig:
@@ -146,6 +148,9 @@ def load_model(model_dir: Path, dtype: torch.dtype, quantization: str | None = N
     model.tie_weights()
     params = dict(model.named_parameters())
     loaded = dict.fromkeys(params, 0)  # elements written per parameter
+    # int8 weights are quantized from the checkpoint's own tensors, before their cast to
+    # dtype: a Q8_0 GGUF's (dequantized exactly into fp32) come back as its blocks
+    int8 = {name: int8_buffers(params[name]) for name in model.int8_modules()}
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors in {model_dir}")
@@ -158,7 +163,8 @@ def load_model(model_dir: Path, dtype: torch.dtype, quantization: str | None = N
                 tensor = f.get_tensor(key)
                 name = name.replace(".block_sparse_moe.", ".mlp.")  # Mixtral's MoE block
                 try:
-                    name, target = _target(model, params, name)
+                    name, view = _target(model, name)
+                    target = view(params[name])
                 except (KeyError, AttributeError):
                     raise KeyError(f"{file.name}: unexpected weight {key!r}") from None
                 if target.shape != tensor.shape:
@@ -167,13 +173,25 @@ def load_model(model_dir: Path, dtype: torch.dtype, quantization: str | None = N
                     )
                 with torch.no_grad():
                     target.copy_(tensor)
+                    if name in int8:
+                        for buffer, part in zip(int8[name], quantize_int8(tensor), strict=True):
+                            view(buffer).copy_(part)
                 loaded[name] += tensor.numel()
     missing = [n for n, p in params.items() if loaded[n] != p.numel()]
     if missing:
         raise ValueError(f"weights missing from {model_dir}: {missing[:8]}")
     model.loaded()
-    model.requires_grad_(False).prepack()
+    model.requires_grad_(False).prepack(int8)
     return model.eval()
+
+
+def int8_buffers(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty int8 weights and fp16 block scales for `weight` [..., out, in] (quantize_int8)."""
+    *rows, k = weight.shape
+    return (
+        torch.empty(*rows, k, dtype=torch.int8),
+        torch.empty(*rows, -(-k // BLOCK), dtype=torch.float16),
+    )
 
 
 def load_tokenizer(model_dir: Path):

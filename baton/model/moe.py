@@ -24,14 +24,17 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(n, hidden, width))
         self.int8: nn.ModuleList | None = None  # (gate_up, down) per expert, once quantized
 
-    def quantize(self) -> None:
+    def quantize(self, *blocks: tuple[torch.Tensor, torch.Tensor] | None) -> None:
         """int8 weights (`--quantization int8`): each expert's two projections become Linear
-        modules quantized as every other projection is (Linear.quantize); the 3D weights go."""
+        modules quantized as every other projection is (Linear.quantize; `blocks`: the
+        loader's int8 blocks of gate_up_proj and down_proj, each [experts, ...], or None);
+        the 3D weights go."""
+        blocks = blocks or (None, None)
         pairs = []
-        for gate_up, down in zip(self.gate_up_proj, self.down_proj, strict=True):
-            pair = nn.ModuleList(linear_of(w) for w in (gate_up, down))
-            for m in pair:
-                m.quantize()
+        for e, weights in enumerate(zip(self.gate_up_proj, self.down_proj, strict=True)):
+            pair = nn.ModuleList(linear_of(w) for w in weights)
+            for m, qd in zip(pair, blocks, strict=True):
+                m.quantize(None if qd is None else (qd[0][e], qd[1][e]))
             pairs.append(pair)
         self.int8 = nn.ModuleList(pairs)
         self.register_parameter("gate_up_proj", None)

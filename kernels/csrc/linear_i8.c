@@ -1,21 +1,25 @@
 /* int8 linear layer (y = x W^T + b, `--quantization int8`) on AVX-512 VNNI: the weight in int8
- * with a scale per output column, the activations quantized to int8 as each call begins, in
- * blocks of 32 inputs with a scale each (as llama.cpp's Q8_0 does), so that the products run
- * as VPDPBUSD: 64 multiply-adds an instruction, exact in int32. Widening int8 weights to bf16
- * instead (this kernel's first form) cost 6 instructions per 32 weights, which made batch-1
- * decode bound by arithmetic, not by the weight's bytes; now a block of 32 inputs costs 8
- * VPDPBUSD per 16 columns, then one conversion and one multiply-add into the fp32 sum.
+ * with an fp16 scale per block of 32 inputs of each output column (llama.cpp's Q8_0, so a Q8_0
+ * GGUF's weights serve as they are), the activations quantized to int8 as each call begins, in
+ * the same blocks with an fp32 scale each, so that the products run as VPDPBUSD: 64
+ * multiply-adds an instruction, exact in int32. Widening int8 weights to bf16 instead (this
+ * kernel's first form) cost 6 instructions per 32 weights, which made batch-1 decode bound by
+ * arithmetic, not by the weight's bytes; now a block of 32 inputs costs 8 VPDPBUSD per 16
+ * columns, then one conversion, one multiply (the two scales) and one multiply-add into the
+ * fp32 sum.
  *
  * VPDPBUSD multiplies unsigned bytes by signed ones: the weight is stored as q + 128 (1..255)
  * and each block's sum is corrected by 128 x the sum of its int8 activations, in int32, so
- * every block's dot product is exact. y = scale[c] * sum over blocks (x_scale[b] * dot[b]),
+ * every block's dot product is exact. y = sum over blocks (w_scale[c][b] x_scale[b] dot[b]),
  * plus the bias, rounded to bf16 once. A row's activations are quantized on their own and its
  * sums run in one fixed order, so a row's output does not depend on its batch.
  *
  * The weight is packed once, [n / 16][kpad / 4][16][4] (kpad: k rounded up to 32, the padding
  * a weight of 0 against an activation of 0): for each 16 output columns, each 4 inputs of those
- * columns as one 64-byte vector. A tile is up to 4 rows x 48 columns: 12 int32 block sums and
- * 12 fp32 sums in registers. Columns are shared out over OpenMP threads, 48 at a time. */
+ * columns as one 64-byte vector; its scales [n / 16][kpad / 32][16] (linear_native.pack_int8),
+ * a block's 16 columns as one 32-byte load. A tile is up to 4 rows x 48 columns: 12 int32
+ * block sums and 12 fp32 sums in registers. Columns are shared out over OpenMP threads, 48 at a
+ * time. */
 #include <float.h>
 #include <math.h>
 #include <stdlib.h>
@@ -71,7 +75,7 @@ static void quantize_row(const uint16_t *x, int64_t k, int8_t *xq, float *scale,
 /* rows x vecs outputs of one tile (both constants where it is called). */
 ALWAYS_INLINE void tile(const int8_t *xq, const float *xs, const int32_t *fix, int64_t kpad,
                         const int rows, const uint8_t *w, const int vecs, const uint8_t *next,
-                        const float *scale, const uint16_t *bias, uint16_t *y, int64_t n,
+                        const uint16_t *scale, const uint16_t *bias, uint16_t *y, int64_t n,
                         int64_t cols_left) {
     const int64_t nblocks = kpad / BLOCK, strip = kpad * COLS; /* bytes of 16 columns */
     __m512 acc[ROWS][VECS];
@@ -99,18 +103,22 @@ ALWAYS_INLINE void tile(const int8_t *xq, const float *xs, const int32_t *fix, i
                 for (int j = 0; j < vecs; j++) dot[i][j] = _mm512_dpbusd_epi32(dot[i][j], v[j], a);
             }
         }
+        __m512 ws[VECS];
+        for (int j = 0; j < vecs; j++)
+            ws[j] = _mm512_cvtph_ps(
+                _mm256_loadu_si256((const __m256i *)(scale + (j * nblocks + b) * COLS)));
         for (int i = 0; i < rows; i++) {
             const __m512 s = _mm512_set1_ps(xs[i * nblocks + b]);
             for (int j = 0; j < vecs; j++)
-                acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[i][j]), s, acc[i][j]);
+                acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[i][j]),
+                                            _mm512_mul_ps(ws[j], s), acc[i][j]);
         }
     }
     for (int j = 0; j < vecs; j++) {
         const __mmask16 mask = column_mask(cols_left - j * COLS);
         const __m512 b = bias_f32(bias == NULL ? NULL : bias + j * COLS, mask);
-        const __m512 cs = _mm512_maskz_loadu_ps(mask, scale + j * COLS);
         for (int i = 0; i < rows; i++) {
-            const __m256bh out = _mm512_cvtneps_pbh(_mm512_fmadd_ps(acc[i][j], cs, b));
+            const __m256bh out = _mm512_cvtneps_pbh(_mm512_add_ps(acc[i][j], b));
             _mm256_mask_storeu_epi16(y + i * n + j * COLS, mask, (__m256i)out);
         }
     }
@@ -120,8 +128,8 @@ ALWAYS_INLINE void tile(const int8_t *xq, const float *xs, const int32_t *fix, i
 /* Full-width tiles get a constant row count so that their sums stay in registers. */
 ALWAYS_INLINE void any_tile(const int8_t *xq, const float *xs, const int32_t *fix, int64_t kpad,
                             int rows, const uint8_t *w, int vecs, const uint8_t *next,
-                            const float *scale, const uint16_t *bias, uint16_t *y, int64_t n,
-                            int64_t cols_left) {
+                            const uint16_t *scale, const uint16_t *bias, uint16_t *y,
+                            int64_t n, int64_t cols_left) {
     if (vecs < VECS) {
         TILE(rows, vecs);
         return;
@@ -135,8 +143,8 @@ ALWAYS_INLINE void any_tile(const int8_t *xq, const float *xs, const int32_t *fi
 }
 #undef TILE
 
-int linear_i8(const uint16_t *x, int64_t m, int64_t k, const uint8_t *packed, const float *scale,
-              int64_t n, const uint16_t *bias, uint16_t *y) {
+int linear_i8(const uint16_t *x, int64_t m, int64_t k, const uint8_t *packed,
+              const uint16_t *scale, int64_t n, const uint16_t *bias, uint16_t *y) {
     const int64_t kpad = padded(k), nblocks = kpad / BLOCK;
     if (m == 0) return 0; /* (malloc(0) may be NULL) */
     int8_t *xq = malloc((size_t)(m * kpad));
@@ -161,7 +169,7 @@ int linear_i8(const uint16_t *x, int64_t m, int64_t k, const uint8_t *packed, co
              * first tile brings the next strip in meanwhile (alone, it would only compete) */
             const uint8_t *next = r == 0 && s + 2 < strips ? w + strip_size : NULL;
             any_tile(xq + r * kpad, xs + r * nblocks, fix + r * nblocks, kpad,
-                     (int)(m - r < ROWS ? m - r : ROWS), w, vecs, next, scale + col,
+                     (int)(m - r < ROWS ? m - r : ROWS), w, vecs, next, scale + col * nblocks,
                      bias == NULL ? NULL : bias + col, y + r * n + col, n, n - col);
         }
     }
@@ -175,8 +183,8 @@ int linear_i8_pack(const int8_t *w, int64_t n, int64_t k, uint8_t *packed) {
     return -1;
 }
 
-int linear_i8(const uint16_t *x, int64_t m, int64_t k, const uint8_t *packed, const float *scale,
-              int64_t n, const uint16_t *bias, uint16_t *y) {
+int linear_i8(const uint16_t *x, int64_t m, int64_t k, const uint8_t *packed,
+              const uint16_t *scale, int64_t n, const uint16_t *bias, uint16_t *y) {
     (void)x, (void)m, (void)k, (void)packed, (void)scale, (void)n, (void)bias, (void)y;
     return -1;
 }

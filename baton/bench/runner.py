@@ -98,7 +98,7 @@ def main(args: argparse.Namespace) -> None:
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     out_dir = Path(args.out_dir or f"logs/bench/{time.strftime('%Y%m%d-%H%M%S')}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer_dir = args.tokenizer or args.model or resolve_model_dir(None)
+    tokenizer_dir = args.tokenizer or resolve_model_dir(args.model)  # a GGUF: its conversion
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     spec = workload_spec(args)
     slo = SLO(args.slo_ttft_ms, args.slo_tpot_ms, args.slo_attainment)

@@ -106,6 +106,25 @@ def test_what_ram_lets_go_spills_to_the_disk_and_a_prefix_comes_back_from_both(t
     chain.close()
 
 
+def test_a_block_read_back_from_the_disk_is_hot_and_rams_when_the_pool_lets_it_go(tmp_path):
+    blocks = pool()
+    original = blocks.copy()
+    disk = DiskTier(tmp_path, 100 * BLOCK_NBYTES, FINGERPRINT, blocks)
+    chain = RamTier(2 * BLOCK_NBYTES, blocks, below=disk)
+    for i in range(4):  # 0 and 1 spill to the disk
+        chain.save(i, h(i))
+    chain.load("turn 2", [(8, h(0))])
+    assert landed(chain) == [("turn 2", 1)] and disk.stats.loaded_blocks == 1
+    chain.save(8, h(0))  # the pool evicts it again: RAM takes it, 2 spills to the disk
+    ram, _ = chain.levels
+    assert ram.size_bytes == 2 * BLOCK_NBYTES and disk.indexed(h(2))
+    blocks[8] = 0
+    chain.load("turn 3", [(8, h(0))])  # from RAM now, at once
+    assert chain.landed() == [("turn 3", 1)] and (blocks[8] == original[0]).all()
+    assert disk.stats.loaded_blocks == 1 and chain.levels[0].stats.loaded_blocks == 1
+    chain.close()
+
+
 def test_a_sessions_blocks_written_through_go_to_the_disk_and_outlive_the_process(tmp_path):
     blocks = pool()
     chain = RamTier(

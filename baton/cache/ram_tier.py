@@ -11,9 +11,10 @@ from baton.cache.tier import Level, Tier, TierStats
 
 
 class RamTier:
-    """Host memory above another tier (or alone): a block the pool evicts is copied here, the
-    least recently used spill to the tier below (which writes them behind), and a prefix found
-    here is copied back at once, the rest read from below. A session's blocks written through
+    """Host memory above another tier (or alone): a block the pool evicts is copied here (one
+    read back from below included: it was just used), the least recently used spill to the
+    tier below (which writes them behind), and a prefix found here is copied back at once, the
+    rest read from below. A session's blocks written through
     go to the tier below, which outlives the process. On the engine thread only. Where the
     pool is on a GPU this is the host-RAM tier; on a CPU, where the pool is RAM, it adds room."""
 
@@ -87,7 +88,9 @@ class RamTier:
         if durable:
             if self.below is not None:
                 self.below.save(block, block_hash, durable=True)
-        elif not self.indexed(block_hash):
+        elif block_hash in self._store:
+            self._store.move_to_end(block_hash)
+        else:  # the disk may hold it too: a block read back from there is hot, RAM takes it
             self.put(block_hash, self.blocks[block].tobytes())
 
     def put(self, block_hash: bytes, data: bytes) -> None:

@@ -20,6 +20,7 @@ from transformers import AutoConfig, Phi3Config
 import baton
 from baton.cache.kv_cache import block_nbytes, full_layer_ranges
 from baton.model.files import resolve_model_dir
+from baton.model.loader import gguf_config
 from baton.model.registry import UnsupportedModel, model_args
 from baton.sampling_params import SamplingParams
 
@@ -105,41 +106,61 @@ def test_rotary_over_part_of_each_head_is_refused_by_name():
         model_args(config)
 
 
-# llama.cpp's Qwen3-MoE has no dense layers between the sparse ones; a GGUF does not say
-# Gemma 2's query_pre_attn_scalar (256 but for the 27B) nor Gemma 3's layer pattern (every
-# sixth layer global)
-GGUF_SHAPES = {
-    "qwen3_moe": {"mlp_only_layers": []},
-    "gemma2": {"query_pre_attn_scalar": 256},
-    "gemma3": {"num_hidden_layers": 6, "layer_types": None},
+# llama.cpp's Qwen3-MoE has no dense layers between the sparse ones; a GGUF does not say Gemma
+# 3's layer pattern (every sixth layer global), nor Gemma's query_pre_attn_scalar: the head size
+# (as the released models have it), but hidden / heads in the 27B ones, told by their layer count
+GGUF_CASES = {
+    "qwen3_moe": ("qwen3_moe", {"mlp_only_layers": []}),
+    "gemma2": ("gemma2", {"query_pre_attn_scalar": 16}),
+    "gemma3": (
+        "gemma3",
+        {"num_hidden_layers": 6, "layer_types": None, "query_pre_attn_scalar": 32},
+    ),
+    "phi3": ("phi3", {}),
 }
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "gemma2", "gemma3", "phi3"])
+@pytest.mark.parametrize("case", list(GGUF_CASES))
 def test_a_gguf_from_llama_cpps_converter_serves_its_checkpoints_tokens(
-    tmp_path, tiny_root, smollm2_dir, sentencepiece_model, gguf_converter, monkeypatch, family
+    tmp_path, tiny_root, smollm2_dir, sentencepiece_model, gguf_converter, monkeypatch, case
 ):
     """Qwen3-MoE's head size (32 here) and expert width, and Gemma 2's soft-caps, are read
-    from the file: transformers' GGUF reader leaves them at the family's defaults."""
-    shape = GGUF_SHAPES.get(family, {})
+    from the file, and Gemma's query scale told from its shape as llama.cpp tells it:
+    transformers' GGUF reader leaves them at the family's defaults."""
+    family, shape = GGUF_CASES[case]
+    root = tiny_root / "gguf" / case
     if family.startswith("qwen3"):  # a BPE tokenizer, as Qwen's
-        model = make_tiny_model(tiny_root / "gguf", family, tokenizer_from=smollm2_dir, **shape)
+        model = make_tiny_model(root, family, tokenizer_from=smollm2_dir, **shape)
     else:
-        model = make_tiny_model(tiny_root / "gguf", family, **SPM_IDS, **shape)
+        model = make_tiny_model(root, family, **SPM_IDS, **shape)
         shutil.copy(sentencepiece_model, model / "tokenizer.model")
-    gguf = gguf_of(gguf_converter, model, tmp_path / f"{family}.gguf")
+    gguf = gguf_of(gguf_converter, model, tmp_path / f"{case}.gguf")
     monkeypatch.setenv("BATON_CACHE", str(tmp_path / "cache"))
     token_lists = [[t % 500 + 4 for t in ids] for ids in prompts()[:4]]
     served = resolve_model_dir(gguf)
     # what the file states is what is served (soft-caps pass greedy decoding unnoticed)
     original, converted = AutoConfig.from_pretrained(model), AutoConfig.from_pretrained(served)
     for name in ("head_dim", "moe_intermediate_size", "attn_logit_softcapping",
-                 "final_logit_softcapping", "sliding_window"):  # fmt: skip
+                 "final_logit_softcapping", "sliding_window", "query_pre_attn_scalar"):  # fmt: skip
         assert getattr(converted, name, None) == getattr(original, name, None), name
     llm = baton.LLM(str(served), dtype="float32")
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)  # past the window
     got = [o.outputs[0].token_ids for o in llm.generate(token_lists, params)]
     assert got == hf_greedy(model, token_lists, 24)
+
+
+def test_a_gemma_27b_gguf_scales_queries_by_hidden_over_heads_as_llama_cpp_does(
+    tmp_path, tiny_root, sentencepiece_model, gguf_converter
+):
+    """Gemma 2 27B (46 layers) scales queries by 1 / sqrt(hidden / heads), not by the head
+    size; a GGUF does not say it, so its layer count does (the case above: the head size)."""
+    model = make_tiny_model(tiny_root / "gguf" / "27b", "gemma2", **SPM_IDS,
+                            num_hidden_layers=46, query_pre_attn_scalar=64 // 8)  # fmt: skip
+    shutil.copy(sentencepiece_model, model / "tokenizer.model")
+    gguf = gguf_of(gguf_converter, model, tmp_path / "gemma2-27b.gguf")
+    assert (
+        gguf_config(gguf).query_pre_attn_scalar == 8 != AutoConfig.from_pretrained(model).head_dim
+    )
 
 
 def test_a_gguf_transformers_reads_only_in_part_is_refused_not_served(

@@ -73,8 +73,7 @@ def convert_gguf(path: Path, out: Path) -> Path:
 
 # GGUF keys (after "<arch>.") that transformers' reader leaves at its family's defaults (Qwen3's
 # head size 128 whatever `key_length` says, Gemma 2's soft-caps 50 and 30), and the config
-# fields they set. Gemma's query_pre_attn_scalar is not in a GGUF: transformers' default, 256,
-# is right for every Gemma 2 and 3 but the 27B ones (llama.cpp itself tells those by size).
+# fields they set.
 GGUF_FIELDS = {
     "attention.key_length": "head_dim",
     "expert_feed_forward_length": "moe_intermediate_size",
@@ -93,7 +92,17 @@ def gguf_config(path: Path) -> PretrainedConfig:
     for key, attr in GGUF_FIELDS.items():
         if (field := fields.get(f"{arch}.{key}")) is not None and hasattr(config, attr):
             setattr(config, attr, field.parts[-1][0].item())
+    if arch in GEMMA_27B_LAYERS:
+        wide = config.num_hidden_layers == GEMMA_27B_LAYERS[arch]
+        per_head = config.hidden_size // config.num_attention_heads
+        config.query_pre_attn_scalar = per_head if wide else config.head_dim
     return config
+
+
+# Gemma's query_pre_attn_scalar is not in a GGUF (transformers' reader leaves 256): it is the
+# head size, but hidden_size / heads in the 27B models, which llama.cpp tells by their layer
+# count (src/models/gemma2.cpp, gemma3.cpp); so is it told here
+GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 
 
 # one expert's projection as checkpoints store it (Qwen3-MoE's names, Mixtral's w1/w3/w2)

@@ -109,6 +109,15 @@ def test_rotary_over_part_of_each_head_is_refused_by_name():
 # llama.cpp's Qwen3-MoE has no dense layers between the sparse ones; a GGUF does not say Gemma
 # 3's layer pattern (every sixth layer global), nor Gemma's query_pre_attn_scalar: the head size
 # (as the released models have it), but hidden / heads in the 27B ones, told by their layer count
+# a Phi-3 of the 128k-context kind (as Phi-3.5-mini): short and long factors per rotary pair
+PHI3_LONGROPE = {
+    "rope_type": "longrope",
+    "rope_theta": 10000.0,
+    "original_max_position_embeddings": 256,
+    "short_factor": [1.0, 1.125, 1.25, 1.5],
+    "long_factor": [2.0, 3.0, 4.0, 5.0],
+}
+PHI3_128K = {"max_position_embeddings": 4096, "original_max_position_embeddings": 256}
 GGUF_CASES = {
     "qwen3_moe": ("qwen3_moe", {"mlp_only_layers": []}),
     "gemma2": ("gemma2", {"query_pre_attn_scalar": 16}),
@@ -116,7 +125,7 @@ GGUF_CASES = {
         "gemma3",
         {"num_hidden_layers": 6, "layer_types": None, "query_pre_attn_scalar": 32},
     ),
-    "phi3": ("phi3", {}),
+    "phi3": ("phi3", {**PHI3_128K, "rope_parameters": PHI3_LONGROPE}),
 }
 
 
@@ -124,9 +133,10 @@ GGUF_CASES = {
 def test_a_gguf_from_llama_cpps_converter_serves_its_checkpoints_tokens(
     tmp_path, tiny_root, smollm2_dir, sentencepiece_model, gguf_converter, monkeypatch, case
 ):
-    """Qwen3-MoE's head size (32 here) and expert width, and Gemma 2's soft-caps, are read
-    from the file, and Gemma's query scale told from its shape as llama.cpp tells it:
-    transformers' GGUF reader leaves them at the family's defaults."""
+    """Qwen3-MoE's head size (32 here) and expert width, Gemma 2's soft-caps and Phi-3's
+    longrope factors are read from the file, and Gemma's query scale told from its shape as
+    llama.cpp tells it: transformers' GGUF reader leaves them at the family's defaults (plain
+    rope for Phi-3)."""
     family, shape = GGUF_CASES[case]
     root = tiny_root / "gguf" / case
     if family.startswith("qwen3"):  # a BPE tokenizer, as Qwen's
@@ -143,6 +153,10 @@ def test_a_gguf_from_llama_cpps_converter_serves_its_checkpoints_tokens(
     for name in ("head_dim", "moe_intermediate_size", "attn_logit_softcapping",
                  "final_logit_softcapping", "sliding_window", "query_pre_attn_scalar"):  # fmt: skip
         assert getattr(converted, name, None) == getattr(original, name, None), name
+    rope = {"rope_type", "short_factor", "long_factor", "original_max_position_embeddings"}
+    assert {k: v for k, v in converted.rope_parameters.items() if k in rope} == {
+        k: v for k, v in original.rope_parameters.items() if k in rope
+    }
     llm = baton.LLM(str(served), dtype="float32")
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)  # past the window
     got = [o.outputs[0].token_ids for o in llm.generate(token_lists, params)]

@@ -87,7 +87,8 @@ def gguf_config(path: Path) -> PretrainedConfig:
     from gguf import GGUFReader
 
     config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-    fields = GGUFReader(path).fields
+    reader = GGUFReader(path)
+    fields = reader.fields
     arch = bytes(fields["general.architecture"].parts[-1]).decode()
     for key, attr in GGUF_FIELDS.items():
         if (field := fields.get(f"{arch}.{key}")) is not None and hasattr(config, attr):
@@ -96,7 +97,23 @@ def gguf_config(path: Path) -> PretrainedConfig:
         wide = config.num_hidden_layers == GEMMA_27B_LAYERS[arch]
         per_head = config.hidden_size // config.num_attention_heads
         config.query_pre_attn_scalar = per_head if wide else config.head_dim
+    factors = {t.name: t.data.tolist() for t in reader.tensors if t.name in LONGROPE_FACTORS}
+    if factors:  # Phi-3's longrope, which transformers' reader drops (plain rope served)
+        original = int(fields[f"{arch}.rope.scaling.original_context_length"].parts[-1][0])
+        config.original_max_position_embeddings = original
+        config.rope_parameters = {
+            **config.rope_parameters, "rope_type": "longrope",
+            **{name: factors[tensor] for tensor, name in LONGROPE_FACTORS.items()},
+            "original_max_position_embeddings": original,
+        }  # fmt: skip
     return config
+
+
+# the tensors llama.cpp's converter writes a longrope model's factors to
+LONGROPE_FACTORS = {
+    "rope_factors_short.weight": "short_factor",
+    "rope_factors_long.weight": "long_factor",
+}
 
 
 # Gemma's query_pre_attn_scalar is not in a GGUF (transformers' reader leaves 256): it is the

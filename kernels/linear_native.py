@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from baton.kernels import native
 
 COLS = 16  # the packed weight's columns come in runs of this many (csrc/linear.c)
-BLOCK = 32  # int8 activations share a scale over this many inputs (csrc/linear_i8.c)
+BLOCK = 32  # int8 weights and activations share a scale over this many inputs (linear_i8.c)
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor | None:
@@ -42,10 +42,11 @@ def _padded(in_features: int) -> int:
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Weight-only int8 as llama.cpp's Q8_0: each output row in blocks of BLOCK inputs (the last
     padded with zeros), each block's scale its largest magnitude over 127 in fp16, and the
-    weights divided by that (rounded) scale, rounded to nearest. Returns (q [..., out, in]
-    int8, scale [..., out, blocks] fp16) for weight [..., out, in]. Weights that are a Q8_0 tensor dequantized (d x q with max |q|
-    127 per block, as llama.cpp's quantizer writes them) come back as that tensor's q and d
-    exactly, so a Q8_0 GGUF serves its own 8-bit weights."""
+    weights divided by that (rounded) scale, rounded to nearest (llama.cpp's quantizer multiplies
+    by the unrounded scale's inverse instead). Returns (q [..., out, in] int8, scale [..., out,
+    blocks] fp16) for weight [..., out, in]. A Q8_0 tensor dequantized (d x q with max |q| 127
+    in each block, as llama.cpp's quantizer writes them) comes back as its own q and d, so a
+    Q8_0 GGUF serves its own 8-bit weights (a block whose d is 0 as zeros)."""
     *rows, k = weight.shape
     blocks = F.pad(weight.float(), (0, _padded(k) - k)).reshape(*rows, -1, BLOCK)
     scale = (blocks.abs().amax(dim=-1) / 127).clamp(max=torch.finfo(torch.float16).max).half()
@@ -124,7 +125,7 @@ def linear(
         status = lib.linear_bf16(*shape, out_features, bias_ptr, out.data_ptr())
     else:
         assert scale.dtype == torch.float16 and scale.is_contiguous()
-        assert scale.numel() * BLOCK == packed.numel(), "not this weight's scales"
+        assert scale.dim() == 3 and scale.numel() * BLOCK == packed.numel(), "not packed scales"
         status = lib.linear_i8(*shape, scale.data_ptr(), out_features, bias_ptr, out.data_ptr())
     assert status == 0, "the kernel refused a weight its pack took"
     return out

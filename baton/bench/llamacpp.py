@@ -136,9 +136,10 @@ def serve_argv(limits: "Limits", port: int, q8: bool, cpus: str) -> list[str]:
     try:
         bin_dir = build(base, log)
         gguf = model if given else convert(base, model, limits.dtype, q8, bin_dir, log)
+        config_dir = resolve_model_dir(model) if given else model  # (converts a GGUF once)
     except (OSError, subprocess.CalledProcessError, ValueError) as e:
         raise Unprepared(f"could not prepare it: {e} (see {log})") from e
-    ctx = kv_tokens(resolve_model_dir(model) if given else model, limits.dtype, limits.kv_cache_gib)
+    ctx = kv_tokens(config_dir, limits.dtype, limits.kv_cache_gib)
     if limits.max_model_len:
         ctx = min(ctx, limits.max_num_seqs * limits.max_model_len)
     threads, kv_type = str(len(limits.cpus)), TYPES[limits.dtype][0]

@@ -12,9 +12,9 @@ from baton.cache.tier import Level, Tier, TierStats
 
 class RamTier:
     """Host memory above another tier (or alone): a block the pool evicts is copied here (one
-    read back from below included: it was just used), the least recently used spill to the
-    tier below (which writes them behind), and a prefix found here is copied back at once, the
-    rest read from below. A session's blocks written through
+    the tier below holds too: read back from there, it was just used; or a session's, written
+    through), the least recently used spill to the tier below (which writes them behind), and a
+    prefix found here is copied back at once, the rest read from below. A session's blocks written through
     go to the tier below, which outlives the process. On the engine thread only. Where the
     pool is on a GPU this is the host-RAM tier; on a CPU, where the pool is RAM, it adds room."""
 
@@ -60,8 +60,8 @@ class RamTier:
         return self.cap_blocks + (self.below.cap_files if self.below is not None else 0)
 
     @property
-    def num_blocks(self) -> int:
-        return len(self._store) + (self.below.num_blocks if self.below is not None else 0)
+    def num_blocks(self) -> int:  # a block held here and below counts once
+        return len(self.hashes())
 
     @property
     def size_bytes(self) -> int:

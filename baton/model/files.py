@@ -55,9 +55,15 @@ def _file_hash(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+# what convert_gguf writes, in versions: a conversion made by an older one is made again (2:
+# Gemma's query scale and Phi-3's longrope factors read from the file)
+CONVERSION = 2
+
+
 def converted_dir(gguf: Path) -> Path:
     """Where `gguf`'s conversion lives (or will)."""
-    return private_dir(cache_root() / "models") / f"{gguf.stem}-{_file_hash(gguf)}"
+    name = f"{gguf.stem}-{_file_hash(gguf)}-v{CONVERSION}"
+    return private_dir(cache_root() / "models") / name
 
 
 def resolve_model_dir(model: str | Path | None) -> Path:

@@ -235,15 +235,16 @@ class CausalLM(nn.Module):
 
     def prepack(self, int8_blocks: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None):
         """Quantize every projection (args.quantization; `int8_blocks` holds the loader's
-        quantization of each weight by name, int8_modules), or prepack every bf16 one for a
-        faster matmul on a CPU (see Linear)."""
+        quantization of each weight by name, int8_modules, and is emptied), or prepack every
+        bf16 one for a faster matmul on a CPU (see Linear)."""
         w = self.lm_head.weight
         if self.args.quantization == "int8":
-            by_module: dict[int, list] = {}
+            names: dict[int, tuple[Linear | Experts, list[str]]] = {}
             for name, m in self.int8_modules().items():
-                by_module.setdefault(id(m), [m]).append((int8_blocks or {}).get(name))
-            for m, *blocks in by_module.values():
-                m.quantize(*blocks)
+                names.setdefault(id(m), (m, []))[1].append(name)
+            blocks = int8_blocks if int8_blocks is not None else {}
+            for m, its in names.values():  # each module's blocks let go once it has packed them
+                m.quantize(*(blocks.pop(name, None) for name in its))
             if not all(
                 m.native for m in self.modules() if isinstance(m, Linear) and m.scale is not None
             ):

@@ -175,8 +175,15 @@ def load_model(model_dir: Path, dtype: torch.dtype, quantization: str | None = N
     params = dict(model.named_parameters())
     loaded = dict.fromkeys(params, 0)  # elements written per parameter
     # int8 weights are quantized from the checkpoint's own tensors, before their cast to
-    # dtype: a Q8_0 GGUF's (dequantized exactly into fp32) come back as its blocks
-    int8 = {name: int8_buffers(params[name]) for name in model.int8_modules()}
+    # dtype: a Q8_0 GGUF's (dequantized exactly into fp32) come back as its blocks. Their
+    # dtype copies are never written (nor their pages touched) but where something else reads
+    # them (a tied lm_head's embedding)
+    int8_modules = model.int8_modules()
+    int8 = {name: int8_buffers(params[name]) for name in int8_modules}
+    int8_only = {
+        name for name, m in int8_modules.items()
+        if model.get_submodule(name.rpartition(".")[0]) is m
+    }  # fmt: skip
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors in {model_dir}")
@@ -198,7 +205,8 @@ def load_model(model_dir: Path, dtype: torch.dtype, quantization: str | None = N
                         f"{key}: shape {tuple(tensor.shape)}, expected {tuple(target.shape)}"
                     )
                 with torch.no_grad():
-                    target.copy_(tensor)
+                    if name not in int8_only:
+                        target.copy_(tensor)
                     if name in int8:
                         for buffer, part in zip(int8[name], quantize_int8(tensor), strict=True):
                             view(buffer).copy_(part)

@@ -29,7 +29,7 @@
 #if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512VNNI__)
 #include "linear.h"
 
-#define BLOCK 32 /* inputs sharing an activation scale */
+#define BLOCK 32 /* inputs sharing a weight scale, and an activation scale */
 #define ROWS 4   /* rows of a tile: 4 x 3 int32 and fp32 sums, 3 weights, a broadcast */
 
 static int64_t padded(int64_t k) { return (k + BLOCK - 1) / BLOCK * BLOCK; }

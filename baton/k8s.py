@@ -76,7 +76,7 @@ def render(config: BatonConfig, keys: Path, opts: Options) -> list[dict]:
         k.network_policy(),
         *(k.autoscaler(role) for role in ("prefill", "decode")),
     ]
-    return objects
+    return [o for o in objects if o is not None]
 
 
 def api_keys_of(config: BatonConfig) -> list[str]:
@@ -256,16 +256,22 @@ class Kube:
         }
         return self.obj("monitoring.coreos.com/v1", "ServiceMonitor", "metrics", spec=spec)
 
-    def autoscaler(self, role: str) -> dict:
+    def autoscaler(self, role: str) -> dict | None:
+        """A pool's HPA or KEDA ScaledObject. An aggregated stack (`--prefill 0`) may gain a
+        prefill pool when the gateway wants one (gateway/autoscale.py): KEDA scales it from
+        zero; an HPA cannot (without the HPAScaleToZero feature gate), so none is written."""
         o, target = self.opts, {"apiVersion": "apps/v1", "kind": "Deployment",
                                 "name": f"{self.opts.name}-{role}"}  # fmt: skip
+        least = 0 if role == "prefill" and o.prefill == 0 else 1
         if o.autoscaler == "keda":
             query = f'max(baton_desired_replicas{{pool="{role}"}})'
             trigger = {"type": "prometheus", "metadata": {
                 "serverAddress": o.prometheus, "query": query, "threshold": "1"}}  # fmt: skip
-            spec = {"scaleTargetRef": {"name": target["name"]}, "minReplicaCount": 1,
+            spec = {"scaleTargetRef": {"name": target["name"]}, "minReplicaCount": least,
                     "maxReplicaCount": o.max_replicas, "triggers": [trigger]}  # fmt: skip
             return self.obj("keda.sh/v1alpha1", "ScaledObject", role, spec=spec)
+        if least == 0:
+            return None
         # the metric is the replica count wanted: an average of 1 per pod scales to it
         metric = {"type": "External", "external": {
             "metric": {"name": "baton_desired_replicas",

@@ -3,8 +3,10 @@
 KEDA; `baton k8s render` writes both). Plain state, fed by the gateway, decided each reap.
 
 - prefill: the prompt tokens asked for over the last `window_s` (refused ones too: a 429 is
-  demand unmet) at the prefills' fitted cost per token, over `headroom` of a service's time;
-  the decodes' own prompt work when there is no prefill pool (aggregated) stays there.
+  demand unmet) at the prefills' fitted cost per token, over `headroom` of a service's time.
+  With no prefill pool (aggregated) the decodes' prompt work stays there, unless a long prompt
+  would miss TTFT in the slack a decode leaves beside its batch where a prefill would not
+  (`first_prefills`); once there, the pool keeps one at least.
 - decode: the sequences running, over what one decode runs within the TPOT target (its
   fitted step time, as the router's decode_full), and the KV blocks in use, each over
   `headroom` of a decode's capacity.
@@ -100,7 +102,7 @@ class Autoscaler:
             return self.settle_split(self.split(prefills, decodes, present), present, now)
         present = {"prefill": len(prefills), "decode": len(decodes)}
         wanted = {
-            "prefill": self.prefills_wanted(prefills),
+            "prefill": self.prefills_wanted(prefills, decodes),
             "decode": self.decodes_wanted(decodes, aggregated=not prefills),
         }
         for pool, count in wanted.items():
@@ -108,11 +110,11 @@ class Autoscaler:
             self.desired[pool] = self.settle(pool, wanted_now, present[pool], now)
         return dict(self.desired)
 
-    def split(self, prefills: list[Service], decodes: list[Service], present: int) -> int | None:
-        """The shares (of `total`) the prefill pool should have for the work asked now,
-        weighed in cores' worth: prompt tokens at a token's measured cost on one core, and
-        running sequences over what a decode runs within TPOT (and its batch cap) times its
-        cores. `present`: the prefill's shares now. None before anything is measured or asked."""
+    def work(self, prefills: list[Service], decodes: list[Service]) -> tuple[float, float, float]:
+        """The work asked now, in cores' worth: prompt tokens at a token's measured cost on one
+        core; running sequences (the decodes' and the prompts in progress on prefills, which
+        aggregated would be the decodes') over what the decodes run within TPOT (and their
+        batch caps), times their cores; and the p90 prompt, in a core's seconds."""
         costs = [c * cores_of(s) for s in prefills if (c := per_token_s(s)) > 0]
         costs = costs or [
             s.load.prompt_token_s * cores_of(s) for s in decodes if s.load.prompt_token_s > 0
@@ -120,20 +122,25 @@ class Autoscaler:
         if costs:
             self.token_s = sum(costs) / len(costs)
         prompt_work = sum(n for _, n in self.asked) / self.window_s * self.token_s
-        # the decodes' sequences and the prompts in progress on prefills (which aggregated
-        # would be the decode's), over what the decodes run within TPOT (and their caps)
         measured = [(s, cap) for s in decodes if (cap := batch_within_tpot(s, self.tpot_s))]
         capacity = sum(min(cap, s.load.step_budget or cap) for s, cap in measured)
         sequences = sum(s.load.running for s in decodes + prefills)
         decode_work = (
             sequences / capacity * sum(cores_of(s) for s, _ in measured) if capacity else 0.0
         )
+        longest = p90_of(n for _, n in self.asked) * self.token_s
+        return prompt_work, decode_work, longest
+
+    def split(self, prefills: list[Service], decodes: list[Service], present: int) -> int | None:
+        """The shares (of `total`) the prefill pool should have for the work asked now
+        (`work`). `present`: the prefill's shares now. None before anything is measured or
+        asked."""
+        prompt_work, decode_work, longest = self.work(prefills, decodes)
         if prompt_work + decode_work <= 0:
             return None
         # aggregated, one engine on every core computes prompts in the slack beside its batch;
         # split, the prefill's cores compute nothing else: worth it where they are more
         slack = self.headroom * max(self.total * self.share_cores - decode_work, 0.0)
-        longest = p90_of(n for _, n in self.asked) * self.token_s  # a core's seconds
         misses = prompt_work > slack or longest > self.ttft_s * slack
         share = round(self.total * prompt_work / (prompt_work + decode_work))
         wanted = min(max(1, share), self.total - 1)
@@ -165,9 +172,9 @@ class Autoscaler:
         self.desired = {"prefill": current, "decode": self.total - current}
         return dict(self.desired)
 
-    def prefills_wanted(self, prefills: list[Service]) -> int:
-        if not prefills:  # aggregated: the decodes prefill, and scale as decodes
-            return 0
+    def prefills_wanted(self, prefills: list[Service], decodes: list[Service]) -> int:
+        if not prefills:
+            return self.first_prefills(decodes)
         costs = [c for s in prefills if (c := per_token_s(s)) > 0]
         busy = 0.0  # prefill-seconds asked per second
         if costs:
@@ -176,6 +183,20 @@ class Autoscaler:
         if p90(self.ttfts) > self.ttft_s:
             need = max(need, len(prefills) + 1)
         return max(1, need)
+
+    def first_prefills(self, decodes: list[Service]) -> int:
+        """Aggregated (no prefill pool), the decodes prefill and scale out for prompt
+        throughput (decodes_wanted); prefills are wanted only where the p90 prompt would miss
+        TTFT in the slack one decode leaves beside its batch (a prefill, as many cores and
+        nothing else to run, computes it faster): then enough of them for the prompt work."""
+        if not decodes:
+            return 0
+        prompt_work, decode_work, longest = self.work([], decodes)
+        pod = sum(map(cores_of, decodes)) / len(decodes)
+        slack = self.headroom * max(pod - decode_work / len(decodes), 0.0)
+        if prompt_work <= 0 or longest <= self.ttft_s * slack:
+            return 0
+        return math.ceil(prompt_work / (self.headroom * pod))
 
     def decodes_wanted(self, decodes: list[Service], aggregated: bool) -> int:
         running = sum(max(s.load.running, len(s.requests)) for s in decodes)

@@ -97,6 +97,22 @@ def test_an_aggregated_stack_scales_its_decodes_on_prompt_work_too():
     assert scaler.decide(registry) == {"prefill": 0, "decode": 3}  # 2 / 0.7
 
 
+def test_an_aggregated_pool_wants_prefills_only_for_long_prompts_beside_busy_batches():
+    """No prefill pool (the HPA path: no max_services): 2,000-token prompts, 1 ms of a core
+    each token, beside 3 sequences leave a decode 1.26 cores of slack, enough to compute one
+    within TTFT (2 s): more decodes, no prefill. Beside 24 (1.6 cores' worth) the slack is 0.28
+    of a core, 7 s a prompt: prefills of a decode's 2 cores for the 2 cores of prompt work. Chat
+    (200-token prompts) beside the same batch fits its slack."""
+    for running, tokens, prefills in ((3, 2000, 0), (24, 2000, 2), (24, 200, 0)):
+        clock = Clock()
+        scaler = Autoscaler(SLO, AutoscaleConfig(window_s=30), headroom=0.7, clock=clock)
+        assert scaler.decide(aggregated(running))["prefill"] == 0  # nothing asked yet
+        for _ in range(30):
+            clock.now += 1
+            scaler.demand(tokens)
+        assert scaler.decide(aggregated(running))["prefill"] == prefills, (running, tokens)
+
+
 def test_offered_load_is_prompt_work_asked_over_what_the_stack_computes():
     clock = Clock()
     scaler = Autoscaler(SLO, AutoscaleConfig(window_s=30), clock=clock)

@@ -197,6 +197,14 @@ def test_pools_scale_on_the_desired_replicas_metric_by_hpa_or_keda(objects, tmp_
     for s, role in zip(scaled, ("prefill", "decode"), strict=True):
         (trigger,) = s["triggers"]
         assert trigger["metadata"]["query"] == f'max(baton_desired_replicas{{pool="{role}"}})'
+        assert s["minReplicaCount"] == 1
+    # aggregated at first (no prefill pool): KEDA may bring one up from zero, an HPA cannot
+    keda = render(tmp_path, "--autoscaler", "keda", "--prefill", "0")
+    assert [(o["spec"]["minReplicaCount"], o["metadata"]["name"]) for o in keda
+            if o["kind"] == "ScaledObject"] == [(0, "baton-prefill"), (1, "baton-decode")]  # fmt: skip
+    hpas = [o["metadata"]["name"] for o in render(tmp_path, "--prefill", "0")
+            if o["kind"] == "HorizontalPodAutoscaler"]  # fmt: skip
+    assert hpas == ["baton-decode"]
 
 
 @pytest.mark.skipif(

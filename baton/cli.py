@@ -183,10 +183,17 @@ def cmd_gateway(args) -> None:
 
 def cmd_prepare(args) -> None:
     """Convert the configured model once (a GGUF becomes safetensors in the cache), so the
-    services that start next all load the same files (compose runs this first)."""
+    services that start next all load the same files (compose runs this first); with
+    --kernels, build the CPU kernels into the cache too, which each engine would otherwise
+    compile as it starts (seconds of every core)."""
     from baton.model.files import resolve_model_dir
 
     print(resolve_model_dir(config_from(args).engine.model))
+    if args.kernels:
+        from baton.kernels import native
+
+        lib = native.load()  # None: no compiler here (logged); the engines run on torch then
+        print(f"kernels: {lib._name if lib is not None else 'not built'}", file=sys.stderr)
 
 
 def cmd_config_show(args) -> None:
@@ -258,6 +265,9 @@ def parser() -> argparse.ArgumentParser:
 
     prepare = sub.add_parser("prepare", help="convert the model once into the cache; print its dir")
     add_config_args(prepare, {"--model": ENGINE_FLAGS["--model"]})
+    prepare.add_argument(
+        "--kernels", action="store_true", help="build the CPU kernels into the cache too"
+    )
     prepare.set_defaults(func=cmd_prepare)
 
     config = sub.add_parser("config", help="configuration tools")

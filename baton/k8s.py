@@ -193,10 +193,12 @@ class Kube:
         if role == "gateway" and self.has_api_keys:
             volumes.append({"name": "api-keys", "secret": {"secretName": f"{n}-api-keys",
                                                            "defaultMode": 0o440}})  # fmt: skip
+        # the engines' pods build the kernels here, not as they start
+        kernels = ["--kernels"] if role != "gateway" else []
         prepare = {
             "name": "prepare-model",
             "image": self.opts.image,
-            "args": ["prepare", "--config", f"{CONFIG_DIR}/baton.toml"],
+            "args": ["prepare", "--config", f"{CONFIG_DIR}/baton.toml", *kernels],
             "volumeMounts": self.mounts("prepare"),
             "securityContext": container["securityContext"],
         }

@@ -170,9 +170,11 @@ def test_each_container_runs_the_cli_on_the_config_and_keys_it_mounts(objects, t
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             port = next(iter(c[probe].values()))["port"]
             assert port in {p["name"] for p in c["ports"]}
-        # the model is converted into the pod's own cache before it starts
+        # the model is converted into the pod's own cache before it starts (and an engine's
+        # kernels built there, not as it starts)
         (init,) = pod["spec"]["initContainers"]
-        assert parser().parse_args(init["args"]).command == "prepare"
+        prepare = parser().parse_args(init["args"])
+        assert prepare.command == "prepare" and prepare.kernels == (role != "gateway")
     # the address the pools register at is the plane Service's
     host, port = plane_addr.removeprefix("tcp://").split(":")
     assert [p["port"] for p in objects["Service", host]["spec"]["ports"]] == [int(port)]

@@ -185,7 +185,7 @@ def cmd_prepare(args) -> None:
     """Convert the configured model once (a GGUF becomes safetensors in the cache), so the
     services that start next all load the same files (compose runs this first); with
     --kernels, build the CPU kernels into the cache too, which each engine would otherwise
-    compile as it starts (seconds of every core)."""
+    compile as it starts (seconds of a core each)."""
     from baton.model.files import resolve_model_dir
 
     print(resolve_model_dir(config_from(args).engine.model))

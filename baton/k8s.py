@@ -53,6 +53,9 @@ def render(config: BatonConfig, keys: Path, opts: Options) -> list[dict]:
         config.gateway, api_key=None, api_key_file=API_KEYS if api_keys else None
     )
     served = msgspec.structs.replace(config, gateway=gateway)
+    if opts.prefill == 0:  # aggregated at first: the gateway is ready without a prefill pool
+        prefill = msgspec.structs.replace(config.prefill, count=0)
+        served = msgspec.structs.replace(served, prefill=prefill)
     k = Kube(opts, bool(api_keys))
     objects = [
         k.obj("v1", "ConfigMap", "config", data={"baton.toml": config_toml(served)}),

@@ -4,9 +4,9 @@ KEDA; `baton k8s render` writes both). Plain state, fed by the gateway, decided 
 
 - prefill: the prompt tokens asked for over the last `window_s` (refused ones too: a 429 is
   demand unmet) at the prefills' fitted cost per token, over `headroom` of a service's time.
-  With no prefill pool (aggregated) the decodes' prompt work stays there, unless a long prompt
-  would miss TTFT in the slack a decode leaves beside its batch where a prefill would not
-  (`first_prefills`); once there, the pool keeps one at least.
+  With no prefill pool (aggregated) the decodes' prompt work stays there, unless the p90
+  prompt (of enough requests to tell) would miss TTFT in the slack a decode leaves beside its
+  batch (`first_prefills`); once there, the pool keeps one at least.
 - decode: the sequences running, over what one decode runs within the TPOT target (its
   fitted step time, as the router's decode_full), and the KV blocks in use, each over
   `headroom` of a decode's capacity.
@@ -189,7 +189,7 @@ class Autoscaler:
         throughput (decodes_wanted); prefills are wanted only where the p90 prompt would miss
         TTFT in the slack one decode leaves beside its batch (a prefill, as many cores and
         nothing else to run, computes it faster): then enough of them for the prompt work."""
-        if not decodes:
+        if not decodes or len(self.asked) < MIN_REQUESTS:  # one long prompt is no p90
             return 0
         prompt_work, decode_work, longest = self.work([], decodes)
         pod = sum(map(cores_of, decodes)) / len(decodes)

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import time
+import tomllib
 from functools import partial
 from pathlib import Path
 
@@ -204,9 +205,14 @@ def test_pools_scale_on_the_desired_replicas_metric_by_hpa_or_keda(objects, tmp_
     keda = render(tmp_path, "--autoscaler", "keda", "--prefill", "0")
     assert [(o["spec"]["minReplicaCount"], o["metadata"]["name"]) for o in keda
             if o["kind"] == "ScaledObject"] == [(0, "baton-prefill"), (1, "baton-decode")]  # fmt: skip
-    hpas = [o["metadata"]["name"] for o in render(tmp_path, "--prefill", "0")
-            if o["kind"] == "HorizontalPodAutoscaler"]  # fmt: skip
+    split = tmp_path / "split.toml"  # a config that names a prefill pool
+    split.write_text("[prefill]\ncount = 1\n")
+    aggregated = render(tmp_path, "--config", str(split), "--prefill", "0")
+    hpas = [o["metadata"]["name"] for o in aggregated if o["kind"] == "HorizontalPodAutoscaler"]
     assert hpas == ["baton-decode"]
+    # and the gateway is told so: ready with no prefill registered (whatever the config said)
+    (config,) = [o["data"]["baton.toml"] for o in aggregated if o["kind"] == "ConfigMap"]
+    assert tomllib.loads(config)["prefill"]["count"] == 0
 
 
 @pytest.mark.skipif(

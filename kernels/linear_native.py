@@ -56,6 +56,15 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.reshape(*rows, -1)[..., :k].contiguous(), scale
 
 
+def empty_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uninitialized room for quantize_int8(weight): (q, scale) of its shapes and dtypes."""
+    *rows, k = weight.shape
+    return (
+        torch.empty(*rows, k, dtype=torch.int8),
+        torch.empty(*rows, _padded(k) // BLOCK, dtype=torch.float16),
+    )
+
+
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row of x [m, k] in blocks of BLOCK inputs (the last padded with zeros), each block
     scaled to +-127 by its largest magnitude, rounded to nearest even. Returns (q [m, blocks,

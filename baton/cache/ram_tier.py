@@ -15,8 +15,9 @@ class RamTier:
     the tier below holds too: read back from there, it was just used; or a session's, written
     through), the least recently used spill to the tier below (which writes them behind), and a
     prefix found here is copied back at once, the rest read from below. A session's blocks
-    written through go to the tier below, which outlives the process. On the engine thread only. Where the
-    pool is on a GPU this is the host-RAM tier; on a CPU, where the pool is RAM, it adds room."""
+    written through go to the tier below, which outlives the process. On the engine thread
+    only. Where the pool is on a GPU this is the host-RAM tier; on a CPU, where the pool is
+    RAM, it adds room."""
 
     def __init__(self, cap_bytes: int, blocks: np.ndarray, below: Tier | None = None):
         self.blocks, self.below = blocks, below

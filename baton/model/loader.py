@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
 from baton import kernels
-from baton.kernels.linear_native import BLOCK, quantize_int8
+from baton.kernels.linear_native import empty_int8, quantize_int8
 from baton.model.linear import FusedLinear
 from baton.model.llama import CausalLM
 from baton.model.registry import UnsupportedModel, model_args
@@ -179,7 +179,7 @@ def load_model(model_dir: Path, dtype: torch.dtype, quantization: str | None = N
     # dtype copies are never written (nor their pages touched) but where something else reads
     # them (a tied lm_head's embedding)
     int8_modules = model.int8_modules()
-    int8 = {name: int8_buffers(params[name]) for name in int8_modules}
+    int8 = {name: empty_int8(params[name]) for name in int8_modules}
     int8_only = {
         name for name, m in int8_modules.items()
         if model.get_submodule(name.rpartition(".")[0]) is m
@@ -217,15 +217,6 @@ def load_model(model_dir: Path, dtype: torch.dtype, quantization: str | None = N
     model.loaded()
     model.requires_grad_(False).prepack(int8)
     return model.eval()
-
-
-def int8_buffers(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Empty int8 weights and fp16 block scales for `weight` [..., out, in] (quantize_int8)."""
-    *rows, k = weight.shape
-    return (
-        torch.empty(*rows, k, dtype=torch.int8),
-        torch.empty(*rows, -(-k // BLOCK), dtype=torch.float16),
-    )
 
 
 def load_tokenizer(model_dir: Path):
